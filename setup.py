@@ -1,0 +1,38 @@
+"""Packaging for keras-adr."""
+
+import pathlib
+
+import setuptools
+
+_HERE = pathlib.Path(__file__).parent
+
+
+def _requirements():
+    lines = (_HERE / "requirements.txt").read_text().splitlines()
+    return [line.strip() for line in lines if line.strip() and not line.startswith("#")]
+
+
+setuptools.setup(
+    name="keras-adr",
+    version="0.1.0",
+    description=(
+        "Adversary Divergence Reduction (ADR) adversarial training for Keras 3 "
+        "on TensorFlow, with robustness evaluation and TF Serving export."
+    ),
+    long_description=(_HERE / "README.md").read_text() if (_HERE / "README.md").exists() else "",
+    long_description_content_type="text/markdown",
+    python_requires=">=3.11",
+    packages=setuptools.find_packages(include=["keras_adr", "keras_adr.*", "train", "train.*"]),
+    install_requires=_requirements(),
+    extras_require={
+        "test": ["pytest>=8"],
+        "serving": ["tensorflow-serving-api"],
+    },
+    entry_points={
+        "console_scripts": [
+            "adr-train=train.train:run",
+            "adr-evaluate=train.evaluate:run",
+            "adr-export=train.export:run",
+        ],
+    },
+)
