@@ -1,0 +1,219 @@
+"""Hyperparameters of an ADR run: the attack and the weighted objective.
+
+`ADRConfig` is the single source of truth for every hyperparameter. Command
+line flags build one, `ADRModel` stores it in its Keras config, and exported
+models record it in their metadata.
+"""
+
+import dataclasses
+import math
+
+NORMS = ("linf", "l2")
+ATTACK_LOSSES = ("auto", "ce", "kl")
+OBJECTIVES = ("standard", "pgd", "trades")
+DISTANCES = ("l1", "l2")
+PAIRWISE_SCOPES = ("global", "replica")
+
+# The ADR terms, in the order they are reported.
+ADR_TERMS = (
+    "local_compactness",
+    "local_smoothness",
+    "global_compactness",
+    "global_smoothness",
+    "conditional_entropy",
+    "label_propagation",
+)
+
+
+def _check_choice(name, value, allowed):
+    if value not in allowed:
+        raise ValueError(
+            f"`{name}` must be one of {', '.join(map(repr, allowed))}; got {value!r}."
+        )
+
+
+def _check_number(name, value, *, minimum=None, exclusive_minimum=None, maximum=None,
+                  exclusive_maximum=None, integer=False):
+    kind = "an integer" if integer else "a number"
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (
+            integer and not float(value).is_integer()) or not math.isfinite(value):
+        raise ValueError(f"`{name}` must be {kind}; got {value!r}.")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"`{name}` must be >= {minimum}; got {value!r}.")
+    if exclusive_minimum is not None and value <= exclusive_minimum:
+        raise ValueError(f"`{name}` must be > {exclusive_minimum}; got {value!r}.")
+    if maximum is not None and value > maximum:
+        raise ValueError(f"`{name}` must be <= {maximum}; got {value!r}.")
+    if exclusive_maximum is not None and value >= exclusive_maximum:
+        raise ValueError(f"`{name}` must be < {exclusive_maximum}; got {value!r}.")
+
+
+@dataclasses.dataclass(frozen=True)
+class AttackConfig:
+    """The threat model used to craft training (and validation) adversaries.
+
+    Attributes:
+        norm: `"linf"` or `"l2"`: the ball the perturbation lives in.
+        epsilon: Radius of the ball, in pixel units of [0, 1] images.
+        step_size: Size of one ascent step.
+        steps: Number of ascent steps (1 = FGSM-like).
+        random_start: Start from a random point of the ball (PGD). The TRADES
+            KL attack always starts at `x + 0.001 * N(0, 1)`.
+        loss: `"ce"` (cross-entropy to the label), `"kl"` (the TRADES attack)
+            or `"auto"`: `"kl"` for the TRADES objective, `"ce"` otherwise.
+        clip_min: Smallest valid pixel value.
+        clip_max: Largest valid pixel value.
+    """
+
+    norm: str = "linf"
+    epsilon: float = 0.1
+    step_size: float = 0.025
+    steps: int = 10
+    random_start: bool = True
+    loss: str = "auto"
+    clip_min: float = 0.0
+    clip_max: float = 1.0
+
+    def __post_init__(self):
+        _check_choice("norm", self.norm, NORMS)
+        _check_choice("loss", self.loss, ATTACK_LOSSES)
+        _check_number("epsilon", self.epsilon, exclusive_minimum=0)
+        _check_number("step_size", self.step_size, exclusive_minimum=0)
+        _check_number("steps", self.steps, minimum=1, integer=True)
+        _check_number("clip_min", self.clip_min)
+        _check_number("clip_max", self.clip_max)
+        if not isinstance(self.random_start, bool):
+            raise ValueError(f"`random_start` must be a bool; got {self.random_start!r}.")
+        if self.clip_min >= self.clip_max:
+            raise ValueError(
+                f"`clip_min` ({self.clip_min}) must be smaller than `clip_max` ({self.clip_max})."
+            )
+        object.__setattr__(self, "steps", int(self.steps))
+
+    def resolved_loss(self, objective):
+        """The attack loss actually used with `objective`."""
+        if self.loss != "auto":
+            return self.loss
+        return "kl" if objective == "trades" else "ce"
+
+    def get_config(self):
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(**config)
+
+
+@dataclasses.dataclass(frozen=True)
+class ADRConfig:
+    """Every hyperparameter of ADR training.
+
+    The total loss is the base objective plus the weighted ADR terms:
+
+    * `objective="standard"`: `CE(x)`; no adversary (ADR weights must be 0).
+    * `objective="pgd"`: `natural_weight * CE(x) + adversarial_weight * CE(x_adv)`.
+    * `objective="trades"`: `CE(x) + trades_beta * KL(p(x) || p(x_adv))`.
+
+    plus `sum_t weight_t * term_t` over the ADR terms of `ADR_TERMS`. With all
+    ADR weights at 0 this is plain PGD-AT or TRADES.
+
+    Attributes:
+        objective: `"standard"`, `"pgd"` or `"trades"`.
+        attack: The `AttackConfig` (a dict is converted).
+        natural_weight: Weight of the clean cross-entropy (PGD objective).
+        adversarial_weight: Weight of the adversarial cross-entropy (PGD).
+        trades_beta: Weight of the TRADES KL term.
+        local_compactness: Weight of the local compactness term.
+        local_smoothness: Weight of the local smoothness term.
+        global_compactness: Weight of the label-weighted pairwise compactness.
+        global_smoothness: Weight of the label-weighted pairwise smoothness.
+        conditional_entropy: Weight of the adversarial prediction entropy.
+        label_propagation: Weight of the label-propagation term.
+        label_scale: Pair weight scale in (0, 1): pairs of different labels
+            get the weight `1 - 1 / label_scale` (slightly negative).
+        compactness_distance: `"l1"` or `"l2"` for local compactness.
+        propagation_alpha: Label-propagation alpha in (0, 1).
+        propagation_neighbors: k of the k-nearest-neighbour graph.
+        pairwise_scope: Under a distribution strategy, `"global"` computes the
+            pairwise terms over the whole global batch (exactly equal to one
+            device); `"replica"` only within each replica's batch (cheaper).
+    """
+
+    objective: str = "pgd"
+    attack: AttackConfig = dataclasses.field(default_factory=AttackConfig)
+    natural_weight: float = 1.0
+    adversarial_weight: float = 1.0
+    trades_beta: float = 6.0
+    local_compactness: float = 1.0
+    local_smoothness: float = 1.0
+    global_compactness: float = 1.0
+    global_smoothness: float = 1.0
+    conditional_entropy: float = 1.0
+    label_propagation: float = 0.0
+    label_scale: float = 0.99
+    compactness_distance: str = "l1"
+    propagation_alpha: float = 0.99
+    propagation_neighbors: int = 10
+    pairwise_scope: str = "global"
+
+    def __post_init__(self):
+        if isinstance(self.attack, dict):
+            object.__setattr__(self, "attack", AttackConfig(**self.attack))
+        if not isinstance(self.attack, AttackConfig):
+            raise ValueError(f"`attack` must be an AttackConfig or a dict; got {self.attack!r}.")
+        _check_choice("objective", self.objective, OBJECTIVES)
+        _check_choice("compactness_distance", self.compactness_distance, DISTANCES)
+        _check_choice("pairwise_scope", self.pairwise_scope, PAIRWISE_SCOPES)
+        for name in ("natural_weight", "adversarial_weight", "trades_beta") + ADR_TERMS:
+            _check_number(name, getattr(self, name), minimum=0)
+        _check_number("label_scale", self.label_scale, exclusive_minimum=0, exclusive_maximum=1)
+        _check_number("propagation_alpha", self.propagation_alpha, exclusive_minimum=0,
+                      exclusive_maximum=1)
+        _check_number("propagation_neighbors", self.propagation_neighbors, minimum=1,
+                      integer=True)
+        object.__setattr__(self, "propagation_neighbors", int(self.propagation_neighbors))
+        if self.objective == "standard" and self.enabled_terms:
+            raise ValueError(
+                "objective='standard' trains without adversarial examples, so the ADR "
+                f"terms {list(self.enabled_terms)} cannot be computed: set their weights "
+                "to 0 or use objective='pgd' or 'trades'."
+            )
+
+    @property
+    def enabled_terms(self):
+        """Names of the ADR terms with a non-zero weight."""
+        return tuple(name for name in ADR_TERMS if getattr(self, name) > 0)
+
+    @property
+    def uses_adversary(self):
+        return self.objective != "standard"
+
+    @property
+    def attack_loss(self):
+        return self.attack.resolved_loss(self.objective)
+
+    def replace(self, **overrides):
+        """A copy with some fields changed; `attack_*` keys change the attack."""
+        attack_overrides = {
+            key[len("attack_"):]: overrides.pop(key)
+            for key in list(overrides) if key.startswith("attack_")
+        }
+        unknown = set(overrides) - {f.name for f in dataclasses.fields(self)}
+        if unknown:
+            raise ValueError(
+                f"Unknown ADRConfig field(s) {sorted(unknown)}; valid fields: "
+                f"{[f.name for f in dataclasses.fields(self)]} (attack fields as 'attack_<name>')."
+            )
+        attack = overrides.pop("attack", self.attack)
+        if isinstance(attack, dict):
+            attack = AttackConfig(**attack)
+        if attack_overrides:
+            attack = dataclasses.replace(attack, **attack_overrides)
+        return dataclasses.replace(self, attack=attack, **overrides)
+
+    def get_config(self):
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(**config)

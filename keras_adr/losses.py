@@ -1,0 +1,431 @@
+"""The ADR loss terms (Bui et al., ECCV 2020) and the TRADES KL term.
+
+Each function returns the batch mean as a float32 scalar. The clean side of
+every ADR term is a stop-gradient target: only the adversarial latent codes
+and logits receive gradient. `sg` below means `tf.stop_gradient`.
+
+The `keras.losses.Loss` classes at the end compute the same terms per
+adversarial example and are what `ADRMixin.train_step` uses.
+
+The pairwise terms take an optional *reference* batch (the clean examples j)
+distinct from the *query* batch (the adversarial examples i); under a
+distribution strategy the reference is the gathered global batch.
+"""
+
+import keras
+import tensorflow as tf
+
+from keras_adr import graph
+
+DEFAULT_LABEL_SCALE = 0.99
+_TINY = 1e-12
+
+
+def _flatten(t):
+    t = tf.cast(t, tf.float32)
+    return tf.reshape(t, [tf.shape(t)[0], -1])
+
+
+def _soft_cross_entropy(targets, logits):
+    """`-sum_c targets_c log softmax(logits)_c` per row."""
+    return -tf.reduce_sum(targets * tf.nn.log_softmax(tf.cast(logits, tf.float32)), axis=-1)
+
+
+# ---------------------------------------------------------------------------
+# Per-example terms: value for each adversarial example i.
+# ---------------------------------------------------------------------------
+
+
+def local_compactness_per_example(z, z_adv, distance="l1"):
+    """`mean_d |sg(z)_i,d - z_adv_i,d|` (L1) or the mean squared difference (L2)."""
+    diff = tf.stop_gradient(_flatten(z)) - _flatten(z_adv)
+    if distance == "l1":
+        return tf.reduce_mean(tf.abs(diff), axis=1)
+    if distance == "l2":
+        return tf.reduce_mean(tf.square(diff), axis=1)
+    raise ValueError(f"`distance` must be 'l1' or 'l2'; got {distance!r}.")
+
+
+def local_smoothness_per_example(logits, logits_adv):
+    """`CE(softmax(sg(logits_i)), logits_adv_i)`."""
+    targets = tf.stop_gradient(tf.nn.softmax(tf.cast(logits, tf.float32)))
+    return _soft_cross_entropy(targets, logits_adv)
+
+
+def pair_weights(y, y_other=None, scale=DEFAULT_LABEL_SCALE):
+    """Label-agreement weights of the pairwise terms.
+
+    Args:
+        y: `[M]` labels of the adversarial examples (rows).
+        y_other: `[N]` labels of the clean examples (columns); `y` if None.
+        scale: In (0, 1].
+
+    Returns:
+        `[M, N]` float32: 1 where the labels agree, else `1 - 1/scale`.
+    """
+    y = tf.cast(tf.reshape(y, [-1]), tf.int32)
+    y_other = y if y_other is None else tf.cast(tf.reshape(y_other, [-1]), tf.int32)
+    same = tf.cast(tf.equal(y[:, None], y_other[None, :]), tf.float32)
+    different_weight = 1.0 - 1.0 / scale
+    return same + (1.0 - same) * different_weight
+
+
+def _pairwise_l1_sums_naive(z_ref, z_query):
+    """`[M, N]` matrix of `sum_d |z_ref_j,d - z_query_i,d|` via a `[M, N, k]` tensor."""
+    return tf.reduce_sum(tf.abs(z_query[:, None, :] - z_ref[None, :, :]), axis=-1)
+
+
+def _pairwise_l1_sums_sorted(z_ref, y_ref, z_query, y_query, num_classes, all_weight,
+                             same_weight):
+    """Exact `sum_j W_ij sum_d |z_ref_j,d - z_query_i,d|` in O((N + M) k (log(N + M) + C)).
+
+    `W_ij = all_weight + same_weight [y_i == y_j]`. Per feature d, references and
+    queries are sorted together once; for a query q with c references below it
+    (sum S) among n references (sum T), `sum_j |r_j - q| = q (2c - n) + T - 2S`.
+    Running per-label counts and sums in the same order give the same-label
+    part. Only `q` carries gradient, so d/dq = 2c - n: the rank-count gradient
+    of the L1 sum, and the (stop-gradient) references get none.
+
+    Returns:
+        `[M]` per-query weighted sums over references and features.
+    """
+    n_ref = tf.shape(z_ref)[0]
+    n_query = tf.shape(z_query)[0]
+    points = n_ref + n_query
+    values = tf.transpose(tf.concat([z_ref, z_query], axis=0))  # [k, P]; only queries have grad
+    labels = tf.concat([y_ref, y_query], axis=0)  # [P]
+    is_ref = tf.concat([tf.ones([n_ref]), tf.zeros([n_query])], axis=0)
+
+    order = tf.argsort(tf.stop_gradient(values), axis=1)  # ties contribute |0| either way
+    ordered = tf.gather(values, order, batch_dims=1)
+    ordered_sg = tf.stop_gradient(ordered)
+    ordered_is_ref = tf.gather(is_ref, order)
+    ordered_labels = tf.gather(labels, order)
+
+    # Overall: references before each position, and their sum.
+    count_below = tf.cumsum(ordered_is_ref, axis=1, exclusive=True)
+    sum_below = tf.cumsum(ordered_sg * ordered_is_ref, axis=1, exclusive=True)
+    ref_total = tf.reduce_sum(ordered_sg * ordered_is_ref, axis=1, keepdims=True)
+    n_ref_f = tf.cast(n_ref, tf.float32)
+
+    # Same label: the same running sums per label, read at each point's label.
+    own_label = tf.one_hot(ordered_labels, num_classes)  # [k, P, C]
+    ref_label = own_label * ordered_is_ref[..., None]
+    same_count_below = tf.reduce_sum(
+        tf.cumsum(ref_label, axis=1, exclusive=True) * own_label, axis=-1)
+    same_sum_below = tf.reduce_sum(
+        tf.cumsum(ref_label * ordered_sg[..., None], axis=1, exclusive=True) * own_label, axis=-1)
+    class_count = tf.math.unsorted_segment_sum(tf.ones([n_ref]), y_ref, num_classes)  # [C]
+    class_total = tf.math.unsorted_segment_sum(z_ref, y_ref, num_classes)  # [C, k]
+    same_count = tf.gather(class_count, ordered_labels)  # [k, P]
+    same_total = tf.gather(tf.transpose(class_total), ordered_labels, batch_dims=1)
+
+    slope = (all_weight * (2.0 * count_below - n_ref_f)
+             + same_weight * (2.0 * same_count_below - same_count))
+    offset = (all_weight * (ref_total - 2.0 * sum_below)
+              + same_weight * (same_total - 2.0 * same_sum_below))
+    per_point = (ordered * tf.stop_gradient(slope) + tf.stop_gradient(offset)) * (
+        1.0 - ordered_is_ref)
+    # Back from sorted positions to examples, summing over features.
+    return tf.math.unsorted_segment_sum(per_point, order, points)[n_ref:]
+
+
+def global_compactness_per_example(y, z, z_adv, scale=DEFAULT_LABEL_SCALE, *, reference=None,
+                                   method="sorted"):
+    """`mean_j W_ij mean_d |sg(z)_j,d - z_adv_i,d|` for each adversarial example i.
+
+    Args:
+        y: `[M]` labels of the adversarial examples.
+        z: `[M, ...]` clean latent codes (the references unless `reference`).
+        z_adv: `[M, ...]` adversarial latent codes.
+        scale: Pair-weight scale, see `pair_weights`.
+        reference: Optional `(y_ref, z_ref)`: the clean examples j to compare
+            with (e.g. the global batch gathered across replicas).
+        method: `"sorted"` (exact, O(B k log B), the default) or `"naive"`
+            (the `[B, B, k]` tensor; the reference implementation).
+
+    Returns:
+        `[M]` float32.
+    """
+    y_query = tf.cast(tf.reshape(y, [-1]), tf.int32)
+    y_ref, z_ref = (y_query, z) if reference is None else reference
+    y_ref = tf.cast(tf.reshape(y_ref, [-1]), tf.int32)
+    z_ref = tf.stop_gradient(_flatten(z_ref))
+    z_query = _flatten(z_adv)
+    n_ref = tf.cast(tf.shape(z_ref)[0], tf.float32)
+    features = tf.cast(tf.shape(z_ref)[1], tf.float32)
+    if method == "naive":
+        weights = pair_weights(y_query, y_ref, scale)
+        return tf.reduce_sum(weights * _pairwise_l1_sums_naive(z_ref, z_query), axis=1) / (
+            n_ref * features)
+    if method != "sorted":
+        raise ValueError(f"`method` must be 'sorted' or 'naive'; got {method!r}.")
+    # W_ij = (1 - 1/scale) + (1/scale) [y_i == y_j]: an all-pairs part and a
+    # same-label part.
+    num_classes = tf.maximum(tf.reduce_max(y_ref), tf.reduce_max(y_query)) + 1
+    sums = _pairwise_l1_sums_sorted(z_ref, y_ref, z_query, y_query, num_classes,
+                                    1.0 - 1.0 / scale, 1.0 / scale)
+    return sums / (n_ref * features)
+
+
+def global_smoothness_per_example(y, logits, logits_adv, scale=DEFAULT_LABEL_SCALE, *,
+                                  reference=None):
+    """`mean_j W_ij CE(softmax(sg(logits_j)), logits_adv_i)` for each adversarial i.
+
+    Computed as one `[M, N] x [N, C]` product: the weighted mean of the clean
+    distributions is the target.
+
+    Args:
+        y: `[M]` labels of the adversarial examples.
+        logits: `[M, C]` clean logits (the references unless `reference`).
+        logits_adv: `[M, C]` adversarial logits.
+        scale: Pair-weight scale.
+        reference: Optional `(y_ref, logits_ref)`.
+
+    Returns:
+        `[M]` float32.
+    """
+    y_ref, logits_ref = (y, logits) if reference is None else reference
+    weights = pair_weights(y, y_ref, scale)
+    probs_ref = tf.stop_gradient(tf.nn.softmax(tf.cast(logits_ref, tf.float32)))
+    targets = tf.matmul(weights, probs_ref) / tf.cast(tf.shape(probs_ref)[0], tf.float32)
+    return _soft_cross_entropy(targets, logits_adv)
+
+
+def conditional_entropy_per_example(logits_adv):
+    """Entropy of `softmax(logits_adv_i)`; gradient flows through both factors."""
+    log_probs = tf.nn.log_softmax(tf.cast(logits_adv, tf.float32))
+    return -tf.reduce_sum(tf.exp(log_probs) * log_probs, axis=-1)
+
+
+def trades_kl_per_example(logits, logits_adv):
+    """`KL(softmax(logits_i) || softmax(logits_adv_i))`, gradient through both."""
+    log_p = tf.nn.log_softmax(tf.cast(logits, tf.float32))
+    log_q = tf.nn.log_softmax(tf.cast(logits_adv, tf.float32))
+    return tf.reduce_sum(tf.exp(log_p) * (log_p - log_q), axis=-1)
+
+
+def label_propagation_per_example(y, z, z_adv, logits_adv, *, alpha=0.99, k=10, reference=None,
+                                  reference_adv=None, query_offset=0):
+    """`CE(q_i, logits_adv_i)` with `q` labels propagated from the clean codes.
+
+    Args:
+        y: `[M]` labels of the clean examples of the batch.
+        z: `[M, ...]` clean latent codes.
+        z_adv: `[M, ...]` adversarial latent codes.
+        logits_adv: `[M, C]` adversarial logits.
+        alpha: Propagation alpha in (0, 1).
+        k: Neighbours per node of the k-NN graph.
+        reference: Optional `(y_ref, z_ref)`: labeled clean nodes of the graph
+            (e.g. gathered over replicas); defaults to `(y, z)`.
+        reference_adv: Optional `[N, ...]` adversarial nodes of the graph;
+            defaults to `z_adv`. With it, the targets of `z_adv` are the rows
+            `query_offset : query_offset + M` of the graph's adversarial nodes.
+        query_offset: See `reference_adv`.
+
+    Returns:
+        `[M]` float32.
+    """
+    y_ref, z_ref = (y, z) if reference is None else reference
+    nodes_adv = z_adv if reference_adv is None else reference_adv
+    num_classes = logits_adv.shape[-1]
+    targets = graph.propagate_labels(z_ref, y_ref, nodes_adv, num_classes, alpha=alpha, k=k)
+    targets = targets[query_offset:query_offset + tf.shape(logits_adv)[0]]
+    return _soft_cross_entropy(targets, logits_adv)
+
+
+# ---------------------------------------------------------------------------
+# Batch means: the functional API.
+# ---------------------------------------------------------------------------
+
+
+def local_compactness(z, z_adv, distance="l1"):
+    """Mean over examples and features of `|sg(z) - z_adv|` (or squared, `"l2"`)."""
+    return tf.reduce_mean(local_compactness_per_example(z, z_adv, distance))
+
+
+def local_smoothness(logits, logits_adv):
+    """Mean over i of `CE(softmax(sg(logits_i)), logits_adv_i)`."""
+    return tf.reduce_mean(local_smoothness_per_example(logits, logits_adv))
+
+
+def global_compactness(y, z, z_adv, scale=DEFAULT_LABEL_SCALE, method="sorted"):
+    """Mean over all pairs (i, j) of `W_ij mean_d |sg(z)_j,d - z_adv_i,d|`."""
+    return tf.reduce_mean(global_compactness_per_example(y, z, z_adv, scale, method=method))
+
+
+def global_smoothness(y, logits, logits_adv, scale=DEFAULT_LABEL_SCALE):
+    """Mean over all pairs (i, j) of `W_ij CE(softmax(sg(logits_j)), logits_adv_i)`."""
+    return tf.reduce_mean(global_smoothness_per_example(y, logits, logits_adv, scale))
+
+
+def conditional_entropy(logits_adv):
+    """Mean entropy of the adversarial predictions."""
+    return tf.reduce_mean(conditional_entropy_per_example(logits_adv))
+
+
+def trades_kl(logits, logits_adv):
+    """Mean over i of `KL(softmax(logits_i) || softmax(logits_adv_i))`."""
+    return tf.reduce_mean(trades_kl_per_example(logits, logits_adv))
+
+
+def propagate_labels(z, y, z_adv, num_classes, alpha=0.99, k=10):
+    """Soft targets of the adversarial codes; see `graph.propagate_labels`."""
+    return graph.propagate_labels(z, y, z_adv, num_classes, alpha=alpha, k=k)
+
+
+def label_propagation(y, z, z_adv, logits_adv, alpha=0.99, k=10):
+    """Mean over i of `CE(q_i, logits_adv_i)`, `q` propagated from the clean codes."""
+    return tf.reduce_mean(label_propagation_per_example(y, z, z_adv, logits_adv, alpha=alpha, k=k))
+
+
+# ---------------------------------------------------------------------------
+# keras.losses.Loss wrappers. `y_true` holds the clean (target) side and
+# `y_pred` the adversarial side; each `call` returns per-example values that
+# Keras reduces (`"sum_over_batch_size"` = the functional batch mean).
+# ---------------------------------------------------------------------------
+
+
+def _labels(t):
+    return tf.cast(tf.reshape(t, [-1]), tf.int32)
+
+
+def _unpack_reference(y_true, name):
+    """`(labels, z)` or `(labels, reference_labels, reference_z)`."""
+    if not isinstance(y_true, (tuple, list)) or len(y_true) not in (2, 3):
+        raise ValueError(
+            f"{name} expects y_true=(labels, clean) or (labels, reference_labels, "
+            f"reference_clean); got {type(y_true).__name__}.")
+    if len(y_true) == 2:
+        labels, clean = y_true
+        return _labels(labels), (_labels(labels), clean)
+    labels, ref_labels, ref_clean = y_true
+    return _labels(labels), (_labels(ref_labels), ref_clean)
+
+
+@keras.saving.register_keras_serializable(package="keras_adr")
+class LocalCompactness(keras.losses.Loss):
+    """Local compactness: `y_true` = clean latent codes, `y_pred` = adversarial ones."""
+
+    def __init__(self, distance="l1", reduction="sum_over_batch_size", name="local_compactness",
+                 **kwargs):
+        if distance not in ("l1", "l2"):
+            raise ValueError(f"`distance` must be 'l1' or 'l2'; got {distance!r}.")
+        super().__init__(reduction=reduction, name=name, **kwargs)
+        self.distance = distance
+
+    def call(self, y_true, y_pred):
+        return local_compactness_per_example(y_true, y_pred, self.distance)
+
+    def get_config(self):
+        return {**super().get_config(), "distance": self.distance}
+
+
+@keras.saving.register_keras_serializable(package="keras_adr")
+class LocalSmoothness(keras.losses.Loss):
+    """Local smoothness: `y_true` = clean logits, `y_pred` = adversarial logits."""
+
+    def __init__(self, reduction="sum_over_batch_size", name="local_smoothness", **kwargs):
+        super().__init__(reduction=reduction, name=name, **kwargs)
+
+    def call(self, y_true, y_pred):
+        return local_smoothness_per_example(y_true, y_pred)
+
+
+@keras.saving.register_keras_serializable(package="keras_adr")
+class GlobalCompactness(keras.losses.Loss):
+    """Label-weighted pairwise compactness.
+
+    `y_true` = `(labels, clean_latent)` or `(labels, reference_labels,
+    reference_latent)`; `y_pred` = adversarial latent codes.
+    """
+
+    def __init__(self, scale=DEFAULT_LABEL_SCALE, method="sorted",
+                 reduction="sum_over_batch_size", name="global_compactness", **kwargs):
+        super().__init__(reduction=reduction, name=name, **kwargs)
+        self.scale = scale
+        self.method = method
+
+    def call(self, y_true, y_pred):
+        labels, reference = _unpack_reference(y_true, "GlobalCompactness")
+        return global_compactness_per_example(labels, None, y_pred, self.scale,
+                                              reference=reference, method=self.method)
+
+    def get_config(self):
+        return {**super().get_config(), "scale": self.scale, "method": self.method}
+
+
+@keras.saving.register_keras_serializable(package="keras_adr")
+class GlobalSmoothness(keras.losses.Loss):
+    """Label-weighted pairwise smoothness.
+
+    `y_true` = `(labels, clean_logits)` or `(labels, reference_labels,
+    reference_logits)`; `y_pred` = adversarial logits.
+    """
+
+    def __init__(self, scale=DEFAULT_LABEL_SCALE, reduction="sum_over_batch_size",
+                 name="global_smoothness", **kwargs):
+        super().__init__(reduction=reduction, name=name, **kwargs)
+        self.scale = scale
+
+    def call(self, y_true, y_pred):
+        labels, reference = _unpack_reference(y_true, "GlobalSmoothness")
+        return global_smoothness_per_example(labels, None, y_pred, self.scale,
+                                             reference=reference)
+
+    def get_config(self):
+        return {**super().get_config(), "scale": self.scale}
+
+
+@keras.saving.register_keras_serializable(package="keras_adr")
+class ConditionalEntropy(keras.losses.Loss):
+    """Entropy of the adversarial predictions: `y_pred` = adversarial logits (y_true unused)."""
+
+    def __init__(self, reduction="sum_over_batch_size", name="conditional_entropy", **kwargs):
+        super().__init__(reduction=reduction, name=name, **kwargs)
+
+    def call(self, y_true, y_pred):
+        del y_true
+        return conditional_entropy_per_example(y_pred)
+
+
+@keras.saving.register_keras_serializable(package="keras_adr")
+class TradesKL(keras.losses.Loss):
+    """TRADES KL: `y_true` = clean logits, `y_pred` = adversarial logits."""
+
+    def __init__(self, reduction="sum_over_batch_size", name="trades_kl", **kwargs):
+        super().__init__(reduction=reduction, name=name, **kwargs)
+
+    def call(self, y_true, y_pred):
+        return trades_kl_per_example(y_true, y_pred)
+
+
+@keras.saving.register_keras_serializable(package="keras_adr")
+class LabelPropagation(keras.losses.Loss):
+    """Label-propagation clustering term.
+
+    `y_true` = `(labels, clean_latent, adversarial_latent)`, or with a graph
+    over a larger (gathered) batch `(labels, clean_latent, adversarial_latent,
+    reference_labels, reference_latent, reference_adversarial_latent,
+    query_offset)`; `y_pred` = adversarial logits.
+    """
+
+    def __init__(self, alpha=0.99, k=10, reduction="sum_over_batch_size",
+                 name="label_propagation", **kwargs):
+        super().__init__(reduction=reduction, name=name, **kwargs)
+        self.alpha = alpha
+        self.k = k
+
+    def call(self, y_true, y_pred):
+        if len(y_true) == 3:
+            labels, z, z_adv = y_true
+            return label_propagation_per_example(_labels(labels), z, z_adv, y_pred,
+                                                 alpha=self.alpha, k=self.k)
+        labels, z, z_adv, ref_labels, ref_z, ref_z_adv, offset = y_true
+        return label_propagation_per_example(
+            _labels(labels), z, z_adv, y_pred, alpha=self.alpha, k=self.k,
+            reference=(_labels(ref_labels), ref_z), reference_adv=ref_z_adv,
+            query_offset=tf.cast(offset, tf.int32))
+
+    def get_config(self):
+        return {**super().get_config(), "alpha": self.alpha, "k": self.k}

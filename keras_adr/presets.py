@@ -1,0 +1,35 @@
+"""Named configurations: the baselines and the two ADR variants."""
+
+from keras_adr.config import ADR_TERMS, ADRConfig
+
+_NO_ADR = {name: 0.0 for name in ADR_TERMS}
+
+_PRESETS = {
+    "standard": dict(objective="standard", **_NO_ADR),
+    "pgd_at": dict(objective="pgd", **_NO_ADR),
+    "trades": dict(objective="trades", **_NO_ADR),
+    "adr_pgd": dict(objective="pgd"),
+    "adr_trades": dict(objective="trades"),
+}
+
+NAMES = tuple(_PRESETS)
+
+
+def get(name, **overrides):
+    """Returns the `ADRConfig` of a named preset.
+
+    Args:
+        name: One of `NAMES`: `"standard"` (clean training), `"pgd_at"`,
+            `"trades"`, `"adr_pgd"`, `"adr_trades"`.
+        **overrides: `ADRConfig` fields to change; `attack_<field>` changes a
+            field of the attack (e.g. `attack_epsilon=0.3`).
+
+    Returns:
+        An `ADRConfig`.
+
+    Raises:
+        ValueError: For an unknown preset name or invalid overrides.
+    """
+    if name not in _PRESETS:
+        raise ValueError(f"Unknown preset {name!r}; valid presets: {', '.join(NAMES)}.")
+    return ADRConfig(**_PRESETS[name]).replace(**overrides)

@@ -1,0 +1,330 @@
+"""The ADR training step: `ADRMixin` for any Keras model, `ADRModel` as a wrapper.
+
+One step: craft adversarial examples with the configured attack (model in
+inference mode), run one training-mode forward pass on the clean and one on
+the adversarial batch returning `(logits, z)`, add the base objective and the
+weighted ADR terms, and apply the gradients with the compiled optimizer.
+
+Losses are summed over the replica's examples and divided by the *global*
+batch size, so gradients (summed across replicas by the optimizer) do not
+depend on the number of replicas. With `pairwise_scope="global"` the pairwise
+terms compare each adversarial example with the clean examples of the whole
+global batch (gathered across replicas), so R replicas compute exactly what
+one device would.
+"""
+
+import keras
+import tensorflow as tf
+
+from keras_adr import attacks
+from keras_adr import losses as adr_losses
+from keras_adr.config import ADRConfig
+from keras_adr.models import LATENT_LAYER
+
+_PAIRWISE_TERMS = ("global_compactness", "global_smoothness", "label_propagation")
+
+
+def _as_config(config):
+    if config is None:
+        return ADRConfig()
+    if isinstance(config, dict):
+        return ADRConfig.from_config(config)
+    if not isinstance(config, ADRConfig):
+        raise ValueError(
+            f"`adr_config` must be an ADRConfig (see keras_adr.presets.get) or its dict; "
+            f"got {type(config).__name__}.")
+    return config
+
+
+def _unpack(data):
+    if isinstance(data, (tuple, list)) and len(data) == 2:
+        return data[0], data[1]
+    raise ValueError(
+        "ADR training expects batches of (images, integer_labels); got "
+        f"{type(data).__name__} of length {len(data) if isinstance(data, (tuple, list)) else 1}. "
+        "Sample weights are not supported.")
+
+
+class ADRMixin:
+    """Adds the ADR `train_step` / `test_step` to a `keras.Model` subclass.
+
+    The model's `call(x, training=False, return_latent=False)` must return
+    the logits, or `(logits, z)` when `return_latent=True`. Mix in before
+    `keras.Model` and pass `adr_config=` through the constructor:
+
+    ```python
+    class MyModel(keras_adr.ADRMixin, keras.Model):
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            self.features = ...
+            self.classifier = keras.layers.Dense(10)
+
+        def call(self, x, training=False, return_latent=False):
+            z = self.features(x, training=training)
+            logits = self.classifier(z)
+            return (logits, z) if return_latent else logits
+
+    model = MyModel(adr_config=keras_adr.presets.get("adr_pgd"))
+    ```
+
+    Reported metrics: `loss`, `accuracy` (clean), `adv_accuracy`, and the
+    unweighted batch mean of every enabled term (`ce`, `adv_ce` or
+    `trades_kl`, `local_compactness`, ...). `compile` needs only an optimizer:
+    the objective comes from the `ADRConfig`.
+    """
+
+    def __init__(self, *args, adr_config=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._init_adr(adr_config)
+
+    def _init_adr(self, adr_config):
+        config = _as_config(adr_config)
+        self.adr_config = config
+        self._term_weights = self._objective_weights(config)
+        self._term_losses = self._build_term_losses(config)
+        self._loss_tracker = keras.metrics.Mean(name="loss")
+        self._accuracy = keras.metrics.SparseCategoricalAccuracy(name="accuracy")
+        self._adv_accuracy = keras.metrics.SparseCategoricalAccuracy(name="adv_accuracy")
+        self._term_trackers = [keras.metrics.Mean(name=name) for name in self._term_weights]
+
+    @staticmethod
+    def _objective_weights(config):
+        """Ordered `{term name: weight}` of every term in the total loss."""
+        if config.objective == "standard":
+            weights = {"ce": 1.0}
+        elif config.objective == "pgd":
+            weights = {"ce": config.natural_weight, "adv_ce": config.adversarial_weight}
+        else:
+            weights = {"ce": 1.0, "trades_kl": config.trades_beta}
+        weights.update({name: getattr(config, name) for name in config.enabled_terms})
+        return weights
+
+    @staticmethod
+    def _build_term_losses(config):
+        # reduction="sum": the step divides by the global batch size itself.
+        every = {
+            "local_compactness": adr_losses.LocalCompactness(
+                distance=config.compactness_distance, reduction="sum"),
+            "local_smoothness": adr_losses.LocalSmoothness(reduction="sum"),
+            "global_compactness": adr_losses.GlobalCompactness(
+                scale=config.label_scale, reduction="sum"),
+            "global_smoothness": adr_losses.GlobalSmoothness(
+                scale=config.label_scale, reduction="sum"),
+            "conditional_entropy": adr_losses.ConditionalEntropy(reduction="sum"),
+            "trades_kl": adr_losses.TradesKL(reduction="sum"),
+            "label_propagation": adr_losses.LabelPropagation(
+                alpha=config.propagation_alpha, k=config.propagation_neighbors,
+                reduction="sum"),
+        }
+        return {name: every[name] for name in every
+                if name in config.enabled_terms or (name == "trades_kl"
+                                                    and config.objective == "trades")}
+
+    @property
+    def metrics(self):
+        return [self._loss_tracker, self._accuracy, self._adv_accuracy, *self._term_trackers]
+
+    def _forward(self, x, training):
+        outputs = self(x, training=training, return_latent=True)
+        if not isinstance(outputs, (tuple, list)) or len(outputs) != 2:
+            raise ValueError(
+                f"{type(self).__name__}.call(x, return_latent=True) must return (logits, z); "
+                f"got {type(outputs).__name__}.")
+        return outputs
+
+    def adversarial_examples(self, x, y, loss=None):
+        """Adversarial examples of `(x, y)` under the configured attack.
+
+        Args:
+            x: Images in the attack's pixel range.
+            y: Integer labels.
+            loss: Attack loss; defaults to the objective's (`"kl"` for TRADES).
+
+        Returns:
+            Stop-gradient adversarial images.
+        """
+        attack = self.adr_config.attack
+        return attacks.pgd(
+            lambda images: self(images, training=False), x, y,
+            epsilon=attack.epsilon, step_size=attack.step_size, steps=attack.steps,
+            norm=attack.norm, random_start=attack.random_start,
+            loss=loss or self.adr_config.attack_loss,
+            clip_min=attack.clip_min, clip_max=attack.clip_max)
+
+    def _term_sums(self, y, logits, z, logits_adv, z_adv):
+        """`{name: sum over this replica's examples}` of every term of the loss."""
+        y = tf.cast(tf.reshape(y, [-1]), tf.int32)
+        ce = lambda lg: tf.reduce_sum(tf.nn.sparse_softmax_cross_entropy_with_logits(
+            y, tf.cast(lg, tf.float32)))
+        sums = {"ce": ce(logits)}
+        if logits_adv is None:
+            return sums
+        if "adv_ce" in self._term_weights:
+            sums["adv_ce"] = ce(logits_adv)
+
+        config = self.adr_config
+        context = tf.distribute.get_replica_context()
+        gather_global = (config.pairwise_scope == "global" and context is not None
+                         and context.num_replicas_in_sync > 1)
+        if gather_global and any(name in _PAIRWISE_TERMS for name in self._term_losses):
+            gather = lambda t: context.all_gather(tf.stop_gradient(t), axis=0)
+            y_ref, z_ref, logits_ref = gather(y), gather(z), gather(logits)
+        else:
+            y_ref, z_ref, logits_ref = y, z, logits
+
+        for name, loss in self._term_losses.items():
+            if name == "local_compactness":
+                sums[name] = loss(z, z_adv)
+            elif name in ("local_smoothness", "trades_kl"):
+                sums[name] = loss(logits, logits_adv)
+            elif name == "conditional_entropy":
+                sums[name] = loss(y, logits_adv)
+            elif name == "global_compactness":
+                sums[name] = loss((y, y_ref, z_ref), z_adv)
+            elif name == "global_smoothness":
+                sums[name] = loss((y, y_ref, logits_ref), logits_adv)
+            elif name == "label_propagation":
+                if gather_global:
+                    sizes = context.all_gather(tf.shape(y)[:1], axis=0)
+                    offset = tf.reduce_sum(sizes[:context.replica_id_in_sync_group])
+                    z_adv_ref = context.all_gather(tf.stop_gradient(z_adv), axis=0)
+                    sums[name] = loss((y, z, z_adv, y_ref, z_ref, z_adv_ref, offset), logits_adv)
+                else:
+                    sums[name] = loss((y, z, z_adv), logits_adv)
+        return sums
+
+    def _global_batch_size(self, local_batch_size):
+        context = tf.distribute.get_replica_context()
+        if context is None or context.num_replicas_in_sync == 1:
+            return local_batch_size
+        return context.all_reduce(tf.distribute.ReduceOp.SUM, local_batch_size)
+
+    def train_step(self, data):
+        x, y = _unpack(data)
+        uses_adversary = self.adr_config.uses_adversary
+        x_adv = self.adversarial_examples(x, y) if uses_adversary else None
+        local_batch = tf.cast(tf.shape(x)[0], tf.float32)
+        global_batch = self._global_batch_size(local_batch)
+
+        with tf.GradientTape() as tape:
+            logits, z = self._forward(x, training=True)
+            logits_adv, z_adv = (self._forward(x_adv, training=True) if uses_adversary
+                                 else (None, None))
+            sums = self._term_sums(y, logits, z, logits_adv, z_adv)
+            objective = tf.add_n([w * sums[name] for name, w in self._term_weights.items()])
+            loss = objective / global_batch
+            regularization = tf.add_n(self.losses) if self.losses else 0.0
+            num_replicas = tf.distribute.get_strategy().num_replicas_in_sync
+            # Regularizers are per model, not per example: each replica adds
+            # its share so that the summed gradient counts them once.
+            loss += regularization / num_replicas
+            scaled_loss = self.optimizer.scale_loss(loss)
+        gradients = tape.gradient(scaled_loss, self.trainable_variables)
+        self.optimizer.apply(gradients, self.trainable_variables)
+
+        self._loss_tracker.update_state(objective / local_batch + regularization,
+                                        sample_weight=local_batch)
+        for tracker in self._term_trackers:
+            tracker.update_state(sums[tracker.name] / local_batch, sample_weight=local_batch)
+        self._accuracy.update_state(y, logits)
+        if uses_adversary:
+            self._adv_accuracy.update_state(y, logits_adv)
+        return self._results(adversarial=uses_adversary)
+
+    def test_step(self, data):
+        """Clean loss and accuracy, and accuracy under the configured attack.
+
+        The validation attack maximises cross-entropy (also for TRADES), the
+        usual measure of robust accuracy.
+        """
+        x, y = _unpack(data)
+        logits = self(x, training=False)
+        x_adv = self.adversarial_examples(x, y, loss="ce")
+        logits_adv = self(x_adv, training=False)
+        y = tf.cast(tf.reshape(y, [-1]), tf.int32)
+        local_batch = tf.cast(tf.shape(x)[0], tf.float32)
+        ce = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(
+            y, tf.cast(logits, tf.float32)))
+        self._loss_tracker.update_state(ce, sample_weight=local_batch)
+        self._accuracy.update_state(y, logits)
+        self._adv_accuracy.update_state(y, logits_adv)
+        return {m.name: m.result() for m in (self._loss_tracker, self._accuracy,
+                                             self._adv_accuracy)}
+
+    def _results(self, adversarial):
+        results = {m.name: m.result() for m in self.metrics}
+        if not adversarial:
+            results.pop("adv_accuracy")
+        return results
+
+    def get_config(self):
+        return {**super().get_config(), "adr_config": self.adr_config.get_config()}
+
+
+@keras.saving.register_keras_serializable(package="keras_adr")
+class ADRModel(ADRMixin, keras.Model):
+    """Wraps a functional classifier that outputs logits for ADR training.
+
+    `call(x)` returns the backbone's logits, so `predict`, `evaluate`-style
+    use and export behave like the backbone; `fit` runs the ADR step.
+
+    Args:
+        backbone: A functional `keras.Model` from images in [0, 1] to logits.
+        adr_config: An `ADRConfig` (default: `ADRConfig()`, ADR on PGD-AT).
+        latent_layer: Name of the layer whose output is the latent code `z`.
+        **kwargs: Passed to `keras.Model` (e.g. `name`).
+
+    Raises:
+        ValueError: If `backbone` is not a functional model with one output, or
+            has no layer named `latent_layer` (the message lists its layers).
+    """
+
+    def __init__(self, backbone, adr_config=None, latent_layer=LATENT_LAYER, **kwargs):
+        super().__init__(adr_config=adr_config, **kwargs)
+        if not isinstance(backbone, keras.Model) or not hasattr(backbone, "outputs") or (
+                backbone.outputs is None):
+            raise ValueError(
+                "`backbone` must be a functional keras.Model (built from keras.Input) that "
+                f"outputs logits; got {type(backbone).__name__}. For subclassed models use "
+                "ADRMixin instead.")
+        if len(backbone.outputs) != 1:
+            raise ValueError(f"`backbone` must have one output (the logits); it has "
+                             f"{len(backbone.outputs)}.")
+        try:
+            latent = backbone.get_layer(latent_layer)
+        except ValueError:
+            names = [layer.name for layer in backbone.layers]
+            raise ValueError(
+                f"The backbone has no layer named {latent_layer!r} to use as the latent "
+                f"code; its layers are: {names}. Pass latent_layer=<one of them>.") from None
+        self.backbone = backbone
+        self.latent_layer = latent_layer
+        # Shares the backbone's layers; kept out of Keras' attribute tracking
+        # so that the weights are saved once, under `backbone`.
+        object.__setattr__(self, "_logits_and_latent",
+                           keras.Model(backbone.inputs, [backbone.outputs[0], latent.output]))
+
+    def call(self, x, training=False, return_latent=False):
+        if return_latent:
+            logits, z = self._logits_and_latent(x, training=training)
+            return logits, z
+        return self.backbone(x, training=training)
+
+    def build(self, input_shape):
+        # The backbone is already built; marks this wrapper built for saving.
+        self.built = True
+
+    def get_config(self):
+        return {
+            "name": self.name,
+            "backbone": keras.saving.serialize_keras_object(self.backbone),
+            "adr_config": self.adr_config.get_config(),
+            "latent_layer": self.latent_layer,
+        }
+
+    @classmethod
+    def from_config(cls, config, custom_objects=None):
+        config = dict(config)
+        backbone = keras.saving.deserialize_keras_object(
+            config.pop("backbone"), custom_objects=custom_objects)
+        return cls(backbone=backbone, **config)
