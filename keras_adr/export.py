@@ -579,7 +579,11 @@ def _publish(temp_dir, base_dir, version, *, overwrite):
         os.rename(old, aside)
         # A crash between these renames leaves no version; the next cleanup
         # renames `aside` back.
-        os.rename(temp_dir, target)
+        try:
+            os.rename(temp_dir, target)
+        except OSError:
+            os.rename(aside, old)
+            raise
         _fsync_dir(base_dir)
         shutil.rmtree(aside, ignore_errors=True)
     finally:

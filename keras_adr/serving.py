@@ -12,7 +12,8 @@ import requests
 
 body = rest_predict_body(images)  # float32 in [0, 1], or uint8
 url = rest_predict_url(model_name="fashion_mnist")
-classes, probabilities = parse_rest_response(requests.post(url, json=body).json())
+response = requests.post(url, json=body)
+classes, probabilities = parse_rest_response(response.json())
 ```
 
 gRPC example (needs `pip install keras-adr[serving]`):

@@ -212,9 +212,8 @@ def test_in_graph_checks_catch_what_the_signature_spec_misses():
 
 
 def test_metadata_round_trips(model, exported):
-    path = (
-        pathlib.Path(exported) / "assets.extra" / export.EXPORT_METADATA_FILENAME
-    )
+    path = pathlib.Path(exported, "assets.extra")
+    path /= export.EXPORT_METADATA_FILENAME
     assert path.is_file()
     metadata = export.read_metadata(exported)
     assert metadata == json.loads(path.read_text())

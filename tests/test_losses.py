@@ -1,0 +1,286 @@
+"""ADR loss terms against independent numpy computations."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from keras_adr import graph, losses
+
+SCALE = 0.99
+TOL = dict(rtol=1e-5, atol=1e-6)
+
+
+def _softmax(a):
+    e = np.exp(a - a.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+
+def _log_softmax(a):
+    a = a - a.max(-1, keepdims=True)
+    return a - np.log(np.exp(a).sum(-1, keepdims=True))
+
+
+def _np_weights(y_rows, y_cols, scale=SCALE):
+    return np.where(y_rows[:, None] == y_cols[None, :], 1.0, 1.0 - 1.0 / scale)
+
+
+@pytest.fixture(params=["mixed", "all_same"])
+def batch(request):
+    rng = np.random.default_rng(0)
+    b, k, c = 9, 6, 4
+    y = rng.integers(0, c, b) if request.param == "mixed" else np.full(b, 2)
+    z = rng.normal(size=(b, k)).astype(np.float32)
+    z_adv = (z + 0.5 * rng.normal(size=(b, k))).astype(np.float32)
+    logits = rng.normal(size=(b, c)).astype(np.float32) * 2
+    logits_adv = (logits + rng.normal(size=(b, c))).astype(np.float32)
+    return dict(y=y, z=z, z_adv=z_adv, logits=logits, logits_adv=logits_adv)
+
+
+def test_local_compactness(batch):
+    z, za = batch["z"].astype(np.float64), batch["z_adv"].astype(np.float64)
+    np.testing.assert_allclose(losses.local_compactness(batch["z"], batch["z_adv"]),
+                               np.abs(z - za).mean(), **TOL)
+    np.testing.assert_allclose(losses.local_compactness(batch["z"], batch["z_adv"], "l2"),
+                               ((z - za) ** 2).mean(), **TOL)
+
+
+def test_local_compactness_flattens_higher_rank():
+    rng = np.random.default_rng(1)
+    z = rng.normal(size=(3, 2, 2, 5)).astype(np.float32)
+    za = rng.normal(size=(3, 2, 2, 5)).astype(np.float32)
+    np.testing.assert_allclose(losses.local_compactness(z, za), np.abs(z - za).mean(), **TOL)
+
+
+def test_local_smoothness(batch):
+    p = _softmax(batch["logits"].astype(np.float64))
+    expected = -(p * _log_softmax(batch["logits_adv"].astype(np.float64))).sum(-1).mean()
+    np.testing.assert_allclose(losses.local_smoothness(batch["logits"], batch["logits_adv"]),
+                               expected, **TOL)
+
+
+def test_pair_weights(batch):
+    y = batch["y"]
+    w = losses.pair_weights(y, scale=SCALE).numpy()
+    np.testing.assert_allclose(w, _np_weights(y, y), **TOL)
+    assert np.all(np.isfinite(w))
+    other = np.arange(len(y))[::-1] % 4
+    np.testing.assert_allclose(losses.pair_weights(y, other, SCALE), _np_weights(y, other), **TOL)
+
+
+@pytest.mark.parametrize("method", ["sorted", "naive"])
+def test_global_compactness(batch, method):
+    y, z, za = batch["y"], batch["z"].astype(np.float64), batch["z_adv"].astype(np.float64)
+    distances = np.abs(za[:, None, :] - z[None, :, :]).mean(-1)  # [i (adv), j (clean)]
+    expected = (_np_weights(y, y) * distances).mean()
+    value = losses.global_compactness(y, batch["z"], batch["z_adv"], SCALE, method=method)
+    assert np.isfinite(value)
+    np.testing.assert_allclose(value, expected, **TOL)
+
+
+def test_global_compactness_sorted_matches_naive_with_ties_and_reference():
+    rng = np.random.default_rng(3)
+    # Integer-valued codes make ties between clean and adversarial values common.
+    z_ref = rng.integers(0, 3, size=(12, 5)).astype(np.float32)
+    y_ref = rng.integers(0, 3, 12)
+    z_adv = rng.integers(0, 3, size=(4, 5)).astype(np.float32)
+    y = y_ref[:4]
+    z_adv_var = tf.Variable(z_adv)
+    values, grads = {}, {}
+    for method in ("sorted", "naive"):
+        with tf.GradientTape() as tape:
+            values[method] = losses.global_compactness_per_example(
+                y, None, z_adv_var, SCALE, reference=(y_ref, z_ref), method=method)
+            total = tf.reduce_sum(values[method])
+        grads[method] = tape.gradient(total, z_adv_var).numpy()
+    distances = np.abs(z_adv[:, None, :].astype(np.float64) - z_ref[None]).mean(-1)
+    np.testing.assert_allclose(values["sorted"], (_np_weights(y, y_ref) * distances).mean(1),
+                               **TOL)
+    np.testing.assert_allclose(values["sorted"], values["naive"], **TOL)
+    # At exact ties the L1 subgradient is ambiguous; elsewhere they must agree.
+    untied = ~np.any(z_adv[:, None, :] == z_ref[None], axis=1)
+    np.testing.assert_allclose(grads["sorted"][untied], grads["naive"][untied], **TOL)
+
+
+def test_global_compactness_gradient_matches_numpy(batch):
+    y, z, za = batch["y"], batch["z"], batch["z_adv"]
+    b, k = z.shape
+    # d/dza_i,d of mean_ij W_ij mean_d |z_j,d - za_i,d| = sum_j W_ij sign(za_i,d - z_j,d) / (B B k)
+    expected = (_np_weights(y, y)[:, :, None] * np.sign(za[:, None, :] - z[None])).sum(1) / (
+        b * b * k)
+    za_var = tf.Variable(za)
+    z_var = tf.Variable(z)
+    with tf.GradientTape() as tape:
+        value = losses.global_compactness(y, z_var, za_var, SCALE)
+    grad_adv, grad_clean = tape.gradient(value, [za_var, z_var])
+    np.testing.assert_allclose(grad_adv, expected, rtol=1e-5, atol=1e-7)
+    assert grad_clean is None  # the clean side is stop-gradient
+
+
+def test_global_smoothness(batch):
+    y = batch["y"]
+    p = _softmax(batch["logits"].astype(np.float64))  # clean, column j
+    log_q = _log_softmax(batch["logits_adv"].astype(np.float64))  # adversarial, row i
+    ce = -(p[None, :, :] * log_q[:, None, :]).sum(-1)  # [i, j]
+    expected = (_np_weights(y, y) * ce).mean()
+    value = losses.global_smoothness(y, batch["logits"], batch["logits_adv"], SCALE)
+    assert np.isfinite(value)
+    np.testing.assert_allclose(value, expected, **TOL)
+
+
+def test_conditional_entropy(batch):
+    p = _softmax(batch["logits_adv"].astype(np.float64))
+    expected = -(p * np.log(p)).sum(-1).mean()
+    np.testing.assert_allclose(losses.conditional_entropy(batch["logits_adv"]), expected, **TOL)
+
+
+def test_trades_kl(batch):
+    lp = _log_softmax(batch["logits"].astype(np.float64))
+    lq = _log_softmax(batch["logits_adv"].astype(np.float64))
+    expected = (np.exp(lp) * (lp - lq)).sum(-1).mean()
+    np.testing.assert_allclose(losses.trades_kl(batch["logits"], batch["logits_adv"]), expected,
+                               **TOL)
+
+
+@pytest.mark.parametrize("name", ["local_compactness", "global_compactness"])
+def test_latent_terms_stop_gradient_on_clean_side(batch, name):
+    z, za = tf.Variable(batch["z"]), tf.Variable(batch["z_adv"])
+    with tf.GradientTape() as tape:
+        if name == "local_compactness":
+            value = losses.local_compactness(z, za)
+        else:
+            value = losses.global_compactness(batch["y"], z, za)
+    grad_clean, grad_adv = tape.gradient(value, [z, za])
+    assert grad_clean is None
+    assert np.abs(grad_adv.numpy()).sum() > 0
+
+
+@pytest.mark.parametrize("name", ["local_smoothness", "global_smoothness", "label_propagation"])
+def test_prediction_terms_stop_gradient_on_clean_side(batch, name):
+    logits, logits_adv = tf.Variable(batch["logits"]), tf.Variable(batch["logits_adv"])
+    z, za = tf.Variable(batch["z"]), tf.Variable(batch["z_adv"])
+    with tf.GradientTape() as tape:
+        if name == "local_smoothness":
+            value = losses.local_smoothness(logits, logits_adv)
+        elif name == "global_smoothness":
+            value = losses.global_smoothness(batch["y"], logits, logits_adv)
+        else:
+            value = losses.label_propagation(batch["y"], z, za, logits_adv, k=3)
+    grads = tape.gradient(value, [logits, logits_adv, z, za])
+    assert grads[0] is None and grads[2] is None and grads[3] is None
+    assert np.abs(grads[1].numpy()).sum() > 0
+
+
+def test_conditional_entropy_and_trades_kl_gradients_flow(batch):
+    logits, logits_adv = tf.Variable(batch["logits"]), tf.Variable(batch["logits_adv"])
+    with tf.GradientTape(persistent=True) as tape:
+        entropy = losses.conditional_entropy(logits_adv)
+        kl = losses.trades_kl(logits, logits_adv)
+    assert np.abs(tape.gradient(entropy, logits_adv).numpy()).sum() > 0
+    grad_clean, grad_adv = tape.gradient(kl, [logits, logits_adv])
+    assert np.abs(grad_clean.numpy()).sum() > 0 and np.abs(grad_adv.numpy()).sum() > 0
+    # Independent check of the entropy gradient: d H / d l = -p (log p + H).
+    p = _softmax(batch["logits_adv"].astype(np.float64))
+    h = -(p * np.log(p)).sum(-1, keepdims=True)
+    expected = -p * (np.log(p) + h) / len(p)
+    np.testing.assert_allclose(tape.gradient(entropy, logits_adv), expected, rtol=1e-4,
+                               atol=1e-6)
+
+
+def _np_propagation(z, y, z_adv, num_classes, alpha, k):
+    nodes = np.concatenate([z, z_adv]).astype(np.float64)
+    n = len(nodes)
+    d2 = ((nodes[:, None] - nodes[None]) ** 2).sum(-1)
+    d = np.sqrt(d2)
+    off = d[~np.eye(n, dtype=bool)]
+    sigma = np.sort(off)[(off.size - 1) // 2]
+    w = np.exp(-d2 / (2 * sigma ** 2))
+    np.fill_diagonal(w, 0)
+    knn = np.zeros((n, n), bool)
+    for i in range(n):
+        order = np.argsort(-w[i] + np.eye(n)[i] * 10, kind="stable")[:k]
+        knn[i, order] = True
+    w = w * (knn | knn.T)
+    deg = w.sum(1)
+    s = w / np.sqrt(deg[:, None] * deg[None, :])
+    seeds = np.zeros((n, num_classes))
+    seeds[np.arange(len(y)), y] = 1
+    f = np.linalg.solve(np.eye(n) - alpha * s, seeds)
+    f = f / f.sum(1, keepdims=True)
+    return f, s, seeds
+
+
+def test_propagate_labels_matches_numpy(batch):
+    f, _, _ = _np_propagation(batch["z"], batch["y"], batch["z_adv"], 4, 0.99, 3)
+    q = losses.propagate_labels(batch["z"], batch["y"], batch["z_adv"], 4, alpha=0.99, k=3)
+    np.testing.assert_allclose(q, f[len(batch["y"]):], rtol=1e-4, atol=1e-5)
+    expected = -(f[len(batch["y"]):] * _log_softmax(batch["logits_adv"].astype(np.float64))).sum(
+        -1).mean()
+    np.testing.assert_allclose(
+        losses.label_propagation(batch["y"], batch["z"], batch["z_adv"], batch["logits_adv"],
+                                 alpha=0.99, k=3), expected, rtol=1e-4)
+
+
+def test_label_propagation_two_clusters():
+    rng = np.random.default_rng(5)
+    centers = np.array([[0.0] * 4, [20.0] * 4])
+    y = np.repeat([0, 1], 8)
+    z = (centers[y] + rng.normal(size=(16, 4))).astype(np.float32)
+    z_adv = (centers[y] + rng.normal(size=(16, 4))).astype(np.float32)
+    q = losses.propagate_labels(z, y, z_adv, 2, alpha=0.99, k=5).numpy()
+    np.testing.assert_array_equal(q.argmax(1), y)
+    assert np.all(q.max(1) > 0.9)
+
+
+def test_closed_form_matches_iteration(batch):
+    # The iteration F <- a S F + (1 - a) Y converges to (1 - a)(I - a S)^-1 Y,
+    # equal after row normalisation; alpha 0.9 converges in 200 steps (0.9^200 ~ 7e-10).
+    alpha = 0.9
+    nodes = np.concatenate([batch["z"], batch["z_adv"]])
+    s = graph.normalized_affinity(graph.affinity_graph(nodes, k=3)).numpy().astype(np.float64)
+    seeds = np.zeros((len(nodes), 4))
+    seeds[np.arange(len(batch["y"])), batch["y"]] = 1
+    f = seeds.copy()
+    for _ in range(200):
+        f = alpha * s @ f + (1 - alpha) * seeds
+    f = f / f.sum(1, keepdims=True)
+    closed = graph.propagate(tf.constant(s, tf.float32), tf.constant(seeds, tf.float32), alpha)
+    np.testing.assert_allclose(closed, f, rtol=1e-4, atol=1e-5)
+
+
+def test_affinity_graph_is_symmetric_knn_with_zero_diagonal(batch):
+    nodes = np.concatenate([batch["z"], batch["z_adv"]])
+    w = graph.affinity_graph(nodes, k=3).numpy()
+    np.testing.assert_allclose(w, w.T)
+    assert np.all(np.diag(w) == 0)
+    assert np.all((w > 0).sum(1) >= 3)
+
+
+def test_loss_classes_match_functions_and_serialize(batch):
+    y, z, za = batch["y"], batch["z"], batch["z_adv"]
+    lg, lga = batch["logits"], batch["logits_adv"]
+    cases = [
+        (losses.LocalCompactness(distance="l2"), (z, za), losses.local_compactness(z, za, "l2")),
+        (losses.LocalSmoothness(), (lg, lga), losses.local_smoothness(lg, lga)),
+        (losses.GlobalCompactness(scale=0.9), ((y, z), za), losses.global_compactness(y, z, za, 0.9)),
+        (losses.GlobalSmoothness(scale=0.9), ((y, lg), lga),
+         losses.global_smoothness(y, lg, lga, 0.9)),
+        (losses.ConditionalEntropy(), (y, lga), losses.conditional_entropy(lga)),
+        (losses.TradesKL(), (lg, lga), losses.trades_kl(lg, lga)),
+        (losses.LabelPropagation(alpha=0.9, k=3), ((y, z, za), lga),
+         losses.label_propagation(y, z, za, lga, alpha=0.9, k=3)),
+    ]
+    for loss, args, expected in cases:
+        np.testing.assert_allclose(loss(*args), expected, rtol=1e-5, err_msg=loss.name)
+        clone = keras.losses.deserialize(keras.losses.serialize(loss))
+        assert type(clone) is type(loss) and clone.get_config() == loss.get_config()
+        np.testing.assert_allclose(clone(*args), expected, rtol=1e-5, err_msg=loss.name)
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="distance"):
+        losses.local_compactness(np.zeros((2, 2)), np.zeros((2, 2)), distance="cosine")
+    with pytest.raises(ValueError, match="method"):
+        losses.global_compactness([0, 1], np.zeros((2, 2)), np.zeros((2, 2)), method="fast")
+    with pytest.raises(ValueError, match="distance"):
+        losses.LocalCompactness(distance="l3")
