@@ -25,8 +25,8 @@ setuptools.setup(
     packages=setuptools.find_packages(include=["keras_adr", "keras_adr.*", "train", "train.*"]),
     install_requires=_requirements(),
     extras_require={
-        "test": ["pytest>=8"],
-        "serving": ["tensorflow-serving-api"],
+        "test": ["pytest>=8", "tensorflow-serving-api==2.21.*"],
+        "serving": ["tensorflow-serving-api==2.21.*"],
     },
     entry_points={
         "console_scripts": [

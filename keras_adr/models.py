@@ -90,15 +90,6 @@ def _preact_block(x, filters, stride, sync_batchnorm):
     return layers.Add()([y, shortcut])
 
 
-def _wide_block(x, filters, stride, dropout, sync_batchnorm):
-    y = _preact_block(x, filters, stride, sync_batchnorm)
-    if dropout:
-        # Dropout between the convolutions is the WRN recipe; kept simple here
-        # as dropout after the block, off by default as in adversarial training.
-        y = layers.Dropout(dropout)(y)
-    return y
-
-
 def _head(x, num_classes, sync_batchnorm):
     x = layers.ReLU()(_batch_norm(sync_batchnorm)(x))
     x = layers.GlobalAveragePooling2D(name=LATENT_LAYER)(x)
@@ -127,7 +118,7 @@ def resnet18(input_shape=(32, 32, 3), num_classes=10, sync_batchnorm=False, name
     return keras.Model(inputs, _head(x, num_classes, sync_batchnorm), name=name)
 
 
-def wide_resnet(input_shape=(32, 32, 3), num_classes=10, depth=34, width=10, dropout=0.0,
+def wide_resnet(input_shape=(32, 32, 3), num_classes=10, depth=34, width=10,
                 sync_batchnorm=False, name=None):
     """Wide ResNet-`depth`-`width` (Zagoruyko & Komodakis 2016), pre-activation.
 
@@ -136,7 +127,6 @@ def wide_resnet(input_shape=(32, 32, 3), num_classes=10, depth=34, width=10, dro
         num_classes: Number of classes.
         depth: Total depth; `(depth - 4)` must be divisible by 6.
         width: Widening factor.
-        dropout: Dropout rate inside blocks (0 disables).
         sync_batchnorm: Use synchronized BatchNormalization.
         name: Model name (default `wide_resnet_<depth>_<width>`).
 
@@ -155,7 +145,7 @@ def wide_resnet(input_shape=(32, 32, 3), num_classes=10, depth=34, width=10, dro
     for stage, filters in enumerate((16 * width, 32 * width, 64 * width)):
         for block in range(blocks_per_stage):
             stride = 2 if stage > 0 and block == 0 else 1
-            x = _wide_block(x, filters, stride, dropout, sync_batchnorm)
+            x = _preact_block(x, filters, stride, sync_batchnorm)
     name = name or f"wide_resnet_{depth}_{width}"
     return keras.Model(inputs, _head(x, num_classes, sync_batchnorm), name=name)
 

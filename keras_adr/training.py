@@ -199,29 +199,50 @@ class ADRMixin:
             return local_batch_size
         return context.all_reduce(tf.distribute.ReduceOp.SUM, local_batch_size)
 
+    def compute_adr_loss(self, x, y, x_adv=None, training=True):
+        """The ADR objective of one batch, as `train_step` computes it.
+
+        Args:
+            x: Clean images.
+            y: Integer labels.
+            x_adv: Adversarial images (required unless the objective is
+                `"standard"`), e.g. from `adversarial_examples`.
+            training: Mode of the forward passes.
+
+        Returns:
+            `(loss, objective_sum, sums, outputs)`: the loss to differentiate
+            on this replica (sums divided by the global batch size, plus
+            regularisation), the weighted sum of the terms over this replica's
+            examples, `{term: sum over examples}`, and `(logits, logits_adv)`.
+        """
+        if self.adr_config.uses_adversary and x_adv is None:
+            raise ValueError(f"objective={self.adr_config.objective!r} needs `x_adv`.")
+        logits, z = self._forward(x, training=training)
+        logits_adv, z_adv = (self._forward(x_adv, training=training) if x_adv is not None
+                             else (None, None))
+        sums = self._term_sums(y, logits, z, logits_adv, z_adv)
+        objective = tf.add_n([w * sums[name] for name, w in self._term_weights.items()])
+        global_batch = self._global_batch_size(tf.cast(tf.shape(x)[0], tf.float32))
+        loss = objective / global_batch
+        if self.losses:
+            # Regularisers are per model, not per example: each replica adds
+            # its share so that the summed gradient counts them once.
+            num_replicas = tf.distribute.get_strategy().num_replicas_in_sync
+            loss += tf.add_n(self.losses) / num_replicas
+        return loss, objective, sums, (logits, logits_adv)
+
     def train_step(self, data):
         x, y = _unpack(data)
         uses_adversary = self.adr_config.uses_adversary
         x_adv = self.adversarial_examples(x, y) if uses_adversary else None
-        local_batch = tf.cast(tf.shape(x)[0], tf.float32)
-        global_batch = self._global_batch_size(local_batch)
-
         with tf.GradientTape() as tape:
-            logits, z = self._forward(x, training=True)
-            logits_adv, z_adv = (self._forward(x_adv, training=True) if uses_adversary
-                                 else (None, None))
-            sums = self._term_sums(y, logits, z, logits_adv, z_adv)
-            objective = tf.add_n([w * sums[name] for name, w in self._term_weights.items()])
-            loss = objective / global_batch
-            regularization = tf.add_n(self.losses) if self.losses else 0.0
-            num_replicas = tf.distribute.get_strategy().num_replicas_in_sync
-            # Regularizers are per model, not per example: each replica adds
-            # its share so that the summed gradient counts them once.
-            loss += regularization / num_replicas
+            loss, objective, sums, (logits, logits_adv) = self.compute_adr_loss(x, y, x_adv)
             scaled_loss = self.optimizer.scale_loss(loss)
         gradients = tape.gradient(scaled_loss, self.trainable_variables)
         self.optimizer.apply(gradients, self.trainable_variables)
 
+        local_batch = tf.cast(tf.shape(x)[0], tf.float32)
+        regularization = tf.add_n(self.losses) if self.losses else 0.0
         self._loss_tracker.update_state(objective / local_batch + regularization,
                                         sample_weight=local_batch)
         for tracker in self._term_trackers:
@@ -302,7 +323,7 @@ class ADRModel(ADRMixin, keras.Model):
         # Shares the backbone's layers; kept out of Keras' attribute tracking
         # so that the weights are saved once, under `backbone`.
         object.__setattr__(self, "_logits_and_latent",
-                           keras.Model(backbone.inputs, [backbone.outputs[0], latent.output]))
+                           keras.Model(backbone.input, [backbone.outputs[0], latent.output]))
 
     def call(self, x, training=False, return_latent=False):
         if return_latent:

@@ -1,0 +1,107 @@
+"""ADRConfig / AttackConfig validation and serialisation; presets; model builders."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+import keras_adr
+from keras_adr import config as config_lib, models, presets
+
+
+def test_defaults_follow_the_authors():
+    config = keras_adr.ADRConfig()
+    assert config.objective == "pgd"
+    for name in ("local_compactness", "local_smoothness", "global_compactness",
+                 "global_smoothness", "conditional_entropy"):
+        assert getattr(config, name) == 1.0
+    assert config.label_propagation == 0.0 and config.label_scale == 0.99
+    assert config.trades_beta == 6.0 and config.natural_weight == config.adversarial_weight == 1
+
+
+def test_round_trip():
+    config = presets.get("adr_trades", attack_norm="l2", attack_epsilon=0.5, label_scale=0.9)
+    restored = keras_adr.ADRConfig.from_config(config.get_config())
+    assert restored == config and isinstance(restored.attack, keras_adr.AttackConfig)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(objective="mart"), "objective"),
+    (dict(local_compactness=-1.0), "local_compactness"),
+    (dict(label_propagation=float("nan")), "label_propagation"),
+    (dict(label_scale=0.0), "label_scale"),
+    (dict(label_scale=1.0), "label_scale"),
+    (dict(label_scale=1.5), "label_scale"),
+    (dict(trades_beta=-6.0), "trades_beta"),
+    (dict(compactness_distance="cos"), "compactness_distance"),
+    (dict(pairwise_scope="node"), "pairwise_scope"),
+    (dict(propagation_alpha=1.0), "propagation_alpha"),
+    (dict(propagation_neighbors=0), "propagation_neighbors"),
+    (dict(objective="standard"), "ADR terms"),
+    (dict(attack="pgd"), "attack"),
+])
+def test_adr_config_validation(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        keras_adr.ADRConfig(**kwargs)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(epsilon=0.0), "epsilon"),
+    (dict(step_size=-1.0), "step_size"),
+    (dict(steps=0), "steps"),
+    (dict(steps=1.5), "steps"),
+    (dict(norm="l0"), "norm"),
+    (dict(loss="dlr"), "loss"),
+    (dict(clip_min=1.0, clip_max=0.5), "clip_min"),
+    (dict(random_start="yes"), "random_start"),
+])
+def test_attack_config_validation(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        keras_adr.AttackConfig(**kwargs)
+
+
+def test_presets():
+    assert presets.NAMES == ("standard", "pgd_at", "trades", "adr_pgd", "adr_trades")
+    assert presets.get("standard").enabled_terms == () and not presets.get("standard").uses_adversary
+    assert presets.get("pgd_at").enabled_terms == () and presets.get("pgd_at").objective == "pgd"
+    assert presets.get("trades").objective == "trades" and presets.get("trades").enabled_terms == ()
+    assert presets.get("adr_pgd").enabled_terms == config_lib.ADR_TERMS[:5]
+    assert presets.get("adr_trades").objective == "trades"
+    assert presets.get("pgd_at", attack_steps=40).attack.steps == 40
+    with pytest.raises(ValueError, match="adr_pgd"):
+        presets.get("madry")
+    with pytest.raises(ValueError, match="Unknown ADRConfig field"):
+        presets.get("pgd_at", epsilon=0.3)
+    with pytest.raises(ValueError, match="steps"):
+        presets.get("pgd_at", attack_steps=0)
+
+
+def test_frozen():
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        keras_adr.ADRConfig().objective = "trades"
+
+
+@pytest.mark.parametrize("name,kwargs,latent_size", [
+    ("small_cnn", dict(input_shape=(28, 28, 1)), 1024),
+    ("cifar_cnn", dict(input_shape=(32, 32, 3)), 3200),
+    ("resnet18", dict(input_shape=(16, 16, 3)), 512),
+    ("wide_resnet", dict(input_shape=(16, 16, 3), depth=10, width=1), 64),
+])
+def test_architectures(name, kwargs, latent_size):
+    model = models.get(name, num_classes=7, **kwargs)
+    x = np.random.default_rng(0).uniform(size=(2, *kwargs["input_shape"])).astype(np.float32)
+    assert model(x).shape == (2, 7)
+    assert model.get_layer("latent").output.shape[-1] == latent_size
+    adr = keras_adr.ADRModel(model)
+    assert adr(x, return_latent=True)[1].shape == (2, latent_size)
+
+
+def test_architecture_errors():
+    with pytest.raises(ValueError, match="valid models"):
+        models.get("vgg16")
+    with pytest.raises(ValueError, match="6n"):
+        models.wide_resnet(depth=20)
+    with pytest.raises(ValueError, match="input_shape"):
+        models.small_cnn(input_shape=(28, 28))
+    with pytest.raises(ValueError, match="num_classes"):
+        models.small_cnn(num_classes=1)
