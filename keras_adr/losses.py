@@ -75,59 +75,74 @@ def _pairwise_l1_sums_naive(z_ref, z_query):
     return tf.reduce_sum(tf.abs(z_query[:, None, :] - z_ref[None, :, :]), axis=-1)
 
 
-def _pairwise_l1_sums_sorted(z_ref, y_ref, z_query, y_query, num_classes, all_weight,
-                             same_weight):
-    """Exact `sum_j W_ij sum_d |z_ref_j,d - z_query_i,d|` in O((N + M) k (log(N + M) + C)).
+def _sorted_l1_sums(sorted_refs, prefix, queries, lower, upper):
+    """`sum_j |r_j - q|` over the sorted references in `[lower, upper)` per query.
 
-    `W_ij = all_weight + same_weight [y_i == y_j]`. Per feature d, references and
-    queries are sorted together once; for a query q with c references below it
-    (sum S) among n references (sum T), `sum_j |r_j - q| = q (2c - n) + T - 2S`.
-    Running per-label counts and sums in the same order give the same-label
-    part. Only `q` carries gradient, so d/dq = 2c - n: the rank-count gradient
-    of the L1 sum, and the (stop-gradient) references get none.
+    `sum_{r<q} (q - r) + sum_{r>=q} (r - q) = q (2c - n) + T - 2S` with c refs
+    below q (sum S) among n (sum T). Only `queries` carries gradient, so
+    d/dq = 2c - n: the rank-count gradient of the L1 sum.
+
+    Args:
+        sorted_refs: `[k, N]` sort keys of the references.
+        prefix: `[k, N + 1]` prefix sums of the reference values in that order.
+        queries: `(keys, values)`: `[k, M]` sort keys and values of the queries.
+        lower: `[M]` or scalar start of each query's reference segment.
+        upper: `[M]` or scalar end of each query's reference segment.
 
     Returns:
-        `[M]` per-query weighted sums over references and features.
+        `[k, M]` float32.
     """
-    n_ref = tf.shape(z_ref)[0]
-    n_query = tf.shape(z_query)[0]
-    points = n_ref + n_query
-    values = tf.transpose(tf.concat([z_ref, z_query], axis=0))  # [k, P]; only queries have grad
-    labels = tf.concat([y_ref, y_query], axis=0)  # [P]
-    is_ref = tf.concat([tf.ones([n_ref]), tf.zeros([n_query])], axis=0)
+    keys, values = queries
+    below = tf.searchsorted(sorted_refs, keys, side="left")  # [k, M], inside the segment
+    lower = tf.broadcast_to(lower, tf.shape(below))
+    upper = tf.broadcast_to(upper, tf.shape(below))
+    count_below = tf.cast(below - lower, tf.float32)
+    count = tf.cast(upper - lower, tf.float32)
+    at = lambda index: tf.gather(prefix, index, batch_dims=1)
+    sum_below = tf.cast(at(below) - at(lower), tf.float32)
+    total = tf.cast(at(upper) - at(lower), tf.float32)
+    return values * tf.stop_gradient(2.0 * count_below - count) + tf.stop_gradient(
+        total - 2.0 * sum_below)
 
-    order = tf.argsort(tf.stop_gradient(values), axis=1)  # ties contribute |0| either way
-    ordered = tf.gather(values, order, batch_dims=1)
-    ordered_sg = tf.stop_gradient(ordered)
-    ordered_is_ref = tf.gather(is_ref, order)
-    ordered_labels = tf.gather(labels, order)
 
-    # Overall: references before each position, and their sum.
-    count_below = tf.cumsum(ordered_is_ref, axis=1, exclusive=True)
-    sum_below = tf.cumsum(ordered_sg * ordered_is_ref, axis=1, exclusive=True)
-    ref_total = tf.reduce_sum(ordered_sg * ordered_is_ref, axis=1, keepdims=True)
-    n_ref_f = tf.cast(n_ref, tf.float32)
+def _pairwise_l1_sums_sorted(z_ref, y_ref, z_query, y_query, num_classes):
+    """Exact pairwise L1 sums, overall and within label, in O((N + M) k log N).
 
-    # Same label: the same running sums per label, read at each point's label.
-    own_label = tf.one_hot(ordered_labels, num_classes)  # [k, P, C]
-    ref_label = own_label * ordered_is_ref[..., None]
-    same_count_below = tf.reduce_sum(
-        tf.cumsum(ref_label, axis=1, exclusive=True) * own_label, axis=-1)
-    same_sum_below = tf.reduce_sum(
-        tf.cumsum(ref_label * ordered_sg[..., None], axis=1, exclusive=True) * own_label, axis=-1)
-    class_count = tf.math.unsorted_segment_sum(tf.ones([n_ref]), y_ref, num_classes)  # [C]
-    class_total = tf.math.unsorted_segment_sum(z_ref, y_ref, num_classes)  # [C, k]
-    same_count = tf.gather(class_count, ordered_labels)  # [k, P]
-    same_total = tf.gather(tf.transpose(class_total), ordered_labels, batch_dims=1)
+    Per feature d and query i: `sum_j |z_ref_j,d - z_query_i,d|` over all
+    references j, and over the references with the query's label. The
+    references are sorted once by value and once by (label, value); queries
+    are located by binary search and the sums read from prefix sums.
 
-    slope = (all_weight * (2.0 * count_below - n_ref_f)
-             + same_weight * (2.0 * same_count_below - same_count))
-    offset = (all_weight * (ref_total - 2.0 * sum_below)
-              + same_weight * (same_total - 2.0 * same_sum_below))
-    per_point = (ordered * tf.stop_gradient(slope) + tf.stop_gradient(offset)) * (
-        1.0 - ordered_is_ref)
-    # Back from sorted positions to examples, summing over features.
-    return tf.math.unsorted_segment_sum(per_point, order, points)[n_ref:]
+    The (label, value) order sorts the float64 key `value + label * K` with
+    `K > 2 max|value|`, which keeps labels apart and orders float32 values
+    exactly up to float64 rounding (~1e-13 relative).
+
+    Returns:
+        Two `[k, M]` tensors (feature-major): all-pairs and same-label sums.
+    """
+    refs = tf.transpose(z_ref)  # [k, N], stop-gradient
+    queries = tf.transpose(z_query)  # [k, M], carries gradient
+    queries_sg = tf.stop_gradient(queries)
+    n_ref = tf.shape(refs)[1]
+
+    ordered = tf.sort(refs, axis=1)
+    prefix = tf.pad(tf.cumsum(ordered, axis=1), [[0, 0], [1, 0]])
+    all_sums = _sorted_l1_sums(ordered, prefix, (queries_sg, queries), 0, n_ref)
+
+    spread = 2.0 * tf.cast(tf.maximum(tf.reduce_max(tf.abs(refs)),
+                                      tf.reduce_max(tf.abs(queries_sg))), tf.float64) + 1.0
+    ref_keys = tf.cast(refs, tf.float64) + tf.cast(y_ref, tf.float64) * spread
+    query_keys = tf.cast(queries_sg, tf.float64) + tf.cast(y_query, tf.float64) * spread
+    ordered_keys = tf.sort(ref_keys, axis=1)
+    # Label-major order puts the same sorted labels in every row.
+    ordered_values = ordered_keys - tf.cast(tf.sort(y_ref), tf.float64) * spread
+    prefix = tf.pad(tf.cumsum(ordered_values, axis=1), [[0, 0], [1, 0]])
+    class_count = tf.math.bincount(y_ref, minlength=num_classes, maxlength=num_classes)
+    class_start = tf.cumsum(class_count, exclusive=True)
+    lower = tf.gather(class_start, y_query)
+    same_sums = _sorted_l1_sums(ordered_keys, prefix, (query_keys, queries), lower,
+                                lower + tf.gather(class_count, y_query))
+    return all_sums, same_sums
 
 
 def global_compactness_per_example(y, z, z_adv, scale=DEFAULT_LABEL_SCALE, *, reference=None,
@@ -163,9 +178,9 @@ def global_compactness_per_example(y, z, z_adv, scale=DEFAULT_LABEL_SCALE, *, re
     # W_ij = (1 - 1/scale) + (1/scale) [y_i == y_j]: an all-pairs part and a
     # same-label part.
     num_classes = tf.maximum(tf.reduce_max(y_ref), tf.reduce_max(y_query)) + 1
-    sums = _pairwise_l1_sums_sorted(z_ref, y_ref, z_query, y_query, num_classes,
-                                    1.0 - 1.0 / scale, 1.0 / scale)
-    return sums / (n_ref * features)
+    all_sums, same_sums = _pairwise_l1_sums_sorted(z_ref, y_ref, z_query, y_query, num_classes)
+    weighted = (1.0 - 1.0 / scale) * all_sums + (1.0 / scale) * same_sums
+    return tf.reduce_sum(weighted, axis=0) / (n_ref * features)
 
 
 def global_smoothness_per_example(y, logits, logits_adv, scale=DEFAULT_LABEL_SCALE, *,
