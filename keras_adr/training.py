@@ -324,16 +324,15 @@ class ADRModel(ADRMixin, keras.Model):
         # so that the weights are saved once, under `backbone`.
         object.__setattr__(self, "_logits_and_latent",
                            keras.Model(backbone.input, [backbone.outputs[0], latent.output]))
+        # The backbone's weights exist already: the wrapper is built (needed by
+        # callbacks such as BackupAndRestore before the first batch).
+        self.built = True
 
     def call(self, x, training=False, return_latent=False):
         if return_latent:
             logits, z = self._logits_and_latent(x, training=training)
             return logits, z
         return self.backbone(x, training=training)
-
-    def build(self, input_shape):
-        # The backbone is already built; marks this wrapper built for saving.
-        self.built = True
 
     def get_config(self):
         return {

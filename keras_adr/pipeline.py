@@ -1,0 +1,265 @@
+"""An end-to-end run: data, model, ADR training with Keras callbacks, evaluation, export.
+
+`adr-train` is a thin flag parser over `run`. Everything uses Keras' own
+machinery: `fit` with its progress bar, `BackupAndRestore` (a killed run
+started again with the same output directory resumes from its last finished
+epoch), `ModelCheckpoint` of the best robust validation accuracy,
+`TensorBoard`, `CSVLogger` and `TerminateOnNaN`.
+"""
+
+import dataclasses
+import json
+import math
+import os
+import time
+
+import keras
+import tensorflow as tf
+
+from keras_adr import data, distribute, evaluation, export, models, presets
+from keras_adr.config import ADRConfig
+from keras_adr.training import ADRModel
+
+OPTIMIZERS = ("sgd", "adam")
+
+
+class TrainingDivergedError(RuntimeError):
+    """The loss became NaN or infinite and `TerminateOnNaN` stopped training."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainOptions:
+    """Everything about a run that is not an ADR hyperparameter.
+
+    Attributes:
+        dataset: A name of `keras_adr.data.DATASETS`.
+        model: A name of `keras_adr.models.ARCHITECTURES`.
+        defense: The preset name the `ADRConfig` came from (recorded only).
+        epochs: Training epochs.
+        batch_size: Global batch size.
+        optimizer: `"sgd"` (momentum 0.9, Nesterov off) or `"adam"`.
+        learning_rate: Initial learning rate.
+        lr_decay_fractions: Fractions of training after which the learning
+            rate is multiplied by 0.1 (piecewise constant schedule).
+        weight_decay: Decoupled weight decay of the optimizer (0 = off).
+        seed: Random seed for weights, shuffling and attacks.
+        train_examples: Use only the first N training examples (None = all).
+        validation_examples: Held out from the end of the training split to
+            select the best checkpoint by robust accuracy (0 = no validation).
+        test_examples: Evaluate on the first N test examples (None = all).
+        eval_attacks: Attacks of the final evaluation (see
+            `keras_adr.evaluation`; at least one PGD and one APGD attack);
+            robust accuracy is their per-example worst case.
+        output_dir: Where logs, checkpoints, metrics and the export go.
+        data_dir: Optional dataset directory (IDX files or TFDS data_dir).
+        strategy: A name of `keras_adr.distribute.STRATEGIES`.
+        sync_batchnorm: Synchronized BatchNorm for the ResNets.
+        export: Export a SavedModel at the end.
+        verbose: Keras verbosity for `fit` (0, 1 or 2).
+        command: The command line, recorded in the outputs.
+    """
+
+    dataset: str = data.DEFAULT_DATASET
+    model: str = "small_cnn"
+    defense: str = "adr_pgd"
+    epochs: int = 1
+    batch_size: int = 128
+    optimizer: str = "adam"
+    learning_rate: float = 1e-3
+    lr_decay_fractions: tuple = (0.5, 0.75)
+    weight_decay: float = 0.0
+    seed: int = 0
+    train_examples: int = None
+    validation_examples: int = 2000
+    test_examples: int = None
+    eval_attacks: tuple = ("pgd20", "apgd_ce")
+    output_dir: str = "runs/default"
+    data_dir: str = None
+    strategy: str = "auto"
+    sync_batchnorm: bool = False
+    export: bool = True
+    verbose: int = 1
+    command: str = ""
+
+    def __post_init__(self):
+        if self.dataset not in data.DATASETS:
+            raise ValueError(f"Unknown dataset {self.dataset!r}; valid: {', '.join(data.DATASETS)}.")
+        if self.model not in models.ARCHITECTURES:
+            raise ValueError(
+                f"Unknown model {self.model!r}; valid: {', '.join(models.ARCHITECTURES)}.")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"Unknown optimizer {self.optimizer!r}; valid: {OPTIMIZERS}.")
+        for name in ("epochs", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"`{name}` must be >= 1; got {getattr(self, name)}.")
+        if not self.learning_rate > 0:
+            raise ValueError(f"`learning_rate` must be > 0; got {self.learning_rate}.")
+        if any(not 0 < f < 1 for f in self.lr_decay_fractions) or list(
+                self.lr_decay_fractions) != sorted(self.lr_decay_fractions):
+            raise ValueError("`lr_decay_fractions` must be increasing fractions in (0, 1); got "
+                             f"{self.lr_decay_fractions}.")
+        for name in ("train_examples", "test_examples"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"`{name}` must be >= 1 or None; got {value}.")
+        if self.validation_examples < 0:
+            raise ValueError(f"`validation_examples` must be >= 0; got {self.validation_examples}.")
+
+
+def build_model(options, adr_config, dataset_info):
+    """The ADRModel of `options.model` for the dataset's input shape and classes."""
+    kwargs = dict(input_shape=dataset_info.input_shape, num_classes=dataset_info.num_classes)
+    if options.model in ("resnet18", "wide_resnet"):
+        kwargs["sync_batchnorm"] = options.sync_batchnorm
+    return ADRModel(models.get(options.model, **kwargs), adr_config)
+
+
+def _optimizer(options, steps_per_epoch):
+    total_steps = options.epochs * steps_per_epoch
+    boundaries = [max(1, int(f * total_steps)) for f in options.lr_decay_fractions]
+    values = [options.learning_rate * 0.1 ** i for i in range(len(boundaries) + 1)]
+    schedule = keras.optimizers.schedules.PiecewiseConstantDecay(boundaries, values)
+    weight_decay = options.weight_decay or None
+    if options.optimizer == "sgd":
+        return keras.optimizers.SGD(schedule, momentum=0.9, weight_decay=weight_decay)
+    return keras.optimizers.Adam(schedule, weight_decay=weight_decay)
+
+
+def _splits(options, dataset_info):
+    """Training and validation split strings: validation = the last examples of train."""
+    train_size = options.train_examples or dataset_info.num_train
+    train_size = min(train_size, dataset_info.num_train)
+    held_out = options.validation_examples
+    if held_out >= train_size:
+        raise ValueError(f"`validation_examples` ({held_out}) must be smaller than the "
+                         f"training examples ({train_size}).")
+    train_split = f"train[:{train_size - held_out}]"
+    validation_split = f"train[{train_size - held_out}:{train_size}]" if held_out else None
+    return train_split, validation_split, train_size - held_out
+
+
+def _callbacks(options, has_validation):
+    out = options.output_dir
+    monitor = "val_adv_accuracy" if has_validation else "adv_accuracy"
+    return [
+        keras.callbacks.BackupAndRestore(os.path.join(out, "backup")),
+        keras.callbacks.TerminateOnNaN(),
+        keras.callbacks.ModelCheckpoint(os.path.join(out, "best.keras"), monitor=monitor,
+                                        mode="max", save_best_only=True),
+        keras.callbacks.CSVLogger(os.path.join(out, "history.csv"), append=True),
+        keras.callbacks.TensorBoard(os.path.join(out, "tensorboard")),
+    ]
+
+
+def _check_finite(history):
+    for name, values in history.history.items():
+        for epoch, value in enumerate(values):
+            if not math.isfinite(value):
+                raise TrainingDivergedError(
+                    f"Training diverged: `{name}` became {value} in epoch {epoch + 1}; "
+                    "TerminateOnNaN stopped the run. Lower --learning_rate, or check the "
+                    "ADR weights and the data.")
+
+
+def _write_json(path, payload):
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(payload, f, indent=2, sort_keys=True)
+    os.replace(tmp, path)
+
+
+def run(options, adr_config):
+    """Trains, evaluates and exports one model; returns the metrics dict.
+
+    Args:
+        options: A `TrainOptions`.
+        adr_config: The `ADRConfig` (e.g. from `keras_adr.presets.get`).
+
+    Returns:
+        The metrics written to `<output_dir>/metrics.json`.
+
+    Raises:
+        TrainingDivergedError: If the loss became non-finite.
+        keras_adr.data.DatasetNotFoundError: If the dataset is missing.
+    """
+    if not isinstance(adr_config, ADRConfig):
+        raise ValueError(f"`adr_config` must be an ADRConfig; got {type(adr_config).__name__}.")
+    os.makedirs(options.output_dir, exist_ok=True)
+    keras.utils.set_random_seed(options.seed)
+    strategy = distribute.get_strategy(options.strategy)
+    info = data.info(options.dataset)
+    train_split, validation_split, num_train = _splits(options, info)
+
+    load = lambda split, **kw: data.load(options.dataset, split, batch_size=options.batch_size,
+                                         data_dir=options.data_dir, seed=options.seed, **kw)
+    train_ds = load(train_split, shuffle=True, augment=True)
+    validation_ds = load(validation_split) if validation_split else None
+    steps_per_epoch = math.ceil(num_train / options.batch_size)
+
+    with strategy.scope():
+        model = build_model(options, adr_config, info)
+        model.compile(optimizer=_optimizer(options, steps_per_epoch))
+
+    started = time.time()
+    history = model.fit(train_ds, epochs=options.epochs, validation_data=validation_ds,
+                        callbacks=_callbacks(options, validation_ds is not None),
+                        verbose=options.verbose)
+    _check_finite(history)
+    train_seconds = time.time() - started
+
+    test_ds = data.load(options.dataset, "test", batch_size=256, data_dir=options.data_dir,
+                        take=options.test_examples)
+    started = time.time()
+    results = evaluation.evaluate_robustness(
+        model, test_ds, epsilon=adr_config.attack.epsilon, norm=adr_config.attack.norm,
+        attacks=options.eval_attacks, seed=options.seed)
+    eval_seconds = time.time() - started
+
+    metrics = {
+        "command": options.command,
+        "options": dataclasses.asdict(options),
+        "adr_config": adr_config.get_config(),
+        "dataset": options.dataset,
+        "train_examples": num_train,
+        "epochs_run": len(history.history.get("loss", [])),
+        "train_seconds": round(train_seconds, 1),
+        "eval_seconds": round(eval_seconds, 1),
+        "history": {k: [float(v) for v in vs] for k, vs in history.history.items()},
+        "evaluation": results.to_dict(),
+        "clean_accuracy": results.clean_accuracy,
+        "robust_accuracy": results.robust_accuracy,
+    }
+    if options.export and distribute.is_chief(strategy):
+        model.save(os.path.join(options.output_dir, "final.keras"))
+        metadata = {
+            "dataset": options.dataset,
+            "class_names": list(info.class_names),
+            "defense": options.defense,
+            "adr_config": adr_config.get_config(),
+            "attack_budget": {"norm": adr_config.attack.norm,
+                              "epsilon": adr_config.attack.epsilon},
+            "robustness": results.to_dict(),
+            "command": options.command,
+        }
+        metrics["export_path"] = export.export_saved_model(
+            model.backbone, os.path.join(options.output_dir, "saved_model"), metadata=metadata)
+    _write_json(os.path.join(options.output_dir, "metrics.json"), metrics)
+    return metrics
+
+
+def format_summary(metrics):
+    """A few readable lines about a finished run."""
+    evaluation_results = metrics["evaluation"]
+    lines = [
+        f"dataset={metrics['dataset']} train_examples={metrics['train_examples']} "
+        f"epochs={metrics['epochs_run']} train={metrics['train_seconds']:.0f}s "
+        f"eval={metrics['eval_seconds']:.0f}s",
+        f"clean accuracy:  {metrics['clean_accuracy']:.2%}",
+    ]
+    for name, accuracy in evaluation_results.get("attack_accuracy", {}).items():
+        lines.append(f"{name + ' accuracy:':17s}{accuracy:.2%}")
+    lines.append(f"robust accuracy: {metrics['robust_accuracy']:.2%} (worst case per example "
+                 "over the attacks above)")
+    if "export_path" in metrics:
+        lines.append(f"exported to {metrics['export_path']}")
+    return "\n".join(lines)
