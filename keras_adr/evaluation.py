@@ -531,8 +531,8 @@ def _attack_fn(model_fn, spec, *, epsilon, norm, restarts, apgd_targets, clip_mi
             return _correct(model_fn, x_adv, y)
 
         def restart(r, correct):
-            x_adv = attacks_lib.pgd(model_fn, x, y, step_size=PGD_STEP_FACTOR * epsilon / spec.steps,
-                                steps=spec.steps, random_start=True, **common)
+            x_adv = attacks_lib.pgd(model_fn, x, y, steps=spec.steps, random_start=True,
+                                    step_size=PGD_STEP_FACTOR * epsilon / spec.steps, **common)
             return r + 1, tf.logical_and(correct, _correct(model_fn, x_adv, y))
 
         _, correct = tf.while_loop(lambda r, _: r < restarts, restart,
@@ -672,7 +672,7 @@ def epsilon_sweep(model, data, epsilons, *, headline_epsilon=None, include_sanit
         data: As `evaluate_robustness`.
         epsilons: Epsilons (>= 0) to evaluate.
         headline_epsilon: The epsilon of the headline number; added to the
-            sweep if missing.
+            sweep if missing. Default: the largest of `epsilons`.
         include_sanity_epsilons: Also evaluate epsilon 0 and `large_epsilon`
             (0.5 for L-inf on [0, 1] images), which the sanity checks need.
         norm, attacks, restarts, num_examples, seed, batch_size,
@@ -692,11 +692,11 @@ def epsilon_sweep(model, data, epsilons, *, headline_epsilon=None, include_sanit
         epsilons.append(headline_epsilon)
     if not epsilons and not include_sanity_epsilons:
         raise ValueError("`epsilons` is empty.")
-    for epsilon in epsilons:
+    for epsilon in epsilons or [0.0]:
         _check_args(epsilon=epsilon, norm=norm, restarts=restarts, num_examples=num_examples,
                     seed=seed, batch_size=batch_size, apgd_targets=apgd_targets)
-    _check_args(epsilon=0.0, norm=norm, restarts=restarts, num_examples=num_examples,
-                seed=seed, batch_size=batch_size, apgd_targets=apgd_targets)
+    if headline_epsilon is None and any(e > 0 for e in epsilons):
+        headline_epsilon = float(max(epsilons))
     specs = _parse_suite(attacks)
     model_fn = _as_model_fn(model)
     x, y = _materialise(data, num_examples, clip_min, clip_max)
@@ -776,7 +776,8 @@ def _check_pgd_steps(sweep):
         if r.epsilon == 0:
             continue
         tol = comparison_tolerance(r.num_examples)
-        pgds = sorted((parse_attack(a).steps, a) for a in r.attacks if parse_attack(a).kind == "pgd")
+        pgds = sorted((parse_attack(a).steps, a) for a in r.attacks
+                      if parse_attack(a).kind == "pgd")
         for (few_steps, few), (many_steps, many) in zip(pgds, pgds[1:]):
             if many_steps == few_steps:
                 continue
@@ -933,8 +934,9 @@ def format_summary(results, checks=None):
     header = f"  {'epsilon':>8}  {'clean':>8}  " + "  ".join(f"{n:>{width}}" for n in names)
     lines += [header + f"  {'worst case':>10}"]
     for r in sweep.results:
-        cells = "  ".join(f"{_pct(r.attack_accuracy[n]) if n in r.attack_accuracy else '-':>{width}}"
-                          for n in names)
+        cells = "  ".join(
+            f"{_pct(r.attack_accuracy[n]) if n in r.attack_accuracy else '-':>{width}}"
+            for n in names)
         lines.append(f"  {r.epsilon:>8g}  {_pct(r.clean_accuracy):>8}  {cells}  "
                      f"{_pct(r.robust_accuracy):>10}")
     if checks is not None:
