@@ -9,6 +9,7 @@ replicas (see `keras_adr.training`).
 
 import json
 import os
+import shutil
 
 import tensorflow as tf
 
@@ -75,12 +76,79 @@ def is_chief(strategy):
         and "chief" not in resolver.cluster_spec().as_dict())
 
 
+def worker_index(strategy):
+    """This worker's index in the cluster (0 without a cluster)."""
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is None or not resolver.task_type:
+        return 0
+    return int(resolver.task_id or 0)
+
+
+def num_workers(strategy):
+    """Number of worker processes that train together (1 without a cluster)."""
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is None or not resolver.task_type:
+        return 1
+    spec = resolver.cluster_spec().as_dict()
+    return max(1, len(spec.get("worker", [])) + len(spec.get("chief", [])))
+
+
+def work_dir(strategy, output_dir):
+    """Where this worker writes: `output_dir` on the chief, a private directory elsewhere.
+
+    The Keras multi-worker convention: every worker runs the same callbacks
+    and saves (a save may need collectives, so all workers must take part),
+    but only the chief writes the real outputs; each other worker writes into
+    `<output_dir>/workertemp_<index>`, which it deletes when the run ends (see
+    `remove_work_dir`). Its `BackupAndRestore` state lives there while the run
+    is in progress, so a restarted worker resumes from its own backup.
+    """
+    if is_chief(strategy):
+        return output_dir
+    return os.path.join(output_dir, f"workertemp_{worker_index(strategy)}")
+
+
+def remove_work_dir(strategy, output_dir):
+    """Deletes a non-chief worker's private directory (no-op on the chief)."""
+    path = work_dir(strategy, output_dir)
+    if path != output_dir:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def shard_by_data(dataset):
+    """Sets `AutoShardPolicy.DATA`: multi-worker input sharded by example.
+
+    Our datasets come from in-memory tensors, not files, so the default
+    `AUTO` policy would try file sharding first and fall back with a warning.
+    With `DATA`, every worker builds the same (identically seeded) pipeline of
+    *global* batches, and `tf.distribute` gives each replica its own slice of
+    every batch: the global batch size stays `batch_size`.
+    """
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = (
+        tf.data.experimental.AutoShardPolicy.DATA)
+    return dataset.with_options(options)
+
+
 def split_cpu(num_devices):
     """Splits the first physical CPU into `num_devices` logical devices.
 
-    For testing multi-replica code on a CPU-only machine; must run before
-    TensorFlow initialises its devices.
+    A testing aid: it lets `MirroredStrategy` run several replicas on a
+    CPU-only machine (`adr-train --strategy=mirrored --cpu_replicas=2`). It
+    must run before TensorFlow initialises its devices, i.e. before the first
+    TensorFlow op of the process. The replicas share the same cores, so this
+    checks correctness, not speed.
+
+    Raises:
+        ValueError: If `num_devices` < 1, or TensorFlow is already initialised.
     """
+    if int(num_devices) < 1:
+        raise ValueError(f"`num_devices` must be >= 1; got {num_devices}.")
     cpu = tf.config.list_physical_devices("CPU")[0]
-    tf.config.set_logical_device_configuration(
-        cpu, [tf.config.LogicalDeviceConfiguration() for _ in range(num_devices)])
+    try:
+        tf.config.set_logical_device_configuration(
+            cpu, [tf.config.LogicalDeviceConfiguration() for _ in range(int(num_devices))])
+    except RuntimeError as error:
+        raise ValueError(
+            f"Cannot split the CPU into {num_devices} logical devices: TensorFlow is "
+            f"already initialised ({error}). Call split_cpu before any TensorFlow op.") from None

@@ -148,7 +148,16 @@ def parse_attack(name):
     return AttackSpec(name, "apgd", steps, loss=loss, targeted=apgd_name == "apgd_dlr_t")
 
 
-def _parse_suite(names):
+def parse_suite(names):
+    """Parses and checks an attack suite: it must hold a PGD and an APGD attack.
+
+    Returns:
+        A list of `AttackSpec`.
+
+    Raises:
+        ValueError: For unknown or duplicate names, or a suite too weak to
+            support a robustness claim.
+    """
     if isinstance(names, str) or not names:
         raise ValueError(
             f"`attacks` must be a non-empty list of attack names; got {names!r}.")
@@ -589,7 +598,7 @@ def evaluate_robustness(model, data, *, epsilon, norm="linf", attacks=DEFAULT_AT
     """
     _check_args(epsilon=epsilon, norm=norm, restarts=restarts, num_examples=num_examples,
                 seed=seed, batch_size=batch_size, apgd_targets=apgd_targets)
-    specs = _parse_suite(attacks)
+    specs = parse_suite(attacks)
     if not clip_min < clip_max:
         raise ValueError(f"`clip_min` ({clip_min}) must be smaller than `clip_max` ({clip_max}).")
     model_fn = _as_model_fn(model)
@@ -697,7 +706,7 @@ def epsilon_sweep(model, data, epsilons, *, headline_epsilon=None, include_sanit
                     seed=seed, batch_size=batch_size, apgd_targets=apgd_targets)
     if headline_epsilon is None and any(e > 0 for e in epsilons):
         headline_epsilon = float(max(epsilons))
-    specs = _parse_suite(attacks)
+    specs = parse_suite(attacks)
     model_fn = _as_model_fn(model)
     x, y = _materialise(data, num_examples, clip_min, clip_max)
     if include_sanity_epsilons:

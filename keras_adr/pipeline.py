@@ -102,6 +102,7 @@ class TrainOptions:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"`{name}` must be >= 1 or None; got {value}.")
+        evaluation.parse_suite(self.eval_attacks)  # fail before training, not after
         if self.validation_examples < 0:
             raise ValueError(f"`validation_examples` must be >= 0; got {self.validation_examples}.")
 

@@ -1,0 +1,109 @@
+"""adr-train end to end on tiny subsets: outputs, resume after SIGKILL, divergence, errors."""
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import tensorflow as tf
+
+from keras_adr import data
+
+_TINY = ["--train_examples=384", "--validation_examples=128", "--test_examples=64",
+         "--batch_size=64", "--attack_steps=2", "--eval_attacks=pgd3,apgd_ce5", "--verbose=0"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _needs_fashion_mnist():
+    try:
+        data.load("fashion_mnist", "test", batch_size=8, take=8)
+    except data.DatasetNotFoundError as error:
+        pytest.skip(f"Fashion-MNIST is not installed: {error}")
+
+
+def _command(output_dir, *flags):
+    return [sys.executable, "-m", "train.train", f"--output_dir={output_dir}", *_TINY, *flags]
+
+
+def _run(output_dir, *flags, timeout=300):
+    return subprocess.run(_command(output_dir, *flags), capture_output=True, text=True,
+                          timeout=timeout, cwd=os.path.dirname(os.path.dirname(__file__)))
+
+
+def _epochs_logged(output_dir):
+    path = os.path.join(output_dir, "history.csv")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [int(row["epoch"]) for row in csv.DictReader(f)]
+
+
+def test_train_writes_metrics_checkpoint_and_export(tmp_path):
+    out = tmp_path / "run"
+    result = _run(out, "--epochs=1")
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["train_examples"] == 256 and metrics["epochs_run"] == 1
+    assert metrics["adr_config"]["attack"]["steps"] == 2
+    assert metrics["options"]["defense"] == "adr_pgd"
+    evaluation = metrics["evaluation"]
+    assert evaluation["num_examples"] == 64
+    assert set(evaluation["attack_accuracy"]) == {"pgd3", "apgd_ce5"}
+    assert metrics["robust_accuracy"] <= min(evaluation["attack_accuracy"].values())
+    assert "val_adv_accuracy" in metrics["history"]
+    assert (out / "best.keras").exists() and (out / "history.csv").exists()
+    assert (out / "tensorboard").is_dir()
+    loaded = tf.saved_model.load(metrics["export_path"])
+    assert set(loaded.signatures) >= {"serving_default", "serve_uint8"}
+    assert "clean accuracy" in result.stdout
+
+
+def test_killed_run_resumes_from_last_epoch(tmp_path):
+    out = tmp_path / "resume"
+    flags = ("--epochs=4", "--defense=pgd_at", "--export=false")
+    process = subprocess.Popen(_command(out, *flags), stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL,
+                               cwd=os.path.dirname(os.path.dirname(__file__)))
+    deadline = time.time() + 240
+    while not _epochs_logged(out) and time.time() < deadline and process.poll() is None:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    first = _epochs_logged(out)
+    assert first and max(first) < 3, f"the run was not killed mid-way: {first}"
+
+    result = _run(out, *flags)
+    assert result.returncode == 0, result.stderr[-3000:]
+    epochs = _epochs_logged(out)
+    resumed = epochs[len(first):]
+    # The second run starts after the last finished epoch instead of from 0.
+    assert resumed and resumed[0] > 0 and resumed[-1] == 3, epochs
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["epochs_run"] == len(resumed)
+
+
+def test_divergence_exits_non_zero_with_message(tmp_path):
+    result = _run(tmp_path / "nan", "--epochs=1", "--optimizer=sgd", "--learning_rate=1e12",
+                  "--defense=pgd_at", "--export=false")
+    assert result.returncode == 1
+    assert "diverged" in result.stderr
+    assert not (tmp_path / "nan" / "metrics.json").exists()
+
+
+def test_bad_flags_exit_with_clear_errors(tmp_path):
+    result = _run(tmp_path / "bad", "--epsilon=-0.1")
+    assert result.returncode == 1 and "epsilon" in result.stderr
+    result = _run(tmp_path / "bad", "--validation_examples=1000")
+    assert result.returncode == 1 and "validation_examples" in result.stderr
+    result = _run(tmp_path / "bad", "--eval_attacks=fgsm")
+    assert result.returncode == 1 and "APGD" in result.stderr
+
+
+def test_missing_tfds_dataset_is_a_clear_error(tmp_path):
+    result = _run(tmp_path / "mnist", f"--data_dir={tmp_path / 'empty'}", "--dataset=mnist")
+    assert result.returncode == 1
+    assert "mnist" in result.stderr and "data_dir" in result.stderr
