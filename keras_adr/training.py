@@ -82,7 +82,7 @@ class ADRMixin:
         self.adr_config = config
         self._term_weights = self._objective_weights(config)
         self._term_losses = self._build_term_losses(config)
-        self._loss_tracker = keras.metrics.Mean(name="loss")
+        self._adr_loss_tracker = keras.metrics.Mean(name="loss")
         self._accuracy = keras.metrics.SparseCategoricalAccuracy(name="accuracy")
         self._adv_accuracy = keras.metrics.SparseCategoricalAccuracy(name="adv_accuracy")
         self._term_trackers = [keras.metrics.Mean(name=name) for name in self._term_weights]
@@ -120,9 +120,35 @@ class ADRMixin:
                 if name in config.enabled_terms or (name == "trades_kl"
                                                     and config.objective == "trades")}
 
+    def compile(self, optimizer="rmsprop", loss=None, metrics=None, weighted_metrics=None,
+                loss_weights=None, **kwargs):
+        """Compiles with an optimizer; the objective and metrics come from `ADRConfig`.
+
+        Raises:
+            ValueError: If `loss`, `metrics`, `weighted_metrics` or
+                `loss_weights` is given: the ADR step would ignore them.
+        """
+        given = {name for name, value in (("loss", loss), ("metrics", metrics),
+                                          ("weighted_metrics", weighted_metrics),
+                                          ("loss_weights", loss_weights)) if value}
+        if given:
+            raise ValueError(
+                f"{type(self).__name__}.compile() takes only the optimizer (and run options): "
+                f"the ADR objective and its metrics come from the ADRConfig, so {sorted(given)} "
+                "would be ignored. Change the objective with keras_adr.presets.get(...).")
+        super().compile(optimizer=optimizer, **kwargs)
+
+    def compile_from_config(self, config):
+        # Keras skips compiling on load when `compile` is overridden; this is
+        # its own restore path, through the checks above.
+        config = keras.saving.deserialize_keras_object(config)
+        self.compile(**config)
+        if self.built:
+            self.optimizer.build(self.trainable_variables)
+
     @property
     def metrics(self):
-        return [self._loss_tracker, self._accuracy, self._adv_accuracy, *self._term_trackers]
+        return [self._adr_loss_tracker, self._accuracy, self._adv_accuracy, *self._term_trackers]
 
     def _forward(self, x, training):
         outputs = self(x, training=training, return_latent=True)
@@ -243,7 +269,7 @@ class ADRMixin:
 
         local_batch = tf.cast(tf.shape(x)[0], tf.float32)
         regularization = tf.add_n(self.losses) if self.losses else 0.0
-        self._loss_tracker.update_state(objective / local_batch + regularization,
+        self._adr_loss_tracker.update_state(objective / local_batch + regularization,
                                         sample_weight=local_batch)
         for tracker in self._term_trackers:
             tracker.update_state(sums[tracker.name] / local_batch, sample_weight=local_batch)
@@ -266,10 +292,10 @@ class ADRMixin:
         local_batch = tf.cast(tf.shape(x)[0], tf.float32)
         ce = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(
             y, tf.cast(logits, tf.float32)))
-        self._loss_tracker.update_state(ce, sample_weight=local_batch)
+        self._adr_loss_tracker.update_state(ce, sample_weight=local_batch)
         self._accuracy.update_state(y, logits)
         self._adv_accuracy.update_state(y, logits_adv)
-        return {m.name: m.result() for m in (self._loss_tracker, self._accuracy,
+        return {m.name: m.result() for m in (self._adr_loss_tracker, self._accuracy,
                                              self._adv_accuracy)}
 
     def _results(self, adversarial):

@@ -227,5 +227,7 @@ def test_bad_model_arguments():
     with pytest.raises(ValueError, match="ADRConfig"):
         keras_adr.ADRModel(tiny_cnn(), adr_config="adr_pgd")
     model = keras_adr.ADRModel(tiny_cnn(), presets.get("pgd_at"))
+    with pytest.raises(ValueError, match=r"\['loss', 'metrics'\] would be ignored"):
+        model.compile(optimizer="adam", loss="mse", metrics=["accuracy"])
     with pytest.raises(ValueError, match="images, integer_labels"):
         model.train_step((np.zeros((2, 8, 8, 1)),))
