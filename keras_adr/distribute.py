@@ -76,6 +76,67 @@ def is_chief(strategy):
         and "chief" not in resolver.cluster_spec().as_dict())
 
 
+def patch_keras_fit(model):
+    """Fixes Keras 3 `fit` of a model built inside a `tf.distribute` strategy scope.
+
+    Keras 3.15's TensorFlow trainer, before the first step, builds the model
+    symbolically from one batch that it *reads from the dataset*
+    (`Trainer._maybe_symbolic_build`). That has two consequences:
+
+    - The read opens one extra iterator, which consumes one shuffle order of
+      a `shuffle(..., reshuffle_each_iteration=True)` dataset: a distributed
+      run would train on the orders of epochs 2, 3, ... of a one-device run.
+      Only shapes matter there, so the dataset's `element_spec` is used
+      instead, and a distributed run sees exactly the batches of a one-device
+      run with the same seed.
+    - Under `MultiWorkerMirroredStrategy` the read batch is reduced with
+      `strategy.reduce("MEAN", (x, y), axis=None)`, which fails for a nested
+      structure ("Attempt to convert a value (PerReplica...) to a Tensor";
+      keras-team/keras#20585, tensorflow/tensorflow#72388). Using the
+      `element_spec` avoids that too.
+
+    Under `MultiWorkerMirroredStrategy` Keras also reduces each step's logs
+    with `strategy.reduce("MEAN", v, axis=0)`, which fails for scalars
+    ("Invalid reduction dimension 0"): the train and test steps' scalar outputs
+    are returned with shape `[1]` instead, so that the reduction averages them
+    over the replicas of all workers, as `MirroredStrategy` does. (The epoch
+    logs that callbacks and the history see are read from the metrics
+    themselves, summed over all replicas: exact.)
+
+    Everything is patched on this model instance only. A no-op for a model
+    built outside any strategy scope.
+
+    Returns:
+        `model`.
+    """
+    strategy = getattr(model, "_distribute_strategy", None)
+    if strategy is None:
+        return model
+    original_build = model._maybe_symbolic_build
+
+    def maybe_symbolic_build(iterator=None, data_batch=None):
+        if iterator is not None and data_batch is None:
+            dataset = getattr(getattr(iterator, "data_adapter", None), "get_tf_dataset", None)
+            if dataset is None:
+                return original_build(iterator=iterator)
+            data_batch = dataset().element_spec  # Shapes and dtypes: reads no data.
+        return original_build(data_batch=data_batch)
+
+    model._maybe_symbolic_build = maybe_symbolic_build
+    if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy) and (
+            num_workers(strategy) > 1):
+        def vector_logs(step):
+            def wrapped(data):
+                return tf.nest.map_structure(
+                    lambda v: tf.reshape(v, [1]) if tf.is_tensor(v) and v.shape.rank == 0
+                    else v, step(data))
+            return wrapped
+
+        model.train_step = vector_logs(model.train_step)
+        model.test_step = vector_logs(model.test_step)
+    return model
+
+
 def worker_index(strategy):
     """This worker's index in the cluster (0 without a cluster)."""
     resolver = getattr(strategy, "cluster_resolver", None)

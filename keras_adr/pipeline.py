@@ -5,6 +5,16 @@ machinery: `fit` with its progress bar, `BackupAndRestore` (a killed run
 started again with the same output directory resumes from its last finished
 epoch), `ModelCheckpoint` of the best robust validation accuracy,
 `TensorBoard`, `CSVLogger` and `TerminateOnNaN`.
+
+Distributed runs (`TrainOptions.strategy`): the model and optimizer are built
+inside `strategy.scope()` and the data are batched with the *global* batch
+size, sharded by example (`AutoShardPolicy.DATA`). With `multi_worker`, every
+worker runs the whole program (training, evaluation, saves: a save may need
+collectives, so no worker may skip one), but only the chief writes to
+`output_dir`; the others write into a private `workertemp_<index>`
+subdirectory that they delete at the end. Each worker also leaves its final
+weights in `<output_dir>/worker_<index>.weights.h5`, so that one can check
+that the workers finished in sync.
 """
 
 import dataclasses
@@ -139,8 +149,7 @@ def _splits(options, dataset_info):
     return train_split, validation_split, train_size - held_out
 
 
-def _callbacks(options, has_validation):
-    out = options.output_dir
+def _callbacks(out, has_validation):
     monitor = "val_adv_accuracy" if has_validation else "adv_accuracy"
     return [
         keras.callbacks.BackupAndRestore(os.path.join(out, "backup")),
@@ -185,14 +194,21 @@ def run(options, adr_config):
     """
     if not isinstance(adr_config, ADRConfig):
         raise ValueError(f"`adr_config` must be an ADRConfig; got {type(adr_config).__name__}.")
-    os.makedirs(options.output_dir, exist_ok=True)
-    keras.utils.set_random_seed(options.seed)
+    # First: MultiWorkerMirroredStrategy must configure collectives before
+    # TensorFlow runs anything.
     strategy = distribute.get_strategy(options.strategy)
+    chief = distribute.is_chief(strategy)
+    workers = distribute.num_workers(strategy)
+    out = distribute.work_dir(strategy, options.output_dir)
+    os.makedirs(out, exist_ok=True)
+    keras.utils.set_random_seed(options.seed)
     info = data.info(options.dataset)
     train_split, validation_split, num_train = _splits(options, info)
 
-    load = lambda split, **kw: data.load(options.dataset, split, batch_size=options.batch_size,
-                                         data_dir=options.data_dir, seed=options.seed, **kw)
+    # Same seed on every worker: identical global batches, each replica takes its slice.
+    load = lambda split, **kw: distribute.shard_by_data(data.load(
+        options.dataset, split, batch_size=options.batch_size, data_dir=options.data_dir,
+        seed=options.seed, **kw))
     train_ds = load(train_split, shuffle=True, augment=True)
     validation_ds = load(validation_split) if validation_split else None
     steps_per_epoch = math.ceil(num_train / options.batch_size)
@@ -200,14 +216,16 @@ def run(options, adr_config):
     with strategy.scope():
         model = build_model(options, adr_config, info)
         model.compile(optimizer=_optimizer(options, steps_per_epoch))
+    distribute.patch_keras_fit(model)
 
     started = time.time()
     history = model.fit(train_ds, epochs=options.epochs, validation_data=validation_ds,
-                        callbacks=_callbacks(options, validation_ds is not None),
+                        callbacks=_callbacks(out, validation_ds is not None),
                         verbose=options.verbose)
     _check_finite(history)
     train_seconds = time.time() - started
 
+    # Evaluation is local (no collectives): every worker runs it on the same data.
     test_ds = data.load(options.dataset, "test", batch_size=256, data_dir=options.data_dir,
                         take=options.test_examples)
     started = time.time()
@@ -221,6 +239,9 @@ def run(options, adr_config):
         "options": dataclasses.asdict(options),
         "adr_config": adr_config.get_config(),
         "dataset": options.dataset,
+        "strategy": type(strategy).__name__,
+        "num_replicas": int(strategy.num_replicas_in_sync),
+        "num_workers": workers,
         "train_examples": num_train,
         "epochs_run": len(history.history.get("loss", [])),
         "train_seconds": round(train_seconds, 1),
@@ -230,8 +251,13 @@ def run(options, adr_config):
         "clean_accuracy": results.clean_accuracy,
         "robust_accuracy": results.robust_accuracy,
     }
-    if options.export and distribute.is_chief(strategy):
-        model.save(os.path.join(options.output_dir, "final.keras"))
+    if workers > 1:
+        metrics["worker_index"] = distribute.worker_index(strategy)
+        model.save_weights(os.path.join(
+            options.output_dir, f"worker_{distribute.worker_index(strategy)}.weights.h5"))
+    if options.export:
+        # Every worker saves (collectives); a non-chief one into its private directory.
+        model.save(os.path.join(out, "final.keras"))
         metadata = {
             "dataset": options.dataset,
             "class_names": list(info.class_names),
@@ -243,8 +269,12 @@ def run(options, adr_config):
             "command": options.command,
         }
         metrics["export_path"] = export.export_saved_model(
-            model.backbone, os.path.join(options.output_dir, "saved_model"), metadata=metadata)
-    _write_json(os.path.join(options.output_dir, "metrics.json"), metrics)
+            model.backbone, os.path.join(out, "saved_model"), metadata=metadata)
+    if chief:
+        _write_json(os.path.join(out, "metrics.json"), metrics)
+    else:
+        metrics.pop("export_path", None)
+        distribute.remove_work_dir(strategy, options.output_dir)
     return metrics
 
 

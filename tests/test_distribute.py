@@ -1,31 +1,69 @@
-"""tf.distribute: 2 logical CPU replicas give exactly the single-device step."""
+"""tf.distribute: 2 CPU replicas (one process, or two workers) train exactly as one device."""
 
 import json
 import os
+import socket
 import subprocess
 import sys
+import types
 
 import numpy as np
 import pytest
+import tensorflow as tf
 
-from keras_adr import distribute
+from keras_adr import data, distribute
 
+_ROOT = os.path.dirname(os.path.dirname(__file__))
 _SCRIPTS = os.path.join(os.path.dirname(__file__), "scripts")
 
+# A tiny adr-train run: 192 training examples = 3 steps of global batch 64. SGD
+# and PGD without random start make the run deterministic, so that 2 replicas
+# can be compared with one device weight for weight (Adam would amplify
+# float round-off in near-zero gradients; random starts differ per replica).
+_TINY = ["--train_examples=256", "--validation_examples=64", "--test_examples=64",
+         "--batch_size=64", "--attack_steps=2", "--eval_attacks=pgd3,apgd_ce5", "--verbose=0",
+         "--optimizer=sgd", "--learning_rate=0.05", "--random_start=false"]
+_ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES="")
 
-def _run_step(scope):
-    result = subprocess.run([sys.executable, os.path.join(_SCRIPTS, "mirrored_step.py"), scope],
-                            capture_output=True, text=True, timeout=300)
+
+def _run_script(name, *args):
+    result = subprocess.run([sys.executable, os.path.join(_SCRIPTS, name), *args],
+                            capture_output=True, text=True, timeout=300, env=_ENV)
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
+def _adr_train(output_dir, *flags):
+    return [sys.executable, "-m", "train.train", f"--output_dir={output_dir}", *_TINY, *flags]
+
+
 def _max_difference(a, b):
+    assert len(a) == len(b)
     return max(float(np.abs(np.array(x) - np.array(y)).max()) for x, y in zip(a, b))
 
 
+def _weights(path):
+    import keras
+
+    import keras_adr  # noqa: F401  (registers ADRModel for loading)
+    return keras.saving.load_model(path).get_weights()
+
+
+def _worker_weights(path):
+    import h5py
+
+    arrays = {}
+    with h5py.File(path, "r") as f:
+        f.visititems(lambda name, item: arrays.__setitem__(name, item[()])
+                     if isinstance(item, h5py.Dataset) else None)
+    return arrays
+
+
+# --- One train step --------------------------------------------------------
+
+
 def test_two_replicas_equal_one_device_with_global_pairwise_scope():
-    out = _run_step("global")
+    out = _run_script("mirrored_step.py", "global")
     single_weights, single_metrics = out["single"]
     mirrored_weights, mirrored_metrics = out["mirrored"]
     assert _max_difference(out["initial"], single_weights) > 1e-3  # the step did something
@@ -38,8 +76,128 @@ def test_two_replicas_equal_one_device_with_global_pairwise_scope():
 
 def test_replica_pairwise_scope_differs():
     # Per-replica pairwise terms see half the batch: a different (cheaper) objective.
-    out = _run_step("replica")
+    out = _run_script("mirrored_step.py", "replica")
     assert _max_difference(out["single"][0], out["mirrored"][0]) > 1e-6
+
+
+def test_resnet18_sync_batchnorm_step_on_two_replicas():
+    out = _run_script("sync_batchnorm_step.py")
+    assert out["num_replicas"] == 2
+    step = out["step_change"]
+    assert step > 1e-2
+    # Synchronized BatchNorm normalises with the global batch's statistics: the
+    # step of one device, up to round-off (Keras' synchronized moments use
+    # E[x^2] - E[x]^2, one device the two-pass variance). Per-replica
+    # BatchNorm is a different step.
+    assert out["sync_difference"] < 1e-2 * step, out
+    assert out["plain_difference"] > 0.2 * step, out
+    np.testing.assert_allclose(out["losses"]["sync"], out["losses"]["single"], rtol=1e-5)
+
+
+# --- adr-train end to end --------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def fashion_mnist():
+    try:
+        data.load("fashion_mnist", "test", batch_size=8, take=8)
+    except data.DatasetNotFoundError as error:
+        pytest.skip(f"Fashion-MNIST is not installed: {error}")
+
+
+@pytest.fixture(scope="module")
+def one_device_run(fashion_mnist, tmp_path_factory):
+    """The reference: the same tiny run on one device."""
+    out = tmp_path_factory.mktemp("one_device")
+    result = subprocess.run(_adr_train(out, "--strategy=default"), capture_output=True,
+                            text=True, timeout=300, cwd=_ROOT, env=_ENV)
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["num_replicas"] == 1
+    return metrics, _weights(str(out / "final.keras"))
+
+
+def test_adr_train_mirrored_on_two_cpu_replicas(one_device_run, tmp_path):
+    out = tmp_path / "mirrored"
+    result = subprocess.run(_adr_train(out, "--strategy=mirrored", "--cpu_replicas=2"),
+                            capture_output=True, text=True, timeout=300, cwd=_ROOT, env=_ENV)
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["num_replicas"] == 2 and metrics["num_workers"] == 1
+    assert metrics["strategy"] == "MirroredStrategy"
+    assert metrics["epochs_run"] == 1 and metrics["train_examples"] == 192
+    loaded = tf.saved_model.load(metrics["export_path"])
+    logits = loaded.signatures["serving_default"](images=tf.zeros([2, 28, 28, 1]))["logits"]
+    assert logits.shape == (2, 10)
+
+    reference_metrics, reference_weights = one_device_run
+    weights = _weights(str(out / "final.keras"))
+    assert _max_difference(reference_weights, weights) < 1e-6
+    for name, values in reference_metrics["history"].items():
+        np.testing.assert_allclose(metrics["history"][name], values, rtol=1e-5, atol=1e-6,
+                                   err_msg=name)
+
+
+def _free_ports(count):
+    sockets = []
+    try:
+        for _ in range(count):
+            s = socket.socket()
+            s.bind(("localhost", 0))
+            sockets.append(s)
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+def test_adr_train_multi_worker_two_processes(one_device_run, tmp_path):
+    try:
+        ports = _free_ports(2)
+    except OSError as error:
+        pytest.skip(f"cannot bind localhost ports for the workers: {error}")
+    cluster = {"worker": [f"localhost:{port}" for port in ports]}
+    out = tmp_path / "multi_worker"
+    processes = []
+    for index in range(2):
+        env = dict(_ENV, TF_CONFIG=json.dumps(
+            {"cluster": cluster, "task": {"type": "worker", "index": index}}))
+        processes.append(subprocess.Popen(
+            _adr_train(out, "--strategy=multi_worker"), cwd=_ROOT, env=env,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    outputs = []
+    try:
+        for process in processes:
+            outputs.append(process.communicate(timeout=240))
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+                process.communicate()
+    for index, (process, (_, stderr)) in enumerate(zip(processes, outputs)):
+        assert process.returncode == 0, f"worker {index}:\n{stderr[-3000:]}"
+
+    # The chief (worker 0) wrote the outputs; worker 1 cleaned its private directory.
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["num_replicas"] == 2 and metrics["num_workers"] == 2
+    assert metrics["worker_index"] == 0
+    assert tf.saved_model.load(metrics["export_path"]) is not None
+    assert not (out / "workertemp_1").exists()
+    assert "exported to" in outputs[0][0] and "exported to" not in outputs[1][0]
+
+    # Both workers ended with the same weights, those of one device.
+    chief, other = (_worker_weights(str(out / f"worker_{i}.weights.h5")) for i in range(2))
+    assert chief.keys() == other.keys() and chief
+    for name in chief:
+        np.testing.assert_array_equal(chief[name], other[name], err_msg=name)
+    reference_metrics, reference_weights = one_device_run
+    assert _max_difference(reference_weights, _weights(str(out / "final.keras"))) < 1e-6
+    for name, values in reference_metrics["history"].items():
+        np.testing.assert_allclose(metrics["history"][name], values, rtol=1e-5, atol=1e-6,
+                                   err_msg=name)
+
+
+# --- Helpers ---------------------------------------------------------------
 
 
 def test_get_strategy_errors(monkeypatch):
@@ -60,3 +218,47 @@ def test_get_strategy_errors(monkeypatch):
 def test_default_strategies():
     assert distribute.get_strategy("default").num_replicas_in_sync == 1
     assert distribute.get_strategy("auto").num_replicas_in_sync == 1  # no GPUs here
+
+
+def _fake_strategy(cluster, task_type, task_id):
+    resolver = tf.distribute.cluster_resolver.SimpleClusterResolver(
+        tf.train.ClusterSpec(cluster), task_type=task_type, task_id=task_id)
+    return types.SimpleNamespace(cluster_resolver=resolver)
+
+
+def test_chief_and_worker_directories(tmp_path):
+    workers = {"worker": ["a:1", "b:1", "c:1"]}
+    chief, second = _fake_strategy(workers, "worker", 0), _fake_strategy(workers, "worker", 2)
+    assert distribute.is_chief(chief) and not distribute.is_chief(second)
+    assert distribute.num_workers(chief) == 3 and distribute.worker_index(second) == 2
+    assert distribute.work_dir(chief, str(tmp_path)) == str(tmp_path)
+    private = distribute.work_dir(second, str(tmp_path))
+    assert private == str(tmp_path / "workertemp_2")
+    os.makedirs(private)
+    distribute.remove_work_dir(chief, str(tmp_path))
+    assert tmp_path.exists()
+    distribute.remove_work_dir(second, str(tmp_path))
+    assert not os.path.exists(private) and tmp_path.exists()
+
+    # With a separate chief task, worker 0 is not the chief.
+    with_chief = {"chief": ["a:1"], "worker": ["b:1"]}
+    assert distribute.is_chief(_fake_strategy(with_chief, "chief", 0))
+    assert not distribute.is_chief(_fake_strategy(with_chief, "worker", 0))
+    assert distribute.num_workers(_fake_strategy(with_chief, "worker", 0)) == 2
+    local = tf.distribute.get_strategy()
+    assert distribute.is_chief(local) and distribute.num_workers(local) == 1
+    assert distribute.worker_index(local) == 0
+
+
+def test_shard_by_data():
+    dataset = distribute.shard_by_data(tf.data.Dataset.range(4).batch(2))
+    assert (dataset.options().experimental_distribute.auto_shard_policy
+            == tf.data.experimental.AutoShardPolicy.DATA)
+
+
+def test_split_cpu_errors():
+    with pytest.raises(ValueError, match=">= 1"):
+        distribute.split_cpu(0)
+    tf.config.list_logical_devices("CPU")  # initialises TensorFlow in this process
+    with pytest.raises(ValueError, match="already initialised"):
+        distribute.split_cpu(2)

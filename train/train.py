@@ -3,6 +3,12 @@
 With no flags: ADR on PGD-AT, Fashion-MNIST, small CNN, epsilon 0.1, one
 epoch, then clean / PGD-20 / APGD-CE evaluation on the test set and a
 SavedModel export under --output_dir.
+
+Distributed training: `--strategy=mirrored` uses all local GPUs (or all
+logical CPU devices); `--strategy=multi_worker` runs one process per worker,
+each started with the same flags and its own `TF_CONFIG`. `--cpu_replicas=N`
+is a testing aid that splits the CPU into N logical devices first, so that
+`--strategy=mirrored` runs N replicas on a machine without GPUs.
 """
 
 import dataclasses
@@ -39,6 +45,9 @@ flags.DEFINE_list("eval_attacks", list(_DEFAULTS.eval_attacks),
 flags.DEFINE_string("output_dir", _DEFAULTS.output_dir,
                     "Output directory; rerunning with the same one resumes training.")
 flags.DEFINE_enum("strategy", _DEFAULTS.strategy, distribute.STRATEGIES, "tf.distribute strategy.")
+flags.DEFINE_integer("cpu_replicas", 0,
+                     "Testing aid: split the CPU into N logical devices before TensorFlow starts, "
+                     "so --strategy=mirrored runs N replicas without GPUs (0 = don't split).")
 flags.DEFINE_bool("sync_batchnorm", False, "Synchronized BatchNorm (ResNets, multi-replica).")
 flags.DEFINE_bool("export", True, "Export a SavedModel at the end.")
 flags.DEFINE_integer("verbose", 1, "Keras verbosity: 0 silent, 1 progress bar, 2 one line/epoch.")
@@ -99,7 +108,12 @@ def options_from_flags():
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    if FLAGS.cpu_replicas < 0:
+        raise app.UsageError(f"--cpu_replicas must be >= 0; got {FLAGS.cpu_replicas}.")
     try:
+        if FLAGS.cpu_replicas:
+            # Before any TensorFlow op: logical devices are fixed at initialisation.
+            distribute.split_cpu(FLAGS.cpu_replicas)
         adr_config = adr_config_from_flags()
         options = options_from_flags()
         metrics = pipeline.run(options, adr_config)
