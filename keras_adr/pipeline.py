@@ -24,9 +24,8 @@ import os
 import time
 
 import keras
-import tensorflow as tf
 
-from keras_adr import data, distribute, evaluation, export, models, presets
+from keras_adr import data, distribute, evaluation, export, models
 from keras_adr.config import ADRConfig
 from keras_adr.training import ADRModel
 

@@ -20,6 +20,20 @@ def blob_data(n=256, seed=0, shape=(8, 8, 1), num_classes=3):
     return np.clip(x, 0, 1).astype(np.float32), y.astype(np.int32)
 
 
+def fashion_arrays(train_examples=1500, test_examples=200):
+    """The first Fashion-MNIST train and test examples as numpy arrays, or skip."""
+    from keras_adr import data
+
+    try:
+        train = data.load("fashion_mnist", "train", batch_size=train_examples, take=train_examples)
+        test = data.load("fashion_mnist", "test", batch_size=test_examples, take=test_examples)
+    except data.DatasetNotFoundError as error:
+        pytest.skip("Fashion-MNIST is not installed (apt-get install dataset-fashion-mnist): "
+                    f"{error}")
+    (x_train, y_train), (x, y) = next(iter(train)), next(iter(test))
+    return (x_train.numpy(), y_train.numpy()), (x.numpy(), y.numpy())
+
+
 def tiny_cnn(input_shape=(8, 8, 1), num_classes=3, batchnorm=False):
     inputs = keras.Input(input_shape)
     x = keras.layers.Conv2D(4, 3, padding="same")(inputs)

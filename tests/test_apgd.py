@@ -6,7 +6,7 @@ import pytest
 import tensorflow as tf
 
 from keras_adr import attacks
-from keras_adr import data
+from conftest import fashion_arrays
 
 _EPSILON = 0.05
 _NUM_EXAMPLES = 200
@@ -15,13 +15,7 @@ _NUM_EXAMPLES = 200
 @pytest.fixture(scope="module")
 def trained():
     """A small dense classifier trained for a few seconds on 1,500 Fashion-MNIST images."""
-    try:
-        train = data.load("fashion_mnist", "train", batch_size=1500, take=1500)
-        test = data.load("fashion_mnist", "test", batch_size=_NUM_EXAMPLES, take=_NUM_EXAMPLES)
-    except data.DatasetNotFoundError as e:
-        pytest.skip(f"Fashion-MNIST is not installed (apt-get install dataset-fashion-mnist): {e}")
-    x_train, y_train = next(iter(train))
-    x, y = next(iter(test))
+    (x_train, y_train), (x, y) = fashion_arrays(1500, _NUM_EXAMPLES)
     keras.utils.set_random_seed(0)
     model = keras.Sequential([
         keras.Input((28, 28, 1)),

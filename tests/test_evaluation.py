@@ -12,7 +12,7 @@ import pytest
 import tensorflow as tf
 
 from keras_adr import attacks
-from keras_adr import data
+from conftest import fashion_arrays
 from keras_adr import evaluation
 
 _REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -42,14 +42,7 @@ def _dense_model(masked=False):
 
 @pytest.fixture(scope="module")
 def fashion():
-    try:
-        train = data.load("fashion_mnist", "train", batch_size=1500, take=1500)
-        test = data.load("fashion_mnist", "test", batch_size=_NUM_EXAMPLES, take=_NUM_EXAMPLES)
-    except data.DatasetNotFoundError as e:
-        pytest.skip(f"Fashion-MNIST is not installed (apt-get install dataset-fashion-mnist): {e}")
-    x_train, y_train = next(iter(train))
-    x, y = next(iter(test))
-    return (x_train.numpy(), y_train.numpy()), (x.numpy(), y.numpy())
+    return fashion_arrays(1500, _NUM_EXAMPLES)
 
 
 @pytest.fixture(scope="module")

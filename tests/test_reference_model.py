@@ -1,6 +1,5 @@
 """The committed reference model in saved_models/ loads and matches its metadata."""
 
-import json
 import os
 
 import numpy as np

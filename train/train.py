@@ -11,7 +11,6 @@ is a testing aid that splits the CPU into N logical devices first, so that
 `--strategy=mirrored` runs N replicas on a machine without GPUs.
 """
 
-import dataclasses
 import shlex
 import sys
 
