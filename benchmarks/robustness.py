@@ -111,21 +111,22 @@ class Preset:
 
 
 PRESETS = {
-    # Sized on a 2-core AMD EPYC (AVX2) machine shared with other jobs: the
-    # 16 rows take about 25 minutes there (see benchmarks/README.md), so that
-    # a machine 4x slower still finishes within 100 minutes.
+    # Sized by measurement on a 2-core AMD EPYC (AVX-512) machine shared with
+    # other jobs: the 16 rows took 17.4 minutes there (1,712 CPU-seconds; see
+    # benchmarks/README.md), so that a 2-core machine 4-5x slower (the one of
+    # /work/shared/FACTS.md) still finishes within 100 minutes.
     "cpu": Preset(
         description="Fashion-MNIST, small CNN, L-inf epsilon 0.1, PGD-5 training (step 0.05), "
                     "Adam 1e-3 with x0.1 decay at 50%/75% of training, batch 128, 1 epoch on a "
                     "training subset",
         dataset="fashion_mnist", model="small_cnn", epsilon=0.1, attack_steps=5,
-        step_size=0.05, epochs=1, train_examples=18_500, validation_examples=500,
+        step_size=0.05, epochs=1, train_examples=15_500, validation_examples=500,
         batch_size=128, optimizer="adam", learning_rate=1e-3, lr_decay_fractions=(0.5, 0.75),
-        weight_decay=0.0, test_examples=300,
+        weight_decay=0.0, test_examples=256,
         eval_attacks=("pgd20", "pgd100", "apgd_ce", "apgd_dlr_t"), restarts=2,
         apgd_targets=3,
-        budget="all 16 rows <= 100 min on a 2-core CPU machine 4x slower than the reference "
-               "one (about 25 min on the reference machine)"),
+        budget="all 16 rows <= 100 min on a 2-core CPU machine 4-5x slower than the "
+               "reference one (17.4 min on the reference machine)"),
     # MNIST as in Madry et al. / TRADES / ADR: epsilon 0.3, 40-step PGD of
     # step 0.01, SGD momentum 0.9 lr 0.01, 100 epochs (decay at 55/75/90 as
     # TRADES' MNIST schedule), AutoAttack-strength evaluation on the whole
