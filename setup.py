@@ -27,6 +27,9 @@ setuptools.setup(
     extras_require={
         "test": ["pytest>=8", "tensorflow-serving-api==2.21.*"],
         "serving": ["tensorflow-serving-api==2.21.*"],
+        # Peer libraries compared in benchmarks/speed.py; never needed by keras_adr.
+        "benchmark": ["adversarial-robustness-toolbox==1.20.1", "foolbox==3.3.4",
+                      "cleverhans==4.0.0"],
     },
     entry_points={
         "console_scripts": [

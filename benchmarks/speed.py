@@ -1,8 +1,8 @@
 """Training-step, attack and loss-term speed of keras-adr on this machine.
 
 Everything is measured in one process with alternating runs (every variant
-runs once per round, in the same order), so machine noise hits every variant
-alike; the numbers are medians over the rounds.
+runs once per round, in an order that rotates from round to round), so
+machine noise hits every variant alike; the numbers are medians.
 
 1. Training step (`model.train_function`, the compiled Keras `train_step`) on
    `small_cnn`, batch 128, `--attack_steps` PGD steps, for each defense;
@@ -19,17 +19,20 @@ alike; the numbers are medians over the rounds.
    `concat([x, x_adv])` instead of two (a local subclass below; only valid
    without BatchNorm, whose batch statistics would mix clean and adversarial
    examples). Mixed precision is for GPUs and is not tried on CPU.
-
-Training steps run on real Fashion-MNIST batches, and every training
-variant is timed over `--instances` separately built models: on this
-machine two identical models can differ by 10% or more in step time, which
-one instance per variant would report as a difference between defenses.
 4. Forward + backward time of the global compactness term, exact sorted form
    versus the naive `[B, B, k]` tensor.
 
-Usage (from the repository root; nothing else heavy should run meanwhile):
-    nice -n 10 python benchmarks/speed.py --repeats=10 \\
+Training steps run on real Fashion-MNIST batches, and every training
+variant is timed over `--instances` separately built models: on this
+machine two identical models can differ by ~15% in step time, which one
+instance per variant would report as a difference between defenses.
+
+Usage (from the repository root; nothing else heavy should run meanwhile;
+about 10 minutes on a 2-core CPU):
+    nice -n 10 python benchmarks/speed.py --repeats=10 --attack_repeats=7 \\
+        --steps_per_sample=2 --instances=4 --xla_repeats=3 \\
         --output=benchmarks/results/speed_cpu.json
+    python benchmarks/speed.py --render_only=benchmarks/results/speed_cpu.json
 """
 
 import json
@@ -52,13 +55,13 @@ flags.DEFINE_integer("batch_size", 128, "Batch size.")
 flags.DEFINE_integer("attack_steps", 10, "PGD steps of the training attack.")
 flags.DEFINE_integer("repeats", 10, "Timed rounds (each runs every variant once).")
 flags.DEFINE_integer("steps_per_sample", 2, "Training steps per timed sample.")
-flags.DEFINE_integer("instances", 3, "Separately built models per training variant.")
+flags.DEFINE_integer("instances", 4, "Separately built models per training variant.")
 flags.DEFINE_integer("xla_repeats", 3, "Timed rounds of the (slow) XLA variants.")
 flags.DEFINE_list("defenses", ["standard", "pgd_at", "trades", "adr_pgd", "adr_trades"],
                   "Defenses to time.")
 flags.DEFINE_list("experiments", ["pgd_at", "adr_pgd"],
                   "Defenses to time with XLA and with the fused forward pass.")
-flags.DEFINE_integer("attack_repeats", 5, "Timed rounds of the attack comparison.")
+flags.DEFINE_integer("attack_repeats", 7, "Timed rounds of the attack comparison.")
 flags.DEFINE_float("attack_epsilon", 0.1, "L-inf epsilon of the attack comparison.")
 flags.DEFINE_integer("attack_iterations", 20, "PGD steps of the attack comparison.")
 flags.DEFINE_string("attack_model", os.path.join(_REPO, "runs", "benchmarks", "cpu", "pgd_at",
@@ -176,8 +179,8 @@ def _train_batches(batch_size, num_batches=50):
 def _train_functions(variants, batch_size, instances, warmup=5):
     """`{name: [(train_function, iterator), ...]}`: `instances` models per variant.
 
-    Separately built instances of the same model can differ in speed by 10%
-    or more on this machine (allocation, not arithmetic), so every variant is
+    Separately built instances of the same model can differ in speed by ~15%
+    on this machine (allocation, not arithmetic), so every variant is
     timed over several instances.
     """
     batches = _train_batches(batch_size)
@@ -456,7 +459,7 @@ def markdown(results):
              "- Medians of alternating rounds in one process, in rotating order: "
              f"training steps: {results['instances']} separately built models per variant x "
              f"{results['repeats']} rounds x {results['steps_per_sample']} steps (instances "
-             "of one model differ by up to ~10% here); attacks: "
+             "of one model differ by up to ~15% here); attacks: "
              f"{results.get('attack_repeats')} rounds. Training batches: real Fashion-MNIST.",
              ""]
     train = results.get("train")

@@ -148,8 +148,11 @@ def _splits(options, dataset_info):
     return train_split, validation_split, train_size - held_out
 
 
-def _callbacks(out, has_validation):
-    monitor = "val_adv_accuracy" if has_validation else "adv_accuracy"
+def _callbacks(out, has_validation, uses_adversary):
+    # Robust accuracy when there is one to monitor: `standard` training logs
+    # no adversarial accuracy, its validation step does.
+    monitor = "val_adv_accuracy" if has_validation else (
+        "adv_accuracy" if uses_adversary else "accuracy")
     return [
         keras.callbacks.BackupAndRestore(os.path.join(out, "backup")),
         keras.callbacks.TerminateOnNaN(),
@@ -219,7 +222,8 @@ def run(options, adr_config):
 
     started = time.time()
     history = model.fit(train_ds, epochs=options.epochs, validation_data=validation_ds,
-                        callbacks=_callbacks(out, validation_ds is not None),
+                        callbacks=_callbacks(out, validation_ds is not None,
+                                           adr_config.uses_adversary),
                         verbose=options.verbose)
     _check_finite(history)
     train_seconds = time.time() - started

@@ -107,3 +107,11 @@ def test_missing_tfds_dataset_is_a_clear_error(tmp_path):
     result = _run(tmp_path / "mnist", f"--data_dir={tmp_path / 'empty'}", "--dataset=mnist")
     assert result.returncode == 1
     assert "mnist" in result.stderr and "data_dir" in result.stderr
+
+
+def test_standard_without_validation_still_checkpoints(tmp_path):
+    out = tmp_path / "standard"
+    result = _run(out, "--epochs=1", "--defense=standard", "--validation_examples=0",
+                  "--export=false")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (out / "best.keras").exists()
