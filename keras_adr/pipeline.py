@@ -17,6 +17,7 @@ weights in `<output_dir>/worker_<index>.weights.h5`, so that one can check
 that the workers finished in sync.
 """
 
+import csv
 import dataclasses
 import json
 import math
@@ -153,14 +154,30 @@ def _callbacks(out, has_validation, uses_adversary):
     # no adversarial accuracy, its validation step does.
     monitor = "val_adv_accuracy" if has_validation else (
         "adv_accuracy" if uses_adversary else "accuracy")
+    history_path = os.path.join(out, "history.csv")
     return [
         keras.callbacks.BackupAndRestore(os.path.join(out, "backup")),
         keras.callbacks.TerminateOnNaN(),
-        keras.callbacks.ModelCheckpoint(os.path.join(out, "best.keras"), monitor=monitor,
-                                        mode="max", save_best_only=True),
-        keras.callbacks.CSVLogger(os.path.join(out, "history.csv"), append=True),
+        keras.callbacks.ModelCheckpoint(
+            os.path.join(out, "best.keras"), monitor=monitor, mode="max", save_best_only=True,
+            initial_value_threshold=_best_logged(history_path, monitor)),
+        keras.callbacks.CSVLogger(history_path, append=True),
         keras.callbacks.TensorBoard(os.path.join(out, "tensorboard")),
     ]
+
+
+def _best_logged(history_path, monitor):
+    """Best `monitor` value of the epochs already logged by an interrupted run.
+
+    A resumed run's `ModelCheckpoint` starts from it, so that `best.keras`
+    is not replaced by a worse epoch after a restart.
+    """
+    if not os.path.exists(history_path):
+        return None
+    with open(history_path, newline="") as f:
+        values = [float(row[monitor]) for row in csv.DictReader(f) if row.get(monitor)]
+    finite = [v for v in values if math.isfinite(v)]
+    return max(finite) if finite else None
 
 
 def _check_finite(history):

@@ -115,3 +115,13 @@ def test_standard_without_validation_still_checkpoints(tmp_path):
                   "--export=false")
     assert result.returncode == 0, result.stderr[-3000:]
     assert (out / "best.keras").exists()
+
+
+def test_resumed_checkpoint_keeps_the_best_logged_value(tmp_path):
+    from keras_adr import pipeline
+
+    history = tmp_path / "history.csv"
+    assert pipeline._best_logged(str(history), "val_adv_accuracy") is None
+    history.write_text("epoch,loss,val_adv_accuracy\n0,1.0,0.41\n1,0.9,0.47\n2,nan,nan\n")
+    assert pipeline._best_logged(str(history), "val_adv_accuracy") == 0.47
+    assert pipeline._best_logged(str(history), "adv_accuracy") is None
