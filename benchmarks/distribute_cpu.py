@@ -35,6 +35,7 @@ import sys
 import time
 
 from absl import app, flags
+import results_io  # noqa: E402  (benchmarks/, next to this script)
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("batch_size", 128, "Global batch size.")
@@ -156,9 +157,7 @@ def main(argv):
     }
     print(json.dumps(results, indent=2))
     if FLAGS.output:
-        os.makedirs(os.path.dirname(FLAGS.output) or ".", exist_ok=True)
-        with open(FLAGS.output, "w") as f:
-            json.dump(results, f, indent=2)
+        results_io.write_json(results, FLAGS.output)
 
 
 if __name__ == "__main__":
