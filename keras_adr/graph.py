@@ -12,7 +12,8 @@ import tensorflow as tf
 _TINY = 1e-12
 
 
-def _flatten(t):
+def flatten_batch(t):
+    """`[B, ...]` -> float32 `[B, d]`: latent codes of any rank as vectors."""
     t = tf.cast(t, tf.float32)
     return tf.reshape(t, [tf.shape(t)[0], -1])
 
@@ -45,7 +46,7 @@ def affinity_graph(points, k=10):
     Returns:
         `[N, N]` float32 affinities.
     """
-    points = _flatten(points)
+    points = flatten_batch(points)
     n = tf.shape(points)[0]
     d2 = _squared_distances(points)
     sigma = tf.maximum(_median_off_diagonal(tf.sqrt(d2)), _TINY)
@@ -102,8 +103,8 @@ def propagate_labels(z, y, z_adv, num_classes, alpha=0.99, k=10):
         `[M, C]` stop-gradient soft targets (rows sum to 1, or 0 for nodes
         not connected to any labeled node).
     """
-    z = tf.stop_gradient(_flatten(z))
-    z_adv = tf.stop_gradient(_flatten(z_adv))
+    z = tf.stop_gradient(flatten_batch(z))
+    z_adv = tf.stop_gradient(flatten_batch(z_adv))
     nodes = tf.concat([z, z_adv], axis=0)
     affinity = normalized_affinity(affinity_graph(nodes, k=k))
     seeds = tf.concat([

@@ -21,11 +21,6 @@ DEFAULT_LABEL_SCALE = 0.99
 _TINY = 1e-12
 
 
-def _flatten(t):
-    t = tf.cast(t, tf.float32)
-    return tf.reshape(t, [tf.shape(t)[0], -1])
-
-
 def _soft_cross_entropy(targets, logits):
     """`-sum_c targets_c log softmax(logits)_c` per row."""
     return -tf.reduce_sum(targets * tf.nn.log_softmax(tf.cast(logits, tf.float32)), axis=-1)
@@ -38,7 +33,7 @@ def _soft_cross_entropy(targets, logits):
 
 def local_compactness_per_example(z, z_adv, distance="l1"):
     """`mean_d |sg(z)_i,d - z_adv_i,d|` (L1) or the mean squared difference (L2)."""
-    diff = tf.stop_gradient(_flatten(z)) - _flatten(z_adv)
+    diff = tf.stop_gradient(graph.flatten_batch(z)) - graph.flatten_batch(z_adv)
     if distance == "l1":
         return tf.reduce_mean(tf.abs(diff), axis=1)
     if distance == "l2":
@@ -165,8 +160,8 @@ def global_compactness_per_example(y, z, z_adv, scale=DEFAULT_LABEL_SCALE, *, re
     y_query = tf.cast(tf.reshape(y, [-1]), tf.int32)
     y_ref, z_ref = (y_query, z) if reference is None else reference
     y_ref = tf.cast(tf.reshape(y_ref, [-1]), tf.int32)
-    z_ref = tf.stop_gradient(_flatten(z_ref))
-    z_query = _flatten(z_adv)
+    z_ref = tf.stop_gradient(graph.flatten_batch(z_ref))
+    z_query = graph.flatten_batch(z_adv)
     n_ref = tf.cast(tf.shape(z_ref)[0], tf.float32)
     features = tf.cast(tf.shape(z_ref)[1], tf.float32)
     if method == "naive":

@@ -236,10 +236,11 @@ class ADRMixin:
             training: Mode of the forward passes.
 
         Returns:
-            `(loss, objective_sum, sums, outputs)`: the loss to differentiate
-            on this replica (sums divided by the global batch size, plus
-            regularisation), the weighted sum of the terms over this replica's
-            examples, `{term: sum over examples}`, and `(logits, logits_adv)`.
+            `(loss, reported_loss, sums, outputs)`: the loss to differentiate
+            on this replica (sums divided by the global batch size, plus its
+            share of regularisation), the loss per example of this replica
+            (what the `loss` metric reports), `{term: sum over examples}`, and
+            `(logits, logits_adv)`.
         """
         if self.adr_config.uses_adversary and x_adv is None:
             raise ValueError(f"objective={self.adr_config.objective!r} needs `x_adv`.")
@@ -248,29 +249,30 @@ class ADRMixin:
                              else (None, None))
         sums = self._term_sums(y, logits, z, logits_adv, z_adv)
         objective = tf.add_n([w * sums[name] for name, w in self._term_weights.items()])
-        global_batch = self._global_batch_size(tf.cast(tf.shape(x)[0], tf.float32))
-        loss = objective / global_batch
+        local_batch = tf.cast(tf.shape(x)[0], tf.float32)
+        loss = objective / self._global_batch_size(local_batch)
+        reported_loss = objective / local_batch
         if self.losses:
             # Regularisers are per model, not per example: each replica adds
             # its share so that the summed gradient counts them once.
+            regularization = tf.add_n(self.losses)
             num_replicas = tf.distribute.get_strategy().num_replicas_in_sync
-            loss += tf.add_n(self.losses) / num_replicas
-        return loss, objective, sums, (logits, logits_adv)
+            loss += regularization / num_replicas
+            reported_loss += regularization
+        return loss, reported_loss, sums, (logits, logits_adv)
 
     def train_step(self, data):
         x, y = _unpack(data)
         uses_adversary = self.adr_config.uses_adversary
         x_adv = self.adversarial_examples(x, y) if uses_adversary else None
         with tf.GradientTape() as tape:
-            loss, objective, sums, (logits, logits_adv) = self.compute_adr_loss(x, y, x_adv)
+            loss, reported_loss, sums, (logits, logits_adv) = self.compute_adr_loss(x, y, x_adv)
             scaled_loss = self.optimizer.scale_loss(loss)
         gradients = tape.gradient(scaled_loss, self.trainable_variables)
         self.optimizer.apply(gradients, self.trainable_variables)
 
         local_batch = tf.cast(tf.shape(x)[0], tf.float32)
-        regularization = tf.add_n(self.losses) if self.losses else 0.0
-        self._adr_loss_tracker.update_state(objective / local_batch + regularization,
-                                        sample_weight=local_batch)
+        self._adr_loss_tracker.update_state(reported_loss, sample_weight=local_batch)
         for tracker in self._term_trackers:
             tracker.update_state(sums[tracker.name] / local_batch, sample_weight=local_batch)
         self._accuracy.update_state(y, logits)
