@@ -12,6 +12,9 @@ NORMS = ("linf", "l2")
 ATTACK_LOSSES = ("auto", "ce", "kl")
 OBJECTIVES = ("standard", "pgd", "trades")
 DISTANCES = ("l1", "l2")
+# See keras_adr.losses.LATENT_NORMALIZATIONS / SMOOTHNESS_PUSHES.
+LATENT_NORMALIZATIONS = ("none", "rms")
+SMOOTHNESS_PUSHES = ("cross_entropy", "overlap")
 PAIRWISE_SCOPES = ("global", "replica")
 
 # The ADR terms, in the order they are reported.
@@ -132,6 +135,14 @@ class ADRConfig:
         label_scale: Pair weight scale in (0, 1): pairs of different labels
             get the weight `1 - 1 / label_scale` (slightly negative).
         compactness_distance: `"l1"` or `"l2"` for local compactness.
+        latent_normalization: `"rms"` (default): the compactness terms compare
+            codes divided by their root mean square, which bounds them and
+            makes them blind to the scale of `z`; `"none"`: raw codes, the
+            paper's (unbounded below with `label_scale < 1`).
+        smoothness_push: What different-label pairs of global smoothness
+            minimise: `"overlap"` (default), `(1/label_scale - 1)` times the
+            probability overlap, bounded below by 0; `"cross_entropy"`, the
+            paper's negative-weight cross-entropy (unbounded below).
         propagation_alpha: Label-propagation alpha in (0, 1).
         propagation_neighbors: k of the k-nearest-neighbour graph.
         pairwise_scope: Under a distribution strategy, `"global"` computes the
@@ -152,6 +163,8 @@ class ADRConfig:
     label_propagation: float = 0.0
     label_scale: float = 0.99
     compactness_distance: str = "l1"
+    latent_normalization: str = "rms"
+    smoothness_push: str = "overlap"
     propagation_alpha: float = 0.99
     propagation_neighbors: int = 10
     pairwise_scope: str = "global"
@@ -163,6 +176,8 @@ class ADRConfig:
             raise ValueError(f"`attack` must be an AttackConfig or a dict; got {self.attack!r}.")
         _check_choice("objective", self.objective, OBJECTIVES)
         _check_choice("compactness_distance", self.compactness_distance, DISTANCES)
+        _check_choice("latent_normalization", self.latent_normalization, LATENT_NORMALIZATIONS)
+        _check_choice("smoothness_push", self.smoothness_push, SMOOTHNESS_PUSHES)
         _check_choice("pairwise_scope", self.pairwise_scope, PAIRWISE_SCOPES)
         for name in ("natural_weight", "adversarial_weight", "trades_beta") + ADR_TERMS:
             _check_number(name, getattr(self, name), minimum=0)

@@ -20,6 +20,26 @@ from keras_adr import graph
 DEFAULT_LABEL_SCALE = 0.99
 _TINY = 1e-12
 
+# How the latent codes enter the compactness terms.
+#   "none": raw codes, as in the paper. The different-label pairs of global
+#     compactness carry a negative weight on an unbounded distance, so the
+#     objective falls without bound as `z` grows.
+#   "rms": each code divided by its root mean square (`z / rms(z)`), so every
+#     code has RMS 1: distances are bounded (mean L1 <= 2, mean squared <= 4)
+#     and invariant to the scale of `z`, which the network can then not
+#     exploit.
+LATENT_NORMALIZATIONS = ("none", "rms")
+# What different-label pairs of global smoothness push apart.
+#   "cross_entropy": the paper's `W_ij CE(p_j, q_i)` with `W_ij < 0`, which
+#     falls without bound as `q_i` puts vanishing mass on the classes `p_j`
+#     predicts.
+#   "overlap": `(1/scale - 1) <p_j, q_i>`, a positive weight on the
+#     probability overlap in [0, 1]: the same push, bounded below by 0.
+SMOOTHNESS_PUSHES = ("cross_entropy", "overlap")
+# Added to the mean square before the RMS division: keeps the gradient finite
+# (at most ~1e3 times) for an all-zero code, e.g. a dead ReLU layer.
+_RMS_EPSILON = 1e-6
+
 
 def _soft_cross_entropy(targets, logits):
     """`-sum_c targets_c log softmax(logits)_c` per row."""
@@ -31,9 +51,30 @@ def _soft_cross_entropy(targets, logits):
 # ---------------------------------------------------------------------------
 
 
-def local_compactness_per_example(z, z_adv, distance="l1"):
-    """`mean_d |sg(z)_i,d - z_adv_i,d|` (L1) or the mean squared difference (L2)."""
-    diff = tf.stop_gradient(graph.flatten_batch(z)) - graph.flatten_batch(z_adv)
+def normalize_latent(z, normalization="none"):
+    """Flattened `[B, k]` codes, divided by their RMS when `normalization="rms"`.
+
+    `z / sqrt(mean_d z_d^2 + 1e-6)`: invariant to a positive rescaling of a
+    code, so the gradient of a term on normalised codes is orthogonal to the
+    code and cannot grow it.
+    """
+    z = graph.flatten_batch(z)
+    if normalization == "none":
+        return z
+    if normalization == "rms":
+        return z * tf.math.rsqrt(tf.reduce_mean(tf.square(z), axis=1, keepdims=True)
+                                 + _RMS_EPSILON)
+    raise ValueError(f"`normalization` must be one of {LATENT_NORMALIZATIONS}; "
+                     f"got {normalization!r}.")
+
+
+def local_compactness_per_example(z, z_adv, distance="l1", normalization="none"):
+    """`mean_d |sg(z)_i,d - z_adv_i,d|` (L1) or the mean squared difference (L2).
+
+    With `normalization="rms"` both codes are first divided by their RMS.
+    """
+    diff = (tf.stop_gradient(normalize_latent(z, normalization))
+            - normalize_latent(z_adv, normalization))
     if distance == "l1":
         return tf.reduce_mean(tf.abs(diff), axis=1)
     if distance == "l2":
@@ -141,7 +182,7 @@ def _pairwise_l1_sums_sorted(z_ref, y_ref, z_query, y_query, num_classes):
 
 
 def global_compactness_per_example(y, z, z_adv, scale=DEFAULT_LABEL_SCALE, *, reference=None,
-                                   method="sorted"):
+                                   method="sorted", normalization="none"):
     """`mean_j W_ij mean_d |sg(z)_j,d - z_adv_i,d|` for each adversarial example i.
 
     Args:
@@ -153,6 +194,9 @@ def global_compactness_per_example(y, z, z_adv, scale=DEFAULT_LABEL_SCALE, *, re
             with (e.g. the global batch gathered across replicas).
         method: `"sorted"` (exact, O(B k log B), the default) or `"naive"`
             (the `[B, B, k]` tensor; the reference implementation).
+        normalization: `"none"` (the paper) or `"rms"`: codes divided by
+            their RMS first, which bounds the term below (see
+            `LATENT_NORMALIZATIONS`).
 
     Returns:
         `[M]` float32.
@@ -160,8 +204,8 @@ def global_compactness_per_example(y, z, z_adv, scale=DEFAULT_LABEL_SCALE, *, re
     y_query = tf.cast(tf.reshape(y, [-1]), tf.int32)
     y_ref, z_ref = (y_query, z) if reference is None else reference
     y_ref = tf.cast(tf.reshape(y_ref, [-1]), tf.int32)
-    z_ref = tf.stop_gradient(graph.flatten_batch(z_ref))
-    z_query = graph.flatten_batch(z_adv)
+    z_ref = tf.stop_gradient(normalize_latent(z_ref, normalization))
+    z_query = normalize_latent(z_adv, normalization)
     n_ref = tf.cast(tf.shape(z_ref)[0], tf.float32)
     features = tf.cast(tf.shape(z_ref)[1], tf.float32)
     if method == "naive":
@@ -179,11 +223,17 @@ def global_compactness_per_example(y, z, z_adv, scale=DEFAULT_LABEL_SCALE, *, re
 
 
 def global_smoothness_per_example(y, logits, logits_adv, scale=DEFAULT_LABEL_SCALE, *,
-                                  reference=None):
-    """`mean_j W_ij CE(softmax(sg(logits_j)), logits_adv_i)` for each adversarial i.
+                                  reference=None, push="cross_entropy"):
+    """Label-weighted pairwise smoothness for each adversarial example i.
 
-    Computed as one `[M, N] x [N, C]` product: the weighted mean of the clean
-    distributions is the target.
+    `push="cross_entropy"` (the paper): `mean_j W_ij CE(p_j, q_i)` with
+    `p_j = softmax(sg(logits_j))`, `q_i = softmax(logits_adv_i)`, computed as
+    one `[M, N] x [N, C]` product (the weighted mean of the clean
+    distributions is the target).
+
+    `push="overlap"` (bounded below by 0): same-label pairs as above,
+    different-label pairs `(1/scale - 1) <p_j, q_i>`:
+    `mean_j ([y_i = y_j] CE(p_j, q_i) + [y_i != y_j] (1/scale - 1) <p_j, q_i>)`.
 
     Args:
         y: `[M]` labels of the adversarial examples.
@@ -191,15 +241,25 @@ def global_smoothness_per_example(y, logits, logits_adv, scale=DEFAULT_LABEL_SCA
         logits_adv: `[M, C]` adversarial logits.
         scale: Pair-weight scale.
         reference: Optional `(y_ref, logits_ref)`.
+        push: `"cross_entropy"` or `"overlap"`, see `SMOOTHNESS_PUSHES`.
 
     Returns:
         `[M]` float32.
     """
     y_ref, logits_ref = (y, logits) if reference is None else reference
-    weights = pair_weights(y, y_ref, scale)
     probs_ref = tf.stop_gradient(tf.nn.softmax(tf.cast(logits_ref, tf.float32)))
-    targets = tf.matmul(weights, probs_ref) / tf.cast(tf.shape(probs_ref)[0], tf.float32)
-    return _soft_cross_entropy(targets, logits_adv)
+    n_ref = tf.cast(tf.shape(probs_ref)[0], tf.float32)
+    if push == "cross_entropy":
+        targets = tf.matmul(pair_weights(y, y_ref, scale), probs_ref) / n_ref
+        return _soft_cross_entropy(targets, logits_adv)
+    if push != "overlap":
+        raise ValueError(f"`push` must be one of {SMOOTHNESS_PUSHES}; got {push!r}.")
+    same = pair_weights(y, y_ref, scale=1.0)  # 1 for equal labels, else 0
+    pull = _soft_cross_entropy(tf.matmul(same, probs_ref) / n_ref, logits_adv)
+    probs_adv = tf.nn.softmax(tf.cast(logits_adv, tf.float32))
+    overlap = tf.matmul(probs_adv, probs_ref, transpose_b=True)  # [M, N]
+    push_value = tf.reduce_sum((1.0 - same) * overlap, axis=1) / n_ref
+    return pull + (1.0 / scale - 1.0) * push_value
 
 
 def conditional_entropy_per_example(logits_adv):
@@ -249,9 +309,9 @@ def label_propagation_per_example(y, z, z_adv, logits_adv, *, alpha=0.99, k=10, 
 # ---------------------------------------------------------------------------
 
 
-def local_compactness(z, z_adv, distance="l1"):
+def local_compactness(z, z_adv, distance="l1", normalization="none"):
     """Mean over examples and features of `|sg(z) - z_adv|` (or squared, `"l2"`)."""
-    return tf.reduce_mean(local_compactness_per_example(z, z_adv, distance))
+    return tf.reduce_mean(local_compactness_per_example(z, z_adv, distance, normalization))
 
 
 def local_smoothness(logits, logits_adv):
@@ -259,14 +319,17 @@ def local_smoothness(logits, logits_adv):
     return tf.reduce_mean(local_smoothness_per_example(logits, logits_adv))
 
 
-def global_compactness(y, z, z_adv, scale=DEFAULT_LABEL_SCALE, method="sorted"):
+def global_compactness(y, z, z_adv, scale=DEFAULT_LABEL_SCALE, method="sorted",
+                       normalization="none"):
     """Mean over all pairs (i, j) of `W_ij mean_d |sg(z)_j,d - z_adv_i,d|`."""
-    return tf.reduce_mean(global_compactness_per_example(y, z, z_adv, scale, method=method))
+    return tf.reduce_mean(global_compactness_per_example(y, z, z_adv, scale, method=method,
+                                                         normalization=normalization))
 
 
-def global_smoothness(y, logits, logits_adv, scale=DEFAULT_LABEL_SCALE):
-    """Mean over all pairs (i, j) of `W_ij CE(softmax(sg(logits_j)), logits_adv_i)`."""
-    return tf.reduce_mean(global_smoothness_per_example(y, logits, logits_adv, scale))
+def global_smoothness(y, logits, logits_adv, scale=DEFAULT_LABEL_SCALE, push="cross_entropy"):
+    """Mean over i of `global_smoothness_per_example` (the paper's: all pairs
+    `W_ij CE(softmax(sg(logits_j)), logits_adv_i)`)."""
+    return tf.reduce_mean(global_smoothness_per_example(y, logits, logits_adv, scale, push=push))
 
 
 def conditional_entropy(logits_adv):
@@ -296,6 +359,12 @@ def label_propagation(y, z, z_adv, logits_adv, alpha=0.99, k=10):
 # ---------------------------------------------------------------------------
 
 
+def _check_normalization(normalization):
+    if normalization not in LATENT_NORMALIZATIONS:
+        raise ValueError(f"`normalization` must be one of {LATENT_NORMALIZATIONS}; "
+                         f"got {normalization!r}.")
+
+
 def _labels(t):
     return tf.cast(tf.reshape(t, [-1]), tf.int32)
 
@@ -317,18 +386,21 @@ def _unpack_reference(y_true, name):
 class LocalCompactness(keras.losses.Loss):
     """Local compactness: `y_true` = clean latent codes, `y_pred` = adversarial ones."""
 
-    def __init__(self, distance="l1", reduction="sum_over_batch_size", name="local_compactness",
-                 **kwargs):
+    def __init__(self, distance="l1", normalization="none", reduction="sum_over_batch_size",
+                 name="local_compactness", **kwargs):
         if distance not in ("l1", "l2"):
             raise ValueError(f"`distance` must be 'l1' or 'l2'; got {distance!r}.")
+        _check_normalization(normalization)
         super().__init__(reduction=reduction, name=name, **kwargs)
         self.distance = distance
+        self.normalization = normalization
 
     def call(self, y_true, y_pred):
-        return local_compactness_per_example(y_true, y_pred, self.distance)
+        return local_compactness_per_example(y_true, y_pred, self.distance, self.normalization)
 
     def get_config(self):
-        return {**super().get_config(), "distance": self.distance}
+        return {**super().get_config(), "distance": self.distance,
+                "normalization": self.normalization}
 
 
 @keras.saving.register_keras_serializable(package="keras_adr")
@@ -350,19 +422,23 @@ class GlobalCompactness(keras.losses.Loss):
     reference_latent)`; `y_pred` = adversarial latent codes.
     """
 
-    def __init__(self, scale=DEFAULT_LABEL_SCALE, method="sorted",
+    def __init__(self, scale=DEFAULT_LABEL_SCALE, method="sorted", normalization="none",
                  reduction="sum_over_batch_size", name="global_compactness", **kwargs):
+        _check_normalization(normalization)
         super().__init__(reduction=reduction, name=name, **kwargs)
         self.scale = scale
         self.method = method
+        self.normalization = normalization
 
     def call(self, y_true, y_pred):
         labels, reference = _unpack_reference(y_true, "GlobalCompactness")
         return global_compactness_per_example(labels, None, y_pred, self.scale,
-                                              reference=reference, method=self.method)
+                                              reference=reference, method=self.method,
+                                              normalization=self.normalization)
 
     def get_config(self):
-        return {**super().get_config(), "scale": self.scale, "method": self.method}
+        return {**super().get_config(), "scale": self.scale, "method": self.method,
+                "normalization": self.normalization}
 
 
 @keras.saving.register_keras_serializable(package="keras_adr")
@@ -373,18 +449,21 @@ class GlobalSmoothness(keras.losses.Loss):
     reference_logits)`; `y_pred` = adversarial logits.
     """
 
-    def __init__(self, scale=DEFAULT_LABEL_SCALE, reduction="sum_over_batch_size",
-                 name="global_smoothness", **kwargs):
+    def __init__(self, scale=DEFAULT_LABEL_SCALE, push="cross_entropy",
+                 reduction="sum_over_batch_size", name="global_smoothness", **kwargs):
+        if push not in SMOOTHNESS_PUSHES:
+            raise ValueError(f"`push` must be one of {SMOOTHNESS_PUSHES}; got {push!r}.")
         super().__init__(reduction=reduction, name=name, **kwargs)
         self.scale = scale
+        self.push = push
 
     def call(self, y_true, y_pred):
         labels, reference = _unpack_reference(y_true, "GlobalSmoothness")
         return global_smoothness_per_example(labels, None, y_pred, self.scale,
-                                             reference=reference)
+                                             reference=reference, push=self.push)
 
     def get_config(self):
-        return {**super().get_config(), "scale": self.scale}
+        return {**super().get_config(), "scale": self.scale, "push": self.push}
 
 
 @keras.saving.register_keras_serializable(package="keras_adr")

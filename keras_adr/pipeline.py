@@ -26,15 +26,17 @@ import time
 
 import keras
 
+from keras_adr import callbacks as adr_callbacks
 from keras_adr import data, distribute, evaluation, export, models
 from keras_adr.config import ADRConfig
 from keras_adr.training import ADRModel
 
 OPTIMIZERS = ("sgd", "adam")
+EXPORT_WEIGHTS = ("best", "final")
 
 
 class TrainingDivergedError(RuntimeError):
-    """The loss became NaN or infinite and `TerminateOnNaN` stopped training."""
+    """The loss became non-finite or ran away and `DivergenceGuard` stopped training."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,6 +67,12 @@ class TrainOptions:
         strategy: A name of `keras_adr.distribute.STRATEGIES`.
         sync_batchnorm: Synchronized BatchNorm for the ResNets.
         export: Export a SavedModel at the end.
+        export_weights: `"best"`: the final evaluation and the export use the
+            checkpoint of the best robust validation accuracy (`best.keras`);
+            `"final"`: the weights of the last epoch.
+        divergence_factor: `DivergenceGuard` stops the run when the epoch
+            loss's magnitude exceeds this multiple of its running minimum
+            (0 = only non-finite losses stop it).
         verbose: Keras verbosity for `fit` (0, 1 or 2).
         command: The command line, recorded in the outputs.
     """
@@ -88,6 +96,8 @@ class TrainOptions:
     strategy: str = "auto"
     sync_batchnorm: bool = False
     export: bool = True
+    export_weights: str = "best"
+    divergence_factor: float = adr_callbacks.DEFAULT_DIVERGENCE_FACTOR
     verbose: int = 1
     command: str = ""
 
@@ -112,6 +122,12 @@ class TrainOptions:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"`{name}` must be >= 1 or None; got {value}.")
+        if self.export_weights not in EXPORT_WEIGHTS:
+            raise ValueError(f"`export_weights` must be one of {EXPORT_WEIGHTS}; got "
+                             f"{self.export_weights!r}.")
+        if not (self.divergence_factor == 0 or self.divergence_factor > 1):
+            raise ValueError("`divergence_factor` must be 0 (off) or > 1; got "
+                             f"{self.divergence_factor}.")
         evaluation.parse_suite(self.eval_attacks)  # fail before training, not after
         if self.validation_examples < 0:
             raise ValueError(f"`validation_examples` must be >= 0; got {self.validation_examples}.")
@@ -149,7 +165,12 @@ def _splits(options, dataset_info):
     return train_split, validation_split, train_size - held_out
 
 
-def _callbacks(out, has_validation, uses_adversary):
+def _guard(options):
+    # A factor of 0 keeps only the non-finite check (an infinite factor).
+    return adr_callbacks.DivergenceGuard(factor=options.divergence_factor or math.inf)
+
+
+def _callbacks(out, has_validation, uses_adversary, guard):
     # Robust accuracy when there is one to monitor: `standard` training logs
     # no adversarial accuracy, its validation step does.
     monitor = "val_adv_accuracy" if has_validation else (
@@ -157,7 +178,7 @@ def _callbacks(out, has_validation, uses_adversary):
     history_path = os.path.join(out, "history.csv")
     return [
         keras.callbacks.BackupAndRestore(os.path.join(out, "backup")),
-        keras.callbacks.TerminateOnNaN(),
+        guard,
         keras.callbacks.ModelCheckpoint(
             os.path.join(out, "best.keras"), monitor=monitor, mode="max", save_best_only=True,
             initial_value_threshold=_best_logged(history_path, monitor)),
@@ -186,8 +207,34 @@ def _check_finite(history):
             if not math.isfinite(value):
                 raise TrainingDivergedError(
                     f"Training diverged: `{name}` became {value} in epoch {epoch + 1}; "
-                    "TerminateOnNaN stopped the run. Lower --learning_rate, or check the "
-                    "ADR weights and the data.")
+                    "the run was stopped. Lower --learning_rate, or check the ADR weights "
+                    "and the data.")
+
+
+def _select_weights(model, options, out):
+    """Loads `best.keras` into `model` for `export_weights="best"`; returns its epoch.
+
+    The epoch (1-based) is the one of the best monitored value in
+    `history.csv`, which spans resumed runs; `None` for the final weights.
+    """
+    if options.export_weights == "final":
+        return None
+    path = os.path.join(out, "best.keras")
+    if not os.path.exists(path):
+        raise ValueError(f"--export_weights=best, but training saved no {path}; use "
+                         "--export_weights=final.")
+    best = keras.saving.load_model(path)
+    model.set_weights(best.get_weights())
+    del best
+    history_path = os.path.join(out, "history.csv")
+    with open(history_path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    monitor = next((m for m in ("val_adv_accuracy", "adv_accuracy", "accuracy")
+                    if rows and rows[0].get(m)), None)
+    if monitor is None:
+        return None
+    values = [float(row[monitor]) for row in rows]
+    return int(rows[values.index(max(values))]["epoch"]) + 1
 
 
 def _write_json(path, payload):
@@ -238,12 +285,22 @@ def run(options, adr_config):
     distribute.patch_keras_fit(model)
 
     started = time.time()
+    guard = _guard(options)
     history = model.fit(train_ds, epochs=options.epochs, validation_data=validation_ds,
                         callbacks=_callbacks(out, validation_ds is not None,
-                                           adr_config.uses_adversary),
+                                           adr_config.uses_adversary, guard),
                         verbose=options.verbose)
+    if guard.diverged:
+        raise TrainingDivergedError(
+            f"{guard.reason} Lower --learning_rate, use a bounded ADR preset (adr_pgd, "
+            f"adr_trades) rather than the paper's, or raise --divergence_factor. The best "
+            f"robust checkpoint so far is {os.path.join(out, 'best.keras')}.")
     _check_finite(history)
     train_seconds = time.time() - started
+    if options.export:
+        # Every worker saves (collectives); a non-chief one into its private directory.
+        model.save(os.path.join(out, "final.keras"))
+    best_epoch = _select_weights(model, options, out)
 
     # Evaluation is local (no collectives): every worker runs it on the same data.
     test_ds = data.load(options.dataset, "test", batch_size=256, data_dir=options.data_dir,
@@ -275,14 +332,15 @@ def run(options, adr_config):
         metrics["worker_index"] = distribute.worker_index(strategy)
         model.save_weights(os.path.join(
             options.output_dir, f"worker_{distribute.worker_index(strategy)}.weights.h5"))
+    metrics["export_weights"] = options.export_weights
+    metrics["selected_epoch"] = best_epoch
     if options.export:
-        # Every worker saves (collectives); a non-chief one into its private directory.
-        model.save(os.path.join(out, "final.keras"))
         metadata = {
             "dataset": options.dataset,
             "class_names": list(info.class_names),
             "defense": options.defense,
             "adr_config": adr_config.get_config(),
+            "weights": {"selected": options.export_weights, "epoch": best_epoch},
             "attack_budget": {"norm": adr_config.attack.norm,
                               "epsilon": adr_config.attack.epsilon},
             "robustness": results.to_dict(),

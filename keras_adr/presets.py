@@ -1,8 +1,11 @@
-"""Named configurations: the baselines and the two ADR variants."""
+"""Named configurations: the baselines, ADR, and the paper's exact ADR."""
 
 from keras_adr.config import ADR_TERMS, ADRConfig
 
 _NO_ADR = {name: 0.0 for name in ADR_TERMS}
+# The authors' objective (raw latent codes, negative-weight cross-entropy
+# push), which is unbounded below; see benchmarks/results/stability.md.
+_PAPER = dict(latent_normalization="none", smoothness_push="cross_entropy")
 
 _PRESETS = {
     "standard": dict(objective="standard", **_NO_ADR),
@@ -10,6 +13,8 @@ _PRESETS = {
     "trades": dict(objective="trades", **_NO_ADR),
     "adr_pgd": dict(objective="pgd"),
     "adr_trades": dict(objective="trades"),
+    "adr_pgd_paper": dict(objective="pgd", **_PAPER),
+    "adr_trades_paper": dict(objective="trades", **_PAPER),
 }
 
 NAMES = tuple(_PRESETS)
@@ -20,7 +25,9 @@ def get(name, **overrides):
 
     Args:
         name: One of `NAMES`: `"standard"` (clean training), `"pgd_at"`,
-            `"trades"`, `"adr_pgd"`, `"adr_trades"`.
+            `"trades"`, `"adr_pgd"`, `"adr_trades"` (ADR in its bounded
+            form), `"adr_pgd_paper"`, `"adr_trades_paper"` (the authors'
+            exact objective).
         **overrides: `ADRConfig` fields to change; `attack_<field>` changes a
             field of the attack (e.g. `attack_epsilon=0.3`).
 

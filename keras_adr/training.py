@@ -22,6 +22,9 @@ from keras_adr.config import ADRConfig
 from keras_adr.models import LATENT_LAYER
 
 _PAIRWISE_TERMS = ("global_compactness", "global_smoothness", "label_propagation")
+# Reported by the train step besides the loss terms: mean L2 norms of the clean
+# latent codes and logits.
+DIAGNOSTICS = ("latent_norm", "logits_norm")
 
 
 def _as_config(config):
@@ -86,6 +89,9 @@ class ADRMixin:
         self._accuracy = keras.metrics.SparseCategoricalAccuracy(name="accuracy")
         self._adv_accuracy = keras.metrics.SparseCategoricalAccuracy(name="adv_accuracy")
         self._term_trackers = [keras.metrics.Mean(name=name) for name in self._term_weights]
+        # Scale diagnostics of the clean batch: a runaway objective shows as
+        # growing latent codes or logits before accuracy falls.
+        self._norm_trackers = [keras.metrics.Mean(name=name) for name in DIAGNOSTICS]
 
     @staticmethod
     def _objective_weights(config):
@@ -104,12 +110,14 @@ class ADRMixin:
         # reduction="sum": the step divides by the global batch size itself.
         every = {
             "local_compactness": adr_losses.LocalCompactness(
-                distance=config.compactness_distance, reduction="sum"),
+                distance=config.compactness_distance,
+                normalization=config.latent_normalization, reduction="sum"),
             "local_smoothness": adr_losses.LocalSmoothness(reduction="sum"),
             "global_compactness": adr_losses.GlobalCompactness(
-                scale=config.label_scale, reduction="sum"),
+                scale=config.label_scale, normalization=config.latent_normalization,
+                reduction="sum"),
             "global_smoothness": adr_losses.GlobalSmoothness(
-                scale=config.label_scale, reduction="sum"),
+                scale=config.label_scale, push=config.smoothness_push, reduction="sum"),
             "conditional_entropy": adr_losses.ConditionalEntropy(reduction="sum"),
             "trades_kl": adr_losses.TradesKL(reduction="sum"),
             "label_propagation": adr_losses.LabelPropagation(
@@ -148,7 +156,8 @@ class ADRMixin:
 
     @property
     def metrics(self):
-        return [self._adr_loss_tracker, self._accuracy, self._adv_accuracy, *self._term_trackers]
+        return [self._adr_loss_tracker, self._accuracy, self._adv_accuracy, *self._term_trackers,
+                *self._norm_trackers]
 
     def _forward(self, x, training):
         outputs = self(x, training=training, return_latent=True)
@@ -239,8 +248,9 @@ class ADRMixin:
             `(loss, reported_loss, sums, outputs)`: the loss to differentiate
             on this replica (sums divided by the global batch size, plus its
             share of regularisation), the loss per example of this replica
-            (what the `loss` metric reports), `{term: sum over examples}`, and
-            `(logits, logits_adv)`.
+            (what the `loss` metric reports), `{term: sum over examples}`
+            (plus the `DIAGNOSTICS`, sums of the clean codes' and logits' L2
+            norms), and `(logits, logits_adv)`.
         """
         if self.adr_config.uses_adversary and x_adv is None:
             raise ValueError(f"objective={self.adr_config.objective!r} needs `x_adv`.")
@@ -248,6 +258,9 @@ class ADRMixin:
         logits_adv, z_adv = (self._forward(x_adv, training=training) if x_adv is not None
                              else (None, None))
         sums = self._term_sums(y, logits, z, logits_adv, z_adv)
+        norm_sum = lambda t: tf.reduce_sum(tf.norm(
+            tf.stop_gradient(adr_losses.normalize_latent(t)), axis=1))
+        sums.update(latent_norm=norm_sum(z), logits_norm=norm_sum(logits))
         objective = tf.add_n([w * sums[name] for name, w in self._term_weights.items()])
         local_batch = tf.cast(tf.shape(x)[0], tf.float32)
         loss = objective / self._global_batch_size(local_batch)
@@ -273,7 +286,7 @@ class ADRMixin:
 
         local_batch = tf.cast(tf.shape(x)[0], tf.float32)
         self._adr_loss_tracker.update_state(reported_loss, sample_weight=local_batch)
-        for tracker in self._term_trackers:
+        for tracker in self._term_trackers + self._norm_trackers:
             tracker.update_state(sums[tracker.name] / local_batch, sample_weight=local_batch)
         self._accuracy.update_state(y, logits)
         if uses_adversary:

@@ -9,8 +9,12 @@ import keras_adr
 from keras_adr import config as config_lib, models, presets
 
 
-def test_defaults_follow_the_authors():
+def test_defaults_follow_the_authors_with_the_bounded_formulation():
     config = keras_adr.ADRConfig()
+    assert config.latent_normalization == "rms" and config.smoothness_push == "overlap"
+    paper = presets.get("adr_pgd_paper")
+    assert paper.latent_normalization == "none" and paper.smoothness_push == "cross_entropy"
+    assert paper.replace(latent_normalization="rms", smoothness_push="overlap") == config
     assert config.objective == "pgd"
     for name in ("local_compactness", "local_smoothness", "global_compactness",
                  "global_smoothness", "conditional_entropy"):
@@ -35,6 +39,8 @@ def test_round_trip():
     (dict(trades_beta=-6.0), "trades_beta"),
     (dict(compactness_distance="cos"), "compactness_distance"),
     (dict(pairwise_scope="node"), "pairwise_scope"),
+    (dict(latent_normalization="l2"), "latent_normalization"),
+    (dict(smoothness_push="hinge"), "smoothness_push"),
     (dict(propagation_alpha=1.0), "propagation_alpha"),
     (dict(propagation_neighbors=0), "propagation_neighbors"),
     (dict(objective="standard"), "ADR terms"),
@@ -61,7 +67,9 @@ def test_attack_config_validation(kwargs, match):
 
 
 def test_presets():
-    assert presets.NAMES == ("standard", "pgd_at", "trades", "adr_pgd", "adr_trades")
+    assert presets.NAMES == ("standard", "pgd_at", "trades", "adr_pgd", "adr_trades",
+                             "adr_pgd_paper", "adr_trades_paper")
+    assert presets.get("adr_trades_paper").objective == "trades"
     assert presets.get("standard").enabled_terms == () and not presets.get("standard").uses_adversary
     assert presets.get("pgd_at").enabled_terms == () and presets.get("pgd_at").objective == "pgd"
     assert presets.get("trades").objective == "trades" and presets.get("trades").enabled_terms == ()

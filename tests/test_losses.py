@@ -284,3 +284,135 @@ def test_bad_arguments():
         losses.global_compactness([0, 1], np.zeros((2, 2)), np.zeros((2, 2)), method="fast")
     with pytest.raises(ValueError, match="distance"):
         losses.LocalCompactness(distance="l3")
+
+
+# ---------------------------------------------------------------------------
+# The bounded formulation: RMS-normalised codes and the overlap push.
+# ---------------------------------------------------------------------------
+
+
+def _np_rms(z):
+    z = z.reshape(len(z), -1).astype(np.float64)
+    return z / np.sqrt((z ** 2).mean(1, keepdims=True) + 1e-6)
+
+
+def test_rms_normalized_compactness_matches_numpy(batch):
+    y, z, za = batch["y"], batch["z"], batch["z_adv"]
+    zn, zan = _np_rms(z), _np_rms(za)
+    np.testing.assert_allclose(losses.local_compactness(z, za, normalization="rms"),
+                               np.abs(zn - zan).mean(), **TOL)
+    np.testing.assert_allclose(losses.local_compactness(z, za, "l2", normalization="rms"),
+                               ((zn - zan) ** 2).mean(), **TOL)
+    pairwise = np.abs(zan[:, None, :] - zn[None, :, :]).mean(-1)  # [i, j]
+    expected = (_np_weights(y, y) * pairwise).mean()
+    for method in ("sorted", "naive"):
+        np.testing.assert_allclose(
+            losses.global_compactness(y, z, za, SCALE, method=method, normalization="rms"),
+            expected, **TOL)
+
+
+def test_overlap_global_smoothness_matches_numpy(batch):
+    y, lg, lga = batch["y"], batch["logits"], batch["logits_adv"]
+    p = _softmax(lg.astype(np.float64))
+    log_q = _log_softmax(lga.astype(np.float64))
+    same = y[:, None] == y[None, :]
+    ce = -(p[None, :, :] * log_q[:, None, :]).sum(-1)  # [i, j] = CE(p_j, q_i)
+    overlap = np.exp(log_q) @ p.T  # [i, j] = <q_i, p_j>
+    expected = np.where(same, ce, (1 / SCALE - 1) * overlap).mean()
+    np.testing.assert_allclose(losses.global_smoothness(y, lg, lga, SCALE, push="overlap"),
+                               expected, **TOL)
+    # With one label only there is nothing to push: the paper's value.
+    one = np.zeros_like(y)
+    np.testing.assert_allclose(losses.global_smoothness(one, lg, lga, push="overlap"),
+                               losses.global_smoothness(one, lg, lga), **TOL)
+
+
+def _adr_terms(y, z, za, lg, lga, bounded):
+    kw = dict(normalization="rms") if bounded else {}
+    push = "overlap" if bounded else "cross_entropy"
+    return {
+        "local_compactness": losses.local_compactness(z, za, **kw),
+        "global_compactness": losses.global_compactness(y, z, za, SCALE, **kw),
+        "local_smoothness": losses.local_smoothness(lg, lga),
+        "global_smoothness": losses.global_smoothness(y, lg, lga, SCALE, push=push),
+        "conditional_entropy": losses.conditional_entropy(lga),
+    }
+
+
+def test_bounded_objective_cannot_be_lowered_by_scaling_codes_or_logits():
+    """Inflating `z` and the logits is how the paper's objective runs away.
+
+    The batch is the state training reaches: codes clustered by class and
+    predictions correct. Scaled up, its paper objective falls linearly
+    (different-label distances and cross-entropies carry negative weights);
+    the bounded one stays above a fixed bound and its compactness does not
+    move.
+    """
+    rng = np.random.default_rng(3)
+    b, k, c = 40, 16, 5
+    y = np.arange(b) % c
+    centres = 3.0 * np.eye(c, k)
+    z = np.abs(centres[y] + 0.01 * rng.normal(size=(b, k))).astype(np.float32)  # ReLU codes
+    za = np.abs(z + 0.01 * rng.normal(size=(b, k))).astype(np.float32)
+    lg = (4.0 * np.eye(c)[y] + 0.5 * rng.normal(size=(b, c))).astype(np.float32)
+    lga = (lg + 0.5 * rng.normal(size=(b, c))).astype(np.float32)
+    base = _adr_terms(y, z, za, lg, lga, bounded=True)
+    paper_totals = []
+    for s in (1.0, 10.0, 100.0, 1000.0):
+        bounded = _adr_terms(y, s * z, s * za, s * lg, s * lga, bounded=True)
+        # Every term is >= 0 at every scale except global compactness, whose
+        # push is at most (1/scale - 1) * 2 (mean L1 of RMS-1 codes <= 2).
+        floor = {"global_compactness": -2 * (1 / SCALE - 1)}
+        assert all(float(v) >= floor.get(n, 0.0) for n, v in bounded.items()), (s, bounded)
+        # The compactness terms do not change at all with the scale of z.
+        for name in ("local_compactness", "global_compactness"):
+            np.testing.assert_allclose(bounded[name], base[name], rtol=1e-4, err_msg=name)
+        paper = _adr_terms(y, s * z, s * za, s * lg, s * lga, bounded=False)
+        paper_totals.append(float(sum(paper.values())))
+    # The paper's objective falls without bound (linearly in the scale).
+    assert paper_totals == sorted(paper_totals, reverse=True)
+    assert paper_totals[-1] < -20 and paper_totals[-1] < 5 * paper_totals[-2]
+
+
+def test_rms_compactness_gradient_is_orthogonal_to_the_code(batch):
+    """A scale-invariant term has no gradient along `z_adv`: it cannot grow `z`."""
+    y, z = batch["y"], tf.constant(batch["z"])
+    za = tf.constant(np.abs(batch["z_adv"]) + 0.1)
+    for term in (lambda a: losses.local_compactness(z, a, normalization="rms"),
+                 lambda a: losses.global_compactness(y, z, a, normalization="rms")):
+        with tf.GradientTape() as tape:
+            tape.watch(za)
+            value = term(za)
+        grad = tape.gradient(value, za).numpy()
+        radial = (grad * za.numpy()).sum(1) / np.linalg.norm(za.numpy(), axis=1)
+        assert np.abs(radial).max() < 1e-4 * np.abs(grad).sum(1).max()
+        assert np.abs(grad).max() > 0
+
+
+def test_bounded_terms_stop_gradient_on_clean_side(batch):
+    y = batch["y"]
+    z, za = tf.constant(batch["z"]), tf.constant(batch["z_adv"])
+    lg, lga = tf.constant(batch["logits"]), tf.constant(batch["logits_adv"])
+    with tf.GradientTape(persistent=True) as tape:
+        tape.watch([z, lg])
+        terms = [losses.local_compactness(z, za, normalization="rms"),
+                 losses.global_compactness(y, z, za, normalization="rms"),
+                 losses.global_smoothness(y, lg, lga, push="overlap")]
+    for value in terms:
+        assert all(g is None for g in tape.gradient(value, [z, lg]))
+
+
+def test_bounded_options_validate_and_serialize():
+    with pytest.raises(ValueError, match="normalization"):
+        losses.local_compactness(np.ones((2, 2)), np.ones((2, 2)), normalization="l2")
+    with pytest.raises(ValueError, match="push"):
+        losses.global_smoothness([0, 1], np.ones((2, 2)), np.ones((2, 2)), push="kl")
+    with pytest.raises(ValueError, match="normalization"):
+        losses.GlobalCompactness(normalization="batch")
+    with pytest.raises(ValueError, match="push"):
+        losses.GlobalSmoothness(push="hinge")
+    for loss in (losses.LocalCompactness(normalization="rms"),
+                 losses.GlobalCompactness(normalization="rms"),
+                 losses.GlobalSmoothness(push="overlap")):
+        clone = keras.losses.deserialize(keras.losses.serialize(loss))
+        assert clone.get_config() == loss.get_config()

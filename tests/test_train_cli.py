@@ -125,3 +125,32 @@ def test_resumed_checkpoint_keeps_the_best_logged_value(tmp_path):
     history.write_text("epoch,loss,val_adv_accuracy\n0,1.0,0.41\n1,0.9,0.47\n2,nan,nan\n")
     assert pipeline._best_logged(str(history), "val_adv_accuracy") == 0.47
     assert pipeline._best_logged(str(history), "adv_accuracy") is None
+
+
+def _exported_and_checkpoint_logits(metrics, checkpoint):
+    import keras
+    import numpy as np
+
+    images = next(iter(data.load("fashion_mnist", "test", batch_size=16, take=16)))[0]
+    served = tf.saved_model.load(metrics["export_path"]).signatures["serving_default"]
+    exported = served(images=images)["logits"].numpy()
+    expected = keras.saving.load_model(checkpoint)(images, training=False).numpy()
+    return exported, expected
+
+
+@pytest.mark.parametrize("choice", ["best", "final"])
+def test_evaluation_and_export_use_the_selected_weights(tmp_path, choice):
+    import numpy as np
+
+    out = tmp_path / choice
+    result = _run(out, "--epochs=2", "--defense=pgd_at", f"--export_weights={choice}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["export_weights"] == choice
+    if choice == "best":
+        val = metrics["history"]["val_adv_accuracy"]
+        assert metrics["selected_epoch"] == 1 + val.index(max(val))
+    else:
+        assert metrics["selected_epoch"] is None
+    exported, expected = _exported_and_checkpoint_logits(metrics, out / f"{choice}.keras")
+    np.testing.assert_allclose(exported, expected, rtol=1e-4, atol=1e-4)

@@ -60,11 +60,14 @@ def test_zero_adr_weights_equal_hand_written_pgd_at_step():
         np.testing.assert_allclose(v.numpy(), b - g.numpy(), rtol=1e-5, atol=1e-6)
 
 
-def test_default_adr_step_equals_functional_terms():
+@pytest.mark.parametrize("preset", ["adr_pgd", "adr_pgd_paper"])
+def test_default_adr_step_equals_functional_terms(preset):
     keras.utils.set_random_seed(3)
     x, y = blob_data(24)
     x_adv = np.clip(x + 0.05, 0, 1).astype(np.float32)
-    config = presets.get("adr_pgd", label_propagation=0.5, propagation_neighbors=4)
+    config = presets.get(preset, label_propagation=0.5, propagation_neighbors=4)
+    norm = config.latent_normalization
+    push = config.smoothness_push
     model = keras_adr.ADRModel(tiny_cnn(), config)
     loss, _, sums, _ = model.compute_adr_loss(x, y, x_adv)
     latent = keras.Model(model.backbone.input,
@@ -74,15 +77,17 @@ def test_default_adr_step_equals_functional_terms():
     ce = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
     expected = {
         "ce": ce(y, logits), "adv_ce": ce(y, logits_adv),
-        "local_compactness": losses.local_compactness(z, z_adv),
+        "local_compactness": losses.local_compactness(z, z_adv, normalization=norm),
         "local_smoothness": losses.local_smoothness(logits, logits_adv),
-        "global_compactness": losses.global_compactness(y, z, z_adv, 0.99),
-        "global_smoothness": losses.global_smoothness(y, logits, logits_adv, 0.99),
+        "global_compactness": losses.global_compactness(y, z, z_adv, 0.99, normalization=norm),
+        "global_smoothness": losses.global_smoothness(y, logits, logits_adv, 0.99, push=push),
         "conditional_entropy": losses.conditional_entropy(logits_adv),
         "label_propagation": losses.label_propagation(y, z, z_adv, logits_adv, k=4),
     }
-    assert set(sums) == set(expected)
-    for name, value in expected.items():
+    diagnostics = {"latent_norm": np.linalg.norm(np.reshape(z, (len(x), -1)), axis=1).mean(),
+                   "logits_norm": np.linalg.norm(logits, axis=1).mean()}
+    assert set(sums) == set(expected) | set(diagnostics)
+    for name, value in {**expected, **diagnostics}.items():
         np.testing.assert_allclose(sums[name] / len(x), value, rtol=1e-5, err_msg=name)
     weights = {name: 1.0 for name in expected}
     weights["label_propagation"] = 0.5
@@ -95,7 +100,7 @@ def test_trades_objective():
     x_adv = np.clip(x - 0.05, 0, 1).astype(np.float32)
     model = keras_adr.ADRModel(tiny_cnn(), presets.get("trades", trades_beta=3.0))
     loss, _, sums, (logits, logits_adv) = model.compute_adr_loss(x, y, x_adv)
-    assert set(sums) == {"ce", "trades_kl"}
+    assert set(sums) == {"ce", "trades_kl", "latent_norm", "logits_norm"}
     ce = keras.losses.SparseCategoricalCrossentropy(from_logits=True)(y, logits)
     np.testing.assert_allclose(loss, ce + 3.0 * losses.trades_kl(logits, logits_adv), rtol=1e-5)
     assert model.adr_config.attack_loss == "kl"
@@ -109,7 +114,8 @@ def test_fit_reports_every_term_and_test_step():
     history = model.fit(x, y, batch_size=32, epochs=1, verbose=0, validation_data=(x, y))
     expected = {"loss", "accuracy", "adv_accuracy", "ce", "trades_kl", "local_compactness",
                 "local_smoothness", "global_compactness", "global_smoothness",
-                "conditional_entropy", "val_loss", "val_accuracy", "val_adv_accuracy"}
+                "conditional_entropy", "latent_norm", "logits_norm", "val_loss",
+                "val_accuracy", "val_adv_accuracy"}
     assert set(history.history) == expected
     assert all(np.isfinite(v[0]) for v in history.history.values())
     results = model.evaluate(x, y, verbose=0, return_dict=True)
@@ -122,7 +128,7 @@ def test_standard_objective_has_no_adversary():
     model = keras_adr.ADRModel(tiny_cnn(), presets.get("standard"))
     model.compile(optimizer="adam")
     history = model.fit(x, y, batch_size=32, epochs=1, verbose=0)
-    assert set(history.history) == {"loss", "accuracy", "ce"}
+    assert set(history.history) == {"loss", "accuracy", "ce", "latent_norm", "logits_norm"}
 
 
 @pytest.fixture(scope="module")

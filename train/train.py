@@ -49,6 +49,12 @@ flags.DEFINE_integer("cpu_replicas", 0,
                      "so --strategy=mirrored runs N replicas without GPUs (0 = don't split).")
 flags.DEFINE_bool("sync_batchnorm", False, "Synchronized BatchNorm (ResNets, multi-replica).")
 flags.DEFINE_bool("export", True, "Export a SavedModel at the end.")
+flags.DEFINE_enum("export_weights", _DEFAULTS.export_weights, pipeline.EXPORT_WEIGHTS,
+                  "Weights that are evaluated and exported: best = the checkpoint of the best "
+                  "robust validation accuracy (best.keras), final = the last epoch's.")
+flags.DEFINE_float("divergence_factor", _DEFAULTS.divergence_factor,
+                   "Stop (exit 1, best weights restored) when the epoch loss's magnitude exceeds "
+                   "this multiple of its running minimum; 0 = stop only on NaN/inf.")
 flags.DEFINE_integer("verbose", 1, "Keras verbosity: 0 silent, 1 progress bar, 2 one line/epoch.")
 
 # Attack flags: unset means the preset's value.
@@ -100,7 +106,9 @@ def options_from_flags():
         validation_examples=FLAGS.validation_examples, test_examples=FLAGS.test_examples,
         eval_attacks=tuple(FLAGS.eval_attacks),
         output_dir=FLAGS.output_dir, data_dir=FLAGS.data_dir, strategy=FLAGS.strategy,
-        sync_batchnorm=FLAGS.sync_batchnorm, export=FLAGS.export, verbose=FLAGS.verbose,
+        sync_batchnorm=FLAGS.sync_batchnorm, export=FLAGS.export,
+        export_weights=FLAGS.export_weights, divergence_factor=FLAGS.divergence_factor,
+        verbose=FLAGS.verbose,
         command=" ".join(shlex.quote(a) for a in ["adr-train", *sys.argv[1:]]))
 
 

@@ -1,0 +1,97 @@
+"""DivergenceGuard: stops runaway and non-finite runs, restores the best weights."""
+
+import math
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from keras_adr.callbacks import DivergenceGuard
+
+
+class _Scripted(keras.Model):
+    """Logs a scripted loss per epoch; every step adds 1 to a weight.
+
+    `losses[e]` is the loss of epoch e (the last batch's value is what Keras
+    logs at the epoch end); `slow` grows by 2x per epoch, `fast` follows the
+    loss, so `fast` is the term that grew most when the loss runs away.
+    """
+
+    def __init__(self, losses, steps_per_epoch):
+        super().__init__()
+        self.counter = keras.layers.Dense(1, kernel_initializer="zeros")
+        self.counter.build((None, 3))
+        self.scripted = tf.constant(losses, tf.float32)
+        self.steps_per_epoch = steps_per_epoch
+        self.step = tf.Variable(0, dtype=tf.int64, trainable=False)
+
+    def call(self, x):
+        return self.counter(x)
+
+    def train_step(self, data):
+        epoch = self.step // self.steps_per_epoch
+        self.step.assign_add(1)
+        self.counter.kernel.assign_add(tf.ones_like(self.counter.kernel))
+        loss = self.scripted[epoch]
+        return {"loss": loss, "fast": loss, "slow": tf.pow(2.0, tf.cast(epoch, tf.float32)),
+                "accuracy": tf.constant(0.5)}
+
+
+def _fit(losses, guard, steps_per_epoch=2):
+    model = _Scripted(losses, steps_per_epoch)
+    model.compile(optimizer="sgd")
+    x = np.zeros((2 * steps_per_epoch, 3), np.float32)
+    history = model.fit(x, np.zeros(len(x)), batch_size=2, epochs=len(losses), verbose=0,
+                        callbacks=[guard])
+    return model, history
+
+
+def test_runaway_loss_stops_and_restores_the_best_weights():
+    guard = DivergenceGuard(factor=5.0)
+    model, history = _fit([2.0, 1.0, 3.0, 6.0, 50.0, 60.0], guard)
+    # 6 > 5 * 1 at epoch 4 (1-based): training stops there.
+    assert guard.diverged and len(history.history["loss"]) == 4
+    assert "epoch 4" in guard.reason and "`fast`" in guard.reason
+    # Weights of epoch 2 (the smallest loss): 2 epochs x 2 steps of +1.
+    np.testing.assert_allclose(model.counter.kernel.numpy(), 4.0)
+    assert guard.best_epoch == 1
+
+
+def test_loss_falling_without_bound_stops_too():
+    """The paper's ADR objective runs away towards -inf."""
+    guard = DivergenceGuard(factor=5.0)
+    # The keras-adr history of issue 9: |-9.2| > 5 * 1.7 at epoch 4.
+    _, history = _fit([3.4, 2.5, 1.7, -9.2, -22.0], guard)
+    assert guard.diverged and len(history.history["loss"]) == 4
+    assert "-9.2" in guard.reason and "epoch 3)" in guard.reason
+
+
+def test_non_finite_loss_stops_at_once():
+    guard = DivergenceGuard()
+    model, history = _fit([1.0, math.nan, 0.5], guard)
+    assert guard.diverged and "nan" in guard.reason.lower()
+    assert len(history.history["loss"]) == 2
+    np.testing.assert_allclose(model.counter.kernel.numpy(), 2.0)  # epoch 1's weights
+
+
+def test_healthy_run_is_left_alone():
+    guard = DivergenceGuard(factor=2.0)
+    model, history = _fit([1.4, 1.0, 0.9, 1.1, 0.8], guard)
+    assert not guard.diverged and guard.reason is None
+    assert len(history.history["loss"]) == 5
+    np.testing.assert_allclose(model.counter.kernel.numpy(), 10.0)  # nothing restored
+
+
+def test_floor_keeps_near_zero_losses_from_tripping():
+    guard = DivergenceGuard(factor=5.0, loss_floor=0.1)
+    _, history = _fit([0.01, 0.001, 0.3], guard)
+    assert not guard.diverged and len(history.history["loss"]) == 3
+
+
+@pytest.mark.parametrize("kwargs,match", [(dict(factor=1.0), "factor"),
+                                          (dict(factor="5"), "factor"),
+                                          (dict(loss_floor=-1.0), "loss_floor")])
+def test_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        DivergenceGuard(**kwargs)
