@@ -1,12 +1,13 @@
 """keras-adr: Adversary Divergence Reduction adversarial training for Keras 3.
 
 Public API: `ADRConfig`, `AttackConfig`, `ADRModel`, `ADRMixin`, `presets`,
-and the submodules `attacks`, `losses`, `graph`, `models`, `data`,
+and the submodules `attacks`, `callbacks`, `losses`, `graph`, `models`, `data`,
 `evaluation`, `export`, `serving`, `distribute` (`pipeline` runs a whole
 training job and is imported on its own).
 """
 
 from keras_adr import attacks
+from keras_adr import callbacks
 from keras_adr import data
 from keras_adr import distribute
 from keras_adr import evaluation
@@ -23,6 +24,6 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ADRConfig", "AttackConfig", "ADRMixin", "ADRModel",
-    "attacks", "data", "distribute", "evaluation", "export", "graph", "losses", "models",
+    "attacks", "callbacks", "data", "distribute", "evaluation", "export", "graph", "losses", "models",
     "presets", "serving",
 ]

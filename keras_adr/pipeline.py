@@ -3,8 +3,10 @@
 `adr-train` is a thin flag parser over `run`. Everything uses Keras' own
 machinery: `fit` with its progress bar, `BackupAndRestore` (a killed run
 started again with the same output directory resumes from its last finished
-epoch), `ModelCheckpoint` of the best robust validation accuracy,
-`TensorBoard`, `CSVLogger` and `TerminateOnNaN`.
+epoch), `ModelCheckpoint` of the best robust validation accuracy (whose
+weights are evaluated and exported by default), `TensorBoard`, `CSVLogger`,
+and keras-adr's `DivergenceGuard` (a runaway or non-finite loss stops the run
+with `TrainingDivergedError`).
 
 Distributed runs (`TrainOptions.strategy`): the model and optimizer are built
 inside `strategy.scope()` and the data are batched with the *global* batch

@@ -72,6 +72,12 @@ for _name in _FLOAT_FIELDS:
     flags.DEFINE_float(_name, None, f"ADRConfig.{_name} (default: the preset's).")
 flags.DEFINE_integer("propagation_neighbors", None, "k of the label-propagation k-NN graph.")
 flags.DEFINE_enum("compactness_distance", None, config_lib.DISTANCES, "Local compactness distance.")
+flags.DEFINE_enum("latent_normalization", None, config_lib.LATENT_NORMALIZATIONS,
+                  "Compactness on RMS-normalised codes (rms, bounded) or raw codes (none, the "
+                  "paper's); default: the preset's.")
+flags.DEFINE_enum("smoothness_push", None, config_lib.SMOOTHNESS_PUSHES,
+                  "Different-label global smoothness: overlap (bounded) or cross_entropy (the "
+                  "paper's); default: the preset's.")
 flags.DEFINE_enum("pairwise_scope", None, config_lib.PAIRWISE_SCOPES,
                   "global: pairwise terms over the global batch; replica: per replica.")
 
@@ -90,7 +96,7 @@ def adr_config_from_flags():
     if FLAGS.epsilon is not None and FLAGS.step_size is None:
         overrides["attack_step_size"] = 2.5 * FLAGS.epsilon / overrides["attack_steps"]
     for name in _FLOAT_FIELDS + ("propagation_neighbors", "compactness_distance",
-                                 "pairwise_scope"):
+                                 "latent_normalization", "smoothness_push", "pairwise_scope"):
         if FLAGS[name].value is not None:
             overrides[name] = FLAGS[name].value
     return presets.get(FLAGS.defense, **overrides)
