@@ -424,6 +424,11 @@ def _random_crop(images, seed, padding):
 def _load_fashion_mnist(split, data_dir, take):
     """Returns `(uint8 dataset, num_examples)` of a Fashion-MNIST split."""
     base, start, stop = _parse_split(split, valid_names=tuple(_IDX_FILES))
+    if data_dir is not None and not os.path.isdir(data_dir):
+        raise DatasetNotFoundError(
+            f"data_dir {os.fspath(data_dir)!r} is not a directory: give the directory that "
+            "holds the Fashion-MNIST IDX files (or a TFDS data_dir), or leave it unset to use "
+            f"${DATA_DIR_ENV} or {DEBIAN_FASHION_MNIST_DIR}.")
     search_path = _fashion_mnist_search_path(data_dir)
     for directory in search_path:
         files = _find_idx_files(directory, base)
@@ -447,7 +452,13 @@ def _load_fashion_mnist(split, data_dir, take):
 
 
 def _fashion_mnist_search_path(data_dir):
-    """Directories searched for the Fashion-MNIST IDX files, in order."""
+    """Directories searched for the Fashion-MNIST IDX files, in order.
+
+    A directory the caller names is the only one searched: falling back to
+    another copy would train on data the caller did not choose.
+    """
+    if data_dir:
+        return [os.fspath(data_dir)]
     candidates = (
         data_dir,
         os.environ.get(DATA_DIR_ENV),
@@ -541,7 +552,10 @@ def _fashion_mnist_not_found_message(search_path, data_dir, tfds_error):
         f"{stem}[.gz]" for pair in _IDX_FILES.values() for stem in pair
     )
     places = [f"  - {directory}: no IDX files" for directory in search_path]
-    if not os.environ.get(DATA_DIR_ENV):
+    if data_dir:
+        places.append(f"  (data_dir was given, so ${DATA_DIR_ENV} and "
+                      f"{DEBIAN_FASHION_MNIST_DIR} were not searched)")
+    elif not os.environ.get(DATA_DIR_ENV):
         places.insert(len(places) - 1, f"  - ${DATA_DIR_ENV}: not set")
     places.append(
         f"  - TFDS data_dir {_tfds_location(data_dir)}: "

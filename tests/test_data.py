@@ -423,3 +423,22 @@ def test_tfds_augmentation(tmp_path, name, flip):
         num_flipped += min(matches) >= 81
     if flip:
         assert 0 < num_flipped < 16
+
+
+def test_explicit_data_dir_is_the_only_place_searched(tmp_path, no_default_dirs, monkeypatch):
+    """A named directory is used or rejected, never replaced by another copy."""
+    elsewhere, empty = tmp_path / "elsewhere", tmp_path / "empty"
+    elsewhere.mkdir()
+    empty.mkdir()
+    _fake_fashion_mnist(elsewhere)
+    monkeypatch.setenv(data.DATA_DIR_ENV, str(elsewhere))
+    monkeypatch.setattr(data, "DEBIAN_FASHION_MNIST_DIR", str(elsewhere))
+    with pytest.raises(data.DatasetNotFoundError, match="were not searched"):
+        data.load("fashion_mnist", "train", batch_size=4, data_dir=empty)
+    a_file = tmp_path / "a_file"
+    a_file.write_text("not a dataset")
+    with pytest.raises(data.DatasetNotFoundError, match="not a directory"):
+        data.load("fashion_mnist", "train", batch_size=4, data_dir=a_file)
+    # Unset, the fallbacks still apply.
+    _, labels = _collect(data.load("fashion_mnist", "test", batch_size=8))
+    assert labels.shape == (6,)

@@ -61,6 +61,25 @@ def test_train_writes_metrics_checkpoint_and_export(tmp_path):
     assert set(loaded.signatures) >= {"serving_default", "serve_uint8"}
     assert "clean accuracy" in result.stdout
 
+    # The README's adr-export example, on both models adr-train saves.
+    for name in ("final.keras", "best.keras"):
+        export_dir = tmp_path / f"export_{name}"
+        exported = subprocess.run(
+            [sys.executable, "-m", "train.export", f"--model_path={out / name}",
+             f"--export_dir={export_dir}"], capture_output=True, text=True, timeout=300,
+            cwd=os.path.dirname(os.path.dirname(__file__)))
+        assert exported.returncode == 0, exported.stderr[-3000:]
+        served = tf.saved_model.load(str(export_dir / "1")).signatures["serving_default"]
+        assert served(images=tf.zeros([2, 28, 28, 1]))["logits"].shape == (2, 10)
+
+
+def test_named_data_dir_is_used_or_rejected(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    result = _run(tmp_path / "run", "--epochs=1", f"--data_dir={empty}")
+    assert result.returncode == 1 and str(empty) in result.stderr
+    assert not (tmp_path / "run" / "metrics.json").exists()
+
 
 def test_killed_run_resumes_from_last_epoch(tmp_path):
     out = tmp_path / "resume"

@@ -46,6 +46,10 @@ def main(argv):
         raise app.UsageError("--metadata_json must be a JSON object.")
     # The optimizer and losses are not needed to serve.
     model = keras.models.load_model(FLAGS.model_path, compile=False)
+    if isinstance(model, keras_adr.ADRModel):
+        # What adr-train saves: serve the classifier it wraps, as adr-train's
+        # own export does.
+        model = model.backbone
     path = export.export_saved_model(
         model,
         FLAGS.export_dir,
