@@ -21,15 +21,15 @@ that the workers finished in sync.
 
 import csv
 import dataclasses
-import json
 import math
 import os
+import shutil
 import time
 
 import keras
 
 from keras_adr import callbacks as adr_callbacks
-from keras_adr import data, distribute, evaluation, export, models
+from keras_adr import data, distribute, evaluation, export, models, rundir
 from keras_adr.config import ADRConfig
 from keras_adr.training import ADRModel
 
@@ -179,7 +179,10 @@ def _callbacks(out, has_validation, uses_adversary, guard):
         "adv_accuracy" if uses_adversary else "accuracy")
     history_path = os.path.join(out, "history.csv")
     return [
-        keras.callbacks.BackupAndRestore(os.path.join(out, "backup")),
+        # Kept until the run records its training as finished: a kill between
+        # the end of `fit` and that record resumes at the end, not epoch 1.
+        keras.callbacks.BackupAndRestore(os.path.join(out, "backup"), delete_checkpoint=False),
+        _EpochSeconds(),
         guard,
         keras.callbacks.ModelCheckpoint(
             os.path.join(out, "best.keras"), monitor=monitor, mode="max", save_best_only=True,
@@ -204,9 +207,9 @@ def _best_logged(history_path, monitor):
 
 
 def _check_finite(history):
-    for name, values in history.history.items():
+    for name, values in history.items():
         for epoch, value in enumerate(values):
-            if not math.isfinite(value):
+            if value is not None and not math.isfinite(value):
                 raise TrainingDivergedError(
                     f"Training diverged: `{name}` became {value} in epoch {epoch + 1}; "
                     "the run was stopped. Lower --learning_rate, or check the ADR weights "
@@ -228,26 +231,65 @@ def _select_weights(model, options, out):
     best = keras.saving.load_model(path)
     model.set_weights(best.get_weights())
     del best
-    history_path = os.path.join(out, "history.csv")
-    with open(history_path, newline="") as f:
-        rows = list(csv.DictReader(f))
+    history = _read_history(os.path.join(out, "history.csv"))
     monitor = next((m for m in ("val_adv_accuracy", "adv_accuracy", "accuracy")
-                    if rows and rows[0].get(m)), None)
+                    if any(v is not None for v in history.get(m, []))), None)
     if monitor is None:
         return None
-    values = [float(row[monitor]) for row in rows]
-    return int(rows[values.index(max(values))]["epoch"]) + 1
+    values = [-math.inf if v is None else v for v in history[monitor]]
+    return history["epoch"][values.index(max(values))] + 1
 
 
-def _write_json(path, payload):
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(payload, f, indent=2, sort_keys=True)
-    os.replace(tmp, path)
+def _run_config(options, adr_config):
+    """What defines a run: every option but the display ones, and the ADRConfig."""
+    skipped = ("verbose", "command", "output_dir")
+    return {"options": {k: v for k, v in dataclasses.asdict(options).items() if k not in skipped},
+            "adr_config": adr_config.get_config()}
+
+
+def _read_history(path):
+    """`{column: [values per epoch]}` of `history.csv`, one row per epoch
+    (`"epoch"`: the 0-based epoch numbers; missing values are None).
+
+    A row logged twice (an epoch rerun after a kill between its log line and
+    its backup) keeps the last value, the one of the weights that went on.
+    """
+    if not os.path.exists(path):
+        return {}
+    by_epoch = {}
+    with open(path, newline="") as f:
+        for row in csv.DictReader(f):
+            by_epoch[int(row["epoch"])] = row
+    history = {"epoch": sorted(by_epoch)}
+    for epoch in sorted(by_epoch):
+        for key, value in by_epoch[epoch].items():
+            if key != "epoch":
+                # CSVLogger writes "NA" for a value an epoch did not log.
+                history.setdefault(key, []).append(
+                    None if value in ("", "NA", None) else float(value))
+    return history
+
+
+class _EpochSeconds(keras.callbacks.Callback):
+    """Logs each epoch's wall time (`epoch_seconds` in history.csv), so that
+    the training time of a resumed run covers all its epochs."""
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._started = time.time()
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs is not None:
+            logs["epoch_seconds"] = time.time() - self._started
 
 
 def run(options, adr_config):
     """Trains, evaluates and exports one model; returns the metrics dict.
+
+    The output directory is locked for the run and bound to its
+    configuration (`keras_adr.rundir`). Rerun with the same options after an
+    interruption, it continues from the last finished stage: the last
+    finished training epoch, then evaluation, then export; a finished run is
+    not run again.
 
     Args:
         options: A `TrainOptions`.
@@ -257,18 +299,27 @@ def run(options, adr_config):
         The metrics written to `<output_dir>/metrics.json`.
 
     Raises:
-        TrainingDivergedError: If the loss became non-finite.
+        TrainingDivergedError: If the loss became non-finite or ran away.
         keras_adr.data.DatasetNotFoundError: If the dataset is missing.
+        keras_adr.rundir.RunDirectoryError: If the output directory is in
+            use, unusable, or holds a run of another configuration.
     """
     if not isinstance(adr_config, ADRConfig):
         raise ValueError(f"`adr_config` must be an ADRConfig; got {type(adr_config).__name__}.")
     # First: MultiWorkerMirroredStrategy must configure collectives before
     # TensorFlow runs anything.
     strategy = distribute.get_strategy(options.strategy)
+    out = distribute.work_dir(strategy, options.output_dir)
+    with rundir.RunDirectory(out, _run_config(options, adr_config)) as run_dir:
+        if run_dir.state.get("complete") and os.path.exists(run_dir.file("metrics.json")):
+            return rundir.read_json(run_dir.file("metrics.json"))
+        return _run_stages(options, adr_config, strategy, run_dir)
+
+
+def _run_stages(options, adr_config, strategy, run_dir):  # noqa: C901 - one stage after another
     chief = distribute.is_chief(strategy)
     workers = distribute.num_workers(strategy)
-    out = distribute.work_dir(strategy, options.output_dir)
-    os.makedirs(out, exist_ok=True)
+    out = run_dir.path
     keras.utils.set_random_seed(options.seed)
     info = data.info(options.dataset)
     train_split, validation_split, num_train = _splits(options, info)
@@ -286,32 +337,40 @@ def run(options, adr_config):
         model.compile(optimizer=_optimizer(options, steps_per_epoch))
     distribute.patch_keras_fit(model)
 
-    started = time.time()
-    guard = _guard(options)
-    history = model.fit(train_ds, epochs=options.epochs, validation_data=validation_ds,
-                        callbacks=_callbacks(out, validation_ds is not None,
-                                           adr_config.uses_adversary, guard),
-                        verbose=options.verbose)
-    if guard.diverged:
-        raise TrainingDivergedError(
-            f"{guard.reason} Lower --learning_rate, use a bounded ADR preset (adr_pgd, "
-            f"adr_trades) rather than the paper's, or raise --divergence_factor. The best "
-            f"robust checkpoint so far is {os.path.join(out, 'best.keras')}.")
-    _check_finite(history)
-    train_seconds = time.time() - started
-    if options.export:
+    final_path = run_dir.file("final.keras")
+    if not run_dir.state.get("trained"):
+        guard = _guard(options)
+        model.fit(train_ds, epochs=options.epochs, validation_data=validation_ds,
+                  callbacks=_callbacks(out, validation_ds is not None, adr_config.uses_adversary,
+                                       guard),
+                  verbose=options.verbose)
+        if guard.diverged:
+            raise TrainingDivergedError(
+                f"{guard.reason} Lower --learning_rate, use a bounded ADR preset (adr_pgd, "
+                f"adr_trades) rather than the paper's, or raise --divergence_factor. The best "
+                f"robust checkpoint so far is {run_dir.file('best.keras')}.")
         # Every worker saves (collectives); a non-chief one into its private directory.
-        model.save(os.path.join(out, "final.keras"))
+        model.save(final_path)
+        run_dir.update(trained=True)
+        shutil.rmtree(run_dir.file("backup"), ignore_errors=True)
+    else:
+        model.set_weights(keras.saving.load_model(final_path).get_weights())
+    history = _read_history(run_dir.file("history.csv"))
+    _check_finite(history)
     best_epoch = _select_weights(model, options, out)
 
-    # Evaluation is local (no collectives): every worker runs it on the same data.
-    test_ds = data.load(options.dataset, "test", batch_size=256, data_dir=options.data_dir,
-                        take=options.test_examples)
-    started = time.time()
-    results = evaluation.evaluate_robustness(
-        model, test_ds, epsilon=adr_config.attack.epsilon, norm=adr_config.attack.norm,
-        attacks=options.eval_attacks, seed=options.seed)
-    eval_seconds = time.time() - started
+    if run_dir.state.get("evaluation"):
+        results, eval_seconds = run_dir.state["evaluation"], run_dir.state["eval_seconds"]
+    else:
+        # Evaluation is local (no collectives): every worker runs it on the same data.
+        test_ds = data.load(options.dataset, "test", batch_size=256, data_dir=options.data_dir,
+                            take=options.test_examples)
+        started = time.time()
+        results = evaluation.evaluate_robustness(
+            model, test_ds, epsilon=adr_config.attack.epsilon, norm=adr_config.attack.norm,
+            attacks=options.eval_attacks, seed=options.seed).to_dict()
+        eval_seconds = round(time.time() - started, 1)
+        run_dir.update(evaluation=results, eval_seconds=eval_seconds)
 
     metrics = {
         "command": options.command,
@@ -322,40 +381,58 @@ def run(options, adr_config):
         "num_replicas": int(strategy.num_replicas_in_sync),
         "num_workers": workers,
         "train_examples": num_train,
-        "epochs_run": len(history.history.get("loss", [])),
-        "train_seconds": round(train_seconds, 1),
-        "eval_seconds": round(eval_seconds, 1),
-        "history": {k: [float(v) for v in vs] for k, vs in history.history.items()},
-        "evaluation": results.to_dict(),
-        "clean_accuracy": results.clean_accuracy,
-        "robust_accuracy": results.robust_accuracy,
+        "epochs_run": len(history.get("loss", [])),
+        "train_seconds": round(sum(history.get("epoch_seconds", [])), 1),
+        "eval_seconds": eval_seconds,
+        "history": {k: v for k, v in history.items() if k not in ("epoch", "epoch_seconds")},
+        "evaluation": results,
+        "clean_accuracy": results["clean_accuracy"],
+        "robust_accuracy": results["robust_accuracy"],
+        "export_weights": options.export_weights,
+        "selected_epoch": best_epoch,
     }
     if workers > 1:
         metrics["worker_index"] = distribute.worker_index(strategy)
         model.save_weights(os.path.join(
             options.output_dir, f"worker_{distribute.worker_index(strategy)}.weights.h5"))
-    metrics["export_weights"] = options.export_weights
-    metrics["selected_epoch"] = best_epoch
     if options.export:
-        metadata = {
-            "dataset": options.dataset,
-            "class_names": list(info.class_names),
-            "defense": options.defense,
-            "adr_config": adr_config.get_config(),
-            "weights": {"selected": options.export_weights, "epoch": best_epoch},
-            "attack_budget": {"norm": adr_config.attack.norm,
-                              "epsilon": adr_config.attack.epsilon},
-            "robustness": results.to_dict(),
-            "command": options.command,
-        }
-        metrics["export_path"] = export.export_saved_model(
-            model.backbone, os.path.join(out, "saved_model"), metadata=metadata)
+        metrics["export_path"] = run_dir.state.get("export_path") or _export(
+            model, options, adr_config, info, results, best_epoch, run_dir)
     if chief:
-        _write_json(os.path.join(out, "metrics.json"), metrics)
+        rundir.write_json(run_dir.file("metrics.json"), metrics)
+        run_dir.update(complete=True)
     else:
         metrics.pop("export_path", None)
         distribute.remove_work_dir(strategy, options.output_dir)
     return metrics
+
+
+def _export(model, options, adr_config, info, results, best_epoch, run_dir):
+    """Exports once per run: a version this run already published is reused."""
+    base = run_dir.file("saved_model")
+    run_id = run_dir.config_id
+    for version in export.list_versions(base) if os.path.isdir(base) else []:
+        path = os.path.join(base, str(version))
+        try:
+            if export.read_metadata(path).get("run_id") == run_id:
+                run_dir.update(export_path=path)
+                return path
+        except (OSError, ValueError):
+            continue
+    metadata = {
+        "run_id": run_id,
+        "dataset": options.dataset,
+        "class_names": list(info.class_names),
+        "defense": options.defense,
+        "adr_config": adr_config.get_config(),
+        "weights": {"selected": options.export_weights, "epoch": best_epoch},
+        "attack_budget": {"norm": adr_config.attack.norm, "epsilon": adr_config.attack.epsilon},
+        "robustness": results,
+        "command": options.command,
+    }
+    path = export.export_saved_model(model.backbone, base, metadata=metadata)
+    run_dir.update(export_path=path)
+    return path
 
 
 def format_summary(metrics):

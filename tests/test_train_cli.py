@@ -100,9 +100,11 @@ def test_killed_run_resumes_from_last_epoch(tmp_path):
     epochs = _epochs_logged(out)
     resumed = epochs[len(first):]
     # The second run starts after the last finished epoch instead of from 0.
-    assert resumed and resumed[0] > 0 and resumed[-1] == 3, epochs
+    assert resumed and resumed[0] == max(first) + 1 and resumed[-1] == 3, epochs
+    # metrics.json describes the whole run, not only its resumed part.
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["epochs_run"] == len(resumed)
+    assert metrics["epochs_run"] == 4 and len(metrics["history"]["loss"]) == 4
+    assert metrics["train_seconds"] > 0
 
 
 def test_divergence_exits_non_zero_with_message(tmp_path):
@@ -173,3 +175,92 @@ def test_evaluation_and_export_use_the_selected_weights(tmp_path, choice):
         assert metrics["selected_epoch"] is None
     exported, expected = _exported_and_checkpoint_logits(metrics, out / f"{choice}.keras")
     np.testing.assert_allclose(exported, expected, rtol=1e-4, atol=1e-4)
+
+
+def _kill_when(out, flags, ready, timeout=240):
+    """Starts adr-train, SIGKILLs it as soon as `ready()` holds; returns whether it did."""
+    process = subprocess.Popen(_command(out, *flags), stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL,
+                               cwd=os.path.dirname(os.path.dirname(__file__)))
+    deadline = time.time() + timeout
+    while time.time() < deadline and process.poll() is None and not ready():
+        time.sleep(0.01)
+    killed = process.poll() is None
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    return killed
+
+
+def _state(out):
+    try:
+        return json.loads((out / "state.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def test_kill_during_evaluation_or_export_resumes_that_stage(tmp_path):
+    out = tmp_path / "stages"
+    flags = ("--epochs=2", "--defense=pgd_at")
+    # Killed during the evaluation: training is recorded as finished.
+    assert _kill_when(out, flags, lambda: _state(out).get("trained"))
+    assert not _state(out).get("evaluation")
+    result = _run(out, *flags)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert _epochs_logged(out) == [0, 1]  # training was not redone
+    versions = sorted(os.listdir(out / "saved_model"))
+    assert versions == ["1"], versions
+
+    # Killed while exporting: the rerun publishes one version, not two.
+    out2 = tmp_path / "export"
+    exporting = lambda: (out2 / "saved_model").is_dir() and any(
+        name.startswith(".tmp-export") for name in os.listdir(out2 / "saved_model"))
+    assert _kill_when(out2, flags, exporting)
+    result = _run(out2, *flags)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert _epochs_logged(out2) == [0, 1]
+    assert [n for n in os.listdir(out2 / "saved_model") if not n.startswith(".")] == ["1"]
+    metrics = json.loads((out2 / "metrics.json").read_text())
+    assert metrics["epochs_run"] == 2 and metrics["export_path"].endswith("1")
+
+
+def test_other_flags_never_mix_with_a_run(tmp_path):
+    out = tmp_path / "run"
+    flags = ("--epochs=1", "--defense=pgd_at")
+    assert _run(out, *flags).returncode == 0
+    history = (out / "history.csv").read_text()
+    metrics = (out / "metrics.json").read_text()
+
+    result = _run(out, "--epochs=1", "--defense=trades", "--learning_rate=0.01")
+    assert result.returncode == 1
+    assert "--defense" in result.stderr and "--learning_rate" in result.stderr
+    assert "new --output_dir" in result.stderr and "Traceback" not in result.stderr
+    # The same flags again: the finished run is reported, nothing is redone.
+    result = _run(out, *flags)
+    assert result.returncode == 0 and "clean accuracy" in result.stdout
+    assert (out / "history.csv").read_text() == history
+    assert (out / "metrics.json").read_text() == metrics
+    assert sorted(os.listdir(out / "saved_model")) == ["1"]
+
+
+def test_one_run_per_output_dir(tmp_path):
+    out = tmp_path / "busy"
+    process = subprocess.Popen(_command(out, "--epochs=3", "--defense=pgd_at"),
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               cwd=os.path.dirname(os.path.dirname(__file__)))
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not (out / "run_config.json").exists():
+            time.sleep(0.05)
+        result = _run(out, "--epochs=3", "--defense=pgd_at")
+        assert result.returncode == 1
+        assert "in use" in result.stderr and str(process.pid) in result.stderr
+    finally:
+        process.kill()
+        process.wait()
+
+
+def test_output_dir_that_is_a_file(tmp_path):
+    path = tmp_path / "a_file"
+    path.write_text("x")
+    result = _run(path, "--epochs=1")
+    assert result.returncode == 1 and "is a file" in result.stderr
