@@ -37,8 +37,9 @@ def inference_fn(model_fn):
 
 def _validate(x, *, epsilon, step_size, steps, norm, loss, clip_min, clip_max):
     for name, value in (("epsilon", epsilon), ("step_size", step_size)):
-        if isinstance(value, bool) or not isinstance(value, (int, float, np.number)) or not value > 0:
-            raise ValueError(f"`{name}` must be a number > 0; got {value!r}.")
+        if isinstance(value, bool) or not isinstance(value, (int, float, np.number)) or not (
+                0 < value < np.inf):
+            raise ValueError(f"`{name}` must be a finite number > 0; got {value!r}.")
     if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
         raise ValueError(f"`steps` must be an integer >= 1; got {steps!r}.")
     if norm not in NORMS:
@@ -53,7 +54,11 @@ def _validate(x, *, epsilon, step_size, steps, norm, loss, clip_min, clip_max):
             f"`x` must be floating-point images in [{clip_min}, {clip_max}]; got dtype "
             f"{x.dtype.name}. Convert uint8 images with `tf.cast(x, tf.float32) / 255`."
         )
+    non_finite = "attack input `x` has non-finite values (NaN or inf); pass images in " + (
+        f"[{clip_min}, {clip_max}]")
     if tf.executing_eagerly():
+        if not bool(tf.reduce_all(tf.math.is_finite(x))):
+            raise ValueError(non_finite + ".")
         low, high = float(tf.reduce_min(x)), float(tf.reduce_max(x))
         if low < clip_min or high > clip_max:
             raise ValueError(
@@ -62,7 +67,9 @@ def _validate(x, *, epsilon, step_size, steps, norm, loss, clip_min, clip_max):
                 "normalisation inside the model."
             )
         return x
-    # Inside a graph the values are unknown until run time.
+    # Inside a graph the values are unknown until run time; the finiteness
+    # check comes first, so that NaN is not reported as out of range.
+    x = tf.debugging.assert_all_finite(x, non_finite)
     with tf.control_dependencies([
         tf.debugging.assert_greater_equal(
             x, tf.cast(clip_min, x.dtype),

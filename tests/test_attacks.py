@@ -122,6 +122,8 @@ def test_no_gradient_to_input(trained_tiny):
     (dict(epsilon=0.0), "epsilon"),
     (dict(epsilon=-0.1), "epsilon"),
     (dict(step_size=0.0), "step_size"),
+    (dict(epsilon=float("inf")), "epsilon.*finite"),
+    (dict(step_size=float("nan")), "step_size.*finite"),
     (dict(steps=0), "steps"),
     (dict(steps=2.5), "steps"),
     (dict(norm="l1"), "norm"),
@@ -146,3 +148,19 @@ def test_bad_inputs(trained_tiny):
         attacks.pgd(model, x, None, epsilon=0.1, step_size=0.01, steps=1, loss="ce")
     with pytest.raises(ValueError, match="epsilon"):
         attacks.fgsm(model, x, y, epsilon=0)
+
+
+def test_non_finite_images_are_rejected_eagerly_and_in_graphs(trained_tiny):
+    model, x, y = trained_tiny
+    one_nan = x.copy()
+    one_nan[0, 0, 0, 0] = np.nan
+    for images in (one_nan, np.full_like(x, np.nan), np.where(x > 0.5, np.inf, x)):
+        with pytest.raises(ValueError, match="non-finite"):
+            attacks.pgd(model, images, y, epsilon=0.1, step_size=0.02, steps=2)
+
+    @tf.function
+    def attack(images):
+        return attacks.pgd(model, images, y, epsilon=0.1, step_size=0.02, steps=2)
+
+    with pytest.raises(tf.errors.InvalidArgumentError, match="non-finite"):
+        attack(one_nan)
