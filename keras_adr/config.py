@@ -219,6 +219,11 @@ class ADRConfig:
                 f"Unknown ADRConfig field(s) {sorted(unknown)}; valid fields: "
                 f"{[f.name for f in dataclasses.fields(self)]} (attack fields as 'attack_<name>')."
             )
+        unknown_attack = set(attack_overrides) - {f.name for f in dataclasses.fields(AttackConfig)}
+        if unknown_attack:
+            raise ValueError(
+                f"Unknown AttackConfig field(s) {sorted('attack_' + k for k in unknown_attack)}; "
+                f"valid: {['attack_' + f.name for f in dataclasses.fields(AttackConfig)]}.")
         attack = overrides.pop("attack", self.attack)
         if isinstance(attack, dict):
             attack = AttackConfig(**attack)

@@ -65,6 +65,21 @@ def main(argv):
     from keras_adr import evaluation
 
     epsilons = _epsilons(FLAGS.epsilons)
+    if FLAGS.num_examples is not None and FLAGS.num_examples < 1:
+        sys.exit(f"adr-evaluate: error: --num_examples must be >= 1; got {FLAGS.num_examples}.")
+    if FLAGS.output_dir:
+        # Before the evaluation, not after it: a bad directory must not cost an hour.
+        import os
+
+        if os.path.exists(FLAGS.output_dir) and not os.path.isdir(FLAGS.output_dir):
+            sys.exit(f"adr-evaluate: error: --output_dir {FLAGS.output_dir!r} is a file.")
+        try:
+            os.makedirs(FLAGS.output_dir, exist_ok=True)
+        except OSError as e:
+            sys.exit(f"adr-evaluate: error: --output_dir {FLAGS.output_dir!r} cannot be "
+                     f"created: {e.strerror}.")
+        if not os.access(FLAGS.output_dir, os.W_OK | os.X_OK):
+            sys.exit(f"adr-evaluate: error: --output_dir {FLAGS.output_dir!r} is not writable.")
     try:
         model = evaluation.load_model(FLAGS.model_path)
         dataset = data.load(FLAGS.dataset, FLAGS.split, batch_size=FLAGS.batch_size,

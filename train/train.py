@@ -102,12 +102,20 @@ def adr_config_from_flags():
     return presets.get(FLAGS.defense, **overrides)
 
 
+def _fractions(values):
+    try:
+        return tuple(float(f) for f in values)
+    except ValueError:
+        raise ValueError(f"--lr_decay_fractions must be numbers in (0, 1), e.g. 0.5,0.75; got "
+                         f"{','.join(values)}.") from None
+
+
 def options_from_flags():
     return pipeline.TrainOptions(
         dataset=FLAGS.dataset, model=FLAGS.model, defense=FLAGS.defense, epochs=FLAGS.epochs,
         batch_size=FLAGS.batch_size, optimizer=FLAGS.optimizer,
         learning_rate=FLAGS.learning_rate,
-        lr_decay_fractions=tuple(float(f) for f in FLAGS.lr_decay_fractions),
+        lr_decay_fractions=_fractions(FLAGS.lr_decay_fractions),
         weight_decay=FLAGS.weight_decay, seed=FLAGS.seed, train_examples=FLAGS.train_examples,
         validation_examples=FLAGS.validation_examples, test_examples=FLAGS.test_examples,
         eval_attacks=tuple(FLAGS.eval_attacks),
