@@ -48,6 +48,32 @@ def _unpack(data):
         "Sample weights are not supported.")
 
 
+def checked_labels(y, num_classes=None):
+    """`[B]` int32 labels, with run-time checks that they are class indices.
+
+    Fails (also inside `tf.function`) on fractional float labels, negative
+    labels and, when `num_classes` is known, labels >= `num_classes`: such
+    labels would otherwise surface as an error deep inside a loss term (or
+    be truncated silently by a cast).
+    """
+    y = tf.reshape(tf.convert_to_tensor(y), [-1])
+    what = "ADR training needs integer class labels in [0, num_classes)"
+    checks = []
+    if y.dtype.is_floating:
+        checks.append(tf.debugging.assert_equal(
+            y, tf.round(y), message=f"{what}; got fractional labels"))
+    elif not y.dtype.is_integer:
+        raise ValueError(f"{what}; got labels of dtype {y.dtype.name}.")
+    labels = tf.cast(y, tf.int32)
+    checks.append(tf.debugging.assert_non_negative(labels, message=f"{what}; got a negative label"))
+    if num_classes:
+        checks.append(tf.debugging.assert_less(
+            labels, tf.constant(num_classes, tf.int32),
+            message=f"{what} with num_classes={num_classes}; got a label >= {num_classes}"))
+    with tf.control_dependencies(checks):
+        return tf.identity(labels)
+
+
 class ADRMixin:
     """Adds the ADR `train_step` / `test_step` to a `keras.Model` subclass.
 
@@ -158,6 +184,10 @@ class ADRMixin:
     def metrics(self):
         return [self._adr_loss_tracker, self._accuracy, self._adv_accuracy, *self._term_trackers,
                 *self._norm_trackers]
+
+    def _num_classes(self):
+        """The number of classes if known before the first call, else None."""
+        return None
 
     def _forward(self, x, training):
         outputs = self(x, training=training, return_latent=True)
@@ -276,6 +306,7 @@ class ADRMixin:
 
     def train_step(self, data):
         x, y = _unpack(data)
+        y = checked_labels(y, self._num_classes())
         uses_adversary = self.adr_config.uses_adversary
         x_adv = self.adversarial_examples(x, y) if uses_adversary else None
         with tf.GradientTape() as tape:
@@ -300,6 +331,7 @@ class ADRMixin:
         usual measure of robust accuracy.
         """
         x, y = _unpack(data)
+        y = checked_labels(y, self._num_classes())
         logits = self(x, training=False)
         x_adv = self.adversarial_examples(x, y, loss="ce")
         logits_adv = self(x_adv, training=False)
@@ -368,6 +400,9 @@ class ADRModel(ADRMixin, keras.Model):
         # The backbone's weights exist already: the wrapper is built (needed by
         # callbacks such as BackupAndRestore before the first batch).
         self.built = True
+
+    def _num_classes(self):
+        return self.backbone.outputs[0].shape[-1]
 
     def call(self, x, training=False, return_latent=False):
         if return_latent:

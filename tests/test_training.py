@@ -237,3 +237,15 @@ def test_bad_model_arguments():
         model.compile(optimizer="adam", loss="mse", metrics=["accuracy"])
     with pytest.raises(ValueError, match="images, integer_labels"):
         model.train_step((np.zeros((2, 8, 8, 1)),))
+
+
+@pytest.mark.parametrize("labels,match", [(-1, "negative label"), (1.5, "fractional"),
+                                          (3, "num_classes=3")])
+def test_labels_are_checked_at_the_step(labels, match):
+    x, y = blob_data(16)
+    y = np.asarray(y).astype(np.float32 if isinstance(labels, float) else np.int64)
+    y[3] = labels
+    model = keras_adr.ADRModel(tiny_cnn(), presets.get("adr_pgd", attack_steps=1))
+    model.compile(optimizer="adam")
+    with pytest.raises(tf.errors.InvalidArgumentError, match=match):
+        model.fit(x, y, batch_size=16, epochs=1, verbose=0)
