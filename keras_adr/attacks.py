@@ -170,6 +170,8 @@ def pgd(model_fn, x, y, *, epsilon, step_size, steps, norm="linf", random_start=
                   clip_min=clip_min, clip_max=clip_max)
     if loss == "ce" and y is None:
         raise ValueError("`y` (integer labels) is required with loss='ce'.")
+    if x.shape[0] == 0:
+        return tf.stop_gradient(x)  # Nothing to attack (and some kernels reject empty batches).
     model_fn = inference_fn(model_fn)
     x = tf.stop_gradient(x)
     objective = _loss_fn(model_fn, x, y, loss)
@@ -510,6 +512,8 @@ def apgd(model_fn, x, y, *, epsilon, steps=100, norm="linf", loss="ce", targeted
     x = _validate_apgd(x, y, epsilon=epsilon, steps=steps, norm=norm, loss=loss,
                        targeted=targeted, num_targets=num_targets, restarts=restarts, rho=rho,
                        clip_min=clip_min, clip_max=clip_max, seed=seed)
+    if x.shape[0] == 0:
+        return tf.stop_gradient(x)  # Nothing to attack (and some kernels reject empty batches).
     model_fn = inference_fn(model_fn)
     x = tf.stop_gradient(x)
     y = tf.reshape(tf.cast(y, tf.int32), [-1])

@@ -65,6 +65,9 @@ SIGNATURE_NAMES = (SERVING_DEFAULT, SERVE_UINT8)
 
 INPUT_NAME = "images"
 OUTPUT_PROBABILITIES = "probabilities"
+# Images per model call inside the serving signatures: bounds a request's
+# activation memory (the small CNN needs about 256 KiB per image).
+SERVING_CHUNK = 1024
 OUTPUT_CLASSES = "classes"
 OUTPUT_LOGITS = "logits"
 OUTPUT_NAMES = (OUTPUT_PROBABILITIES, OUTPUT_CLASSES, OUTPUT_LOGITS)
@@ -383,15 +386,33 @@ def _uint8_to_float_images(images, image_shape):
 
 
 def _predict(model, images):
-    """Returns the output dict of both signatures for images in [0, 1]."""
-    logits = model(images, training=False)
-    if not tf.is_tensor(logits) or logits.shape.rank != 2:
+    """Returns the output dict of both signatures for images in [0, 1].
+
+    The model runs on chunks of `SERVING_CHUNK` images, one after the other,
+    so that a large request needs the memory of one chunk's activations (an
+    empty request returns empty outputs).
+    """
+    spec = model.compute_output_spec(
+        keras.KerasTensor((SERVING_CHUNK, *images.shape[1:]), dtype="float32"))
+    if not hasattr(spec, "shape") or len(spec.shape) != 2 or spec.shape[-1] is None:
         raise ValueError(
             "`model(images, training=False)` must return one logits tensor "
-            f"of shape (batch, num_classes). Received: {logits!r}"
+            f"of shape (batch, num_classes). Received: {spec!r}"
         )
-    # Mixed-precision models return float16/bfloat16 logits; serve float32.
-    logits = tf.cast(logits, tf.float32)
+    num_classes = spec.shape[-1]
+    num_chunks = (tf.shape(images)[0] + SERVING_CHUNK - 1) // SERVING_CHUNK
+    chunks = tf.TensorArray(tf.float32, size=num_chunks, infer_shape=False,
+                            element_shape=tf.TensorShape([None, num_classes]))
+
+    def body(i, chunks):
+        chunk = images[i * SERVING_CHUNK:(i + 1) * SERVING_CHUNK]
+        # Mixed-precision models return float16/bfloat16 logits; serve float32.
+        return i + 1, chunks.write(i, tf.cast(model(chunk, training=False), tf.float32))
+
+    _, chunks = tf.while_loop(lambda i, _: i < num_chunks, body, (0, chunks),
+                              parallel_iterations=1)
+    logits = tf.cond(num_chunks > 0, chunks.concat,
+                     lambda: tf.zeros([0, num_classes], tf.float32))
     logits = tf.debugging.assert_all_finite(
         logits, "the model produced non-finite logits"
     )

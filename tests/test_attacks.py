@@ -164,3 +164,12 @@ def test_non_finite_images_are_rejected_eagerly_and_in_graphs(trained_tiny):
 
     with pytest.raises(tf.errors.InvalidArgumentError, match="non-finite"):
         attack(one_nan)
+
+
+def test_empty_batch_returns_empty(trained_tiny):
+    model, x, y = trained_tiny
+    empty = x[:0]
+    assert attacks.pgd(model, empty, y[:0], epsilon=0.1, step_size=0.02, steps=2).shape == \
+        empty.shape
+    assert attacks.fgsm(model, empty, y[:0], epsilon=0.1).shape == empty.shape
+    assert attacks.apgd(model, empty, y[:0], epsilon=0.1, steps=4).shape == empty.shape

@@ -430,3 +430,16 @@ def test_models_config(tmp_path):
 def test_models_config_rejects_bad_names(name):
     with pytest.raises(ValueError, match="model_name"):
         export.models_config(name, "/models/x")
+
+
+def test_large_requests_run_in_chunks_and_empty_ones_work(model, loaded):
+    serve = loaded.signatures[export.SERVING_DEFAULT]
+    # Across chunk boundaries: the same logits as one model call.
+    n = 2 * export.SERVING_CHUNK + 7
+    floats = np.random.default_rng(1).random((n, *_INPUT_SHAPE), dtype=np.float32)
+    np.testing.assert_allclose(serve(images=floats)["logits"].numpy(),
+                               _expected(model, floats)["logits"], rtol=1e-5, atol=1e-5)
+    for name, dtype in ((export.SERVING_DEFAULT, tf.float32), ("serve_uint8", tf.uint8)):
+        outputs = loaded.signatures[name](images=tf.zeros([0, *_INPUT_SHAPE], dtype))
+        assert outputs["logits"].shape == (0, _NUM_CLASSES)
+        assert outputs["classes"].shape == (0,)
