@@ -11,6 +11,8 @@ epsilon-ball around `x` and inside `[clip_min, clip_max]`, with no gradient
 flowing back to `x`.
 """
 
+import warnings
+
 import keras
 import numpy as np
 import tensorflow as tf
@@ -44,6 +46,11 @@ def _validate(x, *, epsilon, step_size, steps, norm, loss, clip_min, clip_max):
         raise ValueError(f"`steps` must be an integer >= 1; got {steps!r}.")
     if norm not in NORMS:
         raise ValueError(f"`norm` must be one of {NORMS}; got {norm!r}.")
+    if norm == "linf" and epsilon > 0.5 * (clip_max - clip_min):
+        warnings.warn(
+            f"L-inf epsilon {epsilon} is more than half the pixel range [{clip_min}, "
+            f"{clip_max}]: every image can be turned into any other. Is it in pixel units of "
+            "[0, 1] images (e.g. 8/255, not 8)?", stacklevel=3)
     if loss not in ATTACK_LOSSES:
         raise ValueError(f"`loss` must be one of {ATTACK_LOSSES}; got {loss!r}.")
     if not clip_min < clip_max:

@@ -27,6 +27,7 @@ import shutil
 import time
 
 import keras
+from absl import logging
 
 from keras_adr import callbacks as adr_callbacks
 from keras_adr import data, distribute, evaluation, export, models, rundir
@@ -157,7 +158,11 @@ def _optimizer(options, steps_per_epoch):
 def _splits(options, dataset_info):
     """Training and validation split strings: validation = the last examples of train."""
     train_size = options.train_examples or dataset_info.num_train
-    train_size = min(train_size, dataset_info.num_train)
+    if train_size > dataset_info.num_train:
+        logging.warning("--train_examples=%d is more than the %d training examples of %s; "
+                        "using all %d.", train_size, dataset_info.num_train, options.dataset,
+                        dataset_info.num_train)
+        train_size = dataset_info.num_train
     held_out = options.validation_examples
     if held_out >= train_size:
         raise ValueError(f"`validation_examples` ({held_out}) must be smaller than the "

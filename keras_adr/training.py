@@ -13,6 +13,8 @@ global batch (gathered across replicas), so R replicas compute exactly what
 one device would.
 """
 
+import warnings
+
 import keras
 import tensorflow as tf
 
@@ -391,6 +393,11 @@ class ADRModel(ADRMixin, keras.Model):
             raise ValueError(
                 f"The backbone has no layer named {latent_layer!r} to use as the latent "
                 f"code; its layers are: {names}. Pass latent_layer=<one of them>.") from None
+        if getattr(backbone.layers[-1], "activation", None) is keras.activations.softmax:
+            warnings.warn(
+                f"The backbone's last layer {backbone.layers[-1].name!r} applies softmax: ADR "
+                "and the attacks need logits. Remove the activation (use from_logits losses "
+                "elsewhere).", stacklevel=2)
         self.backbone = backbone
         self.latent_layer = latent_layer
         # Shares the backbone's layers; kept out of Keras' attribute tracking

@@ -173,3 +173,9 @@ def test_empty_batch_returns_empty(trained_tiny):
         empty.shape
     assert attacks.fgsm(model, empty, y[:0], epsilon=0.1).shape == empty.shape
     assert attacks.apgd(model, empty, y[:0], epsilon=0.1, steps=4).shape == empty.shape
+
+
+def test_linf_epsilon_above_half_the_range_warns(trained_tiny):
+    model, x, y = trained_tiny
+    with pytest.warns(UserWarning, match="pixel units"):
+        attacks.pgd(model, x[:2], y[:2], epsilon=8.0, step_size=1.0, steps=1)

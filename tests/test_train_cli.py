@@ -264,3 +264,14 @@ def test_output_dir_that_is_a_file(tmp_path):
     path.write_text("x")
     result = _run(path, "--epochs=1")
     assert result.returncode == 1 and "is a file" in result.stderr
+
+
+def test_train_examples_above_the_dataset_are_clamped_with_a_warning(caplog):
+    from keras_adr import pipeline
+
+    info = data.info("fashion_mnist")
+    options = pipeline.TrainOptions(train_examples=10 ** 6, validation_examples=1000)
+    with caplog.at_level("WARNING"):
+        train_split, _, num_train = pipeline._splits(options, info)
+    assert num_train == info.num_train - 1000
+    assert "--train_examples=1000000" in caplog.text and "using all" in caplog.text

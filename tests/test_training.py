@@ -249,3 +249,11 @@ def test_labels_are_checked_at_the_step(labels, match):
     model.compile(optimizer="adam")
     with pytest.raises(tf.errors.InvalidArgumentError, match=match):
         model.fit(x, y, batch_size=16, epochs=1, verbose=0)
+
+
+def test_softmax_backbone_warns():
+    inputs = keras.Input((8, 8, 1))
+    z = keras.layers.Flatten(name="latent")(inputs)
+    outputs = keras.layers.Dense(3, activation="softmax")(z)
+    with pytest.warns(UserWarning, match="softmax"):
+        keras_adr.ADRModel(keras.Model(inputs, outputs))
