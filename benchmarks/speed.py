@@ -138,28 +138,16 @@ class FusedADRModel(keras_adr.ADRModel):
 
     An experiment, not a library feature: identical to `ADRModel` for models
     without BatchNorm (or other batch-coupled layers); with BatchNorm the
-    batch statistics would mix clean and adversarial examples. The library's
-    `compute_adr_loss` runs unchanged: it asks `_forward` for `x`, then for
-    `x_adv`, and gets the two halves of the fused pass.
+    batch statistics would mix clean and adversarial examples. It overrides
+    the public hook `ADRMixin.clean_and_adversarial_outputs`.
     """
 
-    def _forward(self, x, training):
-        pending = getattr(self, "_fused_pending", None)
-        if pending:
-            return pending.pop(0)
-        return super()._forward(x, training)
-
-    def compute_adr_loss(self, x, y, x_adv=None, training=True):
+    def clean_and_adversarial_outputs(self, x, x_adv, training=True):
         if x_adv is None:
-            return super().compute_adr_loss(x, y, x_adv, training)
-        logits, z = super()._forward(tf.concat([x, x_adv], axis=0), training)
+            return super().clean_and_adversarial_outputs(x, x_adv, training)
+        logits, z = self(tf.concat([x, x_adv], axis=0), training=training, return_latent=True)
         n = tf.shape(x)[0]
-        # object.__setattr__: not tracked by Keras.
-        object.__setattr__(self, "_fused_pending", [(logits[:n], z[:n]), (logits[n:], z[n:])])
-        try:
-            return super().compute_adr_loss(x, y, x_adv, training)
-        finally:
-            object.__setattr__(self, "_fused_pending", None)
+        return (logits[:n], z[:n]), (logits[n:], z[n:])
 
 
 def _train_model(defense, attack_steps, *, jit_compile=False, fused=False, seed=0):

@@ -343,8 +343,10 @@ def plot(results, path):
             steps = [(i + 1) * r["steps_per_epoch"] for i in range(len(values))]
             ax.plot(steps, values, marker=".", label=r["name"])
         ax.set_title(key, fontsize="small")
-        if key in ("loss", "latent_norm", "logits_norm", "global_smoothness"):
-            ax.set_yscale("symlog", linthresh=1.0)
+        if key in ("loss", "global_smoothness", "global_compactness"):
+            ax.set_yscale("symlog", linthresh=1.0)  # the paper's run away below 0
+        elif key in ("latent_norm", "logits_norm", "local_compactness"):
+            ax.set_yscale("log")
         ax.tick_params(labelsize="x-small")
         ax.grid(alpha=0.3)
     axes[-1].axis("off")

@@ -199,6 +199,27 @@ class ADRMixin:
                 f"got {type(outputs).__name__}.")
         return outputs
 
+    def clean_and_adversarial_outputs(self, x, x_adv, training=True):
+        """The forward passes of one step: `((logits, z), (logits_adv, z_adv))`.
+
+        The default runs `call(..., return_latent=True)` once on `x` and once
+        on `x_adv` (so BatchNorm sees each batch on its own, as in the
+        paper). Override it to run the passes differently, e.g. one pass over
+        `concat([x, x_adv])` for a model without batch-coupled layers.
+
+        Args:
+            x: Clean images.
+            x_adv: Adversarial images, or None (the `standard` objective).
+            training: Mode of the forward passes.
+
+        Returns:
+            `((logits, z), (logits_adv, z_adv))`; the second pair is
+            `(None, None)` when `x_adv` is None.
+        """
+        clean = self._forward(x, training)
+        adversarial = self._forward(x_adv, training) if x_adv is not None else (None, None)
+        return clean, adversarial
+
     def adversarial_examples(self, x, y, loss=None):
         """Adversarial examples of `(x, y)` under the configured attack.
 
@@ -286,9 +307,8 @@ class ADRMixin:
         """
         if self.adr_config.uses_adversary and x_adv is None:
             raise ValueError(f"objective={self.adr_config.objective!r} needs `x_adv`.")
-        logits, z = self._forward(x, training=training)
-        logits_adv, z_adv = (self._forward(x_adv, training=training) if x_adv is not None
-                             else (None, None))
+        (logits, z), (logits_adv, z_adv) = self.clean_and_adversarial_outputs(
+            x, x_adv, training=training)
         sums = self._term_sums(y, logits, z, logits_adv, z_adv)
         norm_sum = lambda t: tf.reduce_sum(tf.norm(
             tf.stop_gradient(adr_losses.normalize_latent(t)), axis=1))

@@ -257,3 +257,27 @@ def test_softmax_backbone_warns():
     outputs = keras.layers.Dense(3, activation="softmax")(z)
     with pytest.warns(UserWarning, match="softmax"):
         keras_adr.ADRModel(keras.Model(inputs, outputs))
+
+
+def test_forward_hook_can_fuse_the_two_passes():
+    """`clean_and_adversarial_outputs` is the documented override point."""
+
+    class Fused(keras_adr.ADRModel):
+        calls = 0
+
+        def clean_and_adversarial_outputs(self, x, x_adv, training=True):
+            Fused.calls += 1
+            logits, z = self(tf.concat([x, x_adv], 0), training=training, return_latent=True)
+            n = tf.shape(x)[0]
+            return (logits[:n], z[:n]), (logits[n:], z[n:])
+
+    keras.utils.set_random_seed(7)
+    x, y = blob_data(16)
+    x_adv = np.clip(x + 0.05, 0, 1).astype(np.float32)
+    backbone = tiny_cnn()
+    config = presets.get("adr_pgd", attack_steps=1)
+    plain = keras_adr.ADRModel(backbone, config)
+    fused = Fused(backbone, config)
+    expected = plain.compute_adr_loss(x, y, x_adv)[0]
+    np.testing.assert_allclose(fused.compute_adr_loss(x, y, x_adv)[0], expected, rtol=1e-5)
+    assert Fused.calls == 1
