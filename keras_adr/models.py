@@ -1,4 +1,4 @@
-"""Classifier architectures, each with a layer named `"latent"`.
+"""Classifier architectures, each with a `keras_adr.layers.Latent` layer named `"latent"`.
 
 Every builder returns a functional `keras.Model` mapping float pixels in
 [0, 1] to logits. Any normalisation is a layer inside the model, so attack
@@ -7,6 +7,8 @@ budgets are always in pixel units and exported models take raw pixels.
 
 import keras
 from keras import layers
+
+from keras_adr.layers import Latent
 
 LATENT_LAYER = "latent"
 ARCHITECTURES = ("small_cnn", "cifar_cnn", "resnet18", "wide_resnet")
@@ -42,7 +44,7 @@ def small_cnn(input_shape=(28, 28, 1), num_classes=10, name="small_cnn"):
     for filters in (64, 64):
         x = layers.Conv2D(filters, 3, activation="relu")(x)
     x = layers.MaxPooling2D(2)(x)
-    x = layers.Flatten(name=LATENT_LAYER)(x)
+    x = Latent(name=LATENT_LAYER)(layers.Flatten()(x))
     for units in (200, 200):
         x = layers.Dense(units, activation="relu")(x)
     outputs = layers.Dense(num_classes, name="logits")(x)
@@ -64,7 +66,7 @@ def cifar_cnn(input_shape=(32, 32, 3), num_classes=10, name="cifar_cnn"):
             x = layers.BatchNormalization()(x)
             x = layers.ReLU()(x)
         x = layers.MaxPooling2D(2)(x)
-    x = layers.Flatten(name=LATENT_LAYER)(x)
+    x = Latent(name=LATENT_LAYER)(layers.Flatten()(x))
     for units in (256, 256):
         x = layers.Dense(units, activation="relu")(x)
     outputs = layers.Dense(num_classes, name="logits")(x)
@@ -92,7 +94,7 @@ def _preact_block(x, filters, stride, sync_batchnorm):
 
 def _head(x, num_classes, sync_batchnorm):
     x = layers.ReLU()(_batch_norm(sync_batchnorm)(x))
-    x = layers.GlobalAveragePooling2D(name=LATENT_LAYER)(x)
+    x = Latent(name=LATENT_LAYER)(layers.GlobalAveragePooling2D()(x))
     return layers.Dense(num_classes, name="logits")(x)
 
 

@@ -21,6 +21,7 @@ import tensorflow as tf
 from keras_adr import attacks
 from keras_adr import losses as adr_losses
 from keras_adr.config import ADRConfig
+from keras_adr.layers import Latent
 from keras_adr.models import LATENT_LAYER
 
 _PAIRWISE_TERMS = ("global_compactness", "global_smoothness", "label_propagation")
@@ -377,6 +378,28 @@ class ADRMixin:
         return {**super().get_config(), "adr_config": self.adr_config.get_config()}
 
 
+def _latent_layer(backbone, name):
+    """The layer of `backbone` whose output is `z`: by `name`, else the one `Latent` layer."""
+    if name is None:
+        marked = [layer for layer in backbone.layers if isinstance(layer, Latent)]
+        if len(marked) == 1:
+            return marked[0]
+        if len(marked) > 1:
+            raise ValueError(
+                f"The backbone has {len(marked)} Latent layers "
+                f"({[layer.name for layer in marked]}); keep one, or pass "
+                "latent_layer=<the name of the one to use>.")
+        name = LATENT_LAYER  # Models built before the Latent layer existed.
+    try:
+        return backbone.get_layer(name)
+    except ValueError:
+        names = [layer.name for layer in backbone.layers]
+        raise ValueError(
+            f"The backbone has no keras_adr.layers.Latent layer and no layer named {name!r} to "
+            f"use as the latent code; its layers are: {names}. Add a Latent layer after the "
+            "features, or pass latent_layer=<one of them>.") from None
+
+
 @keras.saving.register_keras_serializable(package="keras_adr")
 class ADRModel(ADRMixin, keras.Model):
     """Wraps a functional classifier that outputs logits for ADR training.
@@ -388,14 +411,17 @@ class ADRModel(ADRMixin, keras.Model):
         backbone: A functional `keras.Model` from images in [0, 1] to logits.
         adr_config: An `ADRConfig` (default: `ADRConfig()`, ADR on PGD-AT).
         latent_layer: Name of the layer whose output is the latent code `z`.
+            Default: the backbone's one `keras_adr.layers.Latent` layer, or
+            for models built without one, the layer named `"latent"`.
         **kwargs: Passed to `keras.Model` (e.g. `name`).
 
     Raises:
-        ValueError: If `backbone` is not a functional model with one output, or
-            has no layer named `latent_layer` (the message lists its layers).
+        ValueError: If `backbone` is not a functional model with one output,
+            has several `Latent` layers, or has neither a `Latent` layer nor a
+            layer named `latent_layer` (the messages list the candidates).
     """
 
-    def __init__(self, backbone, adr_config=None, latent_layer=LATENT_LAYER, **kwargs):
+    def __init__(self, backbone, adr_config=None, latent_layer=None, **kwargs):
         super().__init__(adr_config=adr_config, **kwargs)
         if not isinstance(backbone, keras.Model) or not hasattr(backbone, "outputs") or (
                 backbone.outputs is None):
@@ -406,24 +432,18 @@ class ADRModel(ADRMixin, keras.Model):
         if len(backbone.outputs) != 1:
             raise ValueError(f"`backbone` must have one output (the logits); it has "
                              f"{len(backbone.outputs)}.")
-        try:
-            latent = backbone.get_layer(latent_layer)
-        except ValueError:
-            names = [layer.name for layer in backbone.layers]
-            raise ValueError(
-                f"The backbone has no layer named {latent_layer!r} to use as the latent "
-                f"code; its layers are: {names}. Pass latent_layer=<one of them>.") from None
+        latent = _latent_layer(backbone, latent_layer)
         if getattr(backbone.layers[-1], "activation", None) is keras.activations.softmax:
             warnings.warn(
                 f"The backbone's last layer {backbone.layers[-1].name!r} applies softmax: ADR "
                 "and the attacks need logits. Remove the activation (use from_logits losses "
                 "elsewhere).", stacklevel=2)
         self.backbone = backbone
-        self.latent_layer = latent_layer
+        self.latent_layer = latent.name
         # Shares the backbone's layers; kept out of Keras' attribute tracking
         # so that the weights are saved once, under `backbone`.
         object.__setattr__(self, "_logits_and_latent",
-                           keras.Model(backbone.input, [backbone.outputs[0], latent.output]))
+                           keras.Model(backbone.inputs, [backbone.outputs[0], latent.output]))
         # The backbone's weights exist already: the wrapper is built (needed by
         # callbacks such as BackupAndRestore before the first batch).
         self.built = True

@@ -100,6 +100,7 @@ def test_architectures(name, kwargs, latent_size):
     x = np.random.default_rng(0).uniform(size=(2, *kwargs["input_shape"])).astype(np.float32)
     assert model(x).shape == (2, 7)
     assert model.get_layer("latent").output.shape[-1] == latent_size
+    assert isinstance(model.get_layer("latent"), keras_adr.layers.Latent)
     adr = keras_adr.ADRModel(model)
     assert adr(x, return_latent=True)[1].shape == (2, latent_size)
 

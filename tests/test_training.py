@@ -281,3 +281,30 @@ def test_forward_hook_can_fuse_the_two_passes():
     expected = plain.compute_adr_loss(x, y, x_adv)[0]
     np.testing.assert_allclose(fused.compute_adr_loss(x, y, x_adv)[0], expected, rtol=1e-5)
     assert Fused.calls == 1
+
+
+def test_latent_layer_is_found_by_type_in_any_functional_model(tmp_path):
+    inputs = keras.Input((8, 8, 1))
+    features = keras.layers.Flatten()(keras.layers.Conv2D(2, 3)(inputs))
+    z = keras_adr.layers.Latent(name="codes")(features)
+    logits = keras.layers.Dense(3)(keras.layers.Dense(5, activation="relu")(z))
+    model = keras_adr.ADRModel(keras.Model(inputs, logits))
+    assert model.latent_layer == "codes"
+    x = np.zeros((2, 8, 8, 1), np.float32)
+    np.testing.assert_array_equal(model(x, return_latent=True)[1],
+                                  keras.Model(inputs, features)(x))
+    path = tmp_path / "m.keras"
+    model.save(path)
+    assert keras.saving.load_model(path).latent_layer == "codes"
+    # Sequential models carry it too.
+    sequential = keras.Sequential([keras.Input((8, 8, 1)), keras.layers.Flatten(),
+                                   keras_adr.layers.Latent(), keras.layers.Dense(3)])
+    assert keras_adr.ADRModel(sequential)(x, return_latent=True)[1].shape == (2, 64)
+
+
+def test_several_latent_layers_are_an_error_listing_them():
+    inputs = keras.Input((4,))
+    a = keras_adr.layers.Latent(name="first")(inputs)
+    b = keras_adr.layers.Latent(name="second")(keras.layers.Dense(3)(a))
+    with pytest.raises(ValueError, match=r"2 Latent layers.*first.*second"):
+        keras_adr.ADRModel(keras.Model(inputs, keras.layers.Dense(2)(b)))
