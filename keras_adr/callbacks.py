@@ -1,5 +1,7 @@
 """Keras callbacks for robust training runs.
 
+`RobustAccuracy` logs the worst-case accuracy under an attack suite on
+held-out data, for `ModelCheckpoint`, `EarlyStopping` and TensorBoard.
 `DivergenceGuard` stops a run whose objective has run away. `TerminateOnNaN`
 alone lets a run end as a collapsed model (the paper's ADR objective falls
 without bound for epochs before anything becomes NaN), and `fit` returns
@@ -16,6 +18,55 @@ DEFAULT_DIVERGENCE_FACTOR = 5.0
 # Losses closer to 0 than this are compared with it instead: a near-zero
 # minimum would make ordinary noise look like a blow-up.
 DEFAULT_LOSS_FLOOR = 0.1
+
+
+class RobustAccuracy(keras.callbacks.Callback):
+    """Logs the worst-case accuracy over an attack suite every `every` epochs.
+
+    At the end of every `every`-th epoch the model (in inference mode) is
+    attacked on `data` with `keras_adr.evaluation.evaluate_robustness`, and
+    `logs[name]` gets the per-example worst case over `attacks` (and
+    `logs[name + "_clean"]` the clean accuracy). Put it before the callbacks
+    that read the value (`ModelCheckpoint(monitor=name)`, `CSVLogger`,
+    `TensorBoard`) in the `callbacks` list: Keras calls them in order.
+
+    Args:
+        data: Held-out `(images, labels)`: a `tf.data.Dataset` or arrays.
+        epsilon: Radius of the threat model.
+        norm: `"linf"` or `"l2"`.
+        attacks: The suite (at least one PGD and one APGD attack), e.g.
+            `("pgd20", "apgd_ce")`.
+        every: Evaluate every this many epochs.
+        restarts, apgd_targets, seed, batch_size: See `evaluate_robustness`.
+        name: The log key.
+    """
+
+    def __init__(self, data, *, epsilon, norm="linf", attacks=("pgd20", "apgd_ce"), every=1,
+                 restarts=1, apgd_targets=3, seed=0, batch_size=128,
+                 name="val_robust_accuracy"):
+        super().__init__()
+        from keras_adr import evaluation
+
+        evaluation.parse_suite(attacks)  # fail now, not after the first epoch
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+            raise ValueError(f"`every` must be an integer >= 1; got {every!r}.")
+        self.data = data
+        self.every = every
+        self.name = name
+        self.options = dict(epsilon=epsilon, norm=norm, attacks=tuple(attacks),
+                            restarts=restarts, apgd_targets=apgd_targets, seed=seed,
+                            batch_size=batch_size)
+        self.last_result = None
+
+    def on_epoch_end(self, epoch, logs=None):
+        if (epoch + 1) % self.every or logs is None:
+            return
+        from keras_adr import evaluation
+
+        result = evaluation.evaluate_robustness(self.model, self.data, **self.options)
+        self.last_result = result
+        logs[self.name] = result.robust_accuracy
+        logs[f"{self.name}_clean"] = result.clean_accuracy
 
 
 def _is_term(name):

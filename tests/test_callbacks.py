@@ -95,3 +95,28 @@ def test_floor_keeps_near_zero_losses_from_tripping():
 def test_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         DivergenceGuard(**kwargs)
+
+
+def test_robust_accuracy_is_logged_for_checkpoints(tmp_path):
+    import keras_adr
+    from conftest import blob_data, tiny_cnn
+
+    keras.utils.set_random_seed(0)
+    x, y = blob_data(96)
+    model = keras_adr.ADRModel(tiny_cnn(), keras_adr.presets.get("pgd_at", attack_steps=1))
+    model.compile(optimizer="adam")
+    robust = keras_adr.callbacks.RobustAccuracy((x[:32], y[:32]), epsilon=0.1,
+                                                attacks=("pgd3", "apgd_ce5"), every=2)
+    checkpoint = keras.callbacks.ModelCheckpoint(
+        str(tmp_path / "best.keras"), monitor="val_robust_accuracy", mode="max",
+        save_best_only=True)
+    history = model.fit(x, y, batch_size=32, epochs=2, verbose=0,
+                        callbacks=[robust, checkpoint])
+    # Logged at epoch 2 only (every=2), and read by ModelCheckpoint.
+    assert len(history.history["val_robust_accuracy"]) == 1
+    value = history.history["val_robust_accuracy"][0]
+    assert 0.0 <= value <= history.history["val_robust_accuracy_clean"][0]
+    assert value == robust.last_result.robust_accuracy
+    assert (tmp_path / "best.keras").exists()
+    with pytest.raises(ValueError, match="APGD"):
+        keras_adr.callbacks.RobustAccuracy((x, y), epsilon=0.1, attacks=("fgsm",))
