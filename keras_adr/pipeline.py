@@ -203,11 +203,8 @@ def _best_logged(history_path, monitor):
     A resumed run's `ModelCheckpoint` starts from it, so that `best.keras`
     is not replaced by a worse epoch after a restart.
     """
-    if not os.path.exists(history_path):
-        return None
-    with open(history_path, newline="") as f:
-        values = [float(row[monitor]) for row in csv.DictReader(f) if row.get(monitor)]
-    finite = [v for v in values if math.isfinite(v)]
+    values = _read_history(history_path).get(monitor, [])
+    finite = [v for v in values if v is not None and math.isfinite(v)]
     return max(finite) if finite else None
 
 
