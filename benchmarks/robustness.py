@@ -51,6 +51,9 @@ import time
 from absl import app, flags, logging
 import numpy as np
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import results_io  # noqa: E402  (benchmarks/, next to this script)
+
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 FLAGS = flags.FLAGS
@@ -243,24 +246,6 @@ def fingerprint(preset, row):
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def _write_json(path, payload):
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(payload, f, indent=2, sort_keys=True)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _read_json(path):
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return None
-
-
 def _bits(correct):
     return base64.b64encode(np.packbits(np.asarray(correct, bool)).tobytes()).decode()
 
@@ -291,7 +276,7 @@ def stability_model(preset, row, config):
     """
     if not preset.reuse_stability or row.seed != 0 or row.overrides:
         return None
-    r = _read_json(os.path.join(FLAGS.results_dir, "stability_rows", f"{row.defense}.json"))
+    r = results_io.read_json(os.path.join(FLAGS.results_dir, "stability_rows", f"{row.defense}.json"))
     checkpoint = os.path.join(FLAGS.stability_workdir, row.defense, "best.keras")
     recipe = dict(dataset=preset.dataset, model=preset.model, epsilon=preset.epsilon,
                   attack_steps=preset.attack_steps, step_size=preset.step_size,
@@ -348,7 +333,7 @@ def run_row(preset, row, row_path, workdir):
         output_dir=output_dir, data_dir=FLAGS.data_dir, export=False, verbose=FLAGS.verbose,
         command=" ".join(sys.argv) + f"  # row {row.name}")
 
-    trained = _read_json(trained_path)
+    trained = results_io.read_json(trained_path)
     reused = bool(trained) and trained.get("fingerprint") == fp
     from_stability = None if reused else stability_model(preset, row, config)
     if from_stability:
@@ -363,9 +348,9 @@ def run_row(preset, row, row_path, workdir):
         logging.info("%s: training %s (seed %d, overrides %s)", row.name, row.defense, row.seed,
                      dict(row.overrides) or "none")
         metrics = pipeline.run(options, config)
-        _write_json(trained_path, {"fingerprint": fp, "metrics": metrics,
+        results_io.write_json_atomic(trained_path, {"fingerprint": fp, "metrics": metrics,
                                    "wall_seconds": round(time.time() - started, 1)})
-        trained = _read_json(trained_path)
+        trained = results_io.read_json(trained_path)
 
     if not from_stability:
         checkpoint = os.path.join(output_dir, "best.keras")
@@ -411,7 +396,7 @@ def run_row(preset, row, row_path, workdir):
         "finished_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": machine_info(),
     }
-    _write_json(row_path, payload)
+    results_io.write_json_atomic(row_path, payload)
     keras.backend.clear_session()
     gc.collect()
     return payload
@@ -629,7 +614,7 @@ def write_summary(preset_name, preset, rows, rows_dir):
     results = []
     fingerprints = {row.name: fingerprint(preset, row) for row in rows}
     for row in rows:
-        r = _read_json(os.path.join(rows_dir, f"{row.name}.json"))
+        r = results_io.read_json(os.path.join(rows_dir, f"{row.name}.json"))
         if r and r.get("fingerprint") == fingerprints[row.name]:
             results.append(r)
     seeds = seed_summary(results, preset)
@@ -637,7 +622,7 @@ def write_summary(preset_name, preset, rows, rows_dir):
     total = sum(r["row_seconds"] for r in results)
     base = os.path.join(FLAGS.results_dir, preset_name)
     compact = [{k: v for k, v in r.items() if not k.endswith("_bits")} for r in results]
-    _write_json(f"{base}.json", {
+    results_io.write_json_atomic(f"{base}.json", {
         "preset": preset_name, "settings": dataclasses.asdict(preset),
         "rows_expected": [row.name for row in rows], "rows": compact,
         "seed_summary": seeds, "spread": "sample std (ddof=1) and min-max over seeds",
@@ -654,11 +639,7 @@ def write_summary(preset_name, preset, rows, rows_dir):
 
 def main(argv):
     del argv
-    if FLAGS.threads:
-        import tensorflow as tf
-
-        tf.config.threading.set_intra_op_parallelism_threads(FLAGS.threads)
-        tf.config.threading.set_inter_op_parallelism_threads(FLAGS.threads)
+    results_io.set_threads(FLAGS.threads)
     preset = effective_preset(FLAGS.preset)
     rows = rows_of(preset)
     if FLAGS.rows:
@@ -671,7 +652,7 @@ def main(argv):
     os.makedirs(rows_dir, exist_ok=True)
 
     def done(row):
-        r = _read_json(os.path.join(rows_dir, f"{row.name}.json"))
+        r = results_io.read_json(os.path.join(rows_dir, f"{row.name}.json"))
         return bool(r) and r.get("fingerprint") == fingerprint(preset, row)
 
     if FLAGS.list:

@@ -50,6 +50,7 @@ from absl import app, flags, logging
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import results_io  # noqa: E402  (benchmarks/, next to this script)
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("steps", 4500, "Minimum training steps of a main run (whole epochs); "
@@ -124,22 +125,6 @@ def fingerprint(run, epochs):
                "validation_examples": FLAGS.validation_examples,
                "adr_config": adr_config(run).get_config()}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def _write_json(path, payload):
-    tmp = f"{path}.{os.getpid()}.tmp"  # two study processes may share results_dir
-    with open(tmp, "w") as f:
-        json.dump(payload, f, indent=2, sort_keys=True)
-        f.write("\n")
-    os.replace(tmp, path)
-
-
-def _read_json(path):
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return None
 
 
 def _stop_epoch(run, epochs):
@@ -238,7 +223,7 @@ def train_run(run, row_path):
         "finished_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": _machine(),
     }
-    _write_json(row_path, payload)
+    results_io.write_json_atomic(row_path, payload)
     keras.backend.clear_session()
     gc.collect()
     return payload
@@ -361,27 +346,22 @@ def write_summary(all_runs, rows_dir):
     _, _, epochs = _plan()
     results = []
     for run in all_runs:
-        r = _read_json(os.path.join(rows_dir, f"{run.name}.json"))
+        r = results_io.read_json(os.path.join(rows_dir, f"{run.name}.json"))
         if r and r.get("fingerprint") == fingerprint(run, epochs):
             results.append(r)
     base = os.path.join(FLAGS.results_dir, "stability")
-    _write_json(f"{base}.json", {"runs_expected": [run.name for run in all_runs],
+    results_io.write_json_atomic(f"{base}.json", {"runs_expected": [run.name for run in all_runs],
                                  "runs": results})
-    tmp = f"{base}.md.{os.getpid()}.tmp"
-    with open(tmp, "w") as f:
+    with open(f"{base}.md.{os.getpid()}.tmp", "w") as f:
         f.write(markdown(results, all_runs))
-    os.replace(tmp, f"{base}.md")
+    os.replace(f"{base}.md.{os.getpid()}.tmp", f"{base}.md")
     plot(results, f"{base}.png")
     return results
 
 
 def main(argv):
     del argv
-    if FLAGS.threads:
-        import tensorflow as tf
-
-        tf.config.threading.set_intra_op_parallelism_threads(FLAGS.threads)
-        tf.config.threading.set_inter_op_parallelism_threads(FLAGS.threads)
+    results_io.set_threads(FLAGS.threads)
     all_runs = runs()
     if FLAGS.runs:
         unknown = set(FLAGS.runs) - {run.name for run in all_runs}
@@ -394,7 +374,7 @@ def main(argv):
     rows_dir = os.path.join(FLAGS.results_dir, "stability_rows")
     os.makedirs(rows_dir, exist_ok=True)
     _, _, epochs = _plan()
-    done = lambda run: (_read_json(os.path.join(rows_dir, f"{run.name}.json")) or {}).get(
+    done = lambda run: (results_io.read_json(os.path.join(rows_dir, f"{run.name}.json")) or {}).get(
         "fingerprint") == fingerprint(run, epochs)
     if FLAGS.list:
         for run in all_runs:
