@@ -12,18 +12,10 @@ def write_json(results, path):
 
 
 def write_json_atomic(path, payload):
-    """Writes a complete file or leaves the old one (a row must never be half written).
+    """Writes a complete file or leaves the old one (a row must never be half written)."""
+    from keras_adr import rundir
 
-    The temporary name carries the process id: two benchmark processes may
-    share a results directory.
-    """
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(payload, f, indent=2, sort_keys=True)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    rundir.write_json(path, payload)
 
 
 def read_json(path):
