@@ -22,7 +22,7 @@ setuptools.setup(
     long_description=(_HERE / "README.md").read_text() if (_HERE / "README.md").exists() else "",
     long_description_content_type="text/markdown",
     python_requires=">=3.11",
-    packages=setuptools.find_packages(include=["keras_adr", "keras_adr.*", "train", "train.*"]),
+    packages=setuptools.find_packages(include=["keras_adr", "keras_adr.*"]),
     install_requires=_requirements(),
     extras_require={
         "test": ["pytest>=8", "tensorflow-serving-api==2.21.*"],
@@ -33,9 +33,9 @@ setuptools.setup(
     },
     entry_points={
         "console_scripts": [
-            "adr-train=train.train:run",
-            "adr-evaluate=train.evaluate:run",
-            "adr-export=train.export:run",
+            "adr-train=keras_adr.cli.train:run",
+            "adr-evaluate=keras_adr.cli.evaluate:run",
+            "adr-export=keras_adr.cli.export:run",
         ],
     },
 )

@@ -8,9 +8,12 @@ budgets are always in pixel units and exported models take raw pixels.
 import keras
 from keras import layers
 
-from keras_adr.layers import Latent
+from keras_adr.layers import Latent, Standardize
 
 LATENT_LAYER = "latent"
+# The in-model normalisation of the colour-image builders; `adr-train` adapts
+# it to the training data (`keras_adr.layers.Standardize`).
+STANDARDIZE_LAYER = "standardize"
 ARCHITECTURES = ("small_cnn", "cifar_cnn", "resnet18", "wide_resnet")
 
 
@@ -59,7 +62,7 @@ def cifar_cnn(input_shape=(32, 32, 3), num_classes=10, name="cifar_cnn"):
     """
     _check_shapes(input_shape, num_classes)
     inputs = keras.Input(input_shape, name="images")
-    x = inputs
+    x = Standardize(name=STANDARDIZE_LAYER)(inputs)
     for block_filters in (64, 128):
         for _ in range(2):
             x = layers.Conv2D(block_filters, 3, use_bias=False)(x)
@@ -112,7 +115,8 @@ def resnet18(input_shape=(32, 32, 3), num_classes=10, sync_batchnorm=False, name
     """
     _check_shapes(input_shape, num_classes)
     inputs = keras.Input(input_shape, name="images")
-    x = layers.Conv2D(64, 3, padding="same", use_bias=False)(inputs)
+    x = Standardize(name=STANDARDIZE_LAYER)(inputs)
+    x = layers.Conv2D(64, 3, padding="same", use_bias=False)(x)
     for stage, filters in enumerate((64, 128, 256, 512)):
         for block in range(2):
             stride = 2 if stage > 0 and block == 0 else 1
@@ -143,7 +147,8 @@ def wide_resnet(input_shape=(32, 32, 3), num_classes=10, depth=34, width=10,
         raise ValueError(f"`depth` must be 6n + 4 with n >= 1 (e.g. 28, 34); got {depth}.")
     blocks_per_stage = (depth - 4) // 6
     inputs = keras.Input(input_shape, name="images")
-    x = layers.Conv2D(16, 3, padding="same", use_bias=False)(inputs)
+    x = Standardize(name=STANDARDIZE_LAYER)(inputs)
+    x = layers.Conv2D(16, 3, padding="same", use_bias=False)(x)
     for stage, filters in enumerate((16 * width, 32 * width, 64 * width)):
         for block in range(blocks_per_stage):
             stride = 2 if stage > 0 and block == 0 else 1

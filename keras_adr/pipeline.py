@@ -136,12 +136,21 @@ class TrainOptions:
             raise ValueError(f"`validation_examples` must be >= 0; got {self.validation_examples}.")
 
 
-def build_model(options, adr_config, dataset_info):
-    """The ADRModel of `options.model` for the dataset's input shape and classes."""
+def build_model(options, adr_config, dataset_info, train_split=None):
+    """The ADRModel of `options.model` for the dataset's input shape and classes.
+
+    A `Standardize` layer in the architecture is adapted to the per-channel
+    statistics of `train_split` (un-augmented).
+    """
     kwargs = dict(input_shape=dataset_info.input_shape, num_classes=dataset_info.num_classes)
     if options.model in ("resnet18", "wide_resnet"):
         kwargs["sync_batchnorm"] = options.sync_batchnorm
-    return ADRModel(models.get(options.model, **kwargs), adr_config)
+    backbone = models.get(options.model, **kwargs)
+    names = {layer.name for layer in backbone.layers}
+    if train_split is not None and models.STANDARDIZE_LAYER in names:
+        backbone.get_layer(models.STANDARDIZE_LAYER).adapt(data.load(
+            options.dataset, train_split, batch_size=1000, data_dir=options.data_dir))
+    return ADRModel(backbone, adr_config)
 
 
 def _optimizer(options, steps_per_epoch):
@@ -335,7 +344,7 @@ def _run_stages(options, adr_config, strategy, run_dir):  # noqa: C901 - one sta
     steps_per_epoch = math.ceil(num_train / options.batch_size)
 
     with strategy.scope():
-        model = build_model(options, adr_config, info)
+        model = build_model(options, adr_config, info, train_split)
         model.compile(optimizer=_optimizer(options, steps_per_epoch))
     distribute.patch_keras_fit(model)
 

@@ -38,40 +38,40 @@ def model_file(tmp_path_factory):
 def test_adr_export_errors(model_file, tmp_path):
     export_dir = tmp_path / "serving"
     args = [f"--model_path={model_file}", f"--export_dir={export_dir}"]
-    code, stderr = _program("train.export", *args, "--version=1")
+    code, stderr = _program("keras_adr.cli.export", *args, "--version=1")
     assert code == 0, stderr[-2000:]
-    _assert_user_error(*_program("train.export", *args, "--version=1"), "adr-export",
+    _assert_user_error(*_program("keras_adr.cli.export", *args, "--version=1"), "adr-export",
                        "--overwrite")
-    _assert_user_error(*_program("train.export", *args, "--version=0"), "adr-export",
+    _assert_user_error(*_program("keras_adr.cli.export", *args, "--version=0"), "adr-export",
                        "--version")
-    _assert_user_error(*_program("train.export", *args, "--metadata_json={bad"), "adr-export",
+    _assert_user_error(*_program("keras_adr.cli.export", *args, "--metadata_json={bad"), "adr-export",
                        "--metadata_json", "JSON")
-    _assert_user_error(*_program("train.export", *args, "--metadata_json=[1]"), "adr-export",
+    _assert_user_error(*_program("keras_adr.cli.export", *args, "--metadata_json=[1]"), "adr-export",
                        "JSON object")
     text_file = tmp_path / "notes.txt"
     text_file.write_text("hello")
-    _assert_user_error(*_program("train.export", f"--model_path={text_file}",
+    _assert_user_error(*_program("keras_adr.cli.export", f"--model_path={text_file}",
                                  f"--export_dir={export_dir}"), "adr-export",
                        "not a Keras model file")
     corrupt = tmp_path / "corrupt.keras"
     corrupt.write_bytes(model_file.read_bytes()[: 4000])
-    _assert_user_error(*_program("train.export", f"--model_path={corrupt}",
+    _assert_user_error(*_program("keras_adr.cli.export", f"--model_path={corrupt}",
                                  f"--export_dir={export_dir}"), "adr-export")
-    _assert_user_error(*_program("train.export", f"--model_path={tmp_path / 'missing.keras'}",
+    _assert_user_error(*_program("keras_adr.cli.export", f"--model_path={tmp_path / 'missing.keras'}",
                                  f"--export_dir={export_dir}"), "adr-export", "does not exist")
 
 
 def test_adr_evaluate_checks_flags_before_evaluating(model_file, tmp_path):
     a_file = tmp_path / "a_file"
     a_file.write_text("x")
-    _assert_user_error(*_program("train.evaluate", f"--model_path={model_file}",
+    _assert_user_error(*_program("keras_adr.cli.evaluate", f"--model_path={model_file}",
                                  f"--output_dir={a_file}"), "adr-evaluate", "--output_dir")
-    _assert_user_error(*_program("train.evaluate", f"--model_path={model_file}",
+    _assert_user_error(*_program("keras_adr.cli.evaluate", f"--model_path={model_file}",
                                  "--num_examples=-3"), "adr-evaluate", "--num_examples")
 
 
 def test_adr_train_names_the_flag(tmp_path):
-    _assert_user_error(*_program("train.train", f"--output_dir={tmp_path / 'run'}",
+    _assert_user_error(*_program("keras_adr.cli.train", f"--output_dir={tmp_path / 'run'}",
                                  "--lr_decay_fractions=0.5,abc"), "adr-train",
                        "--lr_decay_fractions")
 

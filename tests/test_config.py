@@ -114,3 +114,31 @@ def test_architecture_errors():
         models.small_cnn(input_shape=(28, 28))
     with pytest.raises(ValueError, match="num_classes"):
         models.small_cnn(num_classes=1)
+
+
+def test_standardize_layer_normalises_inside_the_model(tmp_path):
+    import keras
+
+    rng = np.random.default_rng(0)
+    images = rng.uniform(0.2, 0.9, size=(64, 4, 4, 3)).astype(np.float32)
+    layer = keras_adr.layers.Standardize()
+    model = keras.Sequential([keras.Input((4, 4, 3)), layer])
+    layer.adapt(images)
+    flat = images.reshape(-1, 3).astype(np.float64)
+    np.testing.assert_allclose(layer.mean.numpy(), flat.mean(0), rtol=1e-5)
+    np.testing.assert_allclose(layer.std.numpy(), flat.std(0), rtol=1e-4)
+    out = np.asarray(model(images)).reshape(-1, 3)
+    np.testing.assert_allclose(out.mean(0), 0, atol=1e-4)
+    np.testing.assert_allclose(out.std(0), 1, atol=1e-3)
+    assert not layer.trainable_weights
+    path = tmp_path / "s.keras"
+    model.save(path)
+    np.testing.assert_allclose(np.asarray(keras.saving.load_model(path)(images)),
+                               np.asarray(model(images)), atol=1e-6)
+    # Constants, and the colour builders carry one.
+    fixed = keras_adr.layers.Standardize(mean=[0.5, 0.5, 0.5], std=0.25)
+    np.testing.assert_allclose(np.asarray(fixed(np.full((1, 1, 1, 3), 0.75, np.float32))), 1.0)
+    assert isinstance(models.get("cifar_cnn").get_layer("standardize"),
+                      keras_adr.layers.Standardize)
+    with pytest.raises(ValueError, match="std"):
+        keras_adr.layers.Standardize(std=[1.0, 0.0, 1.0])

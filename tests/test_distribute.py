@@ -40,7 +40,7 @@ def _run_script(name, *args):
 
 
 def _adr_train(output_dir, *flags):
-    return [sys.executable, "-m", "train.train", f"--output_dir={output_dir}", *_TINY, *flags]
+    return [sys.executable, "-m", "keras_adr.cli.train", f"--output_dir={output_dir}", *_TINY, *flags]
 
 
 def _max_difference(a, b):

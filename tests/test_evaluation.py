@@ -1,4 +1,4 @@
-"""Tests for keras_adr.evaluation and the adr-evaluate program (train/evaluate.py)."""
+"""Tests for keras_adr.evaluation and the adr-evaluate program (keras_adr/cli/evaluate.py)."""
 
 import json
 import os
@@ -359,7 +359,7 @@ def test_load_model_keras_file_and_errors(normal_model, tmp_path):
 def _run_cli(*args):
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES="",
                PYTHONPATH=os.pathsep.join([str(_REPO_ROOT), os.environ.get("PYTHONPATH", "")]))
-    return subprocess.run([sys.executable, "-m", "train.evaluate", *args], cwd=_REPO_ROOT,
+    return subprocess.run([sys.executable, "-m", "keras_adr.cli.evaluate", *args], cwd=_REPO_ROOT,
                           env=env, capture_output=True, text=True, timeout=300)
 
 

@@ -26,7 +26,7 @@ def _needs_fashion_mnist():
 
 
 def _command(output_dir, *flags):
-    return [sys.executable, "-m", "train.train", f"--output_dir={output_dir}", *_TINY, *flags]
+    return [sys.executable, "-m", "keras_adr.cli.train", f"--output_dir={output_dir}", *_TINY, *flags]
 
 
 def _run(output_dir, *flags, timeout=300):
@@ -65,7 +65,7 @@ def test_train_writes_metrics_checkpoint_and_export(tmp_path):
     for name in ("final.keras", "best.keras"):
         export_dir = tmp_path / f"export_{name}"
         exported = subprocess.run(
-            [sys.executable, "-m", "train.export", f"--model_path={out / name}",
+            [sys.executable, "-m", "keras_adr.cli.export", f"--model_path={out / name}",
              f"--export_dir={export_dir}"], capture_output=True, text=True, timeout=300,
             cwd=os.path.dirname(os.path.dirname(__file__)))
         assert exported.returncode == 0, exported.stderr[-3000:]
@@ -275,3 +275,29 @@ def test_train_examples_above_the_dataset_are_clamped_with_a_warning(caplog):
         train_split, _, num_train = pipeline._splits(options, info)
     assert num_train == info.num_train - 1000
     assert "--train_examples=1000000" in caplog.text and "using all" in caplog.text
+
+
+def test_cifar_pipeline_adapts_the_standardize_layer(tmp_path):
+    """The colour builders normalise inside the model with the training data's statistics."""
+    import keras
+    import numpy as np
+
+    from keras_adr import pipeline, presets
+
+    tfds = pytest.importorskip("tensorflow_datasets")
+    options = pipeline.TrainOptions(
+        dataset="cifar10", model="cifar_cnn", epochs=1, batch_size=16, train_examples=48,
+        validation_examples=16, test_examples=16, eval_attacks=("pgd2", "apgd_ce2"),
+        output_dir=str(tmp_path / "run"), data_dir=str(tmp_path / "tfds"), export=False,
+        verbose=0)
+    with tfds.testing.mock_data(num_examples=64):
+        metrics = pipeline.run(options, presets.get("pgd_at", attack_steps=1,
+                                                    attack_epsilon=8 / 255))
+        train_images = np.concatenate([x for x, _ in data.load(
+            "cifar10", "train[:32]", batch_size=32, data_dir=str(tmp_path / "tfds"))])
+    assert metrics["epochs_run"] == 1
+    model = keras.saving.load_model(tmp_path / "run" / "final.keras")
+    layer = model.backbone.get_layer("standardize")
+    flat = train_images.reshape(-1, 3)
+    np.testing.assert_allclose(layer.mean.numpy(), flat.mean(0), rtol=1e-4)
+    np.testing.assert_allclose(layer.std.numpy(), flat.std(0), rtol=1e-3)
