@@ -69,6 +69,8 @@ flags.DEFINE_integer("validation_examples", 2000, "Held out from the end of trai
 flags.DEFINE_integer("threads", 0, "TensorFlow intra-op threads (0 = TensorFlow's choice).")
 flags.DEFINE_integer("verbose", 2, "Keras fit verbosity.")
 flags.DEFINE_bool("list", False, "Print the runs and their status, run nothing.")
+flags.DEFINE_float("collapse_accuracy", 0.15, "A run stops after an epoch whose clean "
+                   "validation accuracy is at most this (10 classes: chance is 0.10); 0 = never.")
 flags.DEFINE_bool("report_only", False, "Only rewrite the summary from finished runs.")
 
 # The training recipe, shared with robustness.py's fmnist preset.
@@ -141,6 +143,24 @@ def _plan():
     return num_train, steps_per_epoch, math.ceil(FLAGS.steps / steps_per_epoch)
 
 
+class _StopCollapsed:
+    """Stops a run whose model has collapsed to chance: the rest would be wasted compute."""
+
+    def __new__(cls, threshold):
+        import keras
+
+        class StopCollapsed(keras.callbacks.Callback):
+            collapsed_epoch = None
+
+            def on_epoch_end(self, epoch, logs=None):
+                accuracy = (logs or {}).get("val_accuracy")
+                if threshold and accuracy is not None and accuracy <= threshold:
+                    self.collapsed_epoch = epoch + 1
+                    self.model.stop_training = True
+
+        return StopCollapsed()
+
+
 class _EpochTimer:
     """Adds `epoch_seconds` to the logs (and so to history.csv)."""
 
@@ -203,10 +223,11 @@ def train_run(run, row_path):
     history_path = os.path.join(out, "history.csv")
     started = time.time()
     # The schedule is that of `epochs`; ablation runs stop early (a prefix).
+    collapse = _StopCollapsed(FLAGS.collapse_accuracy)
     model.fit(train_ds, epochs=_stop_epoch(run, epochs), validation_data=validation_ds,
               verbose=FLAGS.verbose,
               callbacks=[keras.callbacks.BackupAndRestore(os.path.join(out, "backup")),
-                         _EpochTimer(), keras.callbacks.TerminateOnNaN(),
+                         _EpochTimer(), keras.callbacks.TerminateOnNaN(), collapse,
                          keras.callbacks.ModelCheckpoint(
                              os.path.join(out, "best.keras"), monitor="val_adv_accuracy",
                              mode="max", save_best_only=True),
@@ -219,6 +240,7 @@ def train_run(run, row_path):
         "recipe": RECIPE, "train_examples": num_train,
         "validation_examples": FLAGS.validation_examples, "steps_per_epoch": steps_per_epoch,
         "epochs_planned": _stop_epoch(run, epochs), "schedule_epochs": epochs, "epochs_run": len(history.get("epoch", [])),
+        "collapsed_at_epoch": _collapsed_epoch(history, FLAGS.collapse_accuracy),
         "history": history, "wall_seconds_this_attempt": round(time.time() - started, 1),
         "finished_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": _machine(),
@@ -227,6 +249,14 @@ def train_run(run, row_path):
     keras.backend.clear_session()
     gc.collect()
     return payload
+
+
+def _collapsed_epoch(history, threshold):
+    """First (1-based) epoch whose clean validation accuracy is at chance, or None."""
+    for index, accuracy in enumerate(history.get("val_accuracy", [])):
+        if threshold and accuracy is not None and accuracy <= threshold:
+            return index + 1
+    return None
 
 
 def _machine():
@@ -304,7 +334,10 @@ def markdown(results, all_runs):
                 + (f" [{_fmt(max(_series(r, key)))}]" if peak else ""))
             acc = lambda key: ("-" if not _series(r, key) else
                                f"{100 * _series(r, key)[-1]:.1f} ({100 * max(_series(r, key)):.1f})")
-            lines.append(f"| {run.label} | {r['epochs_run']} | {cell('loss')} | "
+            epochs = str(r["epochs_run"])
+            if r.get("collapsed_at_epoch"):
+                epochs += f" (collapsed at {r['collapsed_at_epoch']}, stopped)"
+            lines.append(f"| {run.label} | {epochs} | {cell('loss')} | "
                          f"{cell('latent_norm', True)} | {cell('logits_norm', True)} | "
                          f"{cell('global_smoothness')} | {cell('local_compactness')} | "
                          f"{acc('val_accuracy')} | {acc('val_adv_accuracy')} |")

@@ -120,3 +120,10 @@ def test_robust_accuracy_is_logged_for_checkpoints(tmp_path):
     assert (tmp_path / "best.keras").exists()
     with pytest.raises(ValueError, match="APGD"):
         keras_adr.callbacks.RobustAccuracy((x, y), epsilon=0.1, attacks=("fgsm",))
+
+
+def test_default_guard_stops_the_measured_collapse():
+    """adr_pgd_paper in benchmarks/stability.py: epoch losses 3.43, 2.56, 2.32, 10.68."""
+    guard = DivergenceGuard()
+    _, history = _fit([3.43, 2.56, 2.32, 10.68, 10.7], guard)
+    assert guard.diverged and len(history.history["loss"]) == 4
