@@ -495,10 +495,12 @@ def markdown(preset_name, preset, rows, results, seeds, verdict_, total_seconds)
     lines = [
         f"# Robustness benchmark: `{preset_name}`", "",
         f"- Setup: {preset.description}.",
-        f"- Training examples: {first.get('train_examples', '?')} (first "
-        f"{preset.train_examples or 'all'} of train, the last {preset.validation_examples} held "
-        "out for checkpoint selection); evaluated checkpoint: `best.keras` of `pipeline.run` "
-        "(best validation PGD accuracy; with 1 epoch, the final model).",
+        f"- Training examples: {first.get('train_examples', '?')} (the first "
+        f"{preset.train_examples or 'examples'} of train minus the last "
+        f"{preset.validation_examples}, held out for checkpoint selection); evaluated "
+        "checkpoint: the run's `best.keras` (best validation PGD accuracy; with 1 epoch, the "
+        "final model), trained by `pipeline.run` or, for seed-0 rows of the same recipe, by "
+        "`benchmarks/stability.py` (column `trained by`).",
         f"- Evaluation: the first {n_test} test examples, L-inf epsilon {preset.epsilon:g}; "
         f"{', '.join(attacks)}; {preset.restarts} random start(s) of every randomized attack "
         f"(APGD-T: {preset.restarts} per target class, {preset.apgd_targets} target classes); "
@@ -512,19 +514,20 @@ def markdown(preset_name, preset, rows, results, seeds, verdict_, total_seconds)
         lines.append(f"- Machine: {m['cpu']}, {m['cpus']} CPUs, GPUs: {m['gpus'] or 'none'}; "
                      f"TensorFlow {m['tensorflow']}, Keras {m['keras']}.")
     header = ("| row | seed | clean | " + " | ".join(attacks)
-              + " | worst case | train s | eval s |")
-    rule = "|---|---:|---:|" + "---:|" * len(attacks) + "---:|---:|---:|"
+              + " | worst case | train s | eval s | trained by |")
+    rule = "|---|---:|---:|" + "---:|" * len(attacks) + "---:|---:|---:|---|"
     lines += ["", "## All rows", "", header, rule]
     for row in rows:
         r = by_name.get(row.name)
         if r is None:
             lines.append(f"| {row.label} | {row.seed} | " + " | ".join(["(pending)"] + [""] * (
-                len(attacks) + 3)) + " |")
+                len(attacks) + 4)) + " |")
             continue
         cells = " | ".join(_pct(r["attack_accuracy"].get(a)) for a in attacks)
         lines.append(f"| {row.label} | {r['seed']} | {_pct(r['clean_accuracy'])} | {cells} | "
                      f"**{_pct(r['robust_accuracy'])}** | {r['train_seconds']:.0f} | "
-                     f"{r['eval_seconds']:.0f} |")
+                     f"{r['eval_seconds']:.0f} | "
+                     f"{os.path.basename(r.get('trained_by', 'keras_adr.pipeline.run'))} |")
     if seeds:
         lines += ["", "## Headline: mean over seeds", "",
                   "mean ± sample standard deviation [min–max] over the seeds listed.", "",
