@@ -15,8 +15,8 @@ import keras
 import numpy as np
 
 # A healthy run's epoch loss does not triple; the paper's ADR objective, when it
-# runs away, grows past 3x its minimum within one epoch (1.7 -> -9.2, or 2.3 ->
-# 10.7 as the model collapses: benchmarks/results/stability.md).
+# runs away, passes 3x its minimum magnitude within one epoch (2.32 -> -8.43 in
+# benchmarks/results/stability.md, where the model collapsed to chance).
 DEFAULT_DIVERGENCE_FACTOR = 3.0
 # Losses closer to 0 than this are compared with it instead: a near-zero
 # minimum would make ordinary noise look like a blow-up.

@@ -123,7 +123,11 @@ def test_robust_accuracy_is_logged_for_checkpoints(tmp_path):
 
 
 def test_default_guard_stops_the_measured_collapse():
-    """adr_pgd_paper in benchmarks/stability.py: epoch losses 3.43, 2.56, 2.32, 10.68."""
+    """adr_pgd_paper in benchmarks/stability.py: epoch losses 3.43, 2.56, 2.32, -8.43, 10.68."""
     guard = DivergenceGuard()
-    _, history = _fit([3.43, 2.56, 2.32, 10.68, 10.7], guard)
+    _, history = _fit([3.43, 2.56, 2.32, -8.43, 10.68, 13.47], guard)
+    assert guard.diverged and len(history.history["loss"]) == 4
+    # After a collapse to a constant loss, the jump alone trips it too.
+    guard = DivergenceGuard()
+    _, history = _fit([3.43, 2.56, 2.32, 10.68, 13.47], guard)
     assert guard.diverged and len(history.history["loss"]) == 4
