@@ -19,6 +19,7 @@ import keras
 import tensorflow as tf
 
 from keras_adr import attacks
+from keras_adr import graph
 from keras_adr import losses as adr_losses
 from keras_adr.config import ADRConfig
 from keras_adr.layers import Latent
@@ -312,7 +313,7 @@ class ADRMixin:
             x, x_adv, training=training)
         sums = self._term_sums(y, logits, z, logits_adv, z_adv)
         norm_sum = lambda t: tf.reduce_sum(tf.norm(
-            tf.stop_gradient(adr_losses.normalize_latent(t)), axis=1))
+            tf.stop_gradient(graph.flatten_batch(t)), axis=1))
         sums.update(latent_norm=norm_sum(z), logits_norm=norm_sum(logits))
         objective = tf.add_n([w * sums[name] for name, w in self._term_weights.items()])
         local_batch = tf.cast(tf.shape(x)[0], tf.float32)
