@@ -12,7 +12,7 @@ NORMS = ("linf", "l2")
 ATTACK_LOSSES = ("auto", "ce", "kl")
 OBJECTIVES = ("standard", "pgd", "trades")
 DISTANCES = ("l1", "l2")
-# See keras_adr.losses.LATENT_NORMALIZATIONS / SMOOTHNESS_PUSHES.
+# The bounded-ADR choices; what each means is explained in keras_adr.losses.
 LATENT_NORMALIZATIONS = ("none", "rms")
 SMOOTHNESS_PUSHES = ("cross_entropy", "overlap")
 PAIRWISE_SCOPES = ("global", "replica")

@@ -16,6 +16,7 @@ import keras
 import tensorflow as tf
 
 from keras_adr import graph
+from keras_adr.config import LATENT_NORMALIZATIONS, SMOOTHNESS_PUSHES
 
 DEFAULT_LABEL_SCALE = 0.99
 _TINY = 1e-12
@@ -28,14 +29,13 @@ _TINY = 1e-12
 #     code has RMS 1: distances are bounded (mean L1 <= 2, mean squared <= 4)
 #     and invariant to the scale of `z`, which the network can then not
 #     exploit.
-LATENT_NORMALIZATIONS = ("none", "rms")
 # What different-label pairs of global smoothness push apart.
 #   "cross_entropy": the paper's `W_ij CE(p_j, q_i)` with `W_ij < 0`, which
 #     falls without bound as `q_i` puts vanishing mass on the classes `p_j`
 #     predicts.
 #   "overlap": `(1/scale - 1) <p_j, q_i>`, a positive weight on the
 #     probability overlap in [0, 1]: the same push, bounded below by 0.
-SMOOTHNESS_PUSHES = ("cross_entropy", "overlap")
+# (Both choices are listed once, in keras_adr.config.)
 # Added to the mean square before the RMS division: keeps the gradient finite
 # (at most ~1e3 times) for an all-zero code, e.g. a dead ReLU layer.
 _RMS_EPSILON = 1e-6
