@@ -331,6 +331,9 @@ def run_row(preset, row, row_path, workdir):
         validation_examples=preset.validation_examples,
         test_examples=PIPELINE_CHECK_EXAMPLES, eval_attacks=PIPELINE_CHECK_ATTACKS,
         output_dir=output_dir, data_dir=FLAGS.data_dir, export=False, verbose=FLAGS.verbose,
+        # A benchmark measures what a defense does: a runaway objective (the
+        # paper's ADR) trains to the end, and its best checkpoint is evaluated.
+        divergence_factor=0.0,
         command=" ".join(sys.argv) + f"  # row {row.name}")
 
     trained = results_io.read_json(trained_path)
@@ -347,7 +350,17 @@ def run_row(preset, row, row_path, workdir):
     else:
         logging.info("%s: training %s (seed %d, overrides %s)", row.name, row.defense, row.seed,
                      dict(row.overrides) or "none")
-        metrics = pipeline.run(options, config)
+        try:
+            metrics = pipeline.run(options, config)
+        except pipeline.TrainingDivergedError as error:  # a non-finite loss stopped it
+            history = pipeline.read_history(os.path.join(output_dir, "history.csv"))
+            metrics = {"diverged": str(error), "train_examples": None,
+                       "epochs_run": len(history.get("loss", [])),
+                       "train_seconds": round(sum(v for v in history.get("epoch_seconds", [])
+                                                  if v is not None), 1),
+                       "history": {k: v for k, v in history.items()
+                                   if k not in ("epoch", "epoch_seconds")}}
+            logging.warning("%s: %s; evaluating its best checkpoint", row.name, error)
         results_io.write_json_atomic(trained_path, {"fingerprint": fp, "metrics": metrics,
                                    "wall_seconds": round(time.time() - started, 1)})
         trained = results_io.read_json(trained_path)
@@ -392,6 +405,7 @@ def run_row(preset, row, row_path, workdir):
                            "robust_accuracy": metrics.get("robust_accuracy")},
         "checkpoint": os.path.relpath(checkpoint, _REPO),
         "trained_by": metrics.get("trained_by", "keras_adr.pipeline.run"),
+        "diverged": metrics.get("diverged"),
         "history": history,
         "finished_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": machine_info(),

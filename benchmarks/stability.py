@@ -178,18 +178,6 @@ class _EpochTimer:
         return Timer()
 
 
-def _read_history(path):
-    import csv
-
-    with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
-    history = {}
-    for row in rows:
-        for key, value in row.items():
-            history.setdefault(key, []).append(float(value) if value not in ("", None) else None)
-    return history
-
-
 def train_run(run, row_path):
     import keras
 
@@ -219,7 +207,7 @@ def train_run(run, row_path):
     options = pipeline.TrainOptions(epochs=epochs, optimizer=RECIPE["optimizer"],
                                     learning_rate=RECIPE["learning_rate"],
                                     lr_decay_fractions=RECIPE["lr_decay_fractions"])
-    model.compile(optimizer=pipeline._optimizer(options, steps_per_epoch))
+    model.compile(optimizer=pipeline.build_optimizer(options, steps_per_epoch))
     history_path = os.path.join(out, "history.csv")
     started = time.time()
     # The schedule is that of `epochs`; ablation runs stop early (a prefix).
@@ -233,7 +221,7 @@ def train_run(run, row_path):
                              mode="max", save_best_only=True),
                          keras.callbacks.CSVLogger(history_path, append=True)])
     model.save(os.path.join(out, "final.keras"))
-    history = _read_history(history_path)
+    history = pipeline.read_history(history_path)
     payload = {
         "name": run.name, "group": run.group, "label": run.label, "defense": run.defense,
         "overrides": dict(run.overrides), "fingerprint": fp, "adr_config": config.get_config(),

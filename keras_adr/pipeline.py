@@ -153,7 +153,8 @@ def build_model(options, adr_config, dataset_info, train_split=None):
     return ADRModel(backbone, adr_config)
 
 
-def _optimizer(options, steps_per_epoch):
+def build_optimizer(options, steps_per_epoch):
+    """`options.optimizer` with the piecewise-constant schedule of `options`."""
     total_steps = options.epochs * steps_per_epoch
     boundaries = [max(1, int(f * total_steps)) for f in options.lr_decay_fractions]
     values = [options.learning_rate * 0.1 ** i for i in range(len(boundaries) + 1)]
@@ -212,7 +213,7 @@ def _best_logged(history_path, monitor):
     A resumed run's `ModelCheckpoint` starts from it, so that `best.keras`
     is not replaced by a worse epoch after a restart.
     """
-    values = _read_history(history_path).get(monitor, [])
+    values = read_history(history_path).get(monitor, [])
     finite = [v for v in values if v is not None and math.isfinite(v)]
     return max(finite) if finite else None
 
@@ -242,7 +243,7 @@ def _select_weights(model, options, out):
     best = keras.saving.load_model(path)
     model.set_weights(best.get_weights())
     del best
-    history = _read_history(os.path.join(out, "history.csv"))
+    history = read_history(os.path.join(out, "history.csv"))
     monitor = next((m for m in ("val_adv_accuracy", "adv_accuracy", "accuracy")
                     if any(v is not None for v in history.get(m, []))), None)
     if monitor is None:
@@ -258,7 +259,7 @@ def _run_config(options, adr_config):
             "adr_config": adr_config.get_config()}
 
 
-def _read_history(path):
+def read_history(path):
     """`{column: [values per epoch]}` of `history.csv`, one row per epoch
     (`"epoch"`: the 0-based epoch numbers; missing values are None).
 
@@ -345,7 +346,7 @@ def _run_stages(options, adr_config, strategy, run_dir):  # noqa: C901 - one sta
 
     with strategy.scope():
         model = build_model(options, adr_config, info, train_split)
-        model.compile(optimizer=_optimizer(options, steps_per_epoch))
+        model.compile(optimizer=build_optimizer(options, steps_per_epoch))
     distribute.patch_keras_fit(model)
 
     final_path = run_dir.file("final.keras")
@@ -366,7 +367,7 @@ def _run_stages(options, adr_config, strategy, run_dir):  # noqa: C901 - one sta
         shutil.rmtree(run_dir.file("backup"), ignore_errors=True)
     else:
         model.set_weights(keras.saving.load_model(final_path).get_weights())
-    history = _read_history(run_dir.file("history.csv"))
+    history = read_history(run_dir.file("history.csv"))
     _check_finite(history)
     best_epoch = _select_weights(model, options, out)
 
