@@ -161,26 +161,10 @@ class _StopCollapsed:
         return StopCollapsed()
 
 
-class _EpochTimer:
-    """Adds `epoch_seconds` to the logs (and so to history.csv)."""
-
-    def __new__(cls):
-        import keras
-
-        class Timer(keras.callbacks.Callback):
-            def on_epoch_begin(self, epoch, logs=None):
-                self._start = time.time()
-
-            def on_epoch_end(self, epoch, logs=None):
-                if logs is not None:
-                    logs["epoch_seconds"] = time.time() - self._start
-
-        return Timer()
-
-
 def train_run(run, row_path):
     import keras
 
+    from keras_adr import callbacks as adr_callbacks
     from keras_adr import data, pipeline
     from keras_adr.training import ADRModel
     from keras_adr import models
@@ -215,7 +199,8 @@ def train_run(run, row_path):
     model.fit(train_ds, epochs=_stop_epoch(run, epochs), validation_data=validation_ds,
               verbose=FLAGS.verbose,
               callbacks=[keras.callbacks.BackupAndRestore(os.path.join(out, "backup")),
-                         _EpochTimer(), keras.callbacks.TerminateOnNaN(), collapse,
+                         adr_callbacks.EpochSeconds(), keras.callbacks.TerminateOnNaN(),
+                         collapse,
                          keras.callbacks.ModelCheckpoint(
                              os.path.join(out, "best.keras"), monitor="val_adv_accuracy",
                              mode="max", save_best_only=True),

@@ -10,6 +10,7 @@ which term grew most, so a program can exit non-zero with that message.
 """
 
 import math
+import time
 
 import keras
 import numpy as np
@@ -21,6 +22,21 @@ DEFAULT_DIVERGENCE_FACTOR = 3.0
 # Losses closer to 0 than this are compared with it instead: a near-zero
 # minimum would make ordinary noise look like a blow-up.
 DEFAULT_LOSS_FLOOR = 0.1
+
+
+class EpochSeconds(keras.callbacks.Callback):
+    """Adds each epoch's wall time to the logs as `epoch_seconds`.
+
+    Put it before `CSVLogger`: the times then live in the history file, so
+    the training time of a resumed run can be summed over all its epochs.
+    """
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._started = time.time()
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs is not None:
+            logs["epoch_seconds"] = time.time() - self._started
 
 
 class RobustAccuracy(keras.callbacks.Callback):

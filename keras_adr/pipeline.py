@@ -187,17 +187,21 @@ def _guard(options):
     return adr_callbacks.DivergenceGuard(factor=options.divergence_factor or math.inf)
 
 
-def _callbacks(out, has_validation, uses_adversary, guard):
+def _checkpoint_monitor(has_validation, uses_adversary):
     # Robust accuracy when there is one to monitor: `standard` training logs
     # no adversarial accuracy, its validation step does.
-    monitor = "val_adv_accuracy" if has_validation else (
-        "adv_accuracy" if uses_adversary else "accuracy")
+    if has_validation:
+        return "val_adv_accuracy"
+    return "adv_accuracy" if uses_adversary else "accuracy"
+
+
+def _callbacks(out, monitor, guard):
     history_path = os.path.join(out, "history.csv")
     return [
         # Kept until the run records its training as finished: a kill between
         # the end of `fit` and that record resumes at the end, not epoch 1.
         keras.callbacks.BackupAndRestore(os.path.join(out, "backup"), delete_checkpoint=False),
-        _EpochSeconds(),
+        adr_callbacks.EpochSeconds(),
         guard,
         keras.callbacks.ModelCheckpoint(
             os.path.join(out, "best.keras"), monitor=monitor, mode="max", save_best_only=True,
@@ -228,7 +232,7 @@ def _check_finite(history):
                     "and the data.")
 
 
-def _select_weights(model, options, out):
+def _select_weights(model, options, out, monitor):
     """Loads `best.keras` into `model` for `export_weights="best"`; returns its epoch.
 
     The epoch (1-based) is the one of the best monitored value in
@@ -244,11 +248,9 @@ def _select_weights(model, options, out):
     model.set_weights(best.get_weights())
     del best
     history = read_history(os.path.join(out, "history.csv"))
-    monitor = next((m for m in ("val_adv_accuracy", "adv_accuracy", "accuracy")
-                    if any(v is not None for v in history.get(m, []))), None)
-    if monitor is None:
+    values = [-math.inf if v is None else v for v in history.get(monitor, [])]
+    if not values:
         return None
-    values = [-math.inf if v is None else v for v in history[monitor]]
     return history["epoch"][values.index(max(values))] + 1
 
 
@@ -280,18 +282,6 @@ def read_history(path):
                 history.setdefault(key, []).append(
                     None if value in ("", "NA", None) else float(value))
     return history
-
-
-class _EpochSeconds(keras.callbacks.Callback):
-    """Logs each epoch's wall time (`epoch_seconds` in history.csv), so that
-    the training time of a resumed run covers all its epochs."""
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self._started = time.time()
-
-    def on_epoch_end(self, epoch, logs=None):
-        if logs is not None:
-            logs["epoch_seconds"] = time.time() - self._started
 
 
 def run(options, adr_config):
@@ -350,12 +340,11 @@ def _run_stages(options, adr_config, strategy, run_dir):  # noqa: C901 - one sta
     distribute.patch_keras_fit(model)
 
     final_path = run_dir.file("final.keras")
+    monitor = _checkpoint_monitor(validation_ds is not None, adr_config.uses_adversary)
     if not run_dir.state.get("trained"):
         guard = _guard(options)
         model.fit(train_ds, epochs=options.epochs, validation_data=validation_ds,
-                  callbacks=_callbacks(out, validation_ds is not None, adr_config.uses_adversary,
-                                       guard),
-                  verbose=options.verbose)
+                  callbacks=_callbacks(out, monitor, guard), verbose=options.verbose)
         if guard.diverged:
             raise TrainingDivergedError(
                 f"{guard.reason} Lower --learning_rate, use a bounded ADR preset (adr_pgd, "
@@ -369,7 +358,7 @@ def _run_stages(options, adr_config, strategy, run_dir):  # noqa: C901 - one sta
         model.set_weights(keras.saving.load_model(final_path).get_weights())
     history = read_history(run_dir.file("history.csv"))
     _check_finite(history)
-    best_epoch = _select_weights(model, options, out)
+    best_epoch = _select_weights(model, options, out, monitor)
 
     if run_dir.state.get("evaluation"):
         results, eval_seconds = run_dir.state["evaluation"], run_dir.state["eval_seconds"]
