@@ -1,0 +1,26 @@
+"""Evasion attacks as pure TensorFlow functions, one attack per module.
+
+- `pgd`: `pgd` (Madry et al. 2018; also the TRADES KL attack) and `fgsm`.
+- `apgd`: Auto-PGD (Croce & Hein 2020): `apgd`, `apgd_dlr_targeted`.
+
+Every attack takes `model_fn`, a callable mapping images to logits. A Keras
+model or layer is always called with `training=False`, so an attack never
+updates BatchNorm statistics nor samples dropout masks. Plain callables are
+called as they are: the caller is responsible for inference mode.
+
+The attacks run eagerly or inside `tf.function` (the loops are
+`tf.while_loop`s), work on any batch size, and return images inside the
+epsilon-ball around `x` and inside `[clip_min, clip_max]`, with no gradient
+flowing back to `x`.
+"""
+
+from keras_adr.attacks._common import ATTACK_LOSSES, inference_fn
+from keras_adr.attacks.apgd import (APGD_DEFAULT_TARGETS, APGD_LOSSES, APGD_MOMENTUM,
+                                    _apgd_objective, apgd, apgd_checkpoints,
+                                    apgd_dlr_targeted)
+from keras_adr.attacks.pgd import fgsm, pgd
+
+__all__ = [
+    "APGD_DEFAULT_TARGETS", "APGD_LOSSES", "APGD_MOMENTUM", "ATTACK_LOSSES", "apgd",
+    "apgd_checkpoints", "apgd_dlr_targeted", "fgsm", "inference_fn", "pgd",
+]

@@ -1,0 +1,120 @@
+"""Helpers shared by the attacks: inference mode, input checks, projections."""
+
+import warnings
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from keras_adr.config import NORMS
+
+ATTACK_LOSSES = ("ce", "kl")
+# Smallest gradient / perturbation norm; avoids dividing by zero for
+# examples whose loss is flat.
+_TINY = 1e-12
+
+
+def inference_fn(model_fn):
+    """Wraps a Keras model or layer so that it runs in inference mode."""
+    if isinstance(model_fn, keras.layers.Layer):
+        model = model_fn
+        return lambda images: model(images, training=False)
+    if not callable(model_fn):
+        raise ValueError(f"`model_fn` must be callable (images -> logits); got {model_fn!r}.")
+    return model_fn
+
+
+def _validate(x, *, epsilon, step_size, steps, norm, loss, clip_min, clip_max):
+    for name, value in (("epsilon", epsilon), ("step_size", step_size)):
+        if isinstance(value, bool) or not isinstance(value, (int, float, np.number)) or not (
+                0 < value < np.inf):
+            raise ValueError(f"`{name}` must be a finite number > 0; got {value!r}.")
+    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
+        raise ValueError(f"`steps` must be an integer >= 1; got {steps!r}.")
+    if norm not in NORMS:
+        raise ValueError(f"`norm` must be one of {NORMS}; got {norm!r}.")
+    if norm == "linf" and epsilon > 0.5 * (clip_max - clip_min):
+        warnings.warn(
+            f"L-inf epsilon {epsilon} is more than half the pixel range [{clip_min}, "
+            f"{clip_max}]: every image can be turned into any other. Is it in pixel units of "
+            "[0, 1] images (e.g. 8/255, not 8)?", stacklevel=3)
+    if loss not in ATTACK_LOSSES:
+        raise ValueError(f"`loss` must be one of {ATTACK_LOSSES}; got {loss!r}.")
+    if not clip_min < clip_max:
+        raise ValueError(f"`clip_min` ({clip_min}) must be smaller than `clip_max` ({clip_max}).")
+    x = tf.convert_to_tensor(x)
+    if not x.dtype.is_floating:
+        raise ValueError(
+            f"`x` must be floating-point images in [{clip_min}, {clip_max}]; got dtype "
+            f"{x.dtype.name}. Convert uint8 images with `tf.cast(x, tf.float32) / 255`."
+        )
+    non_finite = "attack input `x` has non-finite values (NaN or inf); pass images in " + (
+        f"[{clip_min}, {clip_max}]")
+    if tf.executing_eagerly():
+        if not bool(tf.reduce_all(tf.math.is_finite(x))):
+            raise ValueError(non_finite + ".")
+        low, high = float(tf.reduce_min(x)), float(tf.reduce_max(x))
+        if low < clip_min or high > clip_max:
+            raise ValueError(
+                f"`x` must lie in [clip_min, clip_max] = [{clip_min}, {clip_max}]; its values "
+                f"span [{low:.4g}, {high:.4g}]. Scale images to [0, 1] and keep any "
+                "normalisation inside the model."
+            )
+        return x
+    # Inside a graph the values are unknown until run time; the finiteness
+    # check comes first, so that NaN is not reported as out of range.
+    x = tf.debugging.assert_all_finite(x, non_finite)
+    with tf.control_dependencies([
+        tf.debugging.assert_greater_equal(
+            x, tf.cast(clip_min, x.dtype),
+            message=f"attack input `x` has values below clip_min={clip_min}"),
+        tf.debugging.assert_less_equal(
+            x, tf.cast(clip_max, x.dtype),
+            message=f"attack input `x` has values above clip_max={clip_max}"),
+    ]):
+        return tf.identity(x)
+
+
+def _per_example_norm(t, keepdims=True):
+    axes = list(range(1, len(t.shape)))
+    return tf.sqrt(tf.reduce_sum(tf.square(t), axis=axes, keepdims=keepdims) + _TINY)
+
+
+def _project(x_adv, x, epsilon, norm, clip_min, clip_max):
+    """Projects onto the epsilon-ball around `x`, then onto the pixel range.
+
+    Clipping to the pixel range after the L2 projection can only shorten the
+    perturbation, so the result stays in both sets.
+    """
+    delta = x_adv - x
+    if norm == "linf":
+        delta = tf.clip_by_value(delta, -epsilon, epsilon)
+    else:
+        delta *= tf.minimum(1.0, epsilon / _per_example_norm(delta))
+    return tf.clip_by_value(x + delta, clip_min, clip_max)
+
+
+def _random_start(x, epsilon, norm):
+    if norm == "linf":
+        return x + tf.random.uniform(tf.shape(x), -epsilon, epsilon, dtype=x.dtype)
+    # Uniform in the L2 ball: a uniform direction and radius eps * U^(1/d).
+    direction = tf.random.normal(tf.shape(x), dtype=x.dtype)
+    direction /= _per_example_norm(direction)
+    dims = tf.cast(tf.reduce_prod(tf.shape(x)[1:]), x.dtype)
+    shape = tf.concat([tf.shape(x)[:1], tf.ones([tf.rank(x) - 1], tf.int32)], 0)
+    radius = epsilon * tf.random.uniform(shape, dtype=x.dtype) ** (1.0 / dims)
+    return x + direction * radius
+
+
+def _ascent_direction(grad, norm):
+    if norm == "linf":
+        return tf.sign(grad)
+    return grad / _per_example_norm(grad)
+
+
+
+def _per_example(mask, like):
+    """Reshapes a `[B]` tensor to `[B, 1, ..., 1]` to broadcast against `like`."""
+    shape = tf.concat([tf.shape(mask)[:1], tf.ones([tf.rank(like) - 1], tf.int32)], 0)
+    return tf.reshape(mask, shape)
+
