@@ -196,8 +196,9 @@ def train_run(run, row_path):
     started = time.time()
     # The schedule is that of `epochs`; ablation runs stop early (a prefix).
     collapse = _StopCollapsed(FLAGS.collapse_accuracy)
+    # shuffle=False: the dataset shuffles itself; Keras' flag would only warn.
     model.fit(train_ds, epochs=_stop_epoch(run, epochs), validation_data=validation_ds,
-              verbose=FLAGS.verbose,
+              verbose=FLAGS.verbose, shuffle=False,
               callbacks=[keras.callbacks.BackupAndRestore(os.path.join(out, "backup")),
                          adr_callbacks.EpochSeconds(), keras.callbacks.TerminateOnNaN(),
                          collapse,

@@ -343,8 +343,11 @@ def _run_stages(options, adr_config, strategy, run_dir):  # noqa: C901 - one sta
     monitor = _checkpoint_monitor(validation_ds is not None, adr_config.uses_adversary)
     if not run_dir.state.get("trained"):
         guard = _guard(options)
+        # The dataset shuffles itself (seeded, every epoch); Keras' own shuffle
+        # does not apply to a tf.data.Dataset and would only warn.
         model.fit(train_ds, epochs=options.epochs, validation_data=validation_ds,
-                  callbacks=_callbacks(out, monitor, guard), verbose=options.verbose)
+                  callbacks=_callbacks(out, monitor, guard), verbose=options.verbose,
+                  shuffle=False)
         if guard.diverged:
             raise TrainingDivergedError(
                 f"{guard.reason} Lower --learning_rate, use a bounded ADR preset (adr_pgd, "
