@@ -47,6 +47,7 @@ import tensorflow as tf
 import keras
 import keras_adr
 from keras_adr import attacks, data, losses, presets
+from keras_adr import config as config_lib
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -303,7 +304,7 @@ def _accuracy(backbone, x_adv, y):
 
 def _attack_functions(backbone, x, y, epsilon, steps):
     """`{library: callable() -> x_adv}` for every installed implementation."""
-    step_size = 2.5 * epsilon / steps
+    step_size = config_lib.pgd_step_size(epsilon, steps)
     functions, skipped, versions = {}, {}, {}
     x_tf, y_tf = tf.constant(x), tf.constant(y)
 

@@ -17,6 +17,19 @@ LATENT_NORMALIZATIONS = ("none", "rms")
 SMOOTHNESS_PUSHES = ("cross_entropy", "overlap")
 PAIRWISE_SCOPES = ("global", "replica")
 
+# Madry et al. (2018): a PGD attack of `steps` steps uses the step size
+# 2.5 * epsilon / steps, so that it can walk across the ball and back.
+PGD_STEP_FACTOR = 2.5
+
+# Evaluation defaults, read by keras_adr.evaluation and adr-evaluate.
+EVAL_ATTACKS = ("fgsm", "pgd20", "pgd100", "apgd_ce", "apgd_dlr_t")
+EVAL_RESTARTS = 1
+EVAL_BATCH_SIZE = 128
+APGD_STEPS = 100
+# Target classes of targeted APGD-DLR: 3 for the fast suite (AutoAttack's
+# standard version uses 9).
+APGD_TARGETS = 3
+
 # The ADR terms, in the order they are reported.
 ADR_TERMS = (
     "local_compactness",
@@ -26,6 +39,11 @@ ADR_TERMS = (
     "conditional_entropy",
     "label_propagation",
 )
+
+
+def pgd_step_size(epsilon, steps):
+    """The PGD step size of Madry et al.: `2.5 * epsilon / steps`."""
+    return PGD_STEP_FACTOR * epsilon / steps
 
 
 def _check_choice(name, value, allowed):
@@ -58,8 +76,11 @@ class AttackConfig:
     Attributes:
         norm: `"linf"` or `"l2"`: the ball the perturbation lives in.
         epsilon: Radius of the ball, in pixel units of [0, 1] images.
-        step_size: Size of one ascent step.
-        steps: Number of ascent steps (1 = FGSM-like).
+        step_size: Size of one ascent step; `None` (default) follows
+            `pgd_step_size(epsilon, steps)` = `2.5 * epsilon / steps`, also
+            after `epsilon` or `steps` change (see `resolved_step_size`).
+        steps: Number of ascent steps (1 = FGSM-like). The default, 5 steps
+            of 0.05 at epsilon 0.1, is what `adr-train` runs.
         random_start: Start from a random point of the ball (PGD). The TRADES
             KL attack always starts at `x + 0.001 * N(0, 1)`.
         loss: `"ce"` (cross-entropy to the label), `"kl"` (the TRADES attack)
@@ -70,8 +91,8 @@ class AttackConfig:
 
     norm: str = "linf"
     epsilon: float = 0.1
-    step_size: float = 0.025
-    steps: int = 10
+    step_size: float = None
+    steps: int = 5
     random_start: bool = True
     loss: str = "auto"
     clip_min: float = 0.0
@@ -81,7 +102,8 @@ class AttackConfig:
         _check_choice("norm", self.norm, NORMS)
         _check_choice("loss", self.loss, ATTACK_LOSSES)
         _check_number("epsilon", self.epsilon, exclusive_minimum=0)
-        _check_number("step_size", self.step_size, exclusive_minimum=0)
+        if self.step_size is not None:
+            _check_number("step_size", self.step_size, exclusive_minimum=0)
         _check_number("steps", self.steps, minimum=1, integer=True)
         _check_number("clip_min", self.clip_min)
         _check_number("clip_max", self.clip_max)
@@ -92,6 +114,13 @@ class AttackConfig:
                 f"`clip_min` ({self.clip_min}) must be smaller than `clip_max` ({self.clip_max})."
             )
         object.__setattr__(self, "steps", int(self.steps))
+
+    @property
+    def resolved_step_size(self):
+        """The step size actually used: `step_size`, or the PGD rule if None."""
+        if self.step_size is not None:
+            return self.step_size
+        return pgd_step_size(self.epsilon, self.steps)
 
     def resolved_loss(self, objective):
         """The attack loss actually used with `objective`."""

@@ -68,12 +68,9 @@ import tensorflow as tf
 
 from keras_adr import attacks as attacks_lib
 from keras_adr import export
+from keras_adr import config as config_lib
 from keras_adr.config import NORMS
 
-DEFAULT_ATTACKS = ("fgsm", "pgd20", "pgd100", "apgd_ce", "apgd_dlr_t")
-DEFAULT_APGD_STEPS = 100
-# Madry et al.: PGD step size = 2.5 * epsilon / steps.
-PGD_STEP_FACTOR = 2.5
 # The "large" epsilon of the sanity check, as a fraction of the pixel range
 # (L-inf; times sqrt(number of pixels) for L2), and the highest robust
 # accuracy a sound attack may leave there.
@@ -139,7 +136,7 @@ def parse_attack(name):
     fgsm, pgd_steps, apgd_name, apgd_steps = match.groups()
     if fgsm:
         return AttackSpec(name, "fgsm", 1)
-    steps = int(pgd_steps if pgd_steps is not None else apgd_steps or DEFAULT_APGD_STEPS)
+    steps = int(pgd_steps if pgd_steps is not None else apgd_steps or config_lib.APGD_STEPS)
     if steps < 1:
         raise ValueError(f"Attack {name!r} must have at least 1 step.")
     if pgd_steps is not None:
@@ -415,7 +412,7 @@ class RobustnessResult:
     image_shape: tuple
     clip_min: float = 0.0
     clip_max: float = 1.0
-    apgd_targets: int = attacks_lib.APGD_DEFAULT_TARGETS
+    apgd_targets: int = config_lib.APGD_TARGETS
     seed: int = None
 
     def to_dict(self):
@@ -541,7 +538,7 @@ def _attack_fn(model_fn, spec, *, epsilon, norm, restarts, apgd_targets, clip_mi
 
         def restart(r, correct):
             x_adv = attacks_lib.pgd(model_fn, x, y, steps=spec.steps, random_start=True,
-                                    step_size=PGD_STEP_FACTOR * epsilon / spec.steps, **common)
+                                    step_size=config_lib.pgd_step_size(epsilon, spec.steps), **common)
             return r + 1, tf.logical_and(correct, _correct(model_fn, x_adv, y))
 
         _, correct = tf.while_loop(lambda r, _: r < restarts, restart,
@@ -561,9 +558,10 @@ def _batch_seed(seed, attack_index, batch_index, rng):
     return np.int64((seed * 1_000 + attack_index) * 1_000_000 + batch_index)
 
 
-def evaluate_robustness(model, data, *, epsilon, norm="linf", attacks=DEFAULT_ATTACKS,  # noqa: C901
-                        restarts=1, num_examples=None, seed=0, batch_size=128,
-                        apgd_targets=attacks_lib.APGD_DEFAULT_TARGETS, clip_min=0.0, clip_max=1.0):
+def evaluate_robustness(model, data, *, epsilon, norm="linf",  # noqa: C901
+                        attacks=config_lib.EVAL_ATTACKS, restarts=config_lib.EVAL_RESTARTS,
+                        num_examples=None, seed=0, batch_size=config_lib.EVAL_BATCH_SIZE,
+                        apgd_targets=config_lib.APGD_TARGETS, clip_min=0.0, clip_max=1.0):
     """Evaluates a model against a suite of attacks; the worst case per example.
 
     Args:
@@ -671,9 +669,10 @@ def large_epsilon(norm, image_shape, clip_min=0.0, clip_max=1.0):
 
 
 def epsilon_sweep(model, data, epsilons, *, headline_epsilon=None, include_sanity_epsilons=True,
-                  norm="linf", attacks=DEFAULT_ATTACKS, restarts=1, num_examples=None, seed=0,
-                  batch_size=128, apgd_targets=attacks_lib.APGD_DEFAULT_TARGETS, clip_min=0.0,
-                  clip_max=1.0):
+                  norm="linf", attacks=config_lib.EVAL_ATTACKS,
+                  restarts=config_lib.EVAL_RESTARTS, num_examples=None, seed=0,
+                  batch_size=config_lib.EVAL_BATCH_SIZE, apgd_targets=config_lib.APGD_TARGETS,
+                  clip_min=0.0, clip_max=1.0):
     """Evaluates the same examples at several epsilons.
 
     Args:

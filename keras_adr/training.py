@@ -236,7 +236,7 @@ class ADRMixin:
         attack = self.adr_config.attack
         return attacks.pgd(
             lambda images: self(images, training=False), x, y,
-            epsilon=attack.epsilon, step_size=attack.step_size, steps=attack.steps,
+            epsilon=attack.epsilon, step_size=attack.resolved_step_size, steps=attack.steps,
             norm=attack.norm, random_start=attack.random_start,
             loss=loss or self.adr_config.attack_loss,
             clip_min=attack.clip_min, clip_max=attack.clip_max)

@@ -142,3 +142,42 @@ def test_standardize_layer_normalises_inside_the_model(tmp_path):
                       keras_adr.layers.Standardize)
     with pytest.raises(ValueError, match="std"):
         keras_adr.layers.Standardize(std=[1.0, 0.0, 1.0])
+
+
+def test_step_size_follows_the_pgd_rule_unless_given():
+    attack = presets.get("adr_pgd").attack
+    assert attack.step_size is None
+    assert attack.resolved_step_size == pytest.approx(2.5 * attack.epsilon / attack.steps)
+    moved = presets.get("adr_pgd", attack_epsilon=0.3, attack_steps=10).attack
+    assert moved.resolved_step_size == pytest.approx(0.075)
+    assert presets.get("adr_pgd", attack_step_size=0.01).attack.resolved_step_size == 0.01
+    round_trip = config_lib.AttackConfig.from_config(moved.get_config())
+    assert round_trip == moved and round_trip.resolved_step_size == pytest.approx(0.075)
+
+
+_FLAGS_TO_CONFIG = """
+import sys
+from absl import flags
+from keras_adr import presets
+from keras_adr.cli import train
+flags.FLAGS(["adr-train", *sys.argv[1:]])
+config = train.adr_config_from_flags()
+print(repr(config == presets.get(flags.FLAGS.defense)), config.attack.resolved_step_size)
+"""
+
+
+@pytest.mark.parametrize("argv, same_as_preset, step_size", [
+    ([], True, 0.05),
+    (["--defense=trades"], True, 0.05),
+    (["--epsilon=0.2"], False, 0.1),
+    (["--epsilon=0.2", "--step_size=0.03"], False, 0.03),
+])
+def test_adr_train_runs_the_preset_of_python(argv, same_as_preset, step_size):
+    """`presets.get(name)` in Python is exactly the run `adr-train --defense=name` makes."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", _FLAGS_TO_CONFIG, *argv], capture_output=True,
+                         text=True, check=True).stdout.split()
+    assert out[0] == repr(same_as_preset)
+    assert float(out[1]) == pytest.approx(step_size)

@@ -20,6 +20,7 @@ from absl import flags
 from absl import logging
 
 from keras_adr import cli
+from keras_adr import config as config_lib
 
 FLAGS = flags.FLAGS
 
@@ -31,14 +32,17 @@ flags.DEFINE_string("dataset", "fashion_mnist", "Dataset name (see keras_adr.dat
 flags.DEFINE_string("data_dir", None, "Directory of the dataset files or a TFDS data_dir.")
 flags.DEFINE_string("split", "test", "Split to evaluate, e.g. 'test' or 'test[:1000]'.")
 flags.DEFINE_integer("num_examples", None, "Evaluate only the first N examples of the split.")
-flags.DEFINE_integer("batch_size", 128, "Examples per attack call.")
-flags.DEFINE_float("epsilon", 0.1, "Radius of the threat model (the headline number).")
-flags.DEFINE_enum("norm", "linf", ["linf", "l2"], "Norm of the threat model.")
-flags.DEFINE_list("attacks", ["fgsm", "pgd20", "pgd100", "apgd_ce", "apgd_dlr_t"],
+flags.DEFINE_integer("batch_size", config_lib.EVAL_BATCH_SIZE, "Examples per attack call.")
+flags.DEFINE_float("epsilon", config_lib.AttackConfig.epsilon,
+                   "Radius of the threat model (the headline number).")
+flags.DEFINE_enum("norm", config_lib.AttackConfig.norm, config_lib.NORMS,
+                  "Norm of the threat model.")
+flags.DEFINE_list("attacks", list(config_lib.EVAL_ATTACKS),
                   "Attacks: fgsm, pgd<steps>, apgd_ce, apgd_dlr, apgd_dlr_t (optionally "
                   "with steps, e.g. apgd_ce50). Must include a PGD and an APGD attack.")
-flags.DEFINE_integer("restarts", 1, "Random restarts per randomized attack.")
-flags.DEFINE_integer("apgd_targets", 3, "Target classes of apgd_dlr_t (AutoAttack: 9).")
+flags.DEFINE_integer("restarts", config_lib.EVAL_RESTARTS, "Random restarts per randomized attack.")
+flags.DEFINE_integer("apgd_targets", config_lib.APGD_TARGETS,
+                     "Target classes of apgd_dlr_t (AutoAttack: 9).")
 flags.DEFINE_list("epsilons", [], "Extra epsilons of the sweep, e.g. 0.05,0.2.")
 flags.DEFINE_bool(
     "sanity_sweep", True,

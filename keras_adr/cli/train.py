@@ -58,44 +58,59 @@ flags.DEFINE_float("divergence_factor", _DEFAULTS.divergence_factor,
                    "this multiple of its running minimum; 0 = stop only on NaN/inf.")
 flags.DEFINE_integer("verbose", 1, "Keras verbosity: 0 silent, 1 progress bar, 2 one line/epoch.")
 
-# Attack flags: unset means the preset's value.
-flags.DEFINE_enum("norm", None, config_lib.NORMS, "Threat model norm.")
-flags.DEFINE_float("epsilon", None, "Attack radius in [0, 1] pixel units.")
-flags.DEFINE_float("step_size", None, "Attack step size.")
-flags.DEFINE_integer("attack_steps", None, "Attack steps during training.")
-flags.DEFINE_bool("random_start", None, "Random start of the PGD attack.")
-flags.DEFINE_enum("attack_loss", None, config_lib.ATTACK_LOSSES, "Training attack loss.")
+# The attack every preset trains against (AttackConfig's defaults); a flag
+# given on the command line replaces the preset's value.
+_ATTACK = presets.get(_DEFAULTS.defense).attack
+flags.DEFINE_enum("norm", _ATTACK.norm, config_lib.NORMS, "Threat model norm.")
+flags.DEFINE_float("epsilon", _ATTACK.epsilon, "Attack radius in [0, 1] pixel units.")
+flags.DEFINE_float("step_size", _ATTACK.step_size,
+                   "Attack step size (default: 2.5 * epsilon / attack_steps, "
+                   f"{_ATTACK.resolved_step_size:g} with the defaults).")
+flags.DEFINE_integer("attack_steps", _ATTACK.steps, "Attack steps during training.")
+flags.DEFINE_bool("random_start", _ATTACK.random_start, "Random start of the PGD attack.")
+flags.DEFINE_enum("attack_loss", _ATTACK.loss, config_lib.ATTACK_LOSSES,
+                  "Training attack loss (auto: kl for TRADES, ce otherwise).")
+_ATTACK_FLAGS = {"norm": "attack_norm", "epsilon": "attack_epsilon",
+                 "step_size": "attack_step_size", "attack_steps": "attack_steps",
+                 "random_start": "attack_random_start", "attack_loss": "attack_loss"}
 
-# One flag per objective weight / ADR hyperparameter: unset means the preset's.
+
+def _preset_values(field):
+    """`--help` text of a field that the --defense preset sets, e.g. '1 (adr_pgd, ...)'."""
+    by_value = {}
+    for name in presets.NAMES:
+        by_value.setdefault(getattr(presets.get(name), field), []).append(name)
+    return "; ".join(f"{value:g} ({', '.join(names)})" if isinstance(value, float)
+                     else f"{value} ({', '.join(names)})" for value, names in by_value.items())
+
+
+# One flag per objective weight / ADR hyperparameter; the default is the
+# --defense preset's value, which --help lists.
 _FLOAT_FIELDS = ("natural_weight", "adversarial_weight", "trades_beta") + config_lib.ADR_TERMS + (
     "label_scale", "propagation_alpha")
 for _name in _FLOAT_FIELDS:
-    flags.DEFINE_float(_name, None, f"ADRConfig.{_name} (default: the preset's).")
-flags.DEFINE_integer("propagation_neighbors", None, "k of the label-propagation k-NN graph.")
-flags.DEFINE_enum("compactness_distance", None, config_lib.DISTANCES, "Local compactness distance.")
+    flags.DEFINE_float(_name, None, f"ADRConfig.{_name}; default from --defense: "
+                       f"{_preset_values(_name)}.")
+flags.DEFINE_integer("propagation_neighbors", None, "k of the label-propagation k-NN graph; "
+                     f"default from --defense: {_preset_values('propagation_neighbors')}.")
+flags.DEFINE_enum("compactness_distance", None, config_lib.DISTANCES,
+                  "Local compactness distance; default from --defense: "
+                  f"{_preset_values('compactness_distance')}.")
 flags.DEFINE_enum("latent_normalization", None, config_lib.LATENT_NORMALIZATIONS,
                   "Compactness on RMS-normalised codes (rms, bounded) or raw codes (none, the "
-                  "paper's); default: the preset's.")
+                  f"paper's); default from --defense: {_preset_values('latent_normalization')}.")
 flags.DEFINE_enum("smoothness_push", None, config_lib.SMOOTHNESS_PUSHES,
                   "Different-label global smoothness: overlap (bounded) or cross_entropy (the "
-                  "paper's); default: the preset's.")
+                  f"paper's); default from --defense: {_preset_values('smoothness_push')}.")
 flags.DEFINE_enum("pairwise_scope", None, config_lib.PAIRWISE_SCOPES,
-                  "global: pairwise terms over the global batch; replica: per replica.")
-
-# Library defaults that differ for the default run (Fashion-MNIST, eps 0.1):
-# 5 attack steps of 2.5 * eps / 5 keep one epoch within the time budget.
-_RUN_DEFAULTS = {"attack_epsilon": 0.1, "attack_steps": 5, "attack_step_size": 0.05}
+                  "global: pairwise terms over the global batch; replica: per replica; default "
+                  f"from --defense: {_preset_values('pairwise_scope')}.")
 
 
 def adr_config_from_flags():
-    overrides = dict(_RUN_DEFAULTS)
-    for flag, field in (("norm", "attack_norm"), ("epsilon", "attack_epsilon"),
-                        ("step_size", "attack_step_size"), ("attack_steps", "attack_steps"),
-                        ("random_start", "attack_random_start"), ("attack_loss", "attack_loss")):
-        if FLAGS[flag].value is not None:
-            overrides[field] = FLAGS[flag].value
-    if FLAGS.epsilon is not None and FLAGS.step_size is None:
-        overrides["attack_step_size"] = 2.5 * FLAGS.epsilon / overrides["attack_steps"]
+    """The --defense preset with the flags given on the command line applied."""
+    overrides = {field: FLAGS[flag].value for flag, field in _ATTACK_FLAGS.items()
+                 if FLAGS[flag].present}
     for name in _FLOAT_FIELDS + ("propagation_neighbors", "compactness_distance",
                                  "latent_normalization", "smoothness_push", "pairwise_scope"):
         if FLAGS[name].value is not None:
