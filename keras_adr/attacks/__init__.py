@@ -2,6 +2,8 @@
 
 - `pgd`: `pgd` (Madry et al. 2018; also the TRADES KL attack) and `fgsm`.
 - `apgd`: Auto-PGD (Croce & Hein 2020): `apgd`, `apgd_dlr_targeted`.
+- `square`: the Square Attack (Andriushchenko et al. 2020), score-based
+  (no gradients): `square`, `square_details`.
 
 Every attack takes `model_fn`, a callable mapping images to logits. A Keras
 model or layer is always called with `training=False`, so an attack never
@@ -19,8 +21,12 @@ from keras_adr.attacks.apgd import (APGD_DEFAULT_TARGETS, APGD_LOSSES, APGD_MOME
                                     _apgd_objective, apgd, apgd_checkpoints,
                                     apgd_dlr_targeted)
 from keras_adr.attacks.pgd import fgsm, pgd
+from keras_adr.attacks.square import (SQUARE_DEFAULT_P_INIT, SQUARE_DEFAULT_QUERIES, square,
+                                      square_details, square_p_schedule)
 
 __all__ = [
     "APGD_DEFAULT_TARGETS", "APGD_LOSSES", "APGD_MOMENTUM", "ATTACK_LOSSES", "apgd",
     "apgd_checkpoints", "apgd_dlr_targeted", "fgsm", "inference_fn", "pgd",
+    "SQUARE_DEFAULT_P_INIT", "SQUARE_DEFAULT_QUERIES", "square", "square_details",
+    "square_p_schedule",
 ]

@@ -118,3 +118,35 @@ def _per_example(mask, like):
     shape = tf.concat([tf.shape(mask)[:1], tf.ones([tf.rank(like) - 1], tf.int32)], 0)
     return tf.reshape(mask, shape)
 
+
+
+def _check_count(name, value, minimum=1):
+    """Raises ValueError unless `value` is an integer >= `minimum`."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise ValueError(f"`{name}` must be an integer >= {minimum}; got {value!r}.")
+
+
+def _check_seed(seed):
+    if seed is not None and not tf.is_tensor(seed) and (
+            isinstance(seed, bool) or not isinstance(seed, (int, np.integer))):
+        raise ValueError(f"`seed` must be None or an integer; got {seed!r}.")
+
+
+def _base_seed(seed):
+    """An int64 scalar for stateless random ops: `seed`, or a fresh draw if None."""
+    if seed is None:
+        return tf.random.uniform([], 0, 2**62, dtype=tf.int64)
+    return tf.cast(seed, tf.int64)
+
+
+def _margin(logits, y):
+    """Per-example `z_y - max_{j != y} z_j` `[B]`: > 0 iff `y` wins (ties count as wrong)."""
+    logits = tf.cast(logits, tf.float32)
+    z_y = tf.gather(logits, y, batch_dims=1)
+    is_label = tf.cast(tf.one_hot(y, tf.shape(logits)[-1]), tf.bool)
+    return z_y - tf.reduce_max(tf.where(is_label, tf.float32.min, logits), axis=-1)
+
+
+def _compile_if_eager(fn):
+    """`tf.function(fn)` when running eagerly (long loops), else `fn` itself."""
+    return tf.function(fn) if tf.executing_eagerly() else fn
