@@ -25,6 +25,10 @@ flags.DEFINE_string("rows_dir", os.path.join(_REPO, "benchmarks", "results", "fm
                     "Finished rows of the fmnist benchmark.")
 flags.DEFINE_string("export_dir", os.path.join(_REPO, "saved_models", "fashion_mnist_adr"),
                     "TF Serving base directory of the reference model.")
+flags.DEFINE_string("models_config", os.path.join(_REPO, "saved_models", "models.config"),
+                    "TF Serving model config file written for the reference model.")
+flags.DEFINE_string("serving_base_path", "/models/fashion_mnist_adr",
+                    "The model's base path as the server sees it (in its container).")
 flags.DEFINE_string("defense", "adr_pgd", "Defense whose rows are candidates.")
 flags.DEFINE_bool("dry_run", False, "Print the chosen row, export nothing.")
 
@@ -96,8 +100,10 @@ def main(argv):
     if abs(served - clean) > 1e-9:
         raise RuntimeError(f"the export classifies {served:.4f} of the check images correctly, "
                            f"the checkpoint {clean:.4f}")
+    export.write_models_config(FLAGS.models_config, os.path.basename(FLAGS.export_dir),
+                               FLAGS.serving_base_path)
     print(f"exported {checkpoint} to {path}; clean accuracy on the first 1000 test images "
-          f"{clean:.4f}")
+          f"{clean:.4f}; {FLAGS.models_config} serves {FLAGS.serving_base_path}")
 
 
 if __name__ == "__main__":

@@ -13,9 +13,9 @@ def write_json(results, path):
 
 def write_json_atomic(path, payload):
     """Writes a complete file or leaves the old one (a row must never be half written)."""
-    from keras_adr import rundir
+    from keras_adr import fileio
 
-    rundir.write_json(path, payload)
+    fileio.write_json(path, payload)
 
 
 def read_json(path):

@@ -9,6 +9,7 @@ base_dir/
     saved_model.pb
     variables/...
     assets.extra/keras_adr_metadata.json
+    assets.extra/tf_serving_warmup_requests
   2/
   .tmp-export-3-4242-9f2c...   <- export in progress, ignored by TF Serving
 ```
@@ -32,6 +33,11 @@ with an error instead of returning a confident class: the model was trained
 (and its robustness measured) on pixels in `[0, 1]` only, so silently
 clipping would hide client bugs such as forgetting to divide by 255.
 
+With `tensorflow-serving-api` installed, each version also holds TF
+Serving's warm-up file (`assets.extra/tf_serving_warmup_requests`): a few
+requests for each signature, which the server runs when it loads the
+version, so that the first client request is not slow.
+
 Example:
 
 ```python
@@ -48,16 +54,13 @@ import json
 import numbers
 import os
 import re
-import secrets
 import shutil
 
-try:
-    import fcntl
-except ImportError:  # pragma: no cover - non-POSIX platforms.
-    fcntl = None
-
 import keras
+import numpy as np
 import tensorflow as tf
+
+from keras_adr import fileio
 
 SERVING_DEFAULT = "serving_default"
 SERVE_UINT8 = "serve_uint8"
@@ -77,6 +80,11 @@ SIGNATURE_INPUT_DTYPES = {SERVING_DEFAULT: "float32", SERVE_UINT8: "uint8"}
 
 METADATA_DIRNAME = "assets.extra"
 EXPORT_METADATA_FILENAME = "keras_adr_metadata.json"
+# TF Serving runs the requests in this file (a TFRecord of PredictionLogs) when
+# it loads a version, before serving it: the first client request is not slow.
+WARMUP_FILENAME = "tf_serving_warmup_requests"
+# Batch sizes of the warm-up requests, one request each per signature.
+WARMUP_BATCH_SIZES = (1, 4, 16)
 METADATA_FORMAT_VERSION = 1
 
 TEMP_EXPORT_PREFIX = ".tmp-export-"
@@ -98,6 +106,7 @@ _RESERVED_METADATA_KEYS = frozenset(
         "input_dtype",
         "num_classes",
         "signatures",
+        "warmup_requests",
     }
 )
 
@@ -160,25 +169,27 @@ def export_saved_model(
         _check_version_free(base_dir, version)
     planned_version = version or _next_version(base_dir)
 
-    temp_dir, lock_fd = _make_locked_temp_dir(
-        base_dir, TEMP_EXPORT_PREFIX, planned_version
+    temp_dir, lock_fd = fileio.make_locked_temp_dir(
+        base_dir, f"{TEMP_EXPORT_PREFIX}{planned_version}-"
     )
     try:
         signatures, num_classes = _write_saved_model(
             model, image_shape, temp_dir
         )
+        warmup_requests = _write_warmup_requests(temp_dir, image_shape)
         export_metadata = _export_metadata(
-            model, image_shape, num_classes, signatures, metadata
+            model, image_shape, num_classes, signatures, warmup_requests,
+            metadata,
         )
         _write_metadata(temp_dir, export_metadata)
-        _fsync_tree(temp_dir)
+        fileio.fsync_tree(temp_dir)
         return _publish(temp_dir, base_dir, version, overwrite=overwrite)
     except BaseException:
         # Also on KeyboardInterrupt: a half-written temporary is useless.
         shutil.rmtree(temp_dir, ignore_errors=True)
         raise
     finally:
-        _unlock(lock_fd)
+        fileio.unlock(lock_fd)
 
 
 def cleanup_stale_temporaries(base_dir):
@@ -203,14 +214,14 @@ def cleanup_stale_temporaries(base_dir):
         List of the paths that were removed or restored.
     """
     base_dir = os.fspath(base_dir)
-    if fcntl is None or not os.path.isdir(base_dir):
+    if not fileio.LOCKS_SUPPORTED or not os.path.isdir(base_dir):
         return []
     handled = []
     for name in sorted(os.listdir(base_dir)):
         if not name.startswith((TEMP_EXPORT_PREFIX, TEMP_REPLACED_PREFIX)):
             continue
         path = os.path.join(base_dir, name)
-        lock_fd = _try_lock_dir(path)
+        lock_fd = fileio.try_lock_dir(path)
         if lock_fd is None:
             continue  # Still in use, or already gone.
         try:
@@ -219,9 +230,9 @@ def cleanup_stale_temporaries(base_dir):
                 shutil.rmtree(path, ignore_errors=True)
             handled.append(path)
         finally:
-            _unlock(lock_fd)
+            fileio.unlock(lock_fd)
     if handled:
-        _fsync_dir(base_dir)
+        fileio.fsync_dir(base_dir)
     return handled
 
 
@@ -260,6 +271,10 @@ def list_versions(base_dir):
 def models_config(model_name, base_path, *, model_platform="tensorflow"):
     """Returns the text of a TF Serving `models.config` for one model.
 
+    The text is TF Serving's own `ModelServerConfig` proto in text format,
+    written with `tensorflow_serving.config.model_server_config_pb2` when
+    `tensorflow-serving-api` is installed (the same text without it).
+
     Args:
         model_name: Name clients use in URLs and requests. Letters, digits,
             `_`, `.` and `-`, starting with a letter or digit.
@@ -283,6 +298,16 @@ def models_config(model_name, base_path, *, model_platform="tensorflow"):
     base_path = os.fspath(base_path)
     if not base_path or "\n" in base_path or "\0" in base_path:
         raise ValueError(f"Invalid `base_path`: {base_path!r}")
+    pb2 = _model_server_config_pb2()
+    if pb2 is not None:
+        from google.protobuf import text_format
+
+        config = pb2.ModelServerConfig()
+        entry = config.model_config_list.config.add()
+        entry.name = model_name
+        entry.base_path = base_path
+        entry.model_platform = model_platform
+        return text_format.MessageToString(config, as_utf8=True)
     return (
         "model_config_list {\n"
         "  config {\n"
@@ -292,6 +317,15 @@ def models_config(model_name, base_path, *, model_platform="tensorflow"):
         "  }\n"
         "}\n"
     )
+
+
+def _model_server_config_pb2():
+    """TF Serving's config protos, or None without `tensorflow-serving-api`."""
+    try:
+        from tensorflow_serving.config import model_server_config_pb2
+    except ImportError:
+        return None
+    return model_server_config_pb2
 
 
 def write_models_config(path, model_name, base_path, **kwargs):
@@ -309,24 +343,7 @@ def write_models_config(path, model_name, base_path, **kwargs):
     Returns:
         `path` as a string.
     """
-    path = os.fspath(path)
-    text = models_config(model_name, base_path, **kwargs)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    temp_path = os.path.join(
-        directory, f".{os.path.basename(path)}.tmp-{secrets.token_hex(4)}"
-    )
-    try:
-        with open(temp_path, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temp_path, path)
-    except BaseException:
-        _remove_quietly(temp_path)
-        raise
-    _fsync_dir(directory)
-    return path
+    return fileio.write_text(path, models_config(model_name, base_path, **kwargs))
 
 
 # Model and signatures.
@@ -468,7 +485,9 @@ def _describe_spec(tensor):
 # Metadata.
 
 
-def _export_metadata(model, image_shape, num_classes, signatures, user):
+def _export_metadata(
+    model, image_shape, num_classes, signatures, warmup_requests, user
+):
     """Merges what the export knows with the caller's metadata."""
     user = dict(user or {})
     reserved = sorted(_RESERVED_METADATA_KEYS.intersection(user))
@@ -489,6 +508,7 @@ def _export_metadata(model, image_shape, num_classes, signatures, user):
         "input_dtype": "float32",
         "num_classes": num_classes,
         "signatures": signatures,
+        "warmup_requests": warmup_requests,
     }
     merged = {**known, **user}
     try:
@@ -508,6 +528,41 @@ def _write_metadata(version_dir, metadata):
     with open(path, "w", encoding="utf-8") as f:
         json.dump(metadata, f, indent=2, sort_keys=True, allow_nan=False)
         f.write("\n")
+
+
+def _write_warmup_requests(version_dir, image_shape):
+    """Writes TF Serving's warm-up file into `version_dir`'s `assets.extra`.
+
+    One `PredictRequest` per signature and batch size of
+    `WARMUP_BATCH_SIZES`, of random (seeded) valid pixels.
+
+    Returns:
+        The number of requests written; 0 (and no file) without
+        `tensorflow-serving-api`, whose protos the file is made of.
+    """
+    try:
+        from tensorflow_serving.apis import prediction_log_pb2
+    except ImportError:
+        return 0
+    from keras_adr import serving
+
+    directory = os.path.join(version_dir, METADATA_DIRNAME)
+    os.makedirs(directory, exist_ok=True)
+    rng = np.random.default_rng(0)
+    count = 0
+    with tf.io.TFRecordWriter(os.path.join(directory, WARMUP_FILENAME)) as writer:
+        for name in SIGNATURE_NAMES:
+            for batch_size in WARMUP_BATCH_SIZES:
+                pixels = rng.integers(0, 256, (batch_size, *image_shape), dtype=np.uint8)
+                # The model name is the server's (models.config); TF Serving
+                # reads only the signature name of a warm-up request.
+                request = serving.grpc_predict_request(
+                    pixels, model_name="", signature_name=name)
+                log = prediction_log_pb2.PredictionLog(
+                    predict_log=prediction_log_pb2.PredictLog(request=request))
+                writer.write(log.SerializeToString())
+                count += 1
+    return count
 
 
 def _keras_adr_version():
@@ -587,16 +642,16 @@ def _publish(temp_dir, base_dir, version, *, overwrite):
     target = os.path.join(base_dir, str(version))
     if version not in existing:
         os.rename(temp_dir, target)
-        _fsync_dir(base_dir)
+        fileio.fsync_dir(base_dir)
         return target
     if not overwrite:
         _check_version_free(base_dir, version)
     old = os.path.join(base_dir, existing[version])
     # Locked before the move so that a concurrent cleanup cannot mistake it
     # for a stale leftover while it is in its temporary place.
-    old_lock = _try_lock_dir(old)
+    old_lock = fileio.try_lock_dir(old)
     try:
-        aside = _unique_temp_path(base_dir, TEMP_REPLACED_PREFIX, version)
+        aside = fileio.unique_temp_path(base_dir, f"{TEMP_REPLACED_PREFIX}{version}-")
         os.rename(old, aside)
         # A crash between these renames leaves no version; the next cleanup
         # renames `aside` back.
@@ -605,10 +660,10 @@ def _publish(temp_dir, base_dir, version, *, overwrite):
         except OSError:
             os.rename(aside, old)
             raise
-        _fsync_dir(base_dir)
+        fileio.fsync_dir(base_dir)
         shutil.rmtree(aside, ignore_errors=True)
     finally:
-        _unlock(old_lock)
+        fileio.unlock(old_lock)
     return target
 
 
@@ -625,96 +680,6 @@ def _restore_replaced(base_dir, name):
         os.path.join(base_dir, name), os.path.join(base_dir, version_text)
     )
     return True
-
-
-def _unique_temp_path(base_dir, prefix, version):
-    name = f"{prefix}{version}-{os.getpid()}-{secrets.token_hex(8)}"
-    return os.path.join(base_dir, name)
-
-
-def _make_locked_temp_dir(base_dir, prefix, version):
-    """Creates and locks a hidden temporary directory in `base_dir`.
-
-    `os.mkdir` (unlike `tempfile.mkdtemp`, which uses mode 0o700) honours
-    the umask, so the published version is readable by a server running as
-    another user.
-
-    Returns:
-        Tuple `(path, lock_fd)`; `lock_fd` is None without `fcntl`.
-    """
-    while True:
-        path = _unique_temp_path(base_dir, prefix, version)
-        try:
-            os.mkdir(path)
-        except FileExistsError:
-            continue
-        if fcntl is None:
-            return path, None
-        lock_fd = _try_lock_dir(path)
-        # Between mkdir and flock a concurrent cleanup may have taken the
-        # lock or deleted the directory: then start again with a new name.
-        if lock_fd is not None and _is_same_dir(path, lock_fd):
-            return path, lock_fd
-        _unlock(lock_fd)
-
-
-def _try_lock_dir(path):
-    """Returns an fd holding an exclusive lock on `path`, or None."""
-    if fcntl is None:
-        return None
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    except (FileNotFoundError, NotADirectoryError):
-        return None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        return None
-    return fd
-
-
-def _is_same_dir(path, fd):
-    try:
-        stat = os.stat(path)
-    except FileNotFoundError:
-        return False
-    fd_stat = os.fstat(fd)
-    return (stat.st_dev, stat.st_ino) == (fd_stat.st_dev, fd_stat.st_ino)
-
-
-def _unlock(fd):
-    # Closing the fd releases the flock.
-    if fd is not None:
-        os.close(fd)
-
-
-def _fsync_tree(root):
-    """Flushes every file and directory under `root` to disk."""
-    for dirpath, _, filenames in os.walk(root):
-        for filename in filenames:
-            fd = os.open(os.path.join(dirpath, filename), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        _fsync_dir(dirpath)
-
-
-def _fsync_dir(path):
-    # Makes renames and new entries in `path` durable.
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _remove_quietly(path):
-    try:
-        os.remove(path)
-    except FileNotFoundError:
-        pass
 
 
 def _proto_string(value):

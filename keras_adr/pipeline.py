@@ -30,7 +30,7 @@ import keras
 from absl import logging
 
 from keras_adr import callbacks as adr_callbacks
-from keras_adr import data, distribute, evaluation, export, models, rundir
+from keras_adr import data, distribute, evaluation, export, fileio, models, rundir
 from keras_adr.config import ADRConfig
 from keras_adr.training import ADRModel
 
@@ -314,7 +314,7 @@ def run(options, adr_config):
     out = distribute.work_dir(strategy, options.output_dir)
     with rundir.RunDirectory(out, _run_config(options, adr_config)) as run_dir:
         if run_dir.state.get("complete") and os.path.exists(run_dir.file("metrics.json")):
-            return rundir.read_json(run_dir.file("metrics.json"))
+            return fileio.read_json(run_dir.file("metrics.json"))
         return _run_stages(options, adr_config, strategy, run_dir)
 
 
@@ -403,7 +403,7 @@ def _run_stages(options, adr_config, strategy, run_dir):  # noqa: C901 - one sta
         metrics["export_path"] = run_dir.state.get("export_path") or _export(
             model, options, adr_config, info, results, best_epoch, run_dir)
     if chief:
-        rundir.write_json(run_dir.file("metrics.json"), metrics)
+        fileio.write_json(run_dir.file("metrics.json"), metrics)
         run_dir.update(complete=True)
     else:
         metrics.pop("export_path", None)

@@ -14,11 +14,11 @@ keeps that directory honest:
   killed at any point continues from the last finished stage.
 """
 
-import errno
-import fcntl
 import hashlib
 import json
 import os
+
+from keras_adr import fileio
 
 CONFIG_FILE = "run_config.json"
 STATE_FILE = "state.json"
@@ -32,22 +32,6 @@ _ATTACK_FLAGS = {"steps": "attack_steps", "loss": "attack_loss"}
 
 class RunDirectoryError(ValueError):
     """The output directory cannot be used for this run (a user error)."""
-
-
-def write_json(path, payload):
-    """Writes JSON atomically: a complete file or the old one, never half of one."""
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(payload, f, indent=2, sort_keys=True)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def read_json(path):
-    with open(path) as f:
-        return json.load(f)
 
 
 def _flag_values(config):
@@ -104,7 +88,7 @@ class RunDirectory:
         try:
             self._check_config()
             state_path = os.path.join(self.path, STATE_FILE)
-            self.state = read_json(state_path) if os.path.exists(state_path) else {}
+            self.state = fileio.read_json(state_path) if os.path.exists(state_path) else {}
         except BaseException:
             self._unlock()
             raise
@@ -123,37 +107,29 @@ class RunDirectory:
     def update(self, **stages):
         """Records finished stages in `state.json` (atomically)."""
         self.state.update(stages)
-        write_json(os.path.join(self.path, STATE_FILE), self.state)
+        fileio.write_json(os.path.join(self.path, STATE_FILE), self.state)
 
     def file(self, name):
         return os.path.join(self.path, name)
 
     def _lock(self):
         lock_path = os.path.join(self.path, LOCK_FILE)
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as error:
-            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
-            os.close(fd)
-            if error.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
-                raise RunDirectoryError(
-                    f"--output_dir {self.path!r} is in use by another run (process {holder}); "
-                    "wait for it to finish or use another --output_dir.") from None
-            raise
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        fd = fileio.try_lock_file(lock_path)
+        if fd is None:
+            raise RunDirectoryError(
+                f"--output_dir {self.path!r} is in use by another run (process "
+                f"{fileio.lock_holder(lock_path)}); wait for it to finish or use another "
+                "--output_dir.")
         self._lock_fd = fd
 
     def _unlock(self):
-        if self._lock_fd is not None:
-            os.close(self._lock_fd)  # releases the flock
-            self._lock_fd = None
+        fileio.unlock(self._lock_fd)
+        self._lock_fd = None
 
     def _check_config(self):
         config_path = os.path.join(self.path, CONFIG_FILE)
         if os.path.exists(config_path):
-            stored = read_json(config_path)
+            stored = fileio.read_json(config_path)
             differences = config_differences(stored, self.config)
             if differences:
                 raise RunDirectoryError(
@@ -166,4 +142,4 @@ class RunDirectory:
             raise RunDirectoryError(
                 f"--output_dir {self.path!r} holds outputs ({', '.join(foreign)}) of a run "
                 f"without a recorded configuration ({CONFIG_FILE}); use a new --output_dir.")
-        write_json(config_path, self.config)
+        fileio.write_json(config_path, self.config)

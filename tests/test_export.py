@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from keras_adr import export
+from keras_adr import export, fileio
 
 _REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 _INPUT_SHAPE = (28, 28, 1)
@@ -228,6 +228,48 @@ def test_metadata_round_trips(model, exported):
     assert images == {"dtype": "uint8", "shape": [None, 28, 28, 1]}
 
 
+def _warmup_logs(version_dir):
+    prediction_log_pb2 = pytest.importorskip(
+        "tensorflow_serving.apis.prediction_log_pb2"
+    )
+    path = os.path.join(
+        version_dir, export.METADATA_DIRNAME, export.WARMUP_FILENAME
+    )
+    return [
+        prediction_log_pb2.PredictionLog.FromString(record.numpy())
+        for record in tf.data.TFRecordDataset(path)
+    ]
+
+
+def test_warmup_requests_parse_and_run_on_every_signature(
+    model, exported, loaded
+):
+    logs = _warmup_logs(exported)
+    assert export.read_metadata(exported)["warmup_requests"] == len(logs)
+    batch_sizes = {name: [] for name in export.SIGNATURE_NAMES}
+    for log in logs:
+        assert log.WhichOneof("log_type") == "predict_log"
+        request = log.predict_log.request
+        name = request.model_spec.signature_name
+        assert set(request.inputs) == {export.INPUT_NAME}
+        images = tf.make_ndarray(request.inputs[export.INPUT_NAME])
+        assert images.dtype == export.SIGNATURE_INPUT_DTYPES[name]
+        assert images.shape[1:] == _INPUT_SHAPE
+        batch_sizes[name].append(images.shape[0])
+        outputs = loaded.signatures[name](images=tf.constant(images))
+        floats = images.astype(np.float32)
+        if name == export.SERVE_UINT8:
+            floats /= 255.0
+        np.testing.assert_allclose(
+            outputs["logits"].numpy(),
+            _expected(model, floats)["logits"],
+            rtol=1e-5,
+            atol=1e-5,
+        )
+    for name in export.SIGNATURE_NAMES:
+        assert batch_sizes[name] == list(export.WARMUP_BATCH_SIZES)
+
+
 def test_metadata_matches_loaded_signatures(exported, loaded):
     described = export.read_metadata(exported)["signatures"]
     for name in export.SIGNATURE_NAMES:
@@ -320,19 +362,19 @@ def test_killed_export_leaves_no_version(model, tmp_path):
         f"""
         import sys, time
         import keras
-        from keras_adr import export
+        from keras_adr import export, fileio
 
         inputs = keras.Input({_INPUT_SHAPE})
         x = keras.layers.Flatten()(keras.layers.Conv2D(4, 3)(inputs))
         model = keras.Model(inputs, keras.layers.Dense(10)(x))
-        write_everything = export._fsync_tree
+        write_everything = fileio.fsync_tree
 
         def write_then_block(path):
             write_everything(path)
             print("ready", flush=True)
             time.sleep(600)
 
-        export._fsync_tree = write_then_block
+        fileio.fsync_tree = write_then_block
         export.export_saved_model(model, sys.argv[1])
         """
     )
@@ -396,14 +438,14 @@ def test_cleanup_deletes_replaced_version_once_replaced(model, tmp_path):
 
 
 def test_cleanup_skips_locked_temporaries(tmp_path):
-    temp_dir, lock_fd = export._make_locked_temp_dir(
-        str(tmp_path), export.TEMP_EXPORT_PREFIX, 1
+    temp_dir, lock_fd = fileio.make_locked_temp_dir(
+        str(tmp_path), f"{export.TEMP_EXPORT_PREFIX}1-"
     )
     try:
         assert export.cleanup_stale_temporaries(tmp_path) == []
         assert os.path.isdir(temp_dir)
     finally:
-        export._unlock(lock_fd)
+        fileio.unlock(lock_fd)
     assert export.cleanup_stale_temporaries(tmp_path) == [temp_dir]
     assert os.listdir(tmp_path) == []
 
@@ -424,6 +466,21 @@ def test_models_config(tmp_path):
     assert path.read_text() == export.models_config("m", "/a/b")
     assert os.listdir(path.parent) == ["models.config"]
     assert '"C:\\\\x\\"y"' in export.models_config("m", 'C:\\x"y')
+
+
+def test_models_config_is_tf_servings_proto(monkeypatch):
+    pb2 = pytest.importorskip("tensorflow_serving.config.model_server_config_pb2")
+    from google.protobuf import text_format
+
+    text = export.models_config("m", 'C:\\x"y/é', model_platform="tf")
+    parsed = text_format.Parse(text, pb2.ModelServerConfig())
+    (entry,) = parsed.model_config_list.config
+    assert (entry.name, entry.base_path, entry.model_platform) == (
+        "m", 'C:\\x"y/é', "tf"
+    )
+    # Without tensorflow-serving-api the same text is written by hand.
+    monkeypatch.setattr(export, "_model_server_config_pb2", lambda: None)
+    assert export.models_config("m", 'C:\\x"y/é', model_platform="tf") == text
 
 
 @pytest.mark.parametrize("name", ["", "a b", 'a"b', "a/b", "-a"])
