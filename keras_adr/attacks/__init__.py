@@ -2,6 +2,8 @@
 
 - `pgd`: `pgd` (Madry et al. 2018; also the TRADES KL attack) and `fgsm`.
 - `apgd`: Auto-PGD (Croce & Hein 2020): `apgd`, `apgd_dlr_targeted`.
+- `fab`: targeted FAB (Croce & Hein 2020), minimal L-inf perturbations:
+  `fab`, `fab_min_norm`.
 - `square`: the Square Attack (Andriushchenko et al. 2020), score-based
   (no gradients): `square`, `square_details`.
 
@@ -20,6 +22,8 @@ from keras_adr.attacks._common import ATTACK_LOSSES, inference_fn
 from keras_adr.attacks.apgd import (APGD_DEFAULT_TARGETS, APGD_LOSSES, APGD_MOMENTUM,
                                     _apgd_objective, apgd, apgd_checkpoints,
                                     apgd_dlr_targeted)
+from keras_adr.attacks.fab import (FAB_DEFAULT_STEPS, FAB_DEFAULT_TARGETS, fab, fab_min_norm,
+                                   project_to_hyperplane_linf)
 from keras_adr.attacks.pgd import fgsm, pgd
 from keras_adr.attacks.square import (SQUARE_DEFAULT_P_INIT, SQUARE_DEFAULT_QUERIES, square,
                                       square_details, square_p_schedule)
@@ -28,5 +32,6 @@ __all__ = [
     "APGD_DEFAULT_TARGETS", "APGD_LOSSES", "APGD_MOMENTUM", "ATTACK_LOSSES", "apgd",
     "apgd_checkpoints", "apgd_dlr_targeted", "fgsm", "inference_fn", "pgd",
     "SQUARE_DEFAULT_P_INIT", "SQUARE_DEFAULT_QUERIES", "square", "square_details",
-    "square_p_schedule",
+    "square_p_schedule", "FAB_DEFAULT_STEPS", "FAB_DEFAULT_TARGETS", "fab", "fab_min_norm",
+    "project_to_hyperplane_linf",
 ]
