@@ -1047,3 +1047,8 @@ def write_report(results, output_dir, *, checks=None, metadata=None):
         f.write(_markdown(sweep, checks, metadata))
     _plot(sweep, paths["plot"])
     return paths
+
+
+# --- AutoAttack (keras_adr.autoattack) ---------------------------------------
+
+from keras_adr.autoattack import AutoAttackResult, autoattack  # noqa: E402,F401

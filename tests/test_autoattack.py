@@ -1,0 +1,83 @@
+"""Tests for keras_adr.autoattack (the AutoAttack suite, RobustBench-format results)."""
+
+import json
+
+import keras
+import numpy as np
+import pytest
+
+from conftest import blob_data, tiny_cnn
+from keras_adr import autoattack as aa
+from keras_adr import evaluation
+
+_FAST = dict(steps=10, queries=60, batch_size=16, progress=False)
+
+
+@pytest.fixture(scope="module")
+def four_classes():
+    """The tiny CNN trained on 4-class blobs (APGD-T's targeted DLR needs 4 classes)."""
+    keras.utils.set_random_seed(0)
+    x, y = blob_data(384, num_classes=4)
+    model = tiny_cnn(num_classes=4)
+    model.compile(optimizer=keras.optimizers.Adam(1e-2),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.fit(x, y, epochs=10, batch_size=64, verbose=0)
+    return model, x[:24], y[:24]
+
+
+def test_robustbench_eps_is_written_as_robustbench_writes_it():
+    assert aa.robustbench_eps(8 / 255) == "8/255"
+    assert aa.robustbench_eps(4 / 255) == "4/255"
+    assert aa.robustbench_eps(0.1) == "0.1"
+    assert aa.robustbench_eps(0.3) == "0.3"
+    assert aa.robustbench_eps(0.5) == "0.5"
+
+
+def test_standard_suite_runs_in_order_on_robust_points_and_is_never_weaker(four_classes,
+                                                                          tmp_path):
+    model, x, y = four_classes
+    epsilon = 0.25
+    result = evaluation.autoattack(model, x, y, epsilon=epsilon, seed=0, **_FAST)
+    assert result.attacks == ("apgd-ce", "apgd-t", "fab-t", "square")
+    after = [result.accuracy_after[a] for a in result.attacks]
+    assert after == sorted(after, reverse=True) and after[-1] == result.robust_accuracy
+    assert result.robust_accuracy < result.clean_accuracy  # The attacks do something here.
+    # Per example: robust <=> correct clean and broken by nothing; broken points fool the
+    # model inside the ball.
+    assert np.array_equal(result.robust_correct, result.broken_by == "")
+    assert np.array_equal(~result.clean_correct, result.broken_by == "clean")
+    broken = ~result.robust_correct & result.clean_correct
+    predictions = np.argmax(model(result.x_adv, training=False), -1)
+    assert np.all(predictions[broken] != y[broken])
+    assert np.abs(result.x_adv - x).max() <= epsilon + 1e-6
+    np.testing.assert_array_equal(result.x_adv[~broken], x[~broken])
+    # Never weaker than any one of its attacks run alone (up to one example of randomness).
+    for name in result.attacks:
+        alone = evaluation.autoattack(model, x, y, epsilon=epsilon, version="custom",
+                                      attacks=[name], seed=0, **_FAST)
+        assert result.robust_accuracy <= alone.robust_accuracy + 1 / len(x)
+    path = aa.write_result(result, tmp_path, name="tiny", defense="standard", dataset="blobs")
+    card = json.loads(open(path).read())
+    assert card["autoattack_acc"] == f"{100 * result.robust_accuracy:.2f}"
+    assert card["clean_acc"] == f"{100 * result.clean_accuracy:.2f}"
+    assert card["eps"] == "0.25" and card["norm"] == "Linf" and card["n_examples"] == 24
+    assert len(card["keras_adr"]["broken_by"]) == 24
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(version="plus"), "version"),
+    (dict(attacks=["square"]), "custom"),
+    (dict(version="custom", attacks=["apgd-xx"]), "Unknown"),
+    (dict(version="custom", attacks=[]), "attacks"),
+    (dict(version="custom", attacks=["square", "square"]), "duplicate"),
+    (dict(epsilon=0.0), "epsilon"),
+    (dict(norm="l1"), "norm"),
+    (dict(queries=0), "queries"),
+    (dict(seed=0.5), "seed"),
+    (dict(), "at least 4"),  # APGD-T on a 3-class model.
+])
+def test_autoattack_rejects_bad_arguments(trained_tiny, kwargs, match):
+    model, x, y = trained_tiny
+    args = {"epsilon": 0.1, **kwargs}
+    with pytest.raises(ValueError, match=match):
+        evaluation.autoattack(model, x[:4], y[:4], **args)
