@@ -9,8 +9,10 @@ replicas (see `keras_adr.training`).
 
 import json
 import os
+import re
 import shutil
 
+import keras
 import tensorflow as tf
 
 STRATEGIES = ("auto", "default", "mirrored", "multi_worker")
@@ -76,24 +78,61 @@ def is_chief(strategy):
         and "chief" not in resolver.cluster_spec().as_dict())
 
 
+# The Keras versions whose TensorFlow trainer `patch_keras_fit` replaces a
+# private method of, and that the tests cover; requirements.txt pins the same
+# range. Upstream: https://github.com/keras-team/keras/issues/20585
+KERAS_PATCH_RANGE = ((3, 15), (3, 16))
+
+
+class UnsupportedKerasError(ValueError):
+    """The installed Keras is outside `KERAS_PATCH_RANGE` (a setup error, not a bug)."""
+
+
+def _version_text(version):
+    return ".".join(map(str, version))
+
+
+def check_keras_version(version=None):
+    """Raises `UnsupportedKerasError` unless Keras is in `KERAS_PATCH_RANGE`.
+
+    Args:
+        version: A version string; defaults to the installed `keras.version()`.
+    """
+    version = version or keras.version()
+    match = re.match(r"(\d+)\.(\d+)", version)
+    low, high = KERAS_PATCH_RANGE
+    if match is None or not low <= tuple(map(int, match.groups())) < high:
+        raise UnsupportedKerasError(
+            f"Distributed training patches Keras >={_version_text(low)},<{_version_text(high)} "
+            f"but Keras {version} is installed: pip install "
+            f"'keras>={_version_text(low)},<{_version_text(high)}' (requirements.txt), or train "
+            "without a tf.distribute strategy (adr-train --strategy=default).")
+
+
 def patch_keras_fit(model):
     """Fixes Keras 3 `fit` of a model built inside a `tf.distribute` strategy scope.
 
     Keras 3.15's TensorFlow trainer, before the first step, builds the model
     symbolically from one batch that it *reads from the dataset*
-    (`Trainer._maybe_symbolic_build`). That has two consequences:
+    (`TensorFlowTrainer._maybe_symbolic_build`), whether or not the model is
+    already built (`tests/test_distribute.py` checks that building it before
+    `fit` does not help). That has two consequences:
 
     - The read opens one extra iterator, which consumes one shuffle order of
       a `shuffle(..., reshuffle_each_iteration=True)` dataset: a distributed
-      run would train on the orders of epochs 2, 3, ... of a one-device run.
-      Only shapes matter there, so the dataset's `element_spec` is used
-      instead, and a distributed run sees exactly the batches of a one-device
-      run with the same seed.
+      run would not train on the batches of a one-device run. Only shapes
+      matter there, so the dataset's `element_spec` is used instead, and a
+      distributed run sees exactly the batches of a one-device run with the
+      same seed.
     - Under `MultiWorkerMirroredStrategy` the read batch is reduced with
       `strategy.reduce("MEAN", (x, y), axis=None)`, which fails for a nested
       structure ("Attempt to convert a value (PerReplica...) to a Tensor";
-      keras-team/keras#20585, tensorflow/tensorflow#72388). Using the
+      https://github.com/keras-team/keras/issues/20585,
+      https://github.com/tensorflow/tensorflow/issues/72388). Using the
       `element_spec` avoids that too.
+
+    Replacing that private method is fenced: outside `KERAS_PATCH_RANGE` the
+    patch refuses to run rather than break in a Keras without it.
 
     Under `MultiWorkerMirroredStrategy` Keras also reduces each step's logs
     with `strategy.reduce("MEAN", v, axis=0)`, which fails for scalars
@@ -104,14 +143,23 @@ def patch_keras_fit(model):
     themselves, summed over all replicas: exact.)
 
     Everything is patched on this model instance only. A no-op for a model
-    built outside any strategy scope.
+    built outside any strategy scope. Call it outside `strategy.scope()`.
 
     Returns:
         `model`.
+
+    Raises:
+        UnsupportedKerasError: For a distributed model and a Keras version
+            outside `KERAS_PATCH_RANGE`.
+        ValueError: If called inside a strategy scope.
     """
-    strategy = getattr(model, "_distribute_strategy", None)
-    if strategy is None:
-        return model
+    if tf.distribute.has_strategy():
+        raise ValueError("Call patch_keras_fit(model) outside `strategy.scope()`.")
+    strategy = model.distribute_strategy
+    if strategy is tf.distribute.get_strategy():
+        return model  # Built outside any scope: Keras reads no batch before `fit`.
+    check_keras_version()
+    # Private Keras API, fenced by `check_keras_version`.
     original_build = model._maybe_symbolic_build
 
     def maybe_symbolic_build(iterator=None, data_batch=None):

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import types
 
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -201,6 +202,81 @@ def test_adr_train_multi_worker_two_processes(one_device_run, tmp_path):
     for name, values in reference_metrics["history"].items():
         np.testing.assert_allclose(metrics["history"][name], values, rtol=1e-5, atol=1e-6,
                                    err_msg=name)
+
+
+# --- patch_keras_fit -------------------------------------------------------
+
+
+class _OrderProbe(keras.Model):
+    """A train step that reports the order of its batch's examples."""
+
+    def __init__(self):
+        super().__init__(name="order_probe")
+        self.dense = keras.layers.Dense(1)
+
+    def call(self, x):
+        return self.dense(x)
+
+    def train_step(self, data):
+        x, _ = data
+        # Base-8 number whose digits are the example indices: one per order.
+        return {"order": tf.reduce_sum(x[:, 0] * 8.0 ** tf.range(8, dtype=tf.float32))}
+
+
+def _epoch_orders(strategy, *, build, patch, epochs=2):
+    dataset = (tf.data.Dataset.range(8).map(lambda i: (tf.cast([i], tf.float32), i))
+               .shuffle(8, seed=1, reshuffle_each_iteration=True).batch(8))
+    with strategy.scope():
+        model = _OrderProbe()
+        if build:
+            model(tf.zeros([1, 1]))
+        model.compile(optimizer="sgd")
+    if patch:
+        distribute.patch_keras_fit(model)
+    orders = []
+    model.fit(dataset, epochs=epochs, verbose=0, shuffle=False, callbacks=[
+        keras.callbacks.LambdaCallback(
+            on_train_batch_end=lambda batch, logs: orders.append(float(logs["order"])))])
+    return orders
+
+
+def test_patched_fit_sees_the_shuffle_orders_of_one_device():
+    one_device = _epoch_orders(tf.distribute.get_strategy(), build=False, patch=False)
+    # Independent: the first order of a plain iteration over the same dataset.
+    dataset = tf.data.Dataset.range(8).shuffle(8, seed=1, reshuffle_each_iteration=True)
+    first = float(np.sum(np.array(list(dataset.as_numpy_iterator())) * 8.0 ** np.arange(8)))
+    assert one_device[0] == first and one_device[1] != first  # reshuffled each epoch
+    mirrored = lambda: tf.distribute.MirroredStrategy(["/cpu:0"])
+    # Keras 3.15 reads a batch before fit, built model or not: the patch stays.
+    # (When this fails, Keras has fixed it: drop the patch.)
+    assert _epoch_orders(mirrored(), build=False, patch=False) != one_device
+    assert _epoch_orders(mirrored(), build=True, patch=False) != one_device
+    assert _epoch_orders(mirrored(), build=False, patch=True) == one_device
+
+
+def test_patch_refuses_keras_outside_the_tested_range(monkeypatch):
+    with tf.distribute.MirroredStrategy(["/cpu:0"]).scope():
+        distributed = keras.Sequential([keras.Input((1,)), keras.layers.Dense(1)])
+        with pytest.raises(ValueError, match="outside `strategy.scope"):
+            distribute.patch_keras_fit(distributed)
+    local = keras.Sequential([keras.Input((1,)), keras.layers.Dense(1)])
+    low, high = distribute.KERAS_PATCH_RANGE
+    for version in (f"{low[0]}.{low[1] - 1}.9", f"{high[0]}.{high[1]}.0", "4.0.0"):
+        monkeypatch.setattr(keras, "version", lambda version=version: version)
+        with pytest.raises(distribute.UnsupportedKerasError) as error:
+            distribute.patch_keras_fit(distributed)
+        assert version in str(error.value) and "\n" not in str(error.value)
+        assert distribute.patch_keras_fit(local) is local  # nothing to patch: no check
+    monkeypatch.setattr(keras, "version", lambda: f"{low[0]}.{low[1]}.7")
+    assert distribute.patch_keras_fit(distributed) is distributed
+
+
+def test_requirements_pin_the_patched_keras_range():
+    with open(os.path.join(_ROOT, "requirements.txt")) as f:
+        pins = [line.strip() for line in f if line.strip().startswith("keras")]
+    low, high = distribute.KERAS_PATCH_RANGE
+    assert pins == [f"keras>={low[0]}.{low[1]},<{high[0]}.{high[1]}"]
+    distribute.check_keras_version()  # the installed Keras is the tested one
 
 
 # --- Helpers ---------------------------------------------------------------
