@@ -65,7 +65,7 @@ def no_default_dirs(monkeypatch, tmp_path):
     """Keeps the Debian directory and $KERAS_ADR_DATA out of the search."""
     empty = tmp_path / "no-debian"
     empty.mkdir()
-    monkeypatch.setattr(data, "DEBIAN_FASHION_MNIST_DIR", str(empty))
+    monkeypatch.setattr(data.fashion_mnist, "DEBIAN_FASHION_MNIST_DIR", str(empty))
     monkeypatch.delenv(data.DATA_DIR_ENV, raising=False)
 
 
@@ -274,7 +274,7 @@ def test_missing_dataset_message(tmp_path, no_default_dirs):
     assert "fashion_mnist" in message
     assert "apt-get install -y dataset-fashion-mnist" in message
     assert str(empty) in message
-    assert data.DEBIAN_FASHION_MNIST_DIR in message
+    assert data.fashion_mnist.DEBIAN_FASHION_MNIST_DIR in message  # as patched
     assert data.DATA_DIR_ENV in message
 
 
@@ -432,7 +432,7 @@ def test_explicit_data_dir_is_the_only_place_searched(tmp_path, no_default_dirs,
     empty.mkdir()
     _fake_fashion_mnist(elsewhere)
     monkeypatch.setenv(data.DATA_DIR_ENV, str(elsewhere))
-    monkeypatch.setattr(data, "DEBIAN_FASHION_MNIST_DIR", str(elsewhere))
+    monkeypatch.setattr(data.fashion_mnist, "DEBIAN_FASHION_MNIST_DIR", str(elsewhere))
     with pytest.raises(data.DatasetNotFoundError, match="were not searched"):
         data.load("fashion_mnist", "train", batch_size=4, data_dir=empty)
     a_file = tmp_path / "a_file"

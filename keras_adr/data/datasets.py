@@ -1,80 +1,17 @@
-"""Datasets for adversarial training: offline Fashion-MNIST and TFDS.
-
-Every loader returns a batched, prefetched `tf.data.Dataset` of
-`(images, labels)` with `float32` images of shape `[B, H, W, C]` in `[0, 1]`
-and `int32` labels of shape `[B]`. Pixels are never normalised here: any
-normalisation is a layer inside the model, so that an attack's epsilon always
-means the same thing.
-
-Fashion-MNIST (the default) is read from IDX files, which Debian's
-`dataset-fashion-mnist` package installs, so it works without network access.
-The other datasets come from TensorFlow Datasets (TFDS) and must already be
-prepared in a TFDS `data_dir`: `load()` never downloads anything, so a missing
-dataset fails at once instead of hanging on an offline machine.
-
-Example:
-
-```python
-train_ds = keras_adr.data.load(
-    "fashion_mnist", "train[:55000]", batch_size=128, shuffle=True, seed=0
-)
-val_ds = keras_adr.data.load("fashion_mnist", "train[55000:]", batch_size=512)
-```
-"""
+"""The datasets: their descriptions (`info`) and one loader for all (`load`)."""
 
 import dataclasses
-import gzip
-import math
-import os
-import re
 
 import numpy as np
 import tensorflow as tf
 
+from keras_adr.data import fashion_mnist, tfds
+
 DEFAULT_DATASET = "fashion_mnist"
 DATASETS = ("fashion_mnist", "mnist", "cifar10", "cifar100", "svhn_cropped")
 
-# Environment variable naming a directory that holds the Fashion-MNIST IDX
-# files.
-DATA_DIR_ENV = "KERAS_ADR_DATA"
-# Where Debian's `dataset-fashion-mnist` package installs the IDX files.
-DEBIAN_FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
-
-_INSTALL_HINT = "apt-get update && apt-get install -y dataset-fashion-mnist"
-
 # Padding, in pixels on each side, of the random-crop augmentation.
 _CROP_PADDING = 4
-
-# IDX type codes (third byte of the magic number) -> big-endian numpy dtype.
-_IDX_DTYPES = {
-    0x08: np.dtype(">u1"),
-    0x09: np.dtype(">i1"),
-    0x0B: np.dtype(">i2"),
-    0x0C: np.dtype(">i4"),
-    0x0D: np.dtype(">f4"),
-    0x0E: np.dtype(">f8"),
-}
-_GZIP_MAGIC = b"\x1f\x8b"
-
-# IDX file stems of each Fashion-MNIST split (".gz" is optional).
-_IDX_FILES = {
-    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
-    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
-}
-
-# `train`, `test[:1000]`, `train[55000:]`, `train[:10%]`, `test[-5%:]`.
-_SPLIT_RE = re.compile(
-    r"^(?P<name>[\w-]+)"
-    r"(?:\[(?P<start>-?[\d.]+%?)?:(?P<stop>-?[\d.]+%?)?\])?$"
-)
-
-
-class DatasetNotFoundError(FileNotFoundError):
-    """A dataset is neither on disk nor in a prepared TFDS `data_dir`."""
-
-
-class CorruptDatasetError(ValueError):
-    """A dataset file is truncated, malformed or inconsistent."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -250,9 +187,11 @@ def load(
         _check_positive_int("take", take, allow_zero=True)
 
     if name == "fashion_mnist":
-        ds, num_examples = _load_fashion_mnist(split, data_dir, take)
+        ds, num_examples = fashion_mnist.load(split, data_dir, take, _INFOS[name])
     else:
-        ds, num_examples = _load_tfds(name, split, data_dir, take)
+        ds, num_examples = tfds.load(
+            name, split, data_dir, take, _INFOS[name].num_train
+        )
 
     if shuffle:
         ds = ds.shuffle(
@@ -274,77 +213,6 @@ def load(
     else:
         ds = ds.map(_to_float, num_parallel_calls=tf.data.AUTOTUNE)
     return ds.prefetch(tf.data.AUTOTUNE)
-
-
-def read_idx(path):
-    """Reads an IDX file (as used by MNIST and Fashion-MNIST).
-
-    The file may be gzip-compressed (detected from its content, not its
-    name). The header is a magic number `0x00 0x00 <type code> <ndim>`
-    followed by `ndim` big-endian `uint32` dimensions; the payload must hold
-    exactly the number of values these dimensions call for.
-
-    Args:
-        path: Path of the file.
-
-    Returns:
-        A numpy array with the file's shape, in native byte order. `uint8`
-        data is returned as a read-only view of the file's bytes.
-
-    Raises:
-        FileNotFoundError: If `path` does not exist.
-        CorruptDatasetError: If the file is not valid gzip, has a bad magic
-            number, or its payload size does not match its header.
-    """
-    path = os.fspath(path)
-    with open(path, "rb") as f:
-        data = f.read()
-    if data[:2] == _GZIP_MAGIC:
-        try:
-            data = gzip.decompress(data)
-        except (OSError, EOFError) as e:
-            raise CorruptDatasetError(
-                f"{path}: corrupt or truncated gzip data ({e})."
-            ) from e
-    dtype, shape, header_size = _parse_idx_header(path, data)
-    expected = math.prod(shape) * dtype.itemsize
-    actual = len(data) - header_size
-    if actual != expected:
-        problem = "truncated" if actual < expected else "trailing data"
-        raise CorruptDatasetError(
-            f"{path}: the header announces shape {shape} of {dtype.name}, "
-            f"i.e. {expected} payload bytes, but the file holds {actual} "
-            f"payload bytes ({problem})."
-        )
-    array = np.frombuffer(data, dtype=dtype, offset=header_size).reshape(shape)
-    if dtype.itemsize > 1:
-        array = array.astype(dtype.newbyteorder("="))
-    return array
-
-
-def _parse_idx_header(path, data):
-    """Returns `(dtype, shape, header_size)` parsed from an IDX header."""
-    if len(data) < 4:
-        raise CorruptDatasetError(
-            f"{path}: {len(data)} bytes, too short for an IDX magic number "
-            "(4 bytes)."
-        )
-    zero0, zero1, type_code, ndim = data[:4]
-    if zero0 or zero1 or type_code not in _IDX_DTYPES:
-        raise CorruptDatasetError(
-            f"{path}: bad IDX magic number 0x{data[:4].hex()}; expected "
-            "0x0000 followed by a type code in "
-            f"{[hex(code) for code in _IDX_DTYPES]} and the number of "
-            "dimensions."
-        )
-    header_size = 4 + 4 * ndim
-    if len(data) < header_size:
-        raise CorruptDatasetError(
-            f"{path}: truncated IDX header: {ndim} dimensions need "
-            f"{header_size} header bytes, the file holds {len(data)}."
-        )
-    shape = tuple(int(d) for d in np.frombuffer(data, ">u4", ndim, offset=4))
-    return _IDX_DTYPES[type_code], shape, header_size
 
 
 def _check_name(name):
@@ -416,208 +284,3 @@ def _random_crop(images, seed, padding):
     cropped = tf.gather(padded, rows, axis=1, batch_dims=1)
     cropped = tf.gather(cropped, cols, axis=2, batch_dims=1)
     return tf.ensure_shape(cropped, images.shape)
-
-
-# --- Fashion-MNIST from IDX files -------------------------------------------
-
-
-def _load_fashion_mnist(split, data_dir, take):
-    """Returns `(uint8 dataset, num_examples)` of a Fashion-MNIST split."""
-    base, start, stop = _parse_split(split, valid_names=tuple(_IDX_FILES))
-    if data_dir is not None and not os.path.isdir(data_dir):
-        raise DatasetNotFoundError(
-            f"data_dir {os.fspath(data_dir)!r} is not a directory: give the directory that "
-            "holds the Fashion-MNIST IDX files (or a TFDS data_dir), or leave it unset to use "
-            f"${DATA_DIR_ENV} or {DEBIAN_FASHION_MNIST_DIR}.")
-    search_path = _fashion_mnist_search_path(data_dir)
-    for directory in search_path:
-        files = _find_idx_files(directory, base)
-        if files is not None:
-            images, labels = _read_idx_pair(*files)
-            start, stop = _resolve_slice(split, start, stop, len(labels))
-            images, labels = images[start:stop], labels[start:stop]
-            if take is not None:
-                images, labels = images[:take], labels[:take]
-            ds = tf.data.Dataset.from_tensor_slices(
-                (images[..., None], labels.astype(np.int32))
-            )
-            return ds, len(labels)
-    try:
-        return _load_tfds("fashion_mnist", split, data_dir, take)
-    except DatasetNotFoundError as e:
-        message = _fashion_mnist_not_found_message(
-            search_path, data_dir, e.__cause__
-        )
-        raise DatasetNotFoundError(message) from e
-
-
-def _fashion_mnist_search_path(data_dir):
-    """Directories searched for the Fashion-MNIST IDX files, in order.
-
-    A directory the caller names is the only one searched: falling back to
-    another copy would train on data the caller did not choose.
-    """
-    if data_dir:
-        return [os.fspath(data_dir)]
-    candidates = (
-        data_dir,
-        os.environ.get(DATA_DIR_ENV),
-        DEBIAN_FASHION_MNIST_DIR,
-    )
-    return [os.fspath(d) for d in candidates if d]
-
-
-def _find_idx_files(directory, split):
-    """Returns the `(images, labels)` paths of `split`, or `None`."""
-    paths = []
-    for stem in _IDX_FILES[split]:
-        for file_name in (stem + ".gz", stem):
-            path = os.path.join(directory, file_name)
-            if os.path.isfile(path):
-                paths.append(path)
-                break
-        else:
-            return None
-    return tuple(paths)
-
-
-def _read_idx_pair(images_path, labels_path):
-    """Reads and cross-checks an images file and its labels file."""
-    images = read_idx(images_path)
-    labels = read_idx(labels_path)
-    if images.ndim != 3 or images.dtype != np.uint8:
-        raise CorruptDatasetError(
-            f"{images_path}: expected uint8 images of shape [N, H, W], got "
-            f"{images.dtype.name} of shape {images.shape}."
-        )
-    if labels.ndim != 1:
-        raise CorruptDatasetError(
-            f"{labels_path}: expected labels of shape [N], got shape "
-            f"{labels.shape}."
-        )
-    if len(images) != len(labels):
-        raise CorruptDatasetError(
-            f"{images_path} holds {len(images)} images but {labels_path} "
-            f"holds {len(labels)} labels."
-        )
-    num_classes = _INFOS["fashion_mnist"].num_classes
-    if len(labels) and int(labels.max()) >= num_classes:
-        raise CorruptDatasetError(
-            f"{labels_path}: label {int(labels.max())} out of range "
-            f"[0, {num_classes})."
-        )
-    return images, labels
-
-
-def _parse_split(split, valid_names):
-    """Parses `"name[start:stop]"` into `(name, start, stop)` strings."""
-    match = _SPLIT_RE.match(split) if isinstance(split, str) else None
-    if match is None or match["name"] not in valid_names:
-        raise ValueError(
-            f"Invalid split {split!r}: expected one of {list(valid_names)}, "
-            "optionally sliced like 'train[:55000]', 'train[55000:]' or "
-            "'train[:10%]'."
-        )
-    return match["name"], match["start"], match["stop"]
-
-
-def _resolve_slice(split, start, stop, num_examples):
-    """Turns slice bounds (`"100"`, `"-5"`, `"10%"` or `None`) into ints.
-
-    Follows TFDS: percentages round to the closest example, negative values
-    count from the end, and out-of-range bounds are an error.
-    """
-    bounds = []
-    for bound, default in ((start, 0), (stop, num_examples)):
-        if bound is None:
-            bounds.append(default)
-            continue
-        try:
-            if bound.endswith("%"):
-                value = round(float(bound[:-1]) * num_examples / 100.0)
-            else:
-                value = int(bound)
-        except ValueError:
-            raise ValueError(f"Invalid slice bound {bound!r} in {split!r}.")
-        if abs(value) > num_examples:
-            raise ValueError(
-                f"Split {split!r} is out of range for {num_examples} examples."
-            )
-        bounds.append(value + num_examples if value < 0 else value)
-    return bounds[0], bounds[1]
-
-
-def _fashion_mnist_not_found_message(search_path, data_dir, tfds_error):
-    files = ", ".join(
-        f"{stem}[.gz]" for pair in _IDX_FILES.values() for stem in pair
-    )
-    places = [f"  - {directory}: no IDX files" for directory in search_path]
-    if data_dir:
-        places.append(f"  (data_dir was given, so ${DATA_DIR_ENV} and "
-                      f"{DEBIAN_FASHION_MNIST_DIR} were not searched)")
-    elif not os.environ.get(DATA_DIR_ENV):
-        places.insert(len(places) - 1, f"  - ${DATA_DIR_ENV}: not set")
-    places.append(
-        f"  - TFDS data_dir {_tfds_location(data_dir)}: "
-        f"{_tfds_reason(tfds_error)}"
-    )
-    places = "\n".join(places)
-    return (
-        f"Dataset 'fashion_mnist' not found. Looked for the IDX files "
-        f"({files}) in:\n{places}\n"
-        "To fix it, do one of:\n"
-        f"  - {_INSTALL_HINT}\n"
-        f"  - put the four IDX files in --data_dir or ${DATA_DIR_ENV}\n"
-        "  - pass as --data_dir a TFDS data_dir prepared on a machine with "
-        "network access (`tfds build fashion_mnist --data_dir=DIR`)."
-    )
-
-
-# --- TFDS --------------------------------------------------------------------
-
-
-def _load_tfds(name, split, data_dir, take):
-    """Returns `(uint8 dataset, num_examples)` of a prepared TFDS split."""
-    import tensorflow_datasets as tfds  # Slow import: only when needed.
-
-    try:
-        ds = tfds.load(
-            name,
-            split=split,
-            data_dir=data_dir,
-            as_supervised=True,
-            download=False,
-            shuffle_files=False,
-        )
-    except (
-        AssertionError,  # TFDS's "could not find data in ..." error.
-        OSError,
-        tf.errors.NotFoundError,
-        tfds.core.registered.DatasetNotFoundError,
-    ) as e:
-        raise DatasetNotFoundError(
-            f"TFDS dataset {name!r} not found in data_dir "
-            f"{_tfds_location(data_dir)} ({_tfds_reason(e)}). keras_adr "
-            "never downloads, and TFDS needs network access to prepare a "
-            "dataset: on a machine with network access run "
-            f"`tfds build {name} --data_dir=DIR`, then pass DIR as data_dir."
-        ) from e
-    if take is not None:
-        ds = ds.take(take)
-    num_examples = int(ds.cardinality())
-    if num_examples < 0:  # Unknown or infinite: size the buffer from info.
-        num_examples = _INFOS[name].num_train
-    return ds, num_examples
-
-
-def _tfds_location(data_dir):
-    if data_dir:
-        return os.fspath(data_dir)
-    return "(TFDS default: $TFDS_DATA_DIR or ~/tensorflow_datasets)"
-
-
-def _tfds_reason(error):
-    """A short description of why TFDS could not load a dataset."""
-    if isinstance(error, AssertionError):  # "could not find data in ...".
-        return "not prepared there"
-    return f"{type(error).__name__}: {error}"
