@@ -173,14 +173,17 @@ def _predict(model_fn, x, batch_size):
 
 def _zero_gradient_fraction(model_fn, x, y):
     """Fraction of points whose cross-entropy input gradient is exactly zero."""
-    x = tf.constant(x)
-    with tf.GradientTape() as tape:
-        tape.watch(x)
-        logits = tf.cast(model_fn(x), tf.float32)
-        loss = tf.reduce_sum(tf.nn.sparse_softmax_cross_entropy_with_logits(y, logits))
-    grad = tape.gradient(loss, x, unconnected_gradients=tf.UnconnectedGradients.ZERO)
-    flat = tf.reshape(grad, [tf.shape(grad)[0], -1])
-    return float(tf.reduce_mean(tf.cast(tf.reduce_all(flat == 0, axis=1), tf.float32)))
+    @tf.function  # Eager gradients through a SavedModel signature break later traces.
+    def fraction(x, y):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            logits = tf.cast(model_fn(x), tf.float32)
+            loss = tf.reduce_sum(tf.nn.sparse_softmax_cross_entropy_with_logits(y, logits))
+        grad = tape.gradient(loss, x, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+        flat = tf.reshape(grad, [tf.shape(grad)[0], -1])
+        return tf.reduce_mean(tf.cast(tf.reduce_all(flat == 0, axis=1), tf.float32))
+
+    return float(fraction(tf.constant(x), tf.constant(y)))
 
 
 def _suite(version, attacks, norm):

@@ -53,7 +53,25 @@ flags.DEFINE_string("output_dir", None,
 flags.DEFINE_integer("seed", 0, "Seed of the random starts.")
 flags.DEFINE_bool("allow_sanity_failures", False,
                   "Exit with status 0 even if a sanity check fails.")
+flags.DEFINE_enum(
+    "suite", "default", ["default", "autoattack"],
+    "default: --attacks with the sweep and sanity checks; autoattack: AutoAttack's standard "
+    "version (APGD-CE, APGD-T, FAB-T, Square) at --epsilon, writing autoattack.json "
+    "(RobustBench format) to --output_dir.")
 flags.mark_flag_as_required("model_path")
+
+
+def _run_autoattack(evaluation, model, dataset):
+    from keras_adr import autoattack
+
+    result = evaluation.autoattack(model, dataset, epsilon=FLAGS.epsilon, norm=FLAGS.norm,
+                                   num_examples=FLAGS.num_examples, seed=FLAGS.seed,
+                                   batch_size=FLAGS.batch_size)
+    print(autoattack.format_summary(result))
+    if FLAGS.output_dir:
+        path = autoattack.write_result(result, FLAGS.output_dir, name=FLAGS.model_path,
+                                       dataset=FLAGS.dataset)
+        logging.info("Wrote %s", path)
 
 
 def _epsilons(values):
@@ -90,6 +108,8 @@ def main(argv):
         model = evaluation.load_model(FLAGS.model_path)
         dataset = data.load(FLAGS.dataset, FLAGS.split, batch_size=FLAGS.batch_size,
                             data_dir=FLAGS.data_dir, take=FLAGS.num_examples)
+        if FLAGS.suite == "autoattack":
+            return _run_autoattack(evaluation, model, dataset)
         options = dict(norm=FLAGS.norm, attacks=FLAGS.attacks, restarts=FLAGS.restarts,
                        num_examples=FLAGS.num_examples, seed=FLAGS.seed,
                        batch_size=FLAGS.batch_size, apgd_targets=FLAGS.apgd_targets)
