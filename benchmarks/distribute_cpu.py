@@ -23,19 +23,21 @@ be faster than one device: this measures the cost of the distributed code
 path, not a speed-up. See `benchmarks/gpu_resnet18.py` for GPUs.
 
 Usage:
-    nice -n 10 python benchmarks/distribute_cpu.py \
+    nice -n 10 python -m benchmarks.distribute_cpu \
         --output=benchmarks/results/distribute_cpu.json
 """
 
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
 
 from absl import app, flags
-import results_io  # noqa: E402  (benchmarks/, next to this script)
+
+if not __package__:  # `python benchmarks/distribute_cpu.py`: import as `python -m` would.
+    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from benchmarks import results_io  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("batch_size", 128, "Global batch size.")
@@ -118,8 +120,6 @@ def main(argv):
         _child(FLAGS.child)
         return
     import numpy as np
-    import keras
-    import tensorflow as tf
 
     seconds = {config: [] for config in FLAGS.configs}
     load_before = os.getloadavg()
@@ -141,10 +141,7 @@ def main(argv):
     median = {config: float(np.median(values)) for config, values in seconds.items()}
     baseline = median.get("default")
     results = {
-        "machine": {"processor": platform.processor() or platform.machine(),
-                    "cpus": os.cpu_count(), "tensorflow": tf.__version__,
-                    "keras": keras.__version__,
-                    "load_average_1min": [load_before[0], load_after[0]]},
+        "machine": results_io.machine_info(load_average_1min=[load_before[0], load_after[0]]),
         "model": "small_cnn", "defense": "adr_pgd", "pairwise_scope": "global",
         "batch_size": FLAGS.batch_size, "attack_steps": FLAGS.attack_steps,
         "timed_steps": {config: len(values) for config, values in seconds.items()},
@@ -157,7 +154,7 @@ def main(argv):
     }
     print(json.dumps(results, indent=2))
     if FLAGS.output:
-        results_io.write_json(results, FLAGS.output)
+        results_io.write_results(FLAGS.output, results)
 
 
 if __name__ == "__main__":

@@ -8,8 +8,8 @@ training images, the value its checkpoint was selected by) is exported with
 metadata; they play no part in the choice.
 
 Usage (from the repository root, after `robustness.py --preset=fmnist`):
-    python benchmarks/export_reference.py
-    python benchmarks/export_reference.py --dry_run   # print the choice only
+    python -m benchmarks.export_reference
+    python -m benchmarks.export_reference --dry_run   # print the choice only
 """
 
 import glob

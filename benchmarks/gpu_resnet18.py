@@ -15,23 +15,26 @@ global batch `--batch_size`:
     and the ratio to `pgd_at`, and writes them to `--output` (JSON).
 
 Usage (one GPU; about a minute or two on an H100):
-    python benchmarks/gpu_resnet18.py --output=benchmarks/results/gpu_resnet18.json
+    python -m benchmarks.gpu_resnet18 --output=benchmarks/results/gpu_resnet18.json
 
 All local GPUs, synchronized BatchNorm, global pairwise terms:
-    python benchmarks/gpu_resnet18.py --strategy=mirrored --sync_batchnorm
+    python -m benchmarks.gpu_resnet18 --strategy=mirrored --sync_batchnorm
 
 Smoke test on a CPU (tiny, numbers meaningless):
-    python benchmarks/gpu_resnet18.py --allow_cpu --batch_size=8 --attack_steps=1 \
+    python -m benchmarks.gpu_resnet18 --allow_cpu --batch_size=8 --attack_steps=1 \
         --warmup=1 --steps=1 --image_size=16
 """
 
 import json
 import os
-import platform
+import sys
 import time
 
 from absl import app, flags
-import results_io  # noqa: E402  (benchmarks/, next to this script)
+
+if not __package__:  # `python benchmarks/gpu_resnet18.py`: import as `python -m` would.
+    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from benchmarks import results_io  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("batch_size", 128, "Global batch size.")
@@ -87,7 +90,6 @@ def _build(name, strategy, dataset):
 
 def main(argv):
     del argv
-    import keras
     import numpy as np
     import tensorflow as tf
 
@@ -126,9 +128,7 @@ def main(argv):
     median = {name: float(np.median(values)) for name, values in seconds.items()}
     baseline = median.get("pgd_at")
     results = {
-        "machine": {"gpus": gpus, "processor": platform.processor() or platform.machine(),
-                    "cpus": os.cpu_count(), "tensorflow": tf.__version__,
-                    "keras": keras.__version__},
+        "machine": results_io.machine_info(gpus=gpus),
         "model": "resnet18", "image_shape": list(shape[1:]), "batch_size": FLAGS.batch_size,
         "attack_steps": FLAGS.attack_steps, "strategy": FLAGS.strategy,
         "num_replicas": strategy.num_replicas_in_sync, "sync_batchnorm": FLAGS.sync_batchnorm,
@@ -146,7 +146,7 @@ def main(argv):
               f"{results['images_per_second'][name]:8.1f} images/s{ratio}")
     print(json.dumps(results, indent=2))
     if FLAGS.output:
-        results_io.write_json(results, FLAGS.output)
+        results_io.write_results(FLAGS.output, results)
 
 
 if __name__ == "__main__":

@@ -27,12 +27,12 @@ in the row's `output_dir`). A row whose configuration changed is retrained.
 After every row the summary `<preset>.json`, `<preset>.md` and `<preset>.png`
 are rewritten from all finished rows.
 
-Usage (from the repository root):
-    nohup nice -n 10 python benchmarks/robustness.py --preset=cpu > robustness_cpu.log 2>&1 &
-    python benchmarks/robustness.py --preset=paper_mnist      # GPU machine
-    python benchmarks/robustness.py --preset=paper_cifar10 --data_dir=~/tensorflow_datasets
-    python benchmarks/robustness.py --preset=cpu --list       # the rows, nothing run
-    python benchmarks/robustness.py --preset=cpu --report_only  # rewrite the summary
+Usage (from the repository root; `python benchmarks/robustness.py` works too):
+    nohup nice -n 10 python -m benchmarks.robustness --preset=cpu > robustness_cpu.log 2>&1 &
+    python -m benchmarks.robustness --preset=paper_mnist      # GPU machine
+    python -m benchmarks.robustness --preset=paper_cifar10 --data_dir=~/tensorflow_datasets
+    python -m benchmarks.robustness --preset=cpu --list       # the rows, nothing run
+    python -m benchmarks.robustness --preset=cpu --report_only  # rewrite the summary
 """
 
 import base64
@@ -43,7 +43,6 @@ import hashlib
 import json
 import math
 import os
-import platform
 import shutil
 import sys
 import time
@@ -51,8 +50,9 @@ import time
 from absl import app, flags, logging
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import results_io  # noqa: E402  (benchmarks/, next to this script)
+if not __package__:  # `python benchmarks/robustness.py`: import as `python -m` would.
+    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from benchmarks import results_io  # noqa: E402
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -250,23 +250,6 @@ def _bits(correct):
     return base64.b64encode(np.packbits(np.asarray(correct, bool)).tobytes()).decode()
 
 
-def machine_info():
-    import keras
-    import tensorflow as tf
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f
-                        if line.startswith("model name")), cpu)
-    except OSError:
-        pass
-    return {"cpu": cpu, "cpus": os.cpu_count(),
-            "gpus": [d.name for d in tf.config.list_physical_devices("GPU")],
-            "python": platform.python_version(), "tensorflow": tf.__version__,
-            "keras": keras.__version__, "numpy": np.__version__}
-
-
 def stability_model(preset, row, config):
     """`(metrics, checkpoint)` of the same model trained by benchmarks/stability.py, or None.
 
@@ -408,7 +391,7 @@ def run_row(preset, row, row_path, workdir):
         "diverged": metrics.get("diverged"),
         "history": history,
         "finished_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "machine": machine_info(),
+        "machine": results_io.machine_info(),
     }
     results_io.write_json_atomic(row_path, payload)
     keras.backend.clear_session()
@@ -527,35 +510,31 @@ def markdown(preset_name, preset, rows, results, seeds, verdict_, total_seconds)
         m = first["machine"]
         lines.append(f"- Machine: {m['cpu']}, {m['cpus']} CPUs, GPUs: {m['gpus'] or 'none'}; "
                      f"TensorFlow {m['tensorflow']}, Keras {m['keras']}.")
-    header = ("| row | seed | clean | " + " | ".join(attacks)
-              + " | worst case | train s | eval s | trained by |")
-    rule = "|---|---:|---:|" + "---:|" * len(attacks) + "---:|---:|---:|---|"
-    lines += ["", "## All rows", "", header, rule]
+    table = []
     for row in rows:
         r = by_name.get(row.name)
         if r is None:
-            lines.append(f"| {row.label} | {row.seed} | " + " | ".join(["(pending)"] + [""] * (
-                len(attacks) + 4)) + " |")
+            table.append([row.label, row.seed, "(pending)"] + [""] * (len(attacks) + 4))
             continue
-        cells = " | ".join(_pct(r["attack_accuracy"].get(a)) for a in attacks)
-        lines.append(f"| {row.label} | {r['seed']} | {_pct(r['clean_accuracy'])} | {cells} | "
-                     f"**{_pct(r['robust_accuracy'])}** | {r['train_seconds']:.0f} | "
-                     f"{r['eval_seconds']:.0f} | "
-                     f"{os.path.basename(r.get('trained_by', 'keras_adr.pipeline.run'))} |")
+        table.append([row.label, r["seed"], _pct(r["clean_accuracy"]),
+                      *(_pct(r["attack_accuracy"].get(a)) for a in attacks),
+                      f"**{_pct(r['robust_accuracy'])}**", f"{r['train_seconds']:.0f}",
+                      f"{r['eval_seconds']:.0f}",
+                      os.path.basename(r.get("trained_by", "keras_adr.pipeline.run"))])
+    lines += ["", "## All rows", "", *results_io.markdown_table(
+        ["row", "seed", "clean", *attacks, "worst case", "train s", "eval s", "trained by"],
+        table, align="lrr" + "r" * len(attacks) + "rrrl")]
     if seeds:
+        fmt = lambda st: ("-" if st is None else f"{100 * st['mean']:.1f} ± "
+                          f"{100 * st['std']:.1f} [{100 * st['min']:.1f}–{100 * st['max']:.1f}]")
+        table = [[defense, ",".join(map(str, s["seeds"])), fmt(s["clean_accuracy"]),
+                  *(fmt(s.get(a)) for a in attacks), f"**{fmt(s['robust_accuracy'])}**",
+                  f"{s['train_seconds']['mean']:.0f}"] for defense, s in seeds.items()]
         lines += ["", "## Headline: mean over seeds", "",
                   "mean ± sample standard deviation [min–max] over the seeds listed.", "",
-                  "| defense | seeds | clean | " + " | ".join(attacks)
-                  + " | worst case | train s |",
-                  "|---|---|---:|" + "---:|" * len(attacks) + "---:|---:|"]
-        for defense, s in seeds.items():
-            fmt = lambda st: ("-" if st is None else f"{100 * st['mean']:.1f} ± "
-                              f"{100 * st['std']:.1f} [{100 * st['min']:.1f}–{100 * st['max']:.1f}]")
-            cells = " | ".join(fmt(s.get(a)) for a in attacks)
-            t = s["train_seconds"]
-            lines.append(f"| {defense} | {','.join(map(str, s['seeds']))} | "
-                         f"{fmt(s['clean_accuracy'])} | {cells} | **{fmt(s['robust_accuracy'])}**"
-                         f" | {t['mean']:.0f} |")
+                  *results_io.markdown_table(
+                      ["defense", "seeds", "clean", *attacks, "worst case", "train s"], table,
+                      align="llr" + "r" * len(attacks) + "rr")]
     if verdict_:
         yes = lambda ok: "yes" if ok else "**no**"
         incomplete = "" if verdict_["seeds_complete"] else ", seeds incomplete"
@@ -576,15 +555,14 @@ def markdown(preset_name, preset, rows, results, seeds, verdict_, total_seconds)
     base = by_name.get("adr_pgd")
     ablations = [row for row in rows if row.group == "ablation" and row.name in by_name]
     if base and ablations:
+        table = [[row.label, _pct(r["clean_accuracy"]),
+                  f"{100 * (r['clean_accuracy'] - base['clean_accuracy']):+.1f}",
+                  _pct(r["robust_accuracy"]),
+                  f"{100 * (r['robust_accuracy'] - base['robust_accuracy']):+.1f}"]
+                 for row, r in ((row, by_name[row.name]) for row in ablations)]
         lines += ["", "## Ablation of adr_pgd (seed 0): change against adr_pgd", "",
-                  "| row | clean | Δ clean | worst case | Δ worst case |", "|---|---:|---:|---:|---:|"]
-        for row in ablations:
-            r = by_name[row.name]
-            lines.append(
-                f"| {row.label} | {_pct(r['clean_accuracy'])} | "
-                f"{100 * (r['clean_accuracy'] - base['clean_accuracy']):+.1f} | "
-                f"{_pct(r['robust_accuracy'])} | "
-                f"{100 * (r['robust_accuracy'] - base['robust_accuracy']):+.1f} |")
+                  *results_io.markdown_table(
+                      ["row", "clean", "Δ clean", "worst case", "Δ worst case"], table)]
     failed = [(r["name"], c["name"]) for r in results for c in r.get("sanity_checks", [])
               if c["status"] == "failed"]
     lines += ["", "Sanity checks (`keras_adr.evaluation.sanity_checks` per row): "
@@ -645,8 +623,8 @@ def write_summary(preset_name, preset, rows, rows_dir):
         "seed_summary": seeds, "spread": "sample std (ddof=1) and min-max over seeds",
         "verdict": verdict_, "total_row_seconds": round(total, 1),
     })
-    with open(f"{base}.md", "w") as f:
-        f.write(markdown(preset_name, preset, rows, results, seeds, verdict_, total))
+    results_io.write_text(f"{base}.md",
+                          markdown(preset_name, preset, rows, results, seeds, verdict_, total))
     try:
         plot(preset_name, rows, results, seeds, f"{base}.png")
     except Exception:  # noqa: BLE001 - a plotting problem must not stop the benchmark

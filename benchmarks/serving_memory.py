@@ -5,7 +5,7 @@ Exports an untrained `small_cnn`, calls `serving_default` once on 8 images
 peak resident memory before and after (`ru_maxrss`). The signature runs the
 model on chunks of `keras_adr.export.SERVING_CHUNK` images.
 
-Usage: python benchmarks/serving_memory.py --images=32768
+Usage: python -m benchmarks.serving_memory --images=32768
 """
 
 import resource

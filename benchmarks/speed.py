@@ -28,21 +28,25 @@ machine two identical models can differ by ~15% in step time, which one
 instance per variant would report as a difference between defenses.
 
 Usage (from the repository root; nothing else heavy should run meanwhile;
-about 10 minutes on a 2-core CPU):
-    nice -n 10 python benchmarks/speed.py --repeats=10 --attack_repeats=7 \\
+about 10 minutes on a 2-core CPU; `python benchmarks/speed.py` works too):
+    nice -n 10 python -m benchmarks.speed --repeats=10 --attack_repeats=7 \\
         --steps_per_sample=2 --instances=4 --xla_repeats=3 \\
         --output=benchmarks/results/speed_cpu.json
-    python benchmarks/speed.py --render_only=benchmarks/results/speed_cpu.json
+    python -m benchmarks.speed --render_only=benchmarks/results/speed_cpu.json
 """
 
 import json
 import os
-import platform
+import sys
 import time
 
 from absl import app, flags, logging
 import numpy as np
 import tensorflow as tf
+
+if not __package__:  # `python benchmarks/speed.py`: import as `python -m` would.
+    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from benchmarks import results_io  # noqa: E402
 
 import keras
 import keras_adr
@@ -79,24 +83,11 @@ flags.DEFINE_string("render_only", None, "Measure nothing: rewrite the .md (and 
 
 
 def machine_info():
-    cpu = platform.processor() or platform.machine()
-    flags_ = []
-    try:
-        with open("/proc/cpuinfo") as f:
-            text = f.read()
-        cpu = next((line.split(":", 1)[1].strip() for line in text.splitlines()
-                    if line.startswith("model name")), cpu)
-        cpu_flags = next((line.split(":", 1)[1].split() for line in text.splitlines()
-                          if line.startswith("flags")), [])
-        flags_ = [f for f in ("avx2", "fma", "avx512f", "avx512_bf16", "amx_tile")
-                  if f in cpu_flags]
-    except OSError:
-        pass
-    return {"cpu": cpu, "cpu_flags": flags_, "cpus": os.cpu_count(),
-            "gpus": [d.name for d in tf.config.list_physical_devices("GPU")],
-            "python": platform.python_version(), "tensorflow": tf.__version__,
-            "keras": keras.__version__, "numpy": np.__version__, "niceness": os.nice(0),
-            "load_average_at_start": [round(v, 2) for v in os.getloadavg()]}
+    _, cpu_flags = results_io.cpu_info()
+    return results_io.machine_info(
+        cpu_flags=[f for f in ("avx2", "fma", "avx512f", "avx512_bf16", "amx_tile")
+                   if f in cpu_flags],
+        niceness=os.nice(0), load_average_at_start=[round(v, 2) for v in os.getloadavg()])
 
 
 def _alternate(functions, repeats, call):
@@ -454,17 +445,18 @@ def markdown(results):
     train = results.get("train")
     if train:
         lines += [f"## Training step: small_cnn, batch {results['batch_size']}, PGD-"
-                  f"{results['attack_steps']} (TRADES: KL attack, 10 steps)", "",
-                  "| defense | s / step | images / s | step time / pgd_at | fastest instance "
-                  "/ pgd_at's | slowest instance / pgd_at's | per-instance medians (s) |",
-                  "|---|---:|---:|---:|---:|---:|---|"]
+                  f"{results['attack_steps']} (TRADES: KL attack, 10 steps)", ""]
         fmt = lambda table, name: "-" if not table else f"{table[name]:.3f}"
-        for name, s in train["train_step_seconds"].items():
-            per = ", ".join(f"{v:.3f}" for v in train["instance_median_step_seconds"][name])
-            lines.append(f"| {name} | {s:.3f} | {train['images_per_second'][name]:.0f} | "
-                         f"{fmt(train['step_time_ratio_to_pgd_at'], name)} | "
-                         f"{fmt(train.get('fastest_instance_ratio_to_pgd_at'), name)} | "
-                         f"{fmt(train.get('slowest_instance_ratio_to_pgd_at'), name)} | {per} |")
+        lines += results_io.markdown_table(
+            ["defense", "s / step", "images / s", "step time / pgd_at",
+             "fastest instance / pgd_at's", "slowest instance / pgd_at's",
+             "per-instance medians (s)"],
+            [[name, f"{s:.3f}", f"{train['images_per_second'][name]:.0f}",
+              fmt(train["step_time_ratio_to_pgd_at"], name),
+              fmt(train.get("fastest_instance_ratio_to_pgd_at"), name),
+              fmt(train.get("slowest_instance_ratio_to_pgd_at"), name),
+              ", ".join(f"{v:.3f}" for v in train["instance_median_step_seconds"][name])]
+             for name, s in train["train_step_seconds"].items()], align="lrrrrrl")
         lines += ["", "s / step and images / s: median over all instances and rounds. Separately "
                   "built instances of the same model fall into a fast and a slow group (about "
                   "15% apart, see the per-instance medians), so the ratios of the fastest and of "
@@ -474,17 +466,17 @@ def markdown(results):
     if attack:
         lines += [f"## PGD-{attack['steps']} throughput: same Keras model "
                   f"({attack['model']}), batch {attack['batch_size']}, L-inf epsilon "
-                  f"{attack['epsilon']:g}, step {attack['step_size']:g}, one random start", "",
-                  "| implementation | version | s / batch | images / s | our speed-up | "
-                  "accuracy after attack |", "|---|---|---:|---:|---:|---:|"]
-        for name, s in attack["seconds_per_batch"].items():
-            version = attack["versions"].get(name.split("+")[0], "")
-            lines.append(f"| {name} | {version} | {s:.3f} | "
-                         f"{attack['images_per_second'][name]:.0f} | "
-                         f"{attack['our_speedup'][name]:.2f}x | "
-                         f"{100 * attack['adversarial_accuracy'][name]:.1f}% |")
-        for name, why in attack["skipped"].items():
-            lines.append(f"| {name} | | skipped: {why} | | | |")
+                  f"{attack['epsilon']:g}, step {attack['step_size']:g}, one random start", ""]
+        table = [[name, attack["versions"].get(name.split("+")[0], ""), f"{s:.3f}",
+                  f"{attack['images_per_second'][name]:.0f}",
+                  f"{attack['our_speedup'][name]:.2f}x",
+                  f"{100 * attack['adversarial_accuracy'][name]:.1f}%"]
+                 for name, s in attack["seconds_per_batch"].items()]
+        table += [[name, "", f"skipped: {why}", "", "", ""]
+                  for name, why in attack["skipped"].items()]
+        lines += results_io.markdown_table(
+            ["implementation", "version", "s / batch", "images / s", "our speed-up",
+             "accuracy after attack"], table, align="llrrrr")
         lines += ["", f"Clean accuracy of the batch: {100 * attack['clean_accuracy']:.1f}%. "
                   "Our speed-up = their time / our time.", ""]
     exp = results.get("experiments")
@@ -493,16 +485,17 @@ def markdown(results):
                   "Each group is timed separately, against the library step in the same "
                   f"alternating loop (fused: {exp['instances']['fused']} instances x "
                   f"{exp['rounds']['fused']} rounds; XLA: 1 instance x {exp['rounds']['xla']} "
-                  "rounds).", "",
-                  "| group | variant | s / step | images / s | speed-up vs library step |",
-                  "|---|---|---:|---:|---:|"]
+                  "rounds).", ""]
+        table = []
         for group, timings in exp["train_step_seconds"].items():
             for name, s in timings.items():
                 speedup = exp["speedup_vs_library_step"].get(name)
-                lines.append(f"| {group} | {name} | {s:.3f} | {results['batch_size'] / s:.0f} | "
-                             f"{'(library step)' if speedup is None else f'{speedup:.2f}x'} |")
-        for name, why in exp["errors"].items():
-            lines.append(f"| | {name} | failed: {why} | | |")
+                table.append([group, name, f"{s:.3f}", f"{results['batch_size'] / s:.0f}",
+                              "(library step)" if speedup is None else f"{speedup:.2f}x"])
+        table += [["", name, f"failed: {why}", "", ""] for name, why in exp["errors"].items()]
+        lines += results_io.markdown_table(
+            ["group", "variant", "s / step", "images / s", "speed-up vs library step"], table,
+            align="llrrr")
         lines += ["", "`+xla`: `model.compile(jit_compile=True)`; `+fused`: one forward pass "
                   "over `concat([x, x_adv])` (valid only without BatchNorm; a local subclass "
                   "in this benchmark). Same loss and gradients as the library step: "
@@ -514,9 +507,9 @@ def markdown(results):
                   "experiment, see `benchmarks/gpu_resnet18.py`).", ""]
     terms = results.get("global_compactness_fwd_bwd_ms")
     if terms:
-        lines += ["## Global compactness, B = 128, k = 1024, forward + backward", "",
-                  "| method | ms |", "|---|---:|"]
-        lines += [f"| {k} | {v:.1f} |" for k, v in terms.items()]
+        lines += ["## Global compactness, B = 128, k = 1024, forward + backward", ""]
+        lines += results_io.markdown_table(
+            ["method", "ms"], [[k, f"{v:.1f}"] for k, v in terms.items()])
     return "\n".join(lines) + "\n"
 
 
@@ -525,11 +518,7 @@ def main(argv):
     if FLAGS.render_only:
         with open(FLAGS.render_only) as f:
             results = _derive(json.load(f))
-        with open(FLAGS.render_only, "w") as f:
-            json.dump(results, f, indent=2, default=str)
-            f.write("\n")
-        with open(os.path.splitext(FLAGS.render_only)[0] + ".md", "w") as f:
-            f.write(markdown(results))
+        results_io.write_results(FLAGS.render_only, results, markdown(results))
         return
     results = {"machine": machine_info(), "batch_size": FLAGS.batch_size,
                "attack_steps": FLAGS.attack_steps, "repeats": FLAGS.repeats,
@@ -566,12 +555,7 @@ def main(argv):
     print(json.dumps({k: v for k, v in results.items()}, indent=2, default=str))
     print(text)
     if FLAGS.output:
-        os.makedirs(os.path.dirname(FLAGS.output) or ".", exist_ok=True)
-        with open(FLAGS.output, "w") as f:
-            json.dump(results, f, indent=2, default=str)
-            f.write("\n")
-        with open(os.path.splitext(FLAGS.output)[0] + ".md", "w") as f:
-            f.write(text)
+        results_io.write_results(FLAGS.output, results, text)
 
 
 if __name__ == "__main__":

@@ -29,10 +29,11 @@ Resumable: each finished run is written to `<results_dir>/stability_rows/
 is rewritten after every run.
 
 Usage (from the repository root; two processes of one thread each use the two
-cores better than one of two threads for this small model):
-    nohup nice python benchmarks/stability.py --group=main --threads=1 > stab1.log 2>&1 &
-    python benchmarks/stability.py --list
-    python benchmarks/stability.py --report_only
+cores better than one of two threads for this small model; `python
+benchmarks/stability.py` works too):
+    nohup nice python -m benchmarks.stability --group=main --threads=1 > stab1.log 2>&1 &
+    python -m benchmarks.stability --list
+    python -m benchmarks.stability --report_only
 """
 
 import dataclasses
@@ -49,8 +50,9 @@ import time
 from absl import app, flags, logging
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import results_io  # noqa: E402  (benchmarks/, next to this script)
+if not __package__:  # `python benchmarks/stability.py`: import as `python -m` would.
+    sys.path[0] = _REPO
+from benchmarks import results_io  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("steps", 4500, "Minimum training steps of a main run (whole epochs); "
@@ -234,22 +236,12 @@ def _collapsed_epoch(history, threshold):
 
 
 def _machine():
-    import platform
-
     import keras
     import tensorflow as tf
 
-    cpu = platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            text = f.read()
-        cpu = next((line.split(":", 1)[1].strip() for line in text.splitlines()
-                    if line.startswith("model name")), cpu)
-        flags_line = next((line for line in text.splitlines() if line.startswith("flags")), "")
-        cpu += " (avx512f)" if " avx512f" in flags_line else ""
-    except OSError:
-        pass
-    return {"cpu": cpu, "cpus": os.cpu_count(), "threads": FLAGS.threads,
+    cpu, cpu_flags = results_io.cpu_info()
+    return {"cpu": cpu + (" (avx512f)" if "avx512f" in cpu_flags else ""),
+            "cpus": os.cpu_count(), "threads": FLAGS.threads,
             "tensorflow": tf.__version__, "keras": keras.__version__}
 
 
@@ -291,16 +283,14 @@ def markdown(results, all_runs):
                                                     "Ablation (paper formulation)")):
         lines += [f"## {title}", "",
                   "First → last epoch (max over epochs in brackets for the norms); "
-                  "validation accuracies in %, last epoch (best epoch in brackets).", "",
-                  "| run | epochs | loss | latent_norm | logits_norm | global_smoothness | "
-                  "local_compactness | val clean | val PGD-5 |",
-                  "|---|---:|---|---|---|---|---|---:|---:|"]
+                  "validation accuracies in %, last epoch (best epoch in brackets).", ""]
+        table = []
         for run in all_runs:
             if run.group != group:
                 continue
             r = by_name.get(run.name)
             if r is None:
-                lines.append(f"| {run.label} | (pending) | | | | | | | |")
+                table.append([run.label, "(pending)"] + [""] * 7)
                 continue
             cell = lambda key, peak=False: (
                 "-" if not _series(r, key) else
@@ -311,10 +301,13 @@ def markdown(results, all_runs):
             epochs = str(r["epochs_run"])
             if r.get("collapsed_at_epoch"):
                 epochs += f" (collapsed at {r['collapsed_at_epoch']}, stopped)"
-            lines.append(f"| {run.label} | {epochs} | {cell('loss')} | "
-                         f"{cell('latent_norm', True)} | {cell('logits_norm', True)} | "
-                         f"{cell('global_smoothness')} | {cell('local_compactness')} | "
-                         f"{acc('val_accuracy')} | {acc('val_adv_accuracy')} |")
+            table.append([run.label, epochs, cell("loss"), cell("latent_norm", True),
+                          cell("logits_norm", True), cell("global_smoothness"),
+                          cell("local_compactness"), acc("val_accuracy"),
+                          acc("val_adv_accuracy")])
+        lines += results_io.markdown_table(
+            ["run", "epochs", "loss", "latent_norm", "logits_norm", "global_smoothness",
+             "local_compactness", "val clean", "val PGD-5"], table, align="lrlllllrr")
         lines.append("")
     return "\n".join(lines)
 
@@ -359,9 +352,7 @@ def write_summary(all_runs, rows_dir):
     base = os.path.join(FLAGS.results_dir, "stability")
     results_io.write_json_atomic(f"{base}.json", {"runs_expected": [run.name for run in all_runs],
                                  "runs": results})
-    with open(f"{base}.md.{os.getpid()}.tmp", "w") as f:
-        f.write(markdown(results, all_runs))
-    os.replace(f"{base}.md.{os.getpid()}.tmp", f"{base}.md")
+    results_io.write_text(f"{base}.md", markdown(results, all_runs))
     plot(results, f"{base}.png")
     return results
 
