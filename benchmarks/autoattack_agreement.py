@@ -19,7 +19,7 @@ same attack, and the suite is never above the worst of ART's attacks.
 Example (a short run):
 
 ```
-nice -n 5 python benchmarks/autoattack_agreement.py --num_examples=100 --square_queries=1000 \
+nice -n 5 python -m benchmarks.autoattack_agreement --num_examples=100 --square_queries=1000 \
     --output=/tmp/autoattack_agreement.json
 ```
 """
@@ -31,7 +31,8 @@ import time
 from absl import app
 from absl import flags
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+if __package__ in (None, ""):  # Run as a script: make `benchmarks` importable.
+    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("num_examples", 1000, "Test images (the first N).")
@@ -85,7 +86,7 @@ def main(argv):
     import numpy as np
     import tensorflow as tf
 
-    import results_io
+    from benchmarks import results_io
     from keras_adr import attacks, autoattack, evaluation
 
     (x_train, y_train), (x, y) = _data(FLAGS.train_examples, FLAGS.num_examples)
@@ -187,7 +188,7 @@ def main(argv):
         "suite": {**suite.robustbench(name=model_name, dataset="fashion_mnist"),
                   "seconds": round(seconds, 2), "accuracy_after": suite.accuracy_after},
         "suite_minus_worst_art_points": round(100 * (suite.robust_accuracy - worst_art), 2),
-        "machine": results_io.machine_info() if hasattr(results_io, "machine_info") else None,
+        "machine": results_io.machine_info(),
     }
     header = ["attack", "ours", "ART", "ours - ART (points)", "ours s", "ART s", "ART s / ours s"]
     table = [[name, f"{100 * r['ours_accuracy']:.1f}%",
