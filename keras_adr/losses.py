@@ -1,16 +1,24 @@
 """The ADR loss terms (Bui et al., ECCV 2020) and the TRADES KL term.
 
-Each function returns the batch mean as a float32 scalar. The clean side of
-every ADR term is a stop-gradient target: only the adversarial latent codes
-and logits receive gradient. `sg` below means `tf.stop_gradient`.
+Three layers, from primitive to assembled:
 
-The `keras.losses.Loss` classes at the end compute the same terms per
-adversarial example and are what `ADRMixin.train_step` uses.
+* `*_per_example` functions take explicit tensors and return one value per
+  adversarial example (`[M]` float32). They are what the tests check against
+  numpy.
+* The batch-mean functions (`local_compactness`, `global_smoothness`, ...)
+  are the public functional API: the mean of the per-example values.
+* `TERMS` maps every term of the training objective to one function of one
+  signature, `term(batch, config) -> [M]`, over an `ADRBatch` (clean and
+  adversarial codes and logits, labels, and the `Reference` set the pairwise
+  terms compare with). `ADRMixin` sums `TERMS[name]` for the enabled terms.
 
-The pairwise terms take an optional *reference* batch (the clean examples j)
-distinct from the *query* batch (the adversarial examples i); under a
-distribution strategy the reference is the gathered global batch.
+The clean side of every ADR term is a stop-gradient target: only the
+adversarial latent codes and logits receive gradient. `sg` below means
+`tf.stop_gradient`. `keras.losses.Loss` classes exist for the terms that fit
+Keras' `(y_true, y_pred)` contract (clean side, adversarial side).
 """
+
+from typing import NamedTuple
 
 import keras
 import tensorflow as tf
@@ -353,9 +361,114 @@ def label_propagation(y, z, z_adv, logits_adv, alpha=0.99, k=10):
 
 
 # ---------------------------------------------------------------------------
-# keras.losses.Loss wrappers. `y_true` holds the clean (target) side and
-# `y_pred` the adversarial side; each `call` returns per-example values that
-# Keras reduces (`"sum_over_batch_size"` = the functional batch mean).
+# The terms of the training objective over one batch structure.
+# ---------------------------------------------------------------------------
+
+
+class Reference(NamedTuple):
+    """The clean examples j that the pairwise terms compare each example i with.
+
+    In one process it is the batch itself; under a distribution strategy with
+    `pairwise_scope="global"` it is the global batch gathered across replicas
+    (stop-gradient), so that every replica computes what one device would.
+
+    Attributes:
+        labels: `[N]` int32 labels.
+        z: `[N, ...]` clean latent codes.
+        logits: `[N, C]` clean logits.
+        z_adv: `[N, ...]` adversarial latent codes (nodes of the
+            label-propagation graph), or None when no term needs them.
+        offset: Row of the batch's first example in the reference.
+    """
+
+    labels: tf.Tensor
+    z: tf.Tensor
+    logits: tf.Tensor
+    z_adv: tf.Tensor = None
+    offset: tf.Tensor = 0
+
+
+class ADRBatch(NamedTuple):
+    """One batch as the terms of the objective see it.
+
+    Attributes:
+        labels: `[M]` int32 labels.
+        logits: `[M, C]` clean logits.
+        z: `[M, ...]` clean latent codes.
+        logits_adv: `[M, C]` adversarial logits (None for the `standard`
+            objective).
+        z_adv: `[M, ...]` adversarial latent codes (None likewise).
+        reference: The `Reference` of the pairwise terms; None means the
+            batch itself (see `resolved_reference`).
+    """
+
+    labels: tf.Tensor
+    logits: tf.Tensor
+    z: tf.Tensor
+    logits_adv: tf.Tensor = None
+    z_adv: tf.Tensor = None
+    reference: Reference = None
+
+    @property
+    def resolved_reference(self):
+        """`reference`, or the batch itself as its own reference."""
+        if self.reference is not None:
+            return self.reference
+        return Reference(self.labels, self.z, self.logits, self.z_adv, 0)
+
+
+def _cross_entropy(logits, labels):
+    return tf.nn.sparse_softmax_cross_entropy_with_logits(labels, tf.cast(logits, tf.float32))
+
+
+def _global_compactness_term(batch, config):
+    ref = batch.resolved_reference
+    return global_compactness_per_example(
+        batch.labels, None, batch.z_adv, config.label_scale, reference=(ref.labels, ref.z),
+        normalization=config.latent_normalization)
+
+
+def _global_smoothness_term(batch, config):
+    ref = batch.resolved_reference
+    return global_smoothness_per_example(
+        batch.labels, None, batch.logits_adv, config.label_scale,
+        reference=(ref.labels, ref.logits), push=config.smoothness_push)
+
+
+def _label_propagation_term(batch, config):
+    ref = batch.resolved_reference
+    return label_propagation_per_example(
+        batch.labels, batch.z, batch.z_adv, batch.logits_adv, alpha=config.propagation_alpha,
+        k=config.propagation_neighbors, reference=(ref.labels, ref.z), reference_adv=ref.z_adv,
+        query_offset=ref.offset)
+
+
+# Every term of the objective: `term(batch, config) -> [M]` per-example
+# values, `config` an `ADRConfig`. Which terms a run uses, and their weights,
+# come from `ADRConfig` (see `ADRMixin`).
+TERMS = {
+    "ce": lambda batch, config: _cross_entropy(batch.logits, batch.labels),
+    "adv_ce": lambda batch, config: _cross_entropy(batch.logits_adv, batch.labels),
+    "trades_kl": lambda batch, config: trades_kl_per_example(batch.logits, batch.logits_adv),
+    "local_compactness": lambda batch, config: local_compactness_per_example(
+        batch.z, batch.z_adv, config.compactness_distance, config.latent_normalization),
+    "local_smoothness": lambda batch, config: local_smoothness_per_example(
+        batch.logits, batch.logits_adv),
+    "global_compactness": _global_compactness_term,
+    "global_smoothness": _global_smoothness_term,
+    "conditional_entropy": lambda batch, config: conditional_entropy_per_example(
+        batch.logits_adv),
+    "label_propagation": _label_propagation_term,
+}
+# The terms that compare an example with the whole `Reference`.
+PAIRWISE_TERMS = ("global_compactness", "global_smoothness", "label_propagation")
+
+
+# ---------------------------------------------------------------------------
+# keras.losses.Loss classes for the terms that fit Keras' (y_true, y_pred)
+# contract: `y_true` is the clean (target) side, `y_pred` the adversarial
+# side; `call` returns per-example values that Keras reduces
+# (`"sum_over_batch_size"` = the functional batch mean).
 # ---------------------------------------------------------------------------
 
 
@@ -363,23 +476,6 @@ def _check_normalization(normalization):
     if normalization not in LATENT_NORMALIZATIONS:
         raise ValueError(f"`normalization` must be one of {LATENT_NORMALIZATIONS}; "
                          f"got {normalization!r}.")
-
-
-def _labels(t):
-    return tf.cast(tf.reshape(t, [-1]), tf.int32)
-
-
-def _unpack_reference(y_true, name):
-    """`(labels, z)` or `(labels, reference_labels, reference_z)`."""
-    if not isinstance(y_true, (tuple, list)) or len(y_true) not in (2, 3):
-        raise ValueError(
-            f"{name} expects y_true=(labels, clean) or (labels, reference_labels, "
-            f"reference_clean); got {type(y_true).__name__}.")
-    if len(y_true) == 2:
-        labels, clean = y_true
-        return _labels(labels), (_labels(labels), clean)
-    labels, ref_labels, ref_clean = y_true
-    return _labels(labels), (_labels(ref_labels), ref_clean)
 
 
 @keras.saving.register_keras_serializable(package="keras_adr")
@@ -415,58 +511,6 @@ class LocalSmoothness(keras.losses.Loss):
 
 
 @keras.saving.register_keras_serializable(package="keras_adr")
-class GlobalCompactness(keras.losses.Loss):
-    """Label-weighted pairwise compactness.
-
-    `y_true` = `(labels, clean_latent)` or `(labels, reference_labels,
-    reference_latent)`; `y_pred` = adversarial latent codes.
-    """
-
-    def __init__(self, scale=DEFAULT_LABEL_SCALE, method="sorted", normalization="none",
-                 reduction="sum_over_batch_size", name="global_compactness", **kwargs):
-        _check_normalization(normalization)
-        super().__init__(reduction=reduction, name=name, **kwargs)
-        self.scale = scale
-        self.method = method
-        self.normalization = normalization
-
-    def call(self, y_true, y_pred):
-        labels, reference = _unpack_reference(y_true, "GlobalCompactness")
-        return global_compactness_per_example(labels, None, y_pred, self.scale,
-                                              reference=reference, method=self.method,
-                                              normalization=self.normalization)
-
-    def get_config(self):
-        return {**super().get_config(), "scale": self.scale, "method": self.method,
-                "normalization": self.normalization}
-
-
-@keras.saving.register_keras_serializable(package="keras_adr")
-class GlobalSmoothness(keras.losses.Loss):
-    """Label-weighted pairwise smoothness.
-
-    `y_true` = `(labels, clean_logits)` or `(labels, reference_labels,
-    reference_logits)`; `y_pred` = adversarial logits.
-    """
-
-    def __init__(self, scale=DEFAULT_LABEL_SCALE, push="cross_entropy",
-                 reduction="sum_over_batch_size", name="global_smoothness", **kwargs):
-        if push not in SMOOTHNESS_PUSHES:
-            raise ValueError(f"`push` must be one of {SMOOTHNESS_PUSHES}; got {push!r}.")
-        super().__init__(reduction=reduction, name=name, **kwargs)
-        self.scale = scale
-        self.push = push
-
-    def call(self, y_true, y_pred):
-        labels, reference = _unpack_reference(y_true, "GlobalSmoothness")
-        return global_smoothness_per_example(labels, None, y_pred, self.scale,
-                                             reference=reference, push=self.push)
-
-    def get_config(self):
-        return {**super().get_config(), "scale": self.scale, "push": self.push}
-
-
-@keras.saving.register_keras_serializable(package="keras_adr")
 class ConditionalEntropy(keras.losses.Loss):
     """Entropy of the adversarial predictions: `y_pred` = adversarial logits (y_true unused)."""
 
@@ -487,34 +531,3 @@ class TradesKL(keras.losses.Loss):
 
     def call(self, y_true, y_pred):
         return trades_kl_per_example(y_true, y_pred)
-
-
-@keras.saving.register_keras_serializable(package="keras_adr")
-class LabelPropagation(keras.losses.Loss):
-    """Label-propagation clustering term.
-
-    `y_true` = `(labels, clean_latent, adversarial_latent)`, or with a graph
-    over a larger (gathered) batch `(labels, clean_latent, adversarial_latent,
-    reference_labels, reference_latent, reference_adversarial_latent,
-    query_offset)`; `y_pred` = adversarial logits.
-    """
-
-    def __init__(self, alpha=0.99, k=10, reduction="sum_over_batch_size",
-                 name="label_propagation", **kwargs):
-        super().__init__(reduction=reduction, name=name, **kwargs)
-        self.alpha = alpha
-        self.k = k
-
-    def call(self, y_true, y_pred):
-        if len(y_true) == 3:
-            labels, z, z_adv = y_true
-            return label_propagation_per_example(_labels(labels), z, z_adv, y_pred,
-                                                 alpha=self.alpha, k=self.k)
-        labels, z, z_adv, ref_labels, ref_z, ref_z_adv, offset = y_true
-        return label_propagation_per_example(
-            _labels(labels), z, z_adv, y_pred, alpha=self.alpha, k=self.k,
-            reference=(_labels(ref_labels), ref_z), reference_adv=ref_z_adv,
-            query_offset=tf.cast(offset, tf.int32))
-
-    def get_config(self):
-        return {**super().get_config(), "alpha": self.alpha, "k": self.k}

@@ -25,7 +25,6 @@ from keras_adr.config import ADRConfig
 from keras_adr.layers import Latent
 from keras_adr.models import LATENT_LAYER
 
-_PAIRWISE_TERMS = ("global_compactness", "global_smoothness", "label_propagation")
 # Reported by the train step besides the loss terms: mean L2 norms of the clean
 # latent codes and logits.
 DIAGNOSTICS = ("latent_norm", "logits_norm")
@@ -114,7 +113,6 @@ class ADRMixin:
         config = _as_config(adr_config)
         self.adr_config = config
         self._term_weights = self._objective_weights(config)
-        self._term_losses = self._build_term_losses(config)
         self._adr_loss_tracker = keras.metrics.Mean(name="loss")
         self._accuracy = keras.metrics.SparseCategoricalAccuracy(name="accuracy")
         self._adv_accuracy = keras.metrics.SparseCategoricalAccuracy(name="adv_accuracy")
@@ -134,29 +132,6 @@ class ADRMixin:
             weights = {"ce": 1.0, "trades_kl": config.trades_beta}
         weights.update({name: getattr(config, name) for name in config.enabled_terms})
         return weights
-
-    @staticmethod
-    def _build_term_losses(config):
-        # reduction="sum": the step divides by the global batch size itself.
-        every = {
-            "local_compactness": adr_losses.LocalCompactness(
-                distance=config.compactness_distance,
-                normalization=config.latent_normalization, reduction="sum"),
-            "local_smoothness": adr_losses.LocalSmoothness(reduction="sum"),
-            "global_compactness": adr_losses.GlobalCompactness(
-                scale=config.label_scale, normalization=config.latent_normalization,
-                reduction="sum"),
-            "global_smoothness": adr_losses.GlobalSmoothness(
-                scale=config.label_scale, push=config.smoothness_push, reduction="sum"),
-            "conditional_entropy": adr_losses.ConditionalEntropy(reduction="sum"),
-            "trades_kl": adr_losses.TradesKL(reduction="sum"),
-            "label_propagation": adr_losses.LabelPropagation(
-                alpha=config.propagation_alpha, k=config.propagation_neighbors,
-                reduction="sum"),
-        }
-        return {name: every[name] for name in every
-                if name in config.enabled_terms or (name == "trades_kl"
-                                                    and config.objective == "trades")}
 
     def compile(self, optimizer="rmsprop", loss=None, metrics=None, weighted_metrics=None,
                 loss_weights=None, **kwargs):
@@ -241,47 +216,30 @@ class ADRMixin:
             loss=loss or self.adr_config.attack_loss,
             clip_min=attack.clip_min, clip_max=attack.clip_max)
 
-    def _term_sums(self, y, logits, z, logits_adv, z_adv):
-        """`{name: sum over this replica's examples}` of every term of the loss."""
-        y = tf.cast(tf.reshape(y, [-1]), tf.int32)
-        ce = lambda lg: tf.reduce_sum(tf.nn.sparse_softmax_cross_entropy_with_logits(
-            y, tf.cast(lg, tf.float32)))
-        sums = {"ce": ce(logits)}
-        if logits_adv is None:
-            return sums
-        if "adv_ce" in self._term_weights:
-            sums["adv_ce"] = ce(logits_adv)
+    def _reference(self, batch):
+        """The `Reference` of the pairwise terms: the global batch, or None (the batch).
 
-        config = self.adr_config
+        With `pairwise_scope="global"` under several replicas, the clean
+        labels, codes and logits (and, for label propagation, the adversarial
+        codes) of every replica are gathered once here, stop-gradient.
+        """
         context = tf.distribute.get_replica_context()
-        gather_global = (config.pairwise_scope == "global" and context is not None
-                         and context.num_replicas_in_sync > 1)
-        if gather_global and any(name in _PAIRWISE_TERMS for name in self._term_losses):
-            gather = lambda t: context.all_gather(tf.stop_gradient(t), axis=0)
-            y_ref, z_ref, logits_ref = gather(y), gather(z), gather(logits)
-        else:
-            y_ref, z_ref, logits_ref = y, z, logits
+        if (self.adr_config.pairwise_scope != "global" or context is None
+                or context.num_replicas_in_sync == 1
+                or not any(name in adr_losses.PAIRWISE_TERMS for name in self._term_weights)):
+            return None
+        gather = lambda t: context.all_gather(tf.stop_gradient(t), axis=0)
+        sizes = context.all_gather(tf.shape(batch.labels)[:1], axis=0)
+        return adr_losses.Reference(
+            labels=gather(batch.labels), z=gather(batch.z), logits=gather(batch.logits),
+            z_adv=gather(batch.z_adv) if "label_propagation" in self._term_weights else None,
+            offset=tf.reduce_sum(sizes[:context.replica_id_in_sync_group]))
 
-        for name, loss in self._term_losses.items():
-            if name == "local_compactness":
-                sums[name] = loss(z, z_adv)
-            elif name in ("local_smoothness", "trades_kl"):
-                sums[name] = loss(logits, logits_adv)
-            elif name == "conditional_entropy":
-                sums[name] = loss(y, logits_adv)
-            elif name == "global_compactness":
-                sums[name] = loss((y, y_ref, z_ref), z_adv)
-            elif name == "global_smoothness":
-                sums[name] = loss((y, y_ref, logits_ref), logits_adv)
-            elif name == "label_propagation":
-                if gather_global:
-                    sizes = context.all_gather(tf.shape(y)[:1], axis=0)
-                    offset = tf.reduce_sum(sizes[:context.replica_id_in_sync_group])
-                    z_adv_ref = context.all_gather(tf.stop_gradient(z_adv), axis=0)
-                    sums[name] = loss((y, z, z_adv, y_ref, z_ref, z_adv_ref, offset), logits_adv)
-                else:
-                    sums[name] = loss((y, z, z_adv), logits_adv)
-        return sums
+    def _term_sums(self, batch):
+        """`{name: sum over this replica's examples}` of every term of the loss."""
+        batch = batch._replace(reference=self._reference(batch))
+        return {name: tf.reduce_sum(adr_losses.TERMS[name](batch, self.adr_config))
+                for name in self._term_weights}
 
     def _global_batch_size(self, local_batch_size):
         context = tf.distribute.get_replica_context()
@@ -311,7 +269,9 @@ class ADRMixin:
             raise ValueError(f"objective={self.adr_config.objective!r} needs `x_adv`.")
         (logits, z), (logits_adv, z_adv) = self.clean_and_adversarial_outputs(
             x, x_adv, training=training)
-        sums = self._term_sums(y, logits, z, logits_adv, z_adv)
+        batch = adr_losses.ADRBatch(labels=tf.cast(tf.reshape(y, [-1]), tf.int32), logits=logits,
+                                    z=z, logits_adv=logits_adv, z_adv=z_adv)
+        sums = self._term_sums(batch)
         norm_sum = lambda t: tf.reduce_sum(tf.norm(
             tf.stop_gradient(graph.flatten_batch(t)), axis=1))
         sums.update(latent_norm=norm_sum(z), logits_norm=norm_sum(logits))

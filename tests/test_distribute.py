@@ -29,7 +29,14 @@ _TINY = ["--train_examples=256", "--validation_examples=64", "--test_examples=64
          # normalised codes takes the round-off's sign there, so the bounded
          # default agrees with one device to ~1e-4 after 3 steps, not 1e-6.
          # test_two_replicas_equal_one_device_... checks the default in one step.
+         # Even raw codes have a few ties (both codes 0 after ReLU), so weights
+         # agree to ~1e-6 after 3 steps, not bit for bit: _WEIGHT_TOLERANCE.
          "--defense=adr_pgd_paper"]
+# Measured: 1.5e-8 to 1.5e-6 depending on the summation order of the terms (a
+# reordering that changes no value by more than 1 ulp moves it). An objective
+# that differs from one device's moves weights by far more in these 3 steps
+# of SGD 0.05 (measured: 5.8e-4 with --pairwise_scope=replica).
+_WEIGHT_TOLERANCE = 1e-5
 _ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES="")
 
 
@@ -139,7 +146,7 @@ def test_adr_train_mirrored_on_two_cpu_replicas(one_device_run, tmp_path):
 
     reference_metrics, reference_weights = one_device_run
     weights = _weights(str(out / "final.keras"))
-    assert _max_difference(reference_weights, weights) < 1e-6
+    assert _max_difference(reference_weights, weights) < _WEIGHT_TOLERANCE
     for name, values in reference_metrics["history"].items():
         np.testing.assert_allclose(metrics["history"][name], values, rtol=1e-5, atol=1e-6,
                                    err_msg=name)
@@ -198,7 +205,7 @@ def test_adr_train_multi_worker_two_processes(one_device_run, tmp_path):
     for name in chief:
         np.testing.assert_array_equal(chief[name], other[name], err_msg=name)
     reference_metrics, reference_weights = one_device_run
-    assert _max_difference(reference_weights, _weights(str(out / "final.keras"))) < 1e-6
+    assert _max_difference(reference_weights, _weights(str(out / "final.keras"))) < _WEIGHT_TOLERANCE
     for name, values in reference_metrics["history"].items():
         np.testing.assert_allclose(metrics["history"][name], values, rtol=1e-5, atol=1e-6,
                                    err_msg=name)

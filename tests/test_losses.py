@@ -257,24 +257,72 @@ def test_affinity_graph_is_symmetric_knn_with_zero_diagonal(batch):
 
 
 def test_loss_classes_match_functions_and_serialize(batch):
-    y, z, za = batch["y"], batch["z"], batch["z_adv"]
+    z, za = batch["z"], batch["z_adv"]
     lg, lga = batch["logits"], batch["logits_adv"]
     cases = [
         (losses.LocalCompactness(distance="l2"), (z, za), losses.local_compactness(z, za, "l2")),
+        (losses.LocalCompactness(normalization="rms"), (z, za),
+         losses.local_compactness(z, za, normalization="rms")),
         (losses.LocalSmoothness(), (lg, lga), losses.local_smoothness(lg, lga)),
-        (losses.GlobalCompactness(scale=0.9), ((y, z), za), losses.global_compactness(y, z, za, 0.9)),
-        (losses.GlobalSmoothness(scale=0.9), ((y, lg), lga),
-         losses.global_smoothness(y, lg, lga, 0.9)),
-        (losses.ConditionalEntropy(), (y, lga), losses.conditional_entropy(lga)),
+        (losses.ConditionalEntropy(), (batch["y"], lga), losses.conditional_entropy(lga)),
         (losses.TradesKL(), (lg, lga), losses.trades_kl(lg, lga)),
-        (losses.LabelPropagation(alpha=0.9, k=3), ((y, z, za), lga),
-         losses.label_propagation(y, z, za, lga, alpha=0.9, k=3)),
     ]
     for loss, args, expected in cases:
         np.testing.assert_allclose(loss(*args), expected, rtol=1e-5, err_msg=loss.name)
         clone = keras.losses.deserialize(keras.losses.serialize(loss))
         assert type(clone) is type(loss) and clone.get_config() == loss.get_config()
         np.testing.assert_allclose(clone(*args), expected, rtol=1e-5, err_msg=loss.name)
+
+
+@pytest.mark.parametrize("preset", ["adr_pgd", "adr_pgd_paper"])
+def test_terms_of_the_objective_match_the_functional_api(batch, preset):
+    """`TERMS[name](ADRBatch, config)`: the one signature the train step uses."""
+    from keras_adr import presets
+
+    config = presets.get(preset, label_propagation=1.0, propagation_neighbors=3,
+                         compactness_distance="l2", label_scale=0.9)
+    y, z, za = batch["y"], batch["z"], batch["z_adv"]
+    lg, lga = batch["logits"], batch["logits_adv"]
+    norm, push = config.latent_normalization, config.smoothness_push
+    expected = {
+        "ce": keras.losses.SparseCategoricalCrossentropy(from_logits=True)(y, lg),
+        "adv_ce": keras.losses.SparseCategoricalCrossentropy(from_logits=True)(y, lga),
+        "trades_kl": losses.trades_kl(lg, lga),
+        "local_compactness": losses.local_compactness(z, za, "l2", normalization=norm),
+        "local_smoothness": losses.local_smoothness(lg, lga),
+        "global_compactness": losses.global_compactness(y, z, za, 0.9, normalization=norm),
+        "global_smoothness": losses.global_smoothness(y, lg, lga, 0.9, push=push),
+        "conditional_entropy": losses.conditional_entropy(lga),
+        "label_propagation": losses.label_propagation(y, z, za, lga, alpha=0.99, k=3),
+    }
+    assert set(losses.TERMS) == set(expected)
+    adr_batch = losses.ADRBatch(labels=tf.constant(y, tf.int32), logits=lg, z=z, logits_adv=lga,
+                                z_adv=za)
+    for name, term in losses.TERMS.items():
+        values = term(adr_batch, config)
+        assert values.shape == (len(y),), name
+        np.testing.assert_allclose(tf.reduce_mean(values), expected[name], rtol=1e-4,
+                                   err_msg=name)
+
+
+def test_pairwise_terms_compare_with_the_reference(batch):
+    """A batch that is rows 3..6 of a larger reference gets the reference's values there."""
+    from keras_adr import presets
+
+    config = presets.get("adr_pgd", label_propagation=1.0, propagation_neighbors=3)
+    y = tf.constant(batch["y"], tf.int32)
+    full = losses.ADRBatch(labels=y, logits=batch["logits"], z=batch["z"],
+                           logits_adv=batch["logits_adv"], z_adv=batch["z_adv"])
+    rows = slice(3, 7)
+    part = losses.ADRBatch(*(t[rows] for t in full[:5]),
+                           reference=full.resolved_reference._replace(offset=3))
+    for name in losses.PAIRWISE_TERMS:
+        np.testing.assert_allclose(losses.TERMS[name](part, config),
+                                   losses.TERMS[name](full, config)[rows], rtol=1e-4,
+                                   atol=1e-6, err_msg=name)
+    # Without the reference the same rows only see each other: different values.
+    alone = losses.TERMS["global_compactness"](part._replace(reference=None), config)
+    assert not np.allclose(alone, losses.TERMS["global_compactness"](full, config)[rows])
 
 
 def test_bad_arguments():
@@ -408,11 +456,6 @@ def test_bounded_options_validate_and_serialize():
     with pytest.raises(ValueError, match="push"):
         losses.global_smoothness([0, 1], np.ones((2, 2)), np.ones((2, 2)), push="kl")
     with pytest.raises(ValueError, match="normalization"):
-        losses.GlobalCompactness(normalization="batch")
-    with pytest.raises(ValueError, match="push"):
-        losses.GlobalSmoothness(push="hinge")
-    for loss in (losses.LocalCompactness(normalization="rms"),
-                 losses.GlobalCompactness(normalization="rms"),
-                 losses.GlobalSmoothness(push="overlap")):
-        clone = keras.losses.deserialize(keras.losses.serialize(loss))
-        assert clone.get_config() == loss.get_config()
+        losses.LocalCompactness(normalization="batch")
+    with pytest.raises(ValueError, match="normalization"):
+        losses.global_compactness([0, 1], np.ones((2, 2)), np.ones((2, 2)), normalization="l1")
