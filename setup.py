@@ -25,11 +25,14 @@ setuptools.setup(
     packages=setuptools.find_packages(include=["keras_adr", "keras_adr.*"]),
     install_requires=_requirements(),
     extras_require={
-        "test": ["pytest>=8", "tensorflow-serving-api==2.21.*"],
+        "test": ["pytest>=8", "tensorflow-serving-api==2.21.*", "ruff==0.17.6"],
         "serving": ["tensorflow-serving-api==2.21.*"],
         # Peer libraries compared in benchmarks/speed.py; never needed by keras_adr.
-        "benchmark": ["adversarial-robustness-toolbox==1.20.1", "foolbox==3.3.4",
-                      "cleverhans==4.0.0"],
+        "benchmark": [
+            "adversarial-robustness-toolbox==1.20.1",
+            "foolbox==3.3.4",
+            "cleverhans==4.0.0",
+        ],
     },
     entry_points={
         "console_scripts": [

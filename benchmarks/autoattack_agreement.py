@@ -4,12 +4,15 @@ For each attack of AutoAttack's standard suite, run on the same test images
 with the same budget, this records the robust accuracy and the time of
 keras-adr's attack and of ART's (`adversarial-robustness-toolbox`):
 
-| ours | ART |
-|---|---|
-| `attacks.apgd` (CE, 100 steps) | `AutoProjectedGradientDescent(loss_type="cross_entropy")` |
-| `attacks.apgd_dlr_targeted` (9 targets) | the same with `"difference_logits_ratio"`, `targeted=True`, one run per target (the 2nd..10th largest clean logit) |
-| `attacks.square` (5,000 queries, p_init 0.8) | `SquareAttack(max_iter=5000, p_init=0.8)` |
-| `attacks.fab` (FAB-T, 9 targets) | none: ART has no FAB; the row shows ours next to ART's strongest attack |
+* `attacks.apgd` (CE, 100 steps) against
+  `AutoProjectedGradientDescent(loss_type="cross_entropy")`;
+* `attacks.apgd_dlr_targeted` (9 targets) against the same with
+  `"difference_logits_ratio"`, `targeted=True`, one run per target (the
+  2nd..10th largest clean logit);
+* `attacks.square` (5,000 queries, p_init 0.8) against
+  `SquareAttack(max_iter=5000, p_init=0.8)`;
+* `attacks.fab` (FAB-T, 9 targets) against nothing: ART has no FAB, so the
+  row shows ours next to ART's strongest attack;
 
 and the whole standard suite (`evaluation.autoattack`). The model is a tiny
 CNN trained for a few seconds on Fashion-MNIST (or `--model_path`). The
@@ -28,8 +31,7 @@ import os
 import sys
 import time
 
-from absl import app
-from absl import flags
+from absl import app, flags
 
 if __package__ in (None, ""):  # Run as a script: make `benchmarks` importable.
     sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -44,21 +46,26 @@ flags.DEFINE_integer("batch_size", 250, "Examples per attack call.")
 flags.DEFINE_integer("train_examples", 3000, "Training images of the tiny model.")
 flags.DEFINE_string("model_path", None, "Evaluate this model instead of training a tiny one.")
 flags.DEFINE_integer("seed", 0, "Seed.")
-flags.DEFINE_string("output", "benchmarks/results/autoattack_agreement.json",
-                    "Result JSON (a .md table is written beside it).")
+flags.DEFINE_string(
+    "output",
+    "benchmarks/results/autoattack_agreement.json",
+    "Result JSON (a .md table is written beside it).",
+)
 
 
 def _tiny_model(x_train, y_train, seed):
     import keras
 
     keras.utils.set_random_seed(seed)
-    model = keras.Sequential([
-        keras.Input(x_train.shape[1:]),
-        keras.layers.Conv2D(8, 3, strides=2, activation="relu"),
-        keras.layers.Flatten(),
-        keras.layers.Dense(64, activation="relu"),
-        keras.layers.Dense(10),
-    ])
+    model = keras.Sequential(
+        [
+            keras.Input(x_train.shape[1:]),
+            keras.layers.Conv2D(8, 3, strides=2, activation="relu"),
+            keras.layers.Flatten(),
+            keras.layers.Dense(64, activation="relu"),
+            keras.layers.Dense(10),
+        ]
+    )
     model.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     model.fit(x_train, y_train, epochs=3, batch_size=64, verbose=0)
     return model
@@ -70,8 +77,10 @@ def _data(train_examples, test_examples):
     train = data.load("fashion_mnist", "train", batch_size=train_examples, take=train_examples)
     test = data.load("fashion_mnist", "test", batch_size=test_examples, take=test_examples)
     (x_train, y_train), (x, y) = next(iter(train)), next(iter(test))
-    return (x_train.numpy(), y_train.numpy().astype("int32")), (x.numpy(),
-                                                               y.numpy().astype("int32"))
+    return (x_train.numpy(), y_train.numpy().astype("int32")), (
+        x.numpy(),
+        y.numpy().astype("int32"),
+    )
 
 
 def _timed(fn):
@@ -102,33 +111,50 @@ def main(argv):
     targets = min(FLAGS.targets, num_classes - 1)
 
     def accuracy(images):
-        predictions = np.concatenate([np.argmax(np.asarray(model_fn(images[i:i + bs])), -1)
-                                      for i in range(0, len(images), bs)])
+        predictions = np.concatenate(
+            [
+                np.argmax(np.asarray(model_fn(images[i : i + bs])), -1)
+                for i in range(0, len(images), bs)
+            ]
+        )
         return predictions == y
 
     def ours(attack):
         fn = tf.function(attack)
-        return lambda: np.concatenate([fn(x[i:i + bs], y[i:i + bs]).numpy()
-                                       for i in range(0, len(x), bs)])
+        return lambda: np.concatenate(
+            [fn(x[i : i + bs], y[i : i + bs]).numpy() for i in range(0, len(x), bs)]
+        )
 
     rows = {}
     clean = accuracy(x)
     ours_fns = {
-        "apgd-ce": ours(lambda a, b: attacks.apgd(model_fn, a, b, epsilon=eps, steps=FLAGS.steps,
-                                                  seed=FLAGS.seed)),
-        "apgd-t": ours(lambda a, b: attacks.apgd_dlr_targeted(
-            model_fn, a, b, epsilon=eps, steps=FLAGS.steps, num_targets=targets,
-            seed=FLAGS.seed)),
-        "fab-t": ours(lambda a, b: attacks.fab(model_fn, a, b, epsilon=eps, steps=FLAGS.steps,
-                                               num_targets=targets, seed=FLAGS.seed)),
-        "square": ours(lambda a, b: attacks.square(model_fn, a, b, epsilon=eps,
-                                                   queries=FLAGS.square_queries,
-                                                   seed=FLAGS.seed)),
+        "apgd-ce": ours(
+            lambda a, b: attacks.apgd(
+                model_fn, a, b, epsilon=eps, steps=FLAGS.steps, seed=FLAGS.seed
+            )
+        ),
+        "apgd-t": ours(
+            lambda a, b: attacks.apgd_dlr_targeted(
+                model_fn, a, b, epsilon=eps, steps=FLAGS.steps, num_targets=targets, seed=FLAGS.seed
+            )
+        ),
+        "fab-t": ours(
+            lambda a, b: attacks.fab(
+                model_fn, a, b, epsilon=eps, steps=FLAGS.steps, num_targets=targets, seed=FLAGS.seed
+            )
+        ),
+        "square": ours(
+            lambda a, b: attacks.square(
+                model_fn, a, b, epsilon=eps, queries=FLAGS.square_queries, seed=FLAGS.seed
+            )
+        ),
     }
     for name, fn in ours_fns.items():
         x_adv, seconds = _timed(fn)
-        rows[name] = {"ours_accuracy": float(np.mean(accuracy(x_adv) & clean)),
-                      "ours_seconds": round(seconds, 2)}
+        rows[name] = {
+            "ours_accuracy": float(np.mean(accuracy(x_adv) & clean)),
+            "ours_seconds": round(seconds, 2),
+        }
         print(name, rows[name], flush=True)
 
     try:
@@ -141,16 +167,27 @@ def main(argv):
     if keras_model is None:
         sys.exit("The ART comparison needs a Keras model (not a SavedModel).")
     classifier = TensorFlowV2Classifier(
-        model=keras_model, nb_classes=num_classes, input_shape=x.shape[1:],
+        model=keras_model,
+        nb_classes=num_classes,
+        input_shape=x.shape[1:],
         clip_values=(0.0, 1.0),
-        loss_object=keras.losses.CategoricalCrossentropy(from_logits=True))
+        loss_object=keras.losses.CategoricalCrossentropy(from_logits=True),
+    )
     one_hot = np.eye(num_classes, dtype=np.float32)
 
     def art_apgd(loss_type, targeted=False, target=None):
         attack = AutoProjectedGradientDescent(
-            classifier, norm=np.inf, eps=eps, eps_step=2 * eps, max_iter=FLAGS.steps,
-            targeted=targeted, nb_random_init=1, batch_size=bs, loss_type=loss_type,
-            verbose=False)
+            classifier,
+            norm=np.inf,
+            eps=eps,
+            eps_step=2 * eps,
+            max_iter=FLAGS.steps,
+            targeted=targeted,
+            nb_random_init=1,
+            batch_size=bs,
+            loss_type=loss_type,
+            verbose=False,
+        )
         return attack.generate(x=x, y=one_hot[y if target is None else target])
 
     def art_apgd_t():
@@ -163,48 +200,99 @@ def main(argv):
     art_fns = {
         "apgd-ce": lambda: accuracy(art_apgd("cross_entropy")),
         "apgd-t": art_apgd_t,
-        "square": lambda: accuracy(SquareAttack(
-            classifier, norm=np.inf, max_iter=FLAGS.square_queries, eps=eps, p_init=0.8,
-            nb_restarts=1, batch_size=bs, verbose=False).generate(x=x, y=one_hot[y])),
+        "square": lambda: accuracy(
+            SquareAttack(
+                classifier,
+                norm=np.inf,
+                max_iter=FLAGS.square_queries,
+                eps=eps,
+                p_init=0.8,
+                nb_restarts=1,
+                batch_size=bs,
+                verbose=False,
+            ).generate(x=x, y=one_hot[y])
+        ),
     }
     for name, fn in art_fns.items():
         correct, seconds = _timed(fn)
-        rows[name].update(art_accuracy=float(np.mean(correct & clean)),
-                          art_seconds=round(seconds, 2))
+        rows[name].update(
+            art_accuracy=float(np.mean(correct & clean)), art_seconds=round(seconds, 2)
+        )
         rows[name]["ours_minus_art_points"] = round(
-            100 * (rows[name]["ours_accuracy"] - rows[name]["art_accuracy"]), 2)
+            100 * (rows[name]["ours_accuracy"] - rows[name]["art_accuracy"]), 2
+        )
         rows[name]["speedup"] = round(seconds / max(rows[name]["ours_seconds"], 1e-9), 2)
         print(name, rows[name], flush=True)
 
-    suite, seconds = _timed(lambda: evaluation.autoattack(
-        model_fn, x, y, epsilon=eps, seed=FLAGS.seed, steps=FLAGS.steps, targets=FLAGS.targets,
-        queries=FLAGS.square_queries, batch_size=bs, progress=False))
+    suite, seconds = _timed(
+        lambda: evaluation.autoattack(
+            model_fn,
+            x,
+            y,
+            epsilon=eps,
+            seed=FLAGS.seed,
+            steps=FLAGS.steps,
+            targets=FLAGS.targets,
+            queries=FLAGS.square_queries,
+            batch_size=bs,
+            progress=False,
+        )
+    )
     worst_art = min(r["art_accuracy"] for r in rows.values() if "art_accuracy" in r)
     results = {
-        "model": model_name, "epsilon": eps, "num_examples": len(x),
-        "clean_accuracy": float(clean.mean()), "steps": FLAGS.steps, "targets": targets,
-        "square_queries": FLAGS.square_queries, "art_version": art.__version__,
+        "model": model_name,
+        "epsilon": eps,
+        "num_examples": len(x),
+        "clean_accuracy": float(clean.mean()),
+        "steps": FLAGS.steps,
+        "targets": targets,
+        "square_queries": FLAGS.square_queries,
+        "art_version": art.__version__,
         "attacks": rows,
-        "suite": {**suite.robustbench(name=model_name, dataset="fashion_mnist"),
-                  "seconds": round(seconds, 2), "accuracy_after": suite.accuracy_after},
+        "suite": {
+            **suite.robustbench(name=model_name, dataset="fashion_mnist"),
+            "seconds": round(seconds, 2),
+            "accuracy_after": suite.accuracy_after,
+        },
         "suite_minus_worst_art_points": round(100 * (suite.robust_accuracy - worst_art), 2),
         "machine": results_io.machine_info(),
     }
     header = ["attack", "ours", "ART", "ours - ART (points)", "ours s", "ART s", "ART s / ours s"]
-    table = [[name, f"{100 * r['ours_accuracy']:.1f}%",
-              f"{100 * r['art_accuracy']:.1f}%" if "art_accuracy" in r else "-",
-              f"{r.get('ours_minus_art_points', '-')}", f"{r['ours_seconds']}",
-              f"{r.get('art_seconds', '-')}", f"{r.get('speedup', '-')}"]
-             for name, r in rows.items()]
-    table.append(["standard suite", f"{100 * suite.robust_accuracy:.1f}%",
-                  f"{100 * worst_art:.1f}% (worst ART)",
-                  f"{results['suite_minus_worst_art_points']}", f"{seconds:.1f}", "-", "-"])
-    markdown = "\n".join([
-        f"# AutoAttack agreement: keras-adr vs ART {art.__version__}", "",
-        f"{model_name}; {len(x)} Fashion-MNIST test images; L-inf epsilon {eps}; clean "
-        f"{100 * clean.mean():.1f}%; {FLAGS.steps} steps, {targets} targets, "
-        f"{FLAGS.square_queries} Square queries.", "",
-        *results_io.markdown_table(header, table), ""])
+    table = [
+        [
+            name,
+            f"{100 * r['ours_accuracy']:.1f}%",
+            f"{100 * r['art_accuracy']:.1f}%" if "art_accuracy" in r else "-",
+            f"{r.get('ours_minus_art_points', '-')}",
+            f"{r['ours_seconds']}",
+            f"{r.get('art_seconds', '-')}",
+            f"{r.get('speedup', '-')}",
+        ]
+        for name, r in rows.items()
+    ]
+    table.append(
+        [
+            "standard suite",
+            f"{100 * suite.robust_accuracy:.1f}%",
+            f"{100 * worst_art:.1f}% (worst ART)",
+            f"{results['suite_minus_worst_art_points']}",
+            f"{seconds:.1f}",
+            "-",
+            "-",
+        ]
+    )
+    markdown = "\n".join(
+        [
+            f"# AutoAttack agreement: keras-adr vs ART {art.__version__}",
+            "",
+            f"{model_name}; {len(x)} Fashion-MNIST test images; L-inf epsilon {eps}; clean "
+            f"{100 * clean.mean():.1f}%; {FLAGS.steps} steps, {targets} targets, "
+            f"{FLAGS.square_queries} Square queries.",
+            "",
+            *results_io.markdown_table(header, table),
+            "",
+        ]
+    )
     results_io.write_results(FLAGS.output, results, markdown)
     print(markdown)
     print(autoattack.format_summary(suite))

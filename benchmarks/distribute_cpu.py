@@ -78,8 +78,9 @@ def _child(config):
 
     keras.utils.set_random_seed(0)
     with strategy.scope():
-        model = keras_adr.ADRModel(models.small_cnn(),
-                                   presets.get("adr_pgd", attack_steps=FLAGS.attack_steps))
+        model = keras_adr.ADRModel(
+            models.small_cnn(), presets.get("adr_pgd", attack_steps=FLAGS.attack_steps)
+        )
         model.compile(optimizer=keras.optimizers.SGD(0.01, momentum=0.9))
     distribute.patch_keras_fit(model)
 
@@ -101,17 +102,30 @@ def _child(config):
 
 
 def _start_child(config):
-    command = [sys.executable, os.path.abspath(__file__), f"--child={config}",
-               f"--batch_size={FLAGS.batch_size}", f"--attack_steps={FLAGS.attack_steps}",
-               f"--warmup={FLAGS.warmup}"]
+    command = [
+        sys.executable,
+        os.path.abspath(__file__),
+        f"--child={config}",
+        f"--batch_size={FLAGS.batch_size}",
+        f"--attack_steps={FLAGS.attack_steps}",
+        f"--warmup={FLAGS.warmup}",
+    ]
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES="")
-    child = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                             stderr=subprocess.DEVNULL, text=True, env=env)
+    child = subprocess.Popen(
+        command,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env=env,
+    )
     for line in child.stdout:
         if line.strip() == "ready":
             return child
-    raise RuntimeError(f"{config} failed to start (exit code {child.wait()}); run "
-                       f"`{' '.join(command)}` to see why.")
+    raise RuntimeError(
+        f"{config} failed to start (exit code {child.wait()}); run "
+        f"`{' '.join(command)}` to see why."
+    )
 
 
 def main(argv):
@@ -142,15 +156,19 @@ def main(argv):
     baseline = median.get("default")
     results = {
         "machine": results_io.machine_info(load_average_1min=[load_before[0], load_after[0]]),
-        "model": "small_cnn", "defense": "adr_pgd", "pairwise_scope": "global",
-        "batch_size": FLAGS.batch_size, "attack_steps": FLAGS.attack_steps,
+        "model": "small_cnn",
+        "defense": "adr_pgd",
+        "pairwise_scope": "global",
+        "batch_size": FLAGS.batch_size,
+        "attack_steps": FLAGS.attack_steps,
         "timed_steps": {config: len(values) for config, values in seconds.items()},
         "replicas": {config: _REPLICAS[config] for config in FLAGS.configs},
         "step_seconds_median": median,
         "step_seconds_min": {config: float(np.min(v)) for config, v in seconds.items()},
         "images_per_second": {config: FLAGS.batch_size / v for config, v in median.items()},
-        "ratio_to_default": ({config: v / baseline for config, v in median.items()}
-                             if baseline else None),
+        "ratio_to_default": (
+            {config: v / baseline for config, v in median.items()} if baseline else None
+        ),
     }
     print(json.dumps(results, indent=2))
     if FLAGS.output:

@@ -43,11 +43,16 @@ flags.DEFINE_integer("image_size", 32, "Image height and width (CIFAR: 32).")
 flags.DEFINE_integer("warmup", 5, "Untimed steps per defense (tracing, autotuning).")
 flags.DEFINE_integer("steps", 30, "Timed steps per defense, taken in turns.")
 flags.DEFINE_list("defenses", ["pgd_at", "adr_pgd"], "Presets to time (keras_adr.presets).")
-flags.DEFINE_enum("strategy", "default", ["default", "mirrored"],
-                  "default: one device; mirrored: all local GPUs.")
+flags.DEFINE_enum(
+    "strategy", "default", ["default", "mirrored"], "default: one device; mirrored: all local GPUs."
+)
 flags.DEFINE_bool("sync_batchnorm", False, "Synchronized BatchNorm (with --strategy=mirrored).")
-flags.DEFINE_enum("pairwise_scope", "global", ["global", "replica"],
-                  "ADR pairwise terms over the global batch or per replica.")
+flags.DEFINE_enum(
+    "pairwise_scope",
+    "global",
+    ["global", "replica"],
+    "ADR pairwise terms over the global batch or per replica.",
+)
 flags.DEFINE_bool("allow_cpu", False, "Run without a GPU (smoke test only).")
 flags.DEFINE_string("output", None, "JSON file for the results.")
 
@@ -68,11 +73,19 @@ def _build(name, strategy, dataset):
     from keras_adr import distribute, models, presets
 
     keras.utils.set_random_seed(0)
-    config = presets.get(name, attack_steps=FLAGS.attack_steps, attack_epsilon=8 / 255,
-                         attack_step_size=2 / 255, pairwise_scope=FLAGS.pairwise_scope)
+    config = presets.get(
+        name,
+        attack_steps=FLAGS.attack_steps,
+        attack_epsilon=8 / 255,
+        attack_step_size=2 / 255,
+        pairwise_scope=FLAGS.pairwise_scope,
+    )
     with strategy.scope():
-        backbone = models.resnet18(input_shape=(FLAGS.image_size, FLAGS.image_size, 3),
-                                   num_classes=10, sync_batchnorm=FLAGS.sync_batchnorm)
+        backbone = models.resnet18(
+            input_shape=(FLAGS.image_size, FLAGS.image_size, 3),
+            num_classes=10,
+            sync_batchnorm=FLAGS.sync_batchnorm,
+        )
         model = keras_adr.ADRModel(backbone, config)
         model.compile(optimizer=keras.optimizers.SGD(0.1, momentum=0.9, weight_decay=5e-4))
     distribute.patch_keras_fit(model)
@@ -95,12 +108,17 @@ def main(argv):
 
     gpus = _gpu_names(tf)
     if not gpus and not FLAGS.allow_cpu:
-        raise SystemExit("No GPU is visible to TensorFlow (tf.config.list_physical_devices"
-                         "('GPU') is empty); pass --allow_cpu for a smoke test.")
+        raise SystemExit(
+            "No GPU is visible to TensorFlow (tf.config.list_physical_devices"
+            "('GPU') is empty); pass --allow_cpu for a smoke test."
+        )
     for gpu in tf.config.list_physical_devices("GPU"):
         tf.config.experimental.set_memory_growth(gpu, True)
-    strategy = (tf.distribute.MirroredStrategy() if FLAGS.strategy == "mirrored"
-                else tf.distribute.get_strategy())
+    strategy = (
+        tf.distribute.MirroredStrategy()
+        if FLAGS.strategy == "mirrored"
+        else tf.distribute.get_strategy()
+    )
 
     rng = np.random.default_rng(0)
     shape = (FLAGS.batch_size, FLAGS.image_size, FLAGS.image_size, 3)
@@ -129,21 +147,29 @@ def main(argv):
     baseline = median.get("pgd_at")
     results = {
         "machine": results_io.machine_info(gpus=gpus),
-        "model": "resnet18", "image_shape": list(shape[1:]), "batch_size": FLAGS.batch_size,
-        "attack_steps": FLAGS.attack_steps, "strategy": FLAGS.strategy,
-        "num_replicas": strategy.num_replicas_in_sync, "sync_batchnorm": FLAGS.sync_batchnorm,
-        "pairwise_scope": FLAGS.pairwise_scope, "timed_steps": FLAGS.steps,
+        "model": "resnet18",
+        "image_shape": list(shape[1:]),
+        "batch_size": FLAGS.batch_size,
+        "attack_steps": FLAGS.attack_steps,
+        "strategy": FLAGS.strategy,
+        "num_replicas": strategy.num_replicas_in_sync,
+        "sync_batchnorm": FLAGS.sync_batchnorm,
+        "pairwise_scope": FLAGS.pairwise_scope,
+        "timed_steps": FLAGS.steps,
         "warmup_seconds": warmup,
         "step_seconds_median": median,
         "step_seconds_min": {name: float(np.min(v)) for name, v in seconds.items()},
         "images_per_second": {name: FLAGS.batch_size / v for name, v in median.items()},
-        "ratio_to_pgd_at": ({name: v / baseline for name, v in median.items()}
-                            if baseline else None),
+        "ratio_to_pgd_at": (
+            {name: v / baseline for name, v in median.items()} if baseline else None
+        ),
     }
     for name in FLAGS.defenses:
         ratio = f", {median[name] / baseline:.2f}x pgd_at" if baseline else ""
-        print(f"{name:>10}: {median[name] * 1000:8.1f} ms/step, "
-              f"{results['images_per_second'][name]:8.1f} images/s{ratio}")
+        print(
+            f"{name:>10}: {median[name] * 1000:8.1f} ms/step, "
+            f"{results['images_per_second'][name]:8.1f} images/s{ratio}"
+        )
     print(json.dumps(results, indent=2))
     if FLAGS.output:
         results_io.write_results(FLAGS.output, results)

@@ -12,7 +12,6 @@ import platform
 
 from keras_adr import fileio
 
-
 # --- Files ---------------------------------------------------------------------
 
 
@@ -65,8 +64,9 @@ def markdown_table(header, rows, align=None):
     """
     align = align or "l" + "r" * (len(header) - 1)
     if len(align) != len(header):
-        raise ValueError(f"`align` needs one character per column; got {align!r} for "
-                         f"{len(header)} columns.")
+        raise ValueError(
+            f"`align` needs one character per column; got {align!r} for {len(header)} columns."
+        )
     rule = "|" + "".join("---|" if a == "l" else "---:|" for a in align)
     return [table_row(header), rule, *(table_row(row) for row in rows)]
 
@@ -91,10 +91,12 @@ def cpu_info():
             lines = f.read().splitlines()
     except OSError:
         return name, flags
-    name = next((line.split(":", 1)[1].strip() for line in lines
-                 if line.startswith("model name")), name)
-    flags = next((line.split(":", 1)[1].split() for line in lines
-                  if line.startswith("flags")), flags)
+    name = next(
+        (line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), name
+    )
+    flags = next(
+        (line.split(":", 1)[1].split() for line in lines if line.startswith("flags")), flags
+    )
     return name, flags
 
 
@@ -108,10 +110,16 @@ def machine_info(**extra):
     import numpy as np
     import tensorflow as tf
 
-    return {"cpu": cpu_info()[0], "cpus": os.cpu_count(),
-            "gpus": [d.name for d in tf.config.list_physical_devices("GPU")],
-            "python": platform.python_version(), "tensorflow": tf.__version__,
-            "keras": keras.__version__, "numpy": np.__version__, **extra}
+    return {
+        "cpu": cpu_info()[0],
+        "cpus": os.cpu_count(),
+        "gpus": [d.name for d in tf.config.list_physical_devices("GPU")],
+        "python": platform.python_version(),
+        "tensorflow": tf.__version__,
+        "keras": keras.__version__,
+        "numpy": np.__version__,
+        **extra,
+    }
 
 
 # --- Threads -------------------------------------------------------------------

@@ -47,8 +47,8 @@ import shutil
 import sys
 import time
 
-from absl import app, flags, logging
 import numpy as np
+from absl import app, flags, logging
 
 if not __package__:  # `python benchmarks/robustness.py`: import as `python -m` would.
     sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -57,21 +57,36 @@ from benchmarks import results_io  # noqa: E402
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 FLAGS = flags.FLAGS
-flags.DEFINE_enum("preset", "cpu", ["cpu", "fmnist", "paper_mnist", "paper_cifar10"],
-                  "Benchmark preset.")
-flags.DEFINE_string("stability_workdir", os.path.join(_REPO, "runs", "benchmarks", "stability"),
-                    "Work directory of benchmarks/stability.py, whose seed-0 models the fmnist "
-                    "preset evaluates instead of training them again.")
+flags.DEFINE_enum(
+    "preset", "cpu", ["cpu", "fmnist", "paper_mnist", "paper_cifar10"], "Benchmark preset."
+)
+flags.DEFINE_string(
+    "stability_workdir",
+    os.path.join(_REPO, "runs", "benchmarks", "stability"),
+    "Work directory of benchmarks/stability.py, whose seed-0 models the fmnist "
+    "preset evaluates instead of training them again.",
+)
 flags.DEFINE_list("rows", None, "Run only these rows (names as --list prints); default all.")
-flags.DEFINE_string("results_dir", os.path.join(_REPO, "benchmarks", "results"),
-                    "Where <preset>.json/.md/.png and the per-row files go.")
-flags.DEFINE_string("workdir", None, "Training outputs (checkpoints, logs) of each row; default "
-                    "<repo>/runs/benchmarks/<preset> (git-ignored).")
+flags.DEFINE_string(
+    "results_dir",
+    os.path.join(_REPO, "benchmarks", "results"),
+    "Where <preset>.json/.md/.png and the per-row files go.",
+)
+flags.DEFINE_string(
+    "workdir",
+    None,
+    "Training outputs (checkpoints, logs) of each row; default "
+    "<repo>/runs/benchmarks/<preset> (git-ignored).",
+)
 flags.DEFINE_string("data_dir", None, "Dataset directory (IDX files or a TFDS data_dir).")
 flags.DEFINE_integer("verbose", 2, "Keras fit verbosity (2 = one line per epoch).")
 flags.DEFINE_bool("list", False, "Print the rows and their status, run nothing.")
-flags.DEFINE_integer("threads", 0, "TensorFlow intra-op threads (0 = TensorFlow's choice); "
-                     "two processes of one thread use 2 cores better than one of two.")
+flags.DEFINE_integer(
+    "threads",
+    0,
+    "TensorFlow intra-op threads (0 = TensorFlow's choice); "
+    "two processes of one thread use 2 cores better than one of two.",
+)
 flags.DEFINE_bool("report_only", False, "Only rewrite the summary from the finished rows.")
 # Overrides of the preset, for smoke tests; they change the fingerprint, so
 # use them with another --results_dir.
@@ -83,8 +98,13 @@ flags.DEFINE_list("eval_attacks", None, "Override the preset's evaluation attack
 
 DEFENSES = ("standard", "pgd_at", "trades", "adr_pgd", "adr_trades")
 HEADLINE = ("pgd_at", "adr_pgd")
-ABLATED_TERMS = ("local_compactness", "local_smoothness", "global_compactness",
-                 "global_smoothness", "conditional_entropy")
+ABLATED_TERMS = (
+    "local_compactness",
+    "local_smoothness",
+    "global_compactness",
+    "global_smoothness",
+    "conditional_entropy",
+)
 LABEL_PROPAGATION_WEIGHTS = (0.5, 1.0)
 # Examples of the cheap evaluation `pipeline.run` does itself (of the final
 # model; recorded as a cross-check of the loaded checkpoint).
@@ -125,8 +145,7 @@ class Preset:
 
 
 # Fields that choose rows or where a model comes from, not what a row computes.
-_NOT_FINGERPRINTED = ("description", "budget", "seeds", "defenses", "ablation",
-                      "reuse_stability")
+_NOT_FINGERPRINTED = ("description", "budget", "seeds", "defenses", "ablation", "reuse_stability")
 
 
 PRESETS = {
@@ -137,58 +156,110 @@ PRESETS = {
     # per process, two processes) and 30 min of evaluation.
     "fmnist": Preset(
         description="Fashion-MNIST, small CNN, L-inf epsilon 0.1, PGD-5 training (step 0.05), "
-                    "Adam 1e-3 with x0.1 decay at 50%/75% of training, batch 128, 10 epochs on "
-                    "58,000 training images",
-        dataset="fashion_mnist", model="small_cnn", epsilon=0.1, attack_steps=5,
-        step_size=0.05, epochs=10, train_examples=None, validation_examples=2000,
-        batch_size=128, optimizer="adam", learning_rate=1e-3, lr_decay_fractions=(0.5, 0.75),
-        weight_decay=0.0, test_examples=None, eval_attacks=("pgd20", "apgd_ce", "apgd_dlr_t"),
-        restarts=1, apgd_targets=3,
+        "Adam 1e-3 with x0.1 decay at 50%/75% of training, batch 128, 10 epochs on "
+        "58,000 training images",
+        dataset="fashion_mnist",
+        model="small_cnn",
+        epsilon=0.1,
+        attack_steps=5,
+        step_size=0.05,
+        epochs=10,
+        train_examples=None,
+        validation_examples=2000,
+        batch_size=128,
+        optimizer="adam",
+        learning_rate=1e-3,
+        lr_decay_fractions=(0.5, 0.75),
+        weight_decay=0.0,
+        test_examples=None,
+        eval_attacks=("pgd20", "apgd_ce", "apgd_dlr_t"),
+        restarts=1,
+        apgd_targets=3,
         budget="9 rows x (about 50 min training + 30 min evaluation) of one core here",
         defenses=("pgd_at", "adr_pgd", "trades", "adr_trades", "adr_pgd_paper"),
-        ablation=False, reuse_stability=True),
+        ablation=False,
+        reuse_stability=True,
+    ),
     # Sized by measurement on a 2-core AMD EPYC (AVX-512) machine shared with
     # other jobs: the 16 rows took 17.4 minutes there (1,712 CPU-seconds; see
     # benchmarks/README.md), so that a 2-core machine 4-5x slower (the one of
     # /work/shared/FACTS.md) still finishes within 100 minutes.
     "cpu": Preset(
         description="Fashion-MNIST, small CNN, L-inf epsilon 0.1, PGD-5 training (step 0.05), "
-                    "Adam 1e-3 with x0.1 decay at 50%/75% of training, batch 128, 1 epoch on a "
-                    "training subset",
-        dataset="fashion_mnist", model="small_cnn", epsilon=0.1, attack_steps=5,
-        step_size=0.05, epochs=1, train_examples=15_500, validation_examples=500,
-        batch_size=128, optimizer="adam", learning_rate=1e-3, lr_decay_fractions=(0.5, 0.75),
-        weight_decay=0.0, test_examples=256,
-        eval_attacks=("pgd20", "pgd100", "apgd_ce", "apgd_dlr_t"), restarts=2,
+        "Adam 1e-3 with x0.1 decay at 50%/75% of training, batch 128, 1 epoch on a "
+        "training subset",
+        dataset="fashion_mnist",
+        model="small_cnn",
+        epsilon=0.1,
+        attack_steps=5,
+        step_size=0.05,
+        epochs=1,
+        train_examples=15_500,
+        validation_examples=500,
+        batch_size=128,
+        optimizer="adam",
+        learning_rate=1e-3,
+        lr_decay_fractions=(0.5, 0.75),
+        weight_decay=0.0,
+        test_examples=256,
+        eval_attacks=("pgd20", "pgd100", "apgd_ce", "apgd_dlr_t"),
+        restarts=2,
         apgd_targets=3,
         budget="all 16 rows <= 100 min on a 2-core CPU machine 4-5x slower than the "
-               "reference one (17.4 min on the reference machine)"),
+        "reference one (17.4 min on the reference machine)",
+    ),
     # MNIST as in Madry et al. / TRADES / ADR: epsilon 0.3, 40-step PGD of
     # step 0.01, SGD momentum 0.9 lr 0.01, 100 epochs (decay at 55/75/90 as
     # TRADES' MNIST schedule), AutoAttack-strength evaluation on the whole
     # test set. For one GPU.
     "paper_mnist": Preset(
         description="MNIST, small CNN, L-inf epsilon 0.3, PGD-40 training (step 0.01), SGD "
-                    "momentum 0.9 lr 0.01 with x0.1 decay at 55%/75%/90%, batch 128, 100 epochs",
-        dataset="mnist", model="small_cnn", epsilon=0.3, attack_steps=40, step_size=0.01,
-        epochs=100, train_examples=None, validation_examples=1000, batch_size=128,
-        optimizer="sgd", learning_rate=0.01, lr_decay_fractions=(0.55, 0.75, 0.9),
-        weight_decay=0.0, test_examples=None,
-        eval_attacks=("pgd20", "pgd100", "apgd_ce", "apgd_dlr_t"), restarts=5, apgd_targets=9,
-        budget="GPU: roughly 16 rows x 100 epochs of PGD-40 training"),
+        "momentum 0.9 lr 0.01 with x0.1 decay at 55%/75%/90%, batch 128, 100 epochs",
+        dataset="mnist",
+        model="small_cnn",
+        epsilon=0.3,
+        attack_steps=40,
+        step_size=0.01,
+        epochs=100,
+        train_examples=None,
+        validation_examples=1000,
+        batch_size=128,
+        optimizer="sgd",
+        learning_rate=0.01,
+        lr_decay_fractions=(0.55, 0.75, 0.9),
+        weight_decay=0.0,
+        test_examples=None,
+        eval_attacks=("pgd20", "pgd100", "apgd_ce", "apgd_dlr_t"),
+        restarts=5,
+        apgd_targets=9,
+        budget="GPU: roughly 16 rows x 100 epochs of PGD-40 training",
+    ),
     # CIFAR-10, PreAct ResNet-18: epsilon 8/255, 10-step PGD of step 2/255,
     # SGD momentum 0.9 lr 0.1, weight decay 5e-4, 100 epochs with decay at
     # 75/90 (TRADES' schedule), crop + flip augmentation. For one GPU.
     "paper_cifar10": Preset(
         description="CIFAR-10, PreAct ResNet-18, L-inf epsilon 8/255, PGD-10 training (step "
-                    "2/255), SGD momentum 0.9 lr 0.1 with x0.1 decay at 75%/90%, weight decay "
-                    "5e-4, batch 128, 100 epochs",
-        dataset="cifar10", model="resnet18", epsilon=8 / 255, attack_steps=10,
-        step_size=2 / 255, epochs=100, train_examples=None, validation_examples=1000,
-        batch_size=128, optimizer="sgd", learning_rate=0.1, lr_decay_fractions=(0.75, 0.9),
-        weight_decay=5e-4, test_examples=None,
-        eval_attacks=("pgd20", "pgd100", "apgd_ce", "apgd_dlr_t"), restarts=5, apgd_targets=9,
-        budget="GPU: roughly 16 rows x 100 epochs of PGD-10 ResNet-18 training"),
+        "2/255), SGD momentum 0.9 lr 0.1 with x0.1 decay at 75%/90%, weight decay "
+        "5e-4, batch 128, 100 epochs",
+        dataset="cifar10",
+        model="resnet18",
+        epsilon=8 / 255,
+        attack_steps=10,
+        step_size=2 / 255,
+        epochs=100,
+        train_examples=None,
+        validation_examples=1000,
+        batch_size=128,
+        optimizer="sgd",
+        learning_rate=0.1,
+        lr_decay_fractions=(0.75, 0.9),
+        weight_decay=5e-4,
+        test_examples=None,
+        eval_attacks=("pgd20", "pgd100", "apgd_ce", "apgd_dlr_t"),
+        restarts=5,
+        apgd_targets=9,
+        budget="GPU: roughly 16 rows x 100 epochs of PGD-10 ResNet-18 training",
+    ),
 }
 
 
@@ -208,22 +279,38 @@ def rows_of(preset):
     """The rows of a preset, headline rows first (so a cut-short run has them)."""
     first, *others = preset.seeds
     rows = [Row(d, "main", d, first, label=d) for d in preset.defenses]
-    rows += [Row(f"{d}_seed{s}", "seeds", d, s, label=f"{d} (seed {s})")
-             for d in HEADLINE for s in others]
+    rows += [
+        Row(f"{d}_seed{s}", "seeds", d, s, label=f"{d} (seed {s})")
+        for d in HEADLINE
+        for s in others
+    ]
     if not preset.ablation:
         return rows
-    rows += [Row(f"adr_pgd_no_{t}", "ablation", "adr_pgd", first, ((t, 0.0),),
-                 label=f"adr_pgd - {t}") for t in ABLATED_TERMS]
-    rows += [Row(f"adr_pgd_lp{w:g}".replace(".", "p"), "ablation", "adr_pgd", first,
-                 (("label_propagation", w),), label=f"adr_pgd + label_propagation {w:g}")
-             for w in LABEL_PROPAGATION_WEIGHTS]
+    rows += [
+        Row(f"adr_pgd_no_{t}", "ablation", "adr_pgd", first, ((t, 0.0),), label=f"adr_pgd - {t}")
+        for t in ABLATED_TERMS
+    ]
+    rows += [
+        Row(
+            f"adr_pgd_lp{w:g}".replace(".", "p"),
+            "ablation",
+            "adr_pgd",
+            first,
+            (("label_propagation", w),),
+            label=f"adr_pgd + label_propagation {w:g}",
+        )
+        for w in LABEL_PROPAGATION_WEIGHTS
+    ]
     return rows
 
 
 def effective_preset(name):
     preset = PRESETS[name]
-    overrides = {k: getattr(FLAGS, k) for k in ("train_examples", "epochs", "test_examples",
-                                                 "restarts") if getattr(FLAGS, k) is not None}
+    overrides = {
+        k: getattr(FLAGS, k)
+        for k in ("train_examples", "epochs", "test_examples", "restarts")
+        if getattr(FLAGS, k) is not None
+    }
     if FLAGS.eval_attacks:
         overrides["eval_attacks"] = tuple(FLAGS.eval_attacks)
     return dataclasses.replace(preset, **overrides) if overrides else preset
@@ -232,16 +319,24 @@ def effective_preset(name):
 def adr_config(preset, row):
     from keras_adr import presets
 
-    return presets.get(row.defense, attack_epsilon=preset.epsilon,
-                       attack_steps=preset.attack_steps, attack_step_size=preset.step_size,
-                       **dict(row.overrides))
+    return presets.get(
+        row.defense,
+        attack_epsilon=preset.epsilon,
+        attack_steps=preset.attack_steps,
+        attack_step_size=preset.step_size,
+        **dict(row.overrides),
+    )
 
 
 def fingerprint(preset, row):
     """A hash of everything that determines a row's result (not its description)."""
-    payload = {"preset": {k: v for k, v in dataclasses.asdict(preset).items()
-                          if k not in _NOT_FINGERPRINTED},
-               "row": dataclasses.asdict(row), "adr_config": adr_config(preset, row).get_config()}
+    payload = {
+        "preset": {
+            k: v for k, v in dataclasses.asdict(preset).items() if k not in _NOT_FINGERPRINTED
+        },
+        "row": dataclasses.asdict(row),
+        "adr_config": adr_config(preset, row).get_config(),
+    }
     text = json.dumps(payload, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -259,32 +354,55 @@ def stability_model(preset, row, config):
     """
     if not preset.reuse_stability or row.seed != 0 or row.overrides:
         return None
-    r = results_io.read_json(os.path.join(FLAGS.results_dir, "stability_rows", f"{row.defense}.json"))
+    r = results_io.read_json(
+        os.path.join(FLAGS.results_dir, "stability_rows", f"{row.defense}.json")
+    )
     checkpoint = os.path.join(FLAGS.stability_workdir, row.defense, "best.keras")
-    recipe = dict(dataset=preset.dataset, model=preset.model, epsilon=preset.epsilon,
-                  attack_steps=preset.attack_steps, step_size=preset.step_size,
-                  batch_size=preset.batch_size, optimizer=preset.optimizer,
-                  learning_rate=preset.learning_rate,
-                  lr_decay_fractions=list(preset.lr_decay_fractions), seed=0)
-    if (not r or r.get("adr_config") != config.get_config()
-            or {**r.get("recipe", {}), "lr_decay_fractions": list(
-                r.get("recipe", {}).get("lr_decay_fractions", ()))} != recipe
-            or r.get("epochs_run") != preset.epochs or r.get("schedule_epochs") != preset.epochs
-            or r.get("validation_examples") != preset.validation_examples
-            or preset.train_examples is not None or preset.weight_decay
-            or not os.path.exists(checkpoint)):
+    recipe = dict(
+        dataset=preset.dataset,
+        model=preset.model,
+        epsilon=preset.epsilon,
+        attack_steps=preset.attack_steps,
+        step_size=preset.step_size,
+        batch_size=preset.batch_size,
+        optimizer=preset.optimizer,
+        learning_rate=preset.learning_rate,
+        lr_decay_fractions=list(preset.lr_decay_fractions),
+        seed=0,
+    )
+    if (
+        not r
+        or r.get("adr_config") != config.get_config()
+        or {
+            **r.get("recipe", {}),
+            "lr_decay_fractions": list(r.get("recipe", {}).get("lr_decay_fractions", ())),
+        }
+        != recipe
+        or r.get("epochs_run") != preset.epochs
+        or r.get("schedule_epochs") != preset.epochs
+        or r.get("validation_examples") != preset.validation_examples
+        or preset.train_examples is not None
+        or preset.weight_decay
+        or not os.path.exists(checkpoint)
+    ):
         return None
     history = {k: v for k, v in r["history"].items() if k != "epoch"}
-    metrics = {"train_examples": r["train_examples"], "epochs_run": r["epochs_run"],
-               "train_seconds": round(sum(history.get("epoch_seconds", [])), 1),
-               "history": history, "trained_by": "benchmarks/stability.py",
-               "clean_accuracy": None, "robust_accuracy": None}
+    metrics = {
+        "train_examples": r["train_examples"],
+        "epochs_run": r["epochs_run"],
+        "train_seconds": round(sum(history.get("epoch_seconds", [])), 1),
+        "history": history,
+        "trained_by": "benchmarks/stability.py",
+        "clean_accuracy": None,
+        "robust_accuracy": None,
+    }
     return metrics, checkpoint
 
 
 def run_row(preset, row, row_path, workdir):
     """Trains and evaluates one row; writes and returns its result."""
     import keras
+
     from keras_adr import data, evaluation, pipeline
 
     started = time.time()  # Of this attempt; a reused training adds its own wall time.
@@ -307,17 +425,29 @@ def run_row(preset, row, row_path, workdir):
         f.write(fp + "\n")
 
     options = pipeline.TrainOptions(
-        dataset=preset.dataset, model=preset.model, defense=row.defense, epochs=preset.epochs,
-        batch_size=preset.batch_size, optimizer=preset.optimizer,
-        learning_rate=preset.learning_rate, lr_decay_fractions=tuple(preset.lr_decay_fractions),
-        weight_decay=preset.weight_decay, seed=row.seed, train_examples=preset.train_examples,
+        dataset=preset.dataset,
+        model=preset.model,
+        defense=row.defense,
+        epochs=preset.epochs,
+        batch_size=preset.batch_size,
+        optimizer=preset.optimizer,
+        learning_rate=preset.learning_rate,
+        lr_decay_fractions=tuple(preset.lr_decay_fractions),
+        weight_decay=preset.weight_decay,
+        seed=row.seed,
+        train_examples=preset.train_examples,
         validation_examples=preset.validation_examples,
-        test_examples=PIPELINE_CHECK_EXAMPLES, eval_attacks=PIPELINE_CHECK_ATTACKS,
-        output_dir=output_dir, data_dir=FLAGS.data_dir, export=False, verbose=FLAGS.verbose,
+        test_examples=PIPELINE_CHECK_EXAMPLES,
+        eval_attacks=PIPELINE_CHECK_ATTACKS,
+        output_dir=output_dir,
+        data_dir=FLAGS.data_dir,
+        export=False,
+        verbose=FLAGS.verbose,
         # A benchmark measures what a defense does: a runaway objective (the
         # paper's ADR) trains to the end, and its best checkpoint is evaluated.
         divergence_factor=0.0,
-        command=" ".join(sys.argv) + f"  # row {row.name}")
+        command=" ".join(sys.argv) + f"  # row {row.name}",
+    )
 
     trained = results_io.read_json(trained_path)
     reused = bool(trained) and trained.get("fingerprint") == fp
@@ -331,48 +461,79 @@ def run_row(preset, row, row_path, workdir):
         logging.info("%s: training already finished, evaluating", row.name)
         metrics = trained["metrics"]
     else:
-        logging.info("%s: training %s (seed %d, overrides %s)", row.name, row.defense, row.seed,
-                     dict(row.overrides) or "none")
+        logging.info(
+            "%s: training %s (seed %d, overrides %s)",
+            row.name,
+            row.defense,
+            row.seed,
+            dict(row.overrides) or "none",
+        )
         try:
             metrics = pipeline.run(options, config)
         except pipeline.TrainingDivergedError as error:  # a non-finite loss stopped it
             history = pipeline.read_history(os.path.join(output_dir, "history.csv"))
-            metrics = {"diverged": str(error), "train_examples": None,
-                       "epochs_run": len(history.get("loss", [])),
-                       "train_seconds": round(sum(v for v in history.get("epoch_seconds", [])
-                                                  if v is not None), 1),
-                       "history": {k: v for k, v in history.items()
-                                   if k not in ("epoch", "epoch_seconds")}}
+            metrics = {
+                "diverged": str(error),
+                "train_examples": None,
+                "epochs_run": len(history.get("loss", [])),
+                "train_seconds": round(
+                    sum(v for v in history.get("epoch_seconds", []) if v is not None), 1
+                ),
+                "history": {
+                    k: v for k, v in history.items() if k not in ("epoch", "epoch_seconds")
+                },
+            }
             logging.warning("%s: %s; evaluating its best checkpoint", row.name, error)
-        results_io.write_json_atomic(trained_path, {"fingerprint": fp, "metrics": metrics,
-                                   "wall_seconds": round(time.time() - started, 1)})
+        results_io.write_json_atomic(
+            trained_path,
+            {
+                "fingerprint": fp,
+                "metrics": metrics,
+                "wall_seconds": round(time.time() - started, 1),
+            },
+        )
         trained = results_io.read_json(trained_path)
 
     if not from_stability:
         checkpoint = os.path.join(output_dir, "best.keras")
     if not os.path.exists(checkpoint):
         raise FileNotFoundError(f"{row.name}: pipeline.run left no {checkpoint}.")
-    test = data.load(preset.dataset, "test", batch_size=256, data_dir=FLAGS.data_dir,
-                     take=preset.test_examples)
+    test = data.load(
+        preset.dataset, "test", batch_size=256, data_dir=FLAGS.data_dir, take=preset.test_examples
+    )
     eval_started = time.time()
     result = evaluation.evaluate_robustness(
-        checkpoint, test, epsilon=preset.epsilon, norm=config.attack.norm,
-        attacks=preset.eval_attacks, restarts=preset.restarts, seed=preset.eval_seed,
-        apgd_targets=preset.apgd_targets)
+        checkpoint,
+        test,
+        epsilon=preset.epsilon,
+        norm=config.attack.norm,
+        attacks=preset.eval_attacks,
+        restarts=preset.restarts,
+        seed=preset.eval_seed,
+        apgd_targets=preset.apgd_targets,
+    )
     eval_seconds = time.time() - eval_started
     checks = evaluation.sanity_checks(result)
 
     history = metrics.get("history", {})
     payload = {
-        "name": row.name, "group": row.group, "label": row.label, "defense": row.defense,
-        "seed": row.seed, "overrides": dict(row.overrides), "fingerprint": fp,
-        "preset": FLAGS.preset, "adr_config": config.get_config(),
-        "train_examples": metrics.get("train_examples"), "epochs_run": metrics.get("epochs_run"),
+        "name": row.name,
+        "group": row.group,
+        "label": row.label,
+        "defense": row.defense,
+        "seed": row.seed,
+        "overrides": dict(row.overrides),
+        "fingerprint": fp,
+        "preset": FLAGS.preset,
+        "adr_config": config.get_config(),
+        "train_examples": metrics.get("train_examples"),
+        "epochs_run": metrics.get("epochs_run"),
         "train_seconds": metrics.get("train_seconds"),
         "eval_seconds": round(eval_seconds, 1),
         # Training (possibly in an earlier, interrupted attempt) + evaluation + overhead.
-        "row_seconds": round((trained.get("wall_seconds", 0.0) if reused else 0.0)
-                             + time.time() - started, 1),
+        "row_seconds": round(
+            (trained.get("wall_seconds", 0.0) if reused else 0.0) + time.time() - started, 1
+        ),
         "final_epoch": {k: v[-1] for k, v in history.items() if v},
         "clean_accuracy": result.clean_accuracy,
         "attack_accuracy": result.attack_accuracy,
@@ -382,15 +543,17 @@ def run_row(preset, row, row_path, workdir):
         # Per-example outcomes (numpy.packbits, base64) for paired comparisons.
         "clean_correct_bits": _bits(result.clean_correct),
         "robust_correct_bits": _bits(result.robust_correct),
-        "pipeline_check": {"examples": PIPELINE_CHECK_EXAMPLES,
-                           "attacks": list(PIPELINE_CHECK_ATTACKS),
-                           "clean_accuracy": metrics.get("clean_accuracy"),
-                           "robust_accuracy": metrics.get("robust_accuracy")},
+        "pipeline_check": {
+            "examples": PIPELINE_CHECK_EXAMPLES,
+            "attacks": list(PIPELINE_CHECK_ATTACKS),
+            "clean_accuracy": metrics.get("clean_accuracy"),
+            "robust_accuracy": metrics.get("robust_accuracy"),
+        },
         "checkpoint": os.path.relpath(checkpoint, _REPO),
         "trained_by": metrics.get("trained_by", "keras_adr.pipeline.run"),
         "diverged": metrics.get("diverged"),
         "history": history,
-        "finished_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "finished_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "machine": results_io.machine_info(),
     }
     results_io.write_json_atomic(row_path, payload)
@@ -411,8 +574,13 @@ def _stats(values):
     if not values:
         return None
     array = np.asarray(values, float)
-    return {"mean": float(array.mean()), "std": float(array.std(ddof=1)) if len(array) > 1 else 0.0,
-            "min": float(array.min()), "max": float(array.max()), "n": len(array)}
+    return {
+        "mean": float(array.mean()),
+        "std": float(array.std(ddof=1)) if len(array) > 1 else 0.0,
+        "min": float(array.min()),
+        "max": float(array.max()),
+        "n": len(array),
+    }
 
 
 def seed_summary(results, preset):
@@ -422,10 +590,12 @@ def seed_summary(results, preset):
         runs = [r for r in results if r["defense"] == defense and not r["overrides"]]
         if not runs:
             continue
-        entry = {"seeds": sorted(r["seed"] for r in runs),
-                 "clean_accuracy": _stats([r["clean_accuracy"] for r in runs]),
-                 "robust_accuracy": _stats([r["robust_accuracy"] for r in runs]),
-                 "train_seconds": _stats([r["train_seconds"] for r in runs])}
+        entry = {
+            "seeds": sorted(r["seed"] for r in runs),
+            "clean_accuracy": _stats([r["clean_accuracy"] for r in runs]),
+            "robust_accuracy": _stats([r["robust_accuracy"] for r in runs]),
+            "train_seconds": _stats([r["train_seconds"] for r in runs]),
+        }
         for attack in preset.eval_attacks:
             entry[attack] = _stats([r["attack_accuracy"].get(attack) for r in runs])
         summary[defense] = entry
@@ -441,7 +611,7 @@ def _sign_test(b, c):
     n = b + c
     if n == 0:
         return 1.0
-    tail = sum(math.comb(n, k) for k in range(0, min(b, c) + 1)) / 2 ** n
+    tail = sum(math.comb(n, k) for k in range(0, min(b, c) + 1)) / 2**n
     return min(1.0, 2 * tail)
 
 
@@ -462,8 +632,10 @@ def paired_comparison(results):
             counts[what][1] += int(np.sum(~x & y))
     if not any(sum(c) for c in counts.values()):
         return None
-    return {what: {"adr_only": c[0], "pgd_at_only": c[1], "p_value": _sign_test(*c)}
-            for what, c in counts.items()}
+    return {
+        what: {"adr_only": c[0], "pgd_at_only": c[1], "p_value": _sign_test(*c)}
+        for what, c in counts.items()
+    }
 
 
 def verdict(seeds, expected_seeds, results=()):
@@ -473,15 +645,20 @@ def verdict(seeds, expected_seeds, results=()):
     clean_ok = a["clean_accuracy"]["mean"] >= b["clean_accuracy"]["mean"]
     robust_ok = a["robust_accuracy"]["mean"] >= b["robust_accuracy"]["mean"]
     complete = len(a["seeds"]) == len(b["seeds"]) == expected_seeds
-    return {"adr_pgd_clean_ge_pgd_at": clean_ok, "adr_pgd_robust_ge_pgd_at": robust_ok,
-            "both": clean_ok and robust_ok, "seeds_complete": complete,
-            # Issue 9's bar: +1 point worst case, at most 0.5 points of clean accuracy lost.
-            "meets_target": (a["robust_accuracy"]["mean"] - b["robust_accuracy"]["mean"] >= 0.01
-                             and a["clean_accuracy"]["mean"] - b["clean_accuracy"]["mean"]
-                             >= -0.005),
-            "clean_difference": a["clean_accuracy"]["mean"] - b["clean_accuracy"]["mean"],
-            "robust_difference": a["robust_accuracy"]["mean"] - b["robust_accuracy"]["mean"],
-            "paired": paired_comparison(results)}
+    return {
+        "adr_pgd_clean_ge_pgd_at": clean_ok,
+        "adr_pgd_robust_ge_pgd_at": robust_ok,
+        "both": clean_ok and robust_ok,
+        "seeds_complete": complete,
+        # Issue 9's bar: +1 point worst case, at most 0.5 points of clean accuracy lost.
+        "meets_target": (
+            a["robust_accuracy"]["mean"] - b["robust_accuracy"]["mean"] >= 0.01
+            and a["clean_accuracy"]["mean"] - b["clean_accuracy"]["mean"] >= -0.005
+        ),
+        "clean_difference": a["clean_accuracy"]["mean"] - b["clean_accuracy"]["mean"],
+        "robust_difference": a["robust_accuracy"]["mean"] - b["robust_accuracy"]["mean"],
+        "paired": paired_comparison(results),
+    }
 
 
 def markdown(preset_name, preset, rows, results, seeds, verdict_, total_seconds):
@@ -490,7 +667,8 @@ def markdown(preset_name, preset, rows, results, seeds, verdict_, total_seconds)
     first = results[0] if results else {}
     n_test = first.get("evaluation", {}).get("num_examples", preset.test_examples)
     lines = [
-        f"# Robustness benchmark: `{preset_name}`", "",
+        f"# Robustness benchmark: `{preset_name}`",
+        "",
         f"- Setup: {preset.description}.",
         f"- Training examples: {first.get('train_examples', '?')} (the first "
         f"{preset.train_examples or 'examples'} of train minus the last "
@@ -508,66 +686,130 @@ def markdown(preset_name, preset, rows, results, seeds, verdict_, total_seconds)
     ]
     if first.get("machine"):
         m = first["machine"]
-        lines.append(f"- Machine: {m['cpu']}, {m['cpus']} CPUs, GPUs: {m['gpus'] or 'none'}; "
-                     f"TensorFlow {m['tensorflow']}, Keras {m['keras']}.")
+        lines.append(
+            f"- Machine: {m['cpu']}, {m['cpus']} CPUs, GPUs: {m['gpus'] or 'none'}; "
+            f"TensorFlow {m['tensorflow']}, Keras {m['keras']}."
+        )
     table = []
     for row in rows:
         r = by_name.get(row.name)
         if r is None:
             table.append([row.label, row.seed, "(pending)"] + [""] * (len(attacks) + 4))
             continue
-        table.append([row.label, r["seed"], _pct(r["clean_accuracy"]),
-                      *(_pct(r["attack_accuracy"].get(a)) for a in attacks),
-                      f"**{_pct(r['robust_accuracy'])}**", f"{r['train_seconds']:.0f}",
-                      f"{r['eval_seconds']:.0f}",
-                      os.path.basename(r.get("trained_by", "keras_adr.pipeline.run"))])
-    lines += ["", "## All rows", "", *results_io.markdown_table(
-        ["row", "seed", "clean", *attacks, "worst case", "train s", "eval s", "trained by"],
-        table, align="lrr" + "r" * len(attacks) + "rrrl")]
+        table.append(
+            [
+                row.label,
+                r["seed"],
+                _pct(r["clean_accuracy"]),
+                *(_pct(r["attack_accuracy"].get(a)) for a in attacks),
+                f"**{_pct(r['robust_accuracy'])}**",
+                f"{r['train_seconds']:.0f}",
+                f"{r['eval_seconds']:.0f}",
+                os.path.basename(r.get("trained_by", "keras_adr.pipeline.run")),
+            ]
+        )
+    lines += [
+        "",
+        "## All rows",
+        "",
+        *results_io.markdown_table(
+            ["row", "seed", "clean", *attacks, "worst case", "train s", "eval s", "trained by"],
+            table,
+            align="lrr" + "r" * len(attacks) + "rrrl",
+        ),
+    ]
     if seeds:
-        fmt = lambda st: ("-" if st is None else f"{100 * st['mean']:.1f} ± "
-                          f"{100 * st['std']:.1f} [{100 * st['min']:.1f}–{100 * st['max']:.1f}]")
-        table = [[defense, ",".join(map(str, s["seeds"])), fmt(s["clean_accuracy"]),
-                  *(fmt(s.get(a)) for a in attacks), f"**{fmt(s['robust_accuracy'])}**",
-                  f"{s['train_seconds']['mean']:.0f}"] for defense, s in seeds.items()]
-        lines += ["", "## Headline: mean over seeds", "",
-                  "mean ± sample standard deviation [min–max] over the seeds listed.", "",
-                  *results_io.markdown_table(
-                      ["defense", "seeds", "clean", *attacks, "worst case", "train s"], table,
-                      align="llr" + "r" * len(attacks) + "rr")]
+        fmt = lambda st: (
+            "-"
+            if st is None
+            else f"{100 * st['mean']:.1f} ± "
+            f"{100 * st['std']:.1f} [{100 * st['min']:.1f}–{100 * st['max']:.1f}]"
+        )
+        table = [
+            [
+                defense,
+                ",".join(map(str, s["seeds"])),
+                fmt(s["clean_accuracy"]),
+                *(fmt(s.get(a)) for a in attacks),
+                f"**{fmt(s['robust_accuracy'])}**",
+                f"{s['train_seconds']['mean']:.0f}",
+            ]
+            for defense, s in seeds.items()
+        ]
+        lines += [
+            "",
+            "## Headline: mean over seeds",
+            "",
+            "mean ± sample standard deviation [min–max] over the seeds listed.",
+            "",
+            *results_io.markdown_table(
+                ["defense", "seeds", "clean", *attacks, "worst case", "train s"],
+                table,
+                align="llr" + "r" * len(attacks) + "rr",
+            ),
+        ]
     if verdict_:
         yes = lambda ok: "yes" if ok else "**no**"
         incomplete = "" if verdict_["seeds_complete"] else ", seeds incomplete"
-        lines += ["", f"**adr_pgd >= pgd_at** (means over seeds{incomplete}): clean "
-                  f"{yes(verdict_['adr_pgd_clean_ge_pgd_at'])} "
-                  f"({100 * verdict_['clean_difference']:+.1f} points), worst-case robust "
-                  f"{yes(verdict_['adr_pgd_robust_ge_pgd_at'])} "
-                  f"({100 * verdict_['robust_difference']:+.1f} points). Target (adr_pgd at "
-                  "least +1.0 point worst case with clean accuracy at most 0.5 points lower): "
-                  f"{yes(verdict_['meets_target'])}."]
+        lines += [
+            "",
+            f"**adr_pgd >= pgd_at** (means over seeds{incomplete}): clean "
+            f"{yes(verdict_['adr_pgd_clean_ge_pgd_at'])} "
+            f"({100 * verdict_['clean_difference']:+.1f} points), worst-case robust "
+            f"{yes(verdict_['adr_pgd_robust_ge_pgd_at'])} "
+            f"({100 * verdict_['robust_difference']:+.1f} points). Target (adr_pgd at "
+            "least +1.0 point worst case with clean accuracy at most 0.5 points lower): "
+            f"{yes(verdict_['meets_target'])}.",
+        ]
         paired = verdict_.get("paired")
         if paired:
-            lines += ["", "Paired per-example comparison (same test examples, seed-matched runs, "
-                      "pooled over seeds; exact two-sided sign test on the discordant examples): "
-                      + "; ".join(f"{what}: {p['adr_only']} examples correct only with adr_pgd, "
-                                  f"{p['pgd_at_only']} only with pgd_at, p = {p['p_value']:.2f}"
-                                  for what, p in paired.items()) + "."]
+            lines += [
+                "",
+                "Paired per-example comparison (same test examples, seed-matched runs, "
+                "pooled over seeds; exact two-sided sign test on the discordant examples): "
+                + "; ".join(
+                    f"{what}: {p['adr_only']} examples correct only with adr_pgd, "
+                    f"{p['pgd_at_only']} only with pgd_at, p = {p['p_value']:.2f}"
+                    for what, p in paired.items()
+                )
+                + ".",
+            ]
     base = by_name.get("adr_pgd")
     ablations = [row for row in rows if row.group == "ablation" and row.name in by_name]
     if base and ablations:
-        table = [[row.label, _pct(r["clean_accuracy"]),
-                  f"{100 * (r['clean_accuracy'] - base['clean_accuracy']):+.1f}",
-                  _pct(r["robust_accuracy"]),
-                  f"{100 * (r['robust_accuracy'] - base['robust_accuracy']):+.1f}"]
-                 for row, r in ((row, by_name[row.name]) for row in ablations)]
-        lines += ["", "## Ablation of adr_pgd (seed 0): change against adr_pgd", "",
-                  *results_io.markdown_table(
-                      ["row", "clean", "Δ clean", "worst case", "Δ worst case"], table)]
-    failed = [(r["name"], c["name"]) for r in results for c in r.get("sanity_checks", [])
-              if c["status"] == "failed"]
-    lines += ["", "Sanity checks (`keras_adr.evaluation.sanity_checks` per row): "
-              + ("all passed or skipped." if not failed else
-                 "**FAILED**: " + ", ".join(f"{n}: {c}" for n, c in failed))]
+        table = [
+            [
+                row.label,
+                _pct(r["clean_accuracy"]),
+                f"{100 * (r['clean_accuracy'] - base['clean_accuracy']):+.1f}",
+                _pct(r["robust_accuracy"]),
+                f"{100 * (r['robust_accuracy'] - base['robust_accuracy']):+.1f}",
+            ]
+            for row, r in ((row, by_name[row.name]) for row in ablations)
+        ]
+        lines += [
+            "",
+            "## Ablation of adr_pgd (seed 0): change against adr_pgd",
+            "",
+            *results_io.markdown_table(
+                ["row", "clean", "Δ clean", "worst case", "Δ worst case"], table
+            ),
+        ]
+    failed = [
+        (r["name"], c["name"])
+        for r in results
+        for c in r.get("sanity_checks", [])
+        if c["status"] == "failed"
+    ]
+    lines += [
+        "",
+        "Sanity checks (`keras_adr.evaluation.sanity_checks` per row): "
+        + (
+            "all passed or skipped."
+            if not failed
+            else "**FAILED**: " + ", ".join(f"{n}: {c}" for n, c in failed)
+        ),
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -588,15 +830,27 @@ def plot(preset_name, rows, results, seeds, path):
     for defense, s in seeds.items():
         if defense in by_name:
             y = positions[shown.index(next(r for r in shown if r.name == defense))]
-            for offset, key, color in ((0.2, "clean_accuracy", "#555555"),
-                                       (-0.2, "robust_accuracy", "black")):
+            for offset, key, color in (
+                (0.2, "clean_accuracy", "#555555"),
+                (-0.2, "robust_accuracy", "black"),
+            ):
                 st = s[key]
-                axes.errorbar(100 * st["mean"], y + offset, color=color, capsize=3, marker="|",
-                              xerr=[[max(0.0, 100 * (st["mean"] - st["min"]))],
-                                    [max(0.0, 100 * (st["max"] - st["mean"]))]])
+                axes.errorbar(
+                    100 * st["mean"],
+                    y + offset,
+                    color=color,
+                    capsize=3,
+                    marker="|",
+                    xerr=[
+                        [max(0.0, 100 * (st["mean"] - st["min"]))],
+                        [max(0.0, 100 * (st["max"] - st["mean"]))],
+                    ],
+                )
     axes.set_yticks(positions, [row.label for row in shown], fontsize="small")
-    axes.set_xlabel("accuracy (%)  —  bars: seed 0; whiskers on pgd_at / adr_pgd: "
-                    "mean and min–max over seeds", fontsize="small")
+    axes.set_xlabel(
+        "accuracy (%)  —  bars: seed 0; whiskers on pgd_at / adr_pgd: mean and min–max over seeds",
+        fontsize="small",
+    )
     axes.set_xlim(0, 100)
     axes.grid(axis="x", alpha=0.3)
     axes.legend(loc="lower right", fontsize="small")
@@ -617,14 +871,22 @@ def write_summary(preset_name, preset, rows, rows_dir):
     total = sum(r["row_seconds"] for r in results)
     base = os.path.join(FLAGS.results_dir, preset_name)
     compact = [{k: v for k, v in r.items() if not k.endswith("_bits")} for r in results]
-    results_io.write_json_atomic(f"{base}.json", {
-        "preset": preset_name, "settings": dataclasses.asdict(preset),
-        "rows_expected": [row.name for row in rows], "rows": compact,
-        "seed_summary": seeds, "spread": "sample std (ddof=1) and min-max over seeds",
-        "verdict": verdict_, "total_row_seconds": round(total, 1),
-    })
-    results_io.write_text(f"{base}.md",
-                          markdown(preset_name, preset, rows, results, seeds, verdict_, total))
+    results_io.write_json_atomic(
+        f"{base}.json",
+        {
+            "preset": preset_name,
+            "settings": dataclasses.asdict(preset),
+            "rows_expected": [row.name for row in rows],
+            "rows": compact,
+            "seed_summary": seeds,
+            "spread": "sample std (ddof=1) and min-max over seeds",
+            "verdict": verdict_,
+            "total_row_seconds": round(total, 1),
+        },
+    )
+    results_io.write_text(
+        f"{base}.md", markdown(preset_name, preset, rows, results, seeds, verdict_, total)
+    )
     try:
         plot(preset_name, rows, results, seeds, f"{base}.png")
     except Exception:  # noqa: BLE001 - a plotting problem must not stop the benchmark
@@ -652,26 +914,39 @@ def main(argv):
 
     if FLAGS.list:
         for row in rows:
-            print(f"{row.name:32s} {row.group:9s} seed={row.seed} "
-                  f"{'done' if done(row) else 'pending'}  {dict(row.overrides) or ''}")
+            print(
+                f"{row.name:32s} {row.group:9s} seed={row.seed} "
+                f"{'done' if done(row) else 'pending'}  {dict(row.overrides) or ''}"
+            )
         return
     if not FLAGS.report_only:
         for index, row in enumerate(selected):
             if done(row):
-                logging.info("[%d/%d] %s: done already, skipped", index + 1, len(selected),
-                             row.name)
+                logging.info(
+                    "[%d/%d] %s: done already, skipped", index + 1, len(selected), row.name
+                )
                 continue
             logging.info("[%d/%d] %s", index + 1, len(selected), row.name)
             r = run_row(preset, row, os.path.join(rows_dir, f"{row.name}.json"), workdir)
-            logging.info("[%d/%d] %s: clean %.2f%%, worst case %.2f%% (%s), train %.0fs, "
-                         "eval %.0fs", index + 1, len(selected), row.name,
-                         100 * r["clean_accuracy"], 100 * r["robust_accuracy"],
-                         ", ".join(f"{k} {100 * v:.1f}%" for k, v in r["attack_accuracy"].items()),
-                         r["train_seconds"], r["eval_seconds"])
+            logging.info(
+                "[%d/%d] %s: clean %.2f%%, worst case %.2f%% (%s), train %.0fs, eval %.0fs",
+                index + 1,
+                len(selected),
+                row.name,
+                100 * r["clean_accuracy"],
+                100 * r["robust_accuracy"],
+                ", ".join(f"{k} {100 * v:.1f}%" for k, v in r["attack_accuracy"].items()),
+                r["train_seconds"],
+                r["eval_seconds"],
+            )
             write_summary(FLAGS.preset, preset, rows, rows_dir)
     results = write_summary(FLAGS.preset, preset, rows, rows_dir)
-    logging.info("%d/%d rows finished; summary in %s.{json,md,png}", len(results), len(rows),
-                 os.path.join(FLAGS.results_dir, FLAGS.preset))
+    logging.info(
+        "%d/%d rows finished; summary in %s.{json,md,png}",
+        len(results),
+        len(rows),
+        os.path.join(FLAGS.results_dir, FLAGS.preset),
+    )
 
 
 if __name__ == "__main__":

@@ -31,9 +31,11 @@ def main(argv):
     images = tf.constant(np.random.default_rng(0).random((FLAGS.images, 28, 28, 1), np.float32))
     classes = serve(images=images)["classes"]
     after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(f"{int(classes.shape[0])} images ({images.numpy().nbytes / 2**20:.0f} MiB of input), "
-          f"chunks of {keras_adr.export.SERVING_CHUNK}: peak RSS {before:.0f} MiB before the "
-          f"request, {after:.0f} MiB after (+{after - before:.0f} MiB)")
+    print(
+        f"{int(classes.shape[0])} images ({images.numpy().nbytes / 2**20:.0f} MiB of input), "
+        f"chunks of {keras_adr.export.SERVING_CHUNK}: peak RSS {before:.0f} MiB before the "
+        f"request, {after:.0f} MiB after (+{after - before:.0f} MiB)"
+    )
 
 
 if __name__ == "__main__":

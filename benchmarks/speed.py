@@ -40,16 +40,16 @@ import os
 import sys
 import time
 
-from absl import app, flags, logging
 import numpy as np
 import tensorflow as tf
+from absl import app, flags, logging
 
 if not __package__:  # `python benchmarks/speed.py`: import as `python -m` would.
     sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-from benchmarks import results_io  # noqa: E402
-
 import keras
+
 import keras_adr
+from benchmarks import results_io  # noqa: E402
 from keras_adr import attacks, data, losses, presets
 from keras_adr import config as config_lib
 
@@ -62,21 +62,30 @@ flags.DEFINE_integer("repeats", 10, "Timed rounds (each runs every variant once)
 flags.DEFINE_integer("steps_per_sample", 2, "Training steps per timed sample.")
 flags.DEFINE_integer("instances", 4, "Separately built models per training variant.")
 flags.DEFINE_integer("xla_repeats", 3, "Timed rounds of the (slow) XLA variants.")
-flags.DEFINE_list("defenses", ["standard", "pgd_at", "trades", "adr_pgd", "adr_trades"],
-                  "Defenses to time.")
-flags.DEFINE_list("experiments", ["pgd_at", "adr_pgd"],
-                  "Defenses to time with XLA and with the fused forward pass.")
+flags.DEFINE_list(
+    "defenses", ["standard", "pgd_at", "trades", "adr_pgd", "adr_trades"], "Defenses to time."
+)
+flags.DEFINE_list(
+    "experiments",
+    ["pgd_at", "adr_pgd"],
+    "Defenses to time with XLA and with the fused forward pass.",
+)
 flags.DEFINE_integer("attack_repeats", 7, "Timed rounds of the attack comparison.")
 flags.DEFINE_float("attack_epsilon", 0.1, "L-inf epsilon of the attack comparison.")
 flags.DEFINE_integer("attack_iterations", 20, "PGD steps of the attack comparison.")
-flags.DEFINE_string("attack_model", os.path.join(_REPO, "runs", "benchmarks", "cpu", "pgd_at",
-                                                 "best.keras"),
-                    "A trained .keras small_cnn for the attack comparison (so that the attacks' "
-                    "success rates can be compared); a fresh small_cnn if it does not exist.")
+flags.DEFINE_string(
+    "attack_model",
+    os.path.join(_REPO, "runs", "benchmarks", "cpu", "pgd_at", "best.keras"),
+    "A trained .keras small_cnn for the attack comparison (so that the attacks' "
+    "success rates can be compared); a fresh small_cnn if it does not exist.",
+)
 flags.DEFINE_list("sections", ["train", "attacks", "experiments", "terms"], "What to measure.")
 flags.DEFINE_string("output", None, "JSON file for the results (a .md is written beside it).")
-flags.DEFINE_string("render_only", None, "Measure nothing: rewrite the .md (and the derived "
-                    "keys) of this results JSON.")
+flags.DEFINE_string(
+    "render_only",
+    None,
+    "Measure nothing: rewrite the .md (and the derived keys) of this results JSON.",
+)
 
 
 # --- Helpers -------------------------------------------------------------------
@@ -85,9 +94,12 @@ flags.DEFINE_string("render_only", None, "Measure nothing: rewrite the .md (and 
 def machine_info():
     _, cpu_flags = results_io.cpu_info()
     return results_io.machine_info(
-        cpu_flags=[f for f in ("avx2", "fma", "avx512f", "avx512_bf16", "amx_tile")
-                   if f in cpu_flags],
-        niceness=os.nice(0), load_average_at_start=[round(v, 2) for v in os.getloadavg()])
+        cpu_flags=[
+            f for f in ("avx2", "fma", "avx512f", "avx512_bf16", "amx_tile") if f in cpu_flags
+        ],
+        niceness=os.nice(0),
+        load_average_at_start=[round(v, 2) for v in os.getloadavg()],
+    )
 
 
 def _alternate(functions, repeats, call):
@@ -99,8 +111,11 @@ def _alternate(functions, repeats, call):
     the same one. A variant's time is the median over all its instances and
     rounds; the samples are returned per instance.
     """
-    entries = [(name, i, fn) for name, fns in functions.items()
-               for i, fn in enumerate(fns if isinstance(fns, list) else [fns])]
+    entries = [
+        (name, i, fn)
+        for name, fns in functions.items()
+        for i, fn in enumerate(fns if isinstance(fns, list) else [fns])
+    ]
     samples = {name: {} for name in functions}
     for round_index in range(repeats):
         shift = round_index % len(entries)
@@ -108,10 +123,13 @@ def _alternate(functions, repeats, call):
             start = time.perf_counter()
             call(fn)
             samples[name].setdefault(i, []).append(time.perf_counter() - start)
-    medians = {name: float(np.median([t for ts in per.values() for t in ts]))
-               for name, per in samples.items()}
-    rounded = {name: [[round(t, 4) for t in per[i]] for i in sorted(per)]
-               for name, per in samples.items()}
+    medians = {
+        name: float(np.median([t for ts in per.values() for t in ts]))
+        for name, per in samples.items()
+    }
+    rounded = {
+        name: [[round(t, 4) for t in per[i]] for i in sorted(per)] for name, per in samples.items()
+    }
     return medians, rounded
 
 
@@ -152,8 +170,16 @@ def _train_model(defense, attack_steps, *, jit_compile=False, fused=False, seed=
 
 def _train_batches(batch_size, num_batches=50):
     """Real Fashion-MNIST batches, cached, cycling (the first 50 batches of train)."""
-    return data.load("fashion_mnist", f"train[:{batch_size * num_batches}]",
-                     batch_size=batch_size, drop_remainder=True).cache().repeat()
+    return (
+        data.load(
+            "fashion_mnist",
+            f"train[:{batch_size * num_batches}]",
+            batch_size=batch_size,
+            drop_remainder=True,
+        )
+        .cache()
+        .repeat()
+    )
 
 
 def _train_functions(variants, batch_size, instances, warmup=5):
@@ -198,29 +224,34 @@ def check_fused_loss(defense, batch_size, attack_steps):
             loss = model.compute_adr_loss(tf.constant(x), tf.constant(y), x_adv)[0]
         results.append((float(loss), tape.gradient(loss, model.trainable_variables)))
     (loss_a, grads_a), (loss_b, grads_b) = results
-    grad_diff = max(float(tf.reduce_max(tf.abs(a - b)) / (tf.reduce_max(tf.abs(a)) + 1e-12))
-                    for a, b in zip(grads_a, grads_b))
-    return {"loss_library": loss_a, "loss_fused": loss_b,
-            "loss_relative_difference": abs(loss_a - loss_b) / abs(loss_a),
-            "max_relative_gradient_difference": grad_diff}
+    grad_diff = max(
+        float(tf.reduce_max(tf.abs(a - b)) / (tf.reduce_max(tf.abs(a)) + 1e-12))
+        for a, b in zip(grads_a, grads_b)
+    )
+    return {
+        "loss_library": loss_a,
+        "loss_fused": loss_b,
+        "loss_relative_difference": abs(loss_a - loss_b) / abs(loss_a),
+        "max_relative_gradient_difference": grad_diff,
+    }
 
 
-def measure_training(batch_size, attack_steps, defenses, repeats, steps_per_sample,
-                     instances):
+def measure_training(batch_size, attack_steps, defenses, repeats, steps_per_sample, instances):
     variants = {d: dict(defense=d, attack_steps=attack_steps) for d in defenses}
     functions = _train_functions(variants, batch_size, instances)
-    seconds, samples = _alternate(functions, repeats,
-                                  lambda fn: _run_steps(fn, steps_per_sample))
+    seconds, samples = _alternate(functions, repeats, lambda fn: _run_steps(fn, steps_per_sample))
     seconds = {k: v / steps_per_sample for k, v in seconds.items()}
     baseline = seconds.get("pgd_at")
     return {
         "instances": instances,
         "train_step_seconds": seconds,
         "images_per_second": {k: batch_size / v for k, v in seconds.items()},
-        "step_time_ratio_to_pgd_at": ({k: v / baseline for k, v in seconds.items()}
-                                      if baseline else None),
+        "step_time_ratio_to_pgd_at": (
+            {k: v / baseline for k, v in seconds.items()} if baseline else None
+        ),
         "instance_median_step_seconds": {
-            k: [float(np.median(ts)) / steps_per_sample for ts in v] for k, v in samples.items()},
+            k: [float(np.median(ts)) / steps_per_sample for ts in v] for k, v in samples.items()
+        },
         "samples_seconds": samples,
     }
 
@@ -233,18 +264,20 @@ def _time_variants(variants, batch_size, repeats, steps_per_sample, instances):
         except Exception as e:  # noqa: BLE001 - report what does not compile
             logging.exception("variant %s failed", name)
             errors[name] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
-    seconds, samples = _alternate(functions, repeats,
-                                  lambda fn: _run_steps(fn, steps_per_sample))
+    seconds, samples = _alternate(functions, repeats, lambda fn: _run_steps(fn, steps_per_sample))
     return {k: v / steps_per_sample for k, v in seconds.items()}, samples, errors
 
 
-def measure_experiments(batch_size, attack_steps, defenses, repeats, steps_per_sample,
-                        instances, xla_repeats):
+def measure_experiments(
+    batch_size, attack_steps, defenses, repeats, steps_per_sample, instances, xla_repeats
+):
     """Fused forward pass (several instances, `repeats` rounds) and XLA (one instance
     per variant, `xla_repeats` rounds: on this CPU an XLA step is ~10x slower)."""
     seconds, samples, errors = {}, {}, {}
-    for suffix, extra, count, rounds in (("+fused", dict(fused=True), instances, repeats),
-                                         ("+xla", dict(jit_compile=True), 1, xla_repeats)):
+    for suffix, extra, count, rounds in (
+        ("+fused", dict(fused=True), instances, repeats),
+        ("+xla", dict(jit_compile=True), 1, xla_repeats),
+    ):
         variants = {}
         for d in defenses:
             variants[d] = dict(defense=d, attack_steps=attack_steps)
@@ -254,7 +287,7 @@ def measure_experiments(batch_size, attack_steps, defenses, repeats, steps_per_s
         seconds[group], samples[group] = sec, smp
         errors.update(err)
     speedups = {}
-    for group, sec in seconds.items():
+    for sec in seconds.values():
         for name, value in sec.items():
             base = name.split("+")[0]
             if name != base and base in sec:
@@ -265,8 +298,7 @@ def measure_experiments(batch_size, attack_steps, defenses, repeats, steps_per_s
         "train_step_seconds": seconds,
         "speedup_vs_library_step": speedups,
         "errors": errors,
-        "fused_equivalence": {d: check_fused_loss(d, batch_size, attack_steps)
-                              for d in defenses},
+        "fused_equivalence": {d: check_fused_loss(d, batch_size, attack_steps) for d in defenses},
         "samples_seconds": samples,
     }
 
@@ -299,9 +331,17 @@ def _attack_functions(backbone, x, y, epsilon, steps):
     functions, skipped, versions = {}, {}, {}
     x_tf, y_tf = tf.constant(x), tf.constant(y)
 
-    ours = tf.function(lambda images, labels: attacks.pgd(
-        backbone, images, labels, epsilon=epsilon, step_size=step_size, steps=steps,
-        random_start=True))
+    ours = tf.function(
+        lambda images, labels: attacks.pgd(
+            backbone,
+            images,
+            labels,
+            epsilon=epsilon,
+            step_size=step_size,
+            steps=steps,
+            random_start=True,
+        )
+    )
     functions["keras_adr"] = lambda: ours(x_tf, y_tf)
     versions["keras_adr"] = "this repository"
 
@@ -311,11 +351,22 @@ def _attack_functions(backbone, x, y, epsilon, steps):
         from art.estimators.classification import TensorFlowV2Classifier
 
         classifier = TensorFlowV2Classifier(
-            model=backbone, nb_classes=10, input_shape=x.shape[1:], clip_values=(0.0, 1.0),
-            loss_object=keras.losses.CategoricalCrossentropy(from_logits=True))
+            model=backbone,
+            nb_classes=10,
+            input_shape=x.shape[1:],
+            clip_values=(0.0, 1.0),
+            loss_object=keras.losses.CategoricalCrossentropy(from_logits=True),
+        )
         art_attack = ProjectedGradientDescent(
-            classifier, norm=np.inf, eps=epsilon, eps_step=step_size, max_iter=steps,
-            num_random_init=1, batch_size=len(x), verbose=False)
+            classifier,
+            norm=np.inf,
+            eps=epsilon,
+            eps_step=step_size,
+            max_iter=steps,
+            num_random_init=1,
+            batch_size=len(x),
+            verbose=False,
+        )
         one_hot = np.eye(10, dtype=np.float32)[y]
         functions["art"] = lambda: art_attack.generate(x=x, y=one_hot)
         versions["art"] = art.__version__
@@ -327,12 +378,12 @@ def _attack_functions(backbone, x, y, epsilon, steps):
         # in NumPy 2: give it back, inside this benchmark only.
         if not hasattr(np, "find_common_type"):
             np.find_common_type = lambda array_types, scalar_types: np.result_type(
-                *array_types, *scalar_types)
+                *array_types, *scalar_types
+            )
         import foolbox
 
         fmodel = foolbox.TensorFlowModel(backbone, bounds=(0.0, 1.0))
-        fb_attack = foolbox.attacks.LinfPGD(abs_stepsize=step_size, steps=steps,
-                                            random_start=True)
+        fb_attack = foolbox.attacks.LinfPGD(abs_stepsize=step_size, steps=steps, random_start=True)
         functions["foolbox"] = lambda: fb_attack(fmodel, x_tf, y_tf, epsilons=epsilon)[1]
         versions["foolbox"] = foolbox.__version__
     except ImportError as e:
@@ -340,13 +391,22 @@ def _attack_functions(backbone, x, y, epsilon, steps):
 
     try:
         import cleverhans
-        from cleverhans.tf2.attacks.projected_gradient_descent import (
-            projected_gradient_descent)
+        from cleverhans.tf2.attacks.projected_gradient_descent import projected_gradient_descent
 
         model_fn = lambda images: backbone(images, training=False)
         ch = lambda images, labels: projected_gradient_descent(
-            model_fn, images, epsilon, step_size, steps, np.inf, clip_min=0.0, clip_max=1.0,
-            y=labels, rand_init=True, sanity_checks=False)
+            model_fn,
+            images,
+            epsilon,
+            step_size,
+            steps,
+            np.inf,
+            clip_min=0.0,
+            clip_max=1.0,
+            y=labels,
+            rand_init=True,
+            sanity_checks=False,
+        )
         functions["cleverhans"] = lambda: ch(x_tf, y_tf)
         ch_compiled = tf.function(ch)
         functions["cleverhans+tf.function"] = lambda: ch_compiled(x_tf, y_tf)
@@ -365,8 +425,9 @@ def measure_attacks(batch_size, epsilon, steps, repeats):
             x_adv = np.asarray(fn())  # trace / warm up, and check the result
             delta = float(np.max(np.abs(x_adv - x)))
             if delta > epsilon + 1e-5 or x_adv.min() < -1e-6 or x_adv.max() > 1 + 1e-6:
-                raise ValueError(f"result outside the epsilon-ball or [0, 1] (max |delta| "
-                                 f"{delta:.4g})")
+                raise ValueError(
+                    f"result outside the epsilon-ball or [0, 1] (max |delta| {delta:.4g})"
+                )
             accuracy[name] = _accuracy(backbone, x_adv, y)
             working[name] = fn
         except Exception as e:  # noqa: BLE001 - a broken peer is reported, not fatal
@@ -375,14 +436,19 @@ def measure_attacks(batch_size, epsilon, steps, repeats):
     seconds, samples = _alternate(working, repeats, lambda fn: np.asarray(fn()))
     ours = seconds["keras_adr"]
     return {
-        "model": source, "batch_size": batch_size, "epsilon": epsilon, "steps": steps,
+        "model": source,
+        "batch_size": batch_size,
+        "epsilon": epsilon,
+        "steps": steps,
         "step_size": step_size,
         "clean_accuracy": _accuracy(backbone, x, y),
         "adversarial_accuracy": accuracy,
         "seconds_per_batch": seconds,
         "images_per_second": {k: batch_size / v for k, v in seconds.items()},
         "our_speedup": {k: v / ours for k, v in seconds.items()},
-        "versions": versions, "skipped": skipped, "samples_seconds": samples,
+        "versions": versions,
+        "skipped": skipped,
+        "samples_seconds": samples,
     }
 
 
@@ -396,6 +462,7 @@ def _global_compactness_functions(batch_size, features=1024, classes=10):
     z_adv = tf.constant(np.maximum(rng.normal(size=(batch_size, features)), 0).astype(np.float32))
     functions = {}
     for method in ("sorted", "naive"):
+
         @tf.function
         def step(z_adv, method=method):
             with tf.GradientTape() as tape:
@@ -431,85 +498,151 @@ def _derive(results):
 
 def markdown(results):
     m = results["machine"]
-    lines = ["# Speed benchmark (CPU)", "",
-             f"- Machine: {m['cpu']} ({', '.join(m['cpu_flags'])}), {m['cpus']} CPUs, "
-             f"TensorFlow {m['tensorflow']}, Keras {m['keras']}, NumPy {m['numpy']}; load "
-             f"average {m['load_average_at_start']} at start, "
-             f"{results.get('load_average_at_end')} at end (a shared machine).",
-             "- Medians of alternating rounds in one process, in rotating order: "
-             f"training steps: {results['instances']} separately built models per variant x "
-             f"{results['repeats']} rounds x {results['steps_per_sample']} steps (instances "
-             "of one model differ by up to ~15% here); attacks: "
-             f"{results.get('attack_repeats')} rounds. Training batches: real Fashion-MNIST.",
-             ""]
+    lines = [
+        "# Speed benchmark (CPU)",
+        "",
+        f"- Machine: {m['cpu']} ({', '.join(m['cpu_flags'])}), {m['cpus']} CPUs, "
+        f"TensorFlow {m['tensorflow']}, Keras {m['keras']}, NumPy {m['numpy']}; load "
+        f"average {m['load_average_at_start']} at start, "
+        f"{results.get('load_average_at_end')} at end (a shared machine).",
+        "- Medians of alternating rounds in one process, in rotating order: "
+        f"training steps: {results['instances']} separately built models per variant x "
+        f"{results['repeats']} rounds x {results['steps_per_sample']} steps (instances "
+        "of one model differ by up to ~15% here); attacks: "
+        f"{results.get('attack_repeats')} rounds. Training batches: real Fashion-MNIST.",
+        "",
+    ]
     train = results.get("train")
     if train:
-        lines += [f"## Training step: small_cnn, batch {results['batch_size']}, PGD-"
-                  f"{results['attack_steps']} (TRADES: KL attack, 10 steps)", ""]
+        lines += [
+            f"## Training step: small_cnn, batch {results['batch_size']}, PGD-"
+            f"{results['attack_steps']} (TRADES: KL attack, 10 steps)",
+            "",
+        ]
         fmt = lambda table, name: "-" if not table else f"{table[name]:.3f}"
         lines += results_io.markdown_table(
-            ["defense", "s / step", "images / s", "step time / pgd_at",
-             "fastest instance / pgd_at's", "slowest instance / pgd_at's",
-             "per-instance medians (s)"],
-            [[name, f"{s:.3f}", f"{train['images_per_second'][name]:.0f}",
-              fmt(train["step_time_ratio_to_pgd_at"], name),
-              fmt(train.get("fastest_instance_ratio_to_pgd_at"), name),
-              fmt(train.get("slowest_instance_ratio_to_pgd_at"), name),
-              ", ".join(f"{v:.3f}" for v in train["instance_median_step_seconds"][name])]
-             for name, s in train["train_step_seconds"].items()], align="lrrrrrl")
-        lines += ["", "s / step and images / s: median over all instances and rounds. Separately "
-                  "built instances of the same model fall into a fast and a slow group (about "
-                  "15% apart, see the per-instance medians), so the ratios of the fastest and of "
-                  "the slowest instances are shown too."]
+            [
+                "defense",
+                "s / step",
+                "images / s",
+                "step time / pgd_at",
+                "fastest instance / pgd_at's",
+                "slowest instance / pgd_at's",
+                "per-instance medians (s)",
+            ],
+            [
+                [
+                    name,
+                    f"{s:.3f}",
+                    f"{train['images_per_second'][name]:.0f}",
+                    fmt(train["step_time_ratio_to_pgd_at"], name),
+                    fmt(train.get("fastest_instance_ratio_to_pgd_at"), name),
+                    fmt(train.get("slowest_instance_ratio_to_pgd_at"), name),
+                    ", ".join(f"{v:.3f}" for v in train["instance_median_step_seconds"][name]),
+                ]
+                for name, s in train["train_step_seconds"].items()
+            ],
+            align="lrrrrrl",
+        )
+        lines += [
+            "",
+            "s / step and images / s: median over all instances and rounds. Separately "
+            "built instances of the same model fall into a fast and a slow group (about "
+            "15% apart, see the per-instance medians), so the ratios of the fastest and of "
+            "the slowest instances are shown too.",
+        ]
         lines.append("")
     attack = results.get("attacks")
     if attack:
-        lines += [f"## PGD-{attack['steps']} throughput: same Keras model "
-                  f"({attack['model']}), batch {attack['batch_size']}, L-inf epsilon "
-                  f"{attack['epsilon']:g}, step {attack['step_size']:g}, one random start", ""]
-        table = [[name, attack["versions"].get(name.split("+")[0], ""), f"{s:.3f}",
-                  f"{attack['images_per_second'][name]:.0f}",
-                  f"{attack['our_speedup'][name]:.2f}x",
-                  f"{100 * attack['adversarial_accuracy'][name]:.1f}%"]
-                 for name, s in attack["seconds_per_batch"].items()]
-        table += [[name, "", f"skipped: {why}", "", "", ""]
-                  for name, why in attack["skipped"].items()]
+        lines += [
+            f"## PGD-{attack['steps']} throughput: same Keras model "
+            f"({attack['model']}), batch {attack['batch_size']}, L-inf epsilon "
+            f"{attack['epsilon']:g}, step {attack['step_size']:g}, one random start",
+            "",
+        ]
+        table = [
+            [
+                name,
+                attack["versions"].get(name.split("+")[0], ""),
+                f"{s:.3f}",
+                f"{attack['images_per_second'][name]:.0f}",
+                f"{attack['our_speedup'][name]:.2f}x",
+                f"{100 * attack['adversarial_accuracy'][name]:.1f}%",
+            ]
+            for name, s in attack["seconds_per_batch"].items()
+        ]
+        table += [
+            [name, "", f"skipped: {why}", "", "", ""] for name, why in attack["skipped"].items()
+        ]
         lines += results_io.markdown_table(
-            ["implementation", "version", "s / batch", "images / s", "our speed-up",
-             "accuracy after attack"], table, align="llrrrr")
-        lines += ["", f"Clean accuracy of the batch: {100 * attack['clean_accuracy']:.1f}%. "
-                  "Our speed-up = their time / our time.", ""]
+            [
+                "implementation",
+                "version",
+                "s / batch",
+                "images / s",
+                "our speed-up",
+                "accuracy after attack",
+            ],
+            table,
+            align="llrrrr",
+        )
+        lines += [
+            "",
+            f"Clean accuracy of the batch: {100 * attack['clean_accuracy']:.1f}%. "
+            "Our speed-up = their time / our time.",
+            "",
+        ]
     exp = results.get("experiments")
     if exp:
-        lines += ["## CPU speed-up experiments on the training step", "",
-                  "Each group is timed separately, against the library step in the same "
-                  f"alternating loop (fused: {exp['instances']['fused']} instances x "
-                  f"{exp['rounds']['fused']} rounds; XLA: 1 instance x {exp['rounds']['xla']} "
-                  "rounds).", ""]
+        lines += [
+            "## CPU speed-up experiments on the training step",
+            "",
+            "Each group is timed separately, against the library step in the same "
+            f"alternating loop (fused: {exp['instances']['fused']} instances x "
+            f"{exp['rounds']['fused']} rounds; XLA: 1 instance x {exp['rounds']['xla']} "
+            "rounds).",
+            "",
+        ]
         table = []
         for group, timings in exp["train_step_seconds"].items():
             for name, s in timings.items():
                 speedup = exp["speedup_vs_library_step"].get(name)
-                table.append([group, name, f"{s:.3f}", f"{results['batch_size'] / s:.0f}",
-                              "(library step)" if speedup is None else f"{speedup:.2f}x"])
+                table.append(
+                    [
+                        group,
+                        name,
+                        f"{s:.3f}",
+                        f"{results['batch_size'] / s:.0f}",
+                        "(library step)" if speedup is None else f"{speedup:.2f}x",
+                    ]
+                )
         table += [["", name, f"failed: {why}", "", ""] for name, why in exp["errors"].items()]
         lines += results_io.markdown_table(
-            ["group", "variant", "s / step", "images / s", "speed-up vs library step"], table,
-            align="llrrr")
-        lines += ["", "`+xla`: `model.compile(jit_compile=True)`; `+fused`: one forward pass "
-                  "over `concat([x, x_adv])` (valid only without BatchNorm; a local subclass "
-                  "in this benchmark). Same loss and gradients as the library step: "
-                  + "; ".join(f"{d}: loss rel. diff {v['loss_relative_difference']:.1e}, max "
-                              f"gradient rel. diff {v['max_relative_gradient_difference']:.1e}"
-                              for d, v in exp["fused_equivalence"].items())
-                  + ". XLA drops the attacks' pixel-range `tf.debugging` asserts (TF logs "
-                  "\"Ignoring Assert operator\"). Mixed precision: not measured (a GPU "
-                  "experiment, see `benchmarks/gpu_resnet18.py`).", ""]
+            ["group", "variant", "s / step", "images / s", "speed-up vs library step"],
+            table,
+            align="llrrr",
+        )
+        lines += [
+            "",
+            "`+xla`: `model.compile(jit_compile=True)`; `+fused`: one forward pass "
+            "over `concat([x, x_adv])` (valid only without BatchNorm; a local subclass "
+            "in this benchmark). Same loss and gradients as the library step: "
+            + "; ".join(
+                f"{d}: loss rel. diff {v['loss_relative_difference']:.1e}, max "
+                f"gradient rel. diff {v['max_relative_gradient_difference']:.1e}"
+                for d, v in exp["fused_equivalence"].items()
+            )
+            + ". XLA drops the attacks' pixel-range `tf.debugging` asserts (TF logs "
+            '"Ignoring Assert operator"). Mixed precision: not measured (a GPU '
+            "experiment, see `benchmarks/gpu_resnet18.py`).",
+            "",
+        ]
     terms = results.get("global_compactness_fwd_bwd_ms")
     if terms:
         lines += ["## Global compactness, B = 128, k = 1024, forward + backward", ""]
         lines += results_io.markdown_table(
-            ["method", "ms"], [[k, f"{v:.1f}"] for k, v in terms.items()])
+            ["method", "ms"], [[k, f"{v:.1f}"] for k, v in terms.items()]
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -520,34 +653,52 @@ def main(argv):
             results = _derive(json.load(f))
         results_io.write_results(FLAGS.render_only, results, markdown(results))
         return
-    results = {"machine": machine_info(), "batch_size": FLAGS.batch_size,
-               "attack_steps": FLAGS.attack_steps, "repeats": FLAGS.repeats,
-               "steps_per_sample": FLAGS.steps_per_sample, "instances": FLAGS.instances,
-               "attack_repeats": FLAGS.attack_repeats,
-               "mixed_precision": "not measured: CPU only (a GPU-only speed-up)"}
+    results = {
+        "machine": machine_info(),
+        "batch_size": FLAGS.batch_size,
+        "attack_steps": FLAGS.attack_steps,
+        "repeats": FLAGS.repeats,
+        "steps_per_sample": FLAGS.steps_per_sample,
+        "instances": FLAGS.instances,
+        "attack_repeats": FLAGS.attack_repeats,
+        "mixed_precision": "not measured: CPU only (a GPU-only speed-up)",
+    }
     if "train" in FLAGS.sections:
         logging.info("timing the training steps")
-        results["train"] = measure_training(FLAGS.batch_size, FLAGS.attack_steps,
-                                            FLAGS.defenses, FLAGS.repeats,
-                                            FLAGS.steps_per_sample, FLAGS.instances)
+        results["train"] = measure_training(
+            FLAGS.batch_size,
+            FLAGS.attack_steps,
+            FLAGS.defenses,
+            FLAGS.repeats,
+            FLAGS.steps_per_sample,
+            FLAGS.instances,
+        )
         # Backwards-compatible keys of the first version of this benchmark.
         results["train_step_seconds"] = results["train"]["train_step_seconds"]
         results["images_per_second"] = results["train"]["images_per_second"]
         results["ratio_to_pgd_at"] = results["train"]["step_time_ratio_to_pgd_at"]
     if "attacks" in FLAGS.sections:
         logging.info("timing the attacks")
-        results["attacks"] = measure_attacks(FLAGS.batch_size, FLAGS.attack_epsilon,
-                                             FLAGS.attack_iterations, FLAGS.attack_repeats)
+        results["attacks"] = measure_attacks(
+            FLAGS.batch_size, FLAGS.attack_epsilon, FLAGS.attack_iterations, FLAGS.attack_repeats
+        )
     if "experiments" in FLAGS.sections:
         logging.info("timing the speed-up experiments")
-        results["experiments"] = measure_experiments(FLAGS.batch_size, FLAGS.attack_steps,
-                                                     FLAGS.experiments, FLAGS.repeats,
-                                                     FLAGS.steps_per_sample, FLAGS.instances,
-                                                     FLAGS.xla_repeats)
+        results["experiments"] = measure_experiments(
+            FLAGS.batch_size,
+            FLAGS.attack_steps,
+            FLAGS.experiments,
+            FLAGS.repeats,
+            FLAGS.steps_per_sample,
+            FLAGS.instances,
+            FLAGS.xla_repeats,
+        )
     if "terms" in FLAGS.sections:
-        terms, _ = _alternate(_global_compactness_functions(FLAGS.batch_size),
-                              FLAGS.repeats * 3,
-                              lambda fn: [t.numpy() for t in fn[0](fn[1])])
+        terms, _ = _alternate(
+            _global_compactness_functions(FLAGS.batch_size),
+            FLAGS.repeats * 3,
+            lambda fn: [t.numpy() for t in fn[0](fn[1])],
+        )
         results["global_compactness_fwd_bwd_ms"] = {k: 1000 * v for k, v in terms.items()}
     results["load_average_at_end"] = [round(v, 2) for v in os.getloadavg()]
     _derive(results)

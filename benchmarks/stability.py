@@ -55,32 +55,64 @@ if not __package__:  # `python benchmarks/stability.py`: import as `python -m` w
 from benchmarks import results_io  # noqa: E402
 
 FLAGS = flags.FLAGS
-flags.DEFINE_integer("steps", 4500, "Minimum training steps of a main run (whole epochs); "
-                     "also sets the learning-rate schedule of the ablation runs.")
-flags.DEFINE_integer("ablation_epochs", 4, "Ablation runs stop after this many epochs of the "
-                     "main runs' schedule (the paper's objective runs away by then).")
+flags.DEFINE_integer(
+    "steps",
+    4500,
+    "Minimum training steps of a main run (whole epochs); "
+    "also sets the learning-rate schedule of the ablation runs.",
+)
+flags.DEFINE_integer(
+    "ablation_epochs",
+    4,
+    "Ablation runs stop after this many epochs of the "
+    "main runs' schedule (the paper's objective runs away by then).",
+)
 flags.DEFINE_enum("group", None, ["main", "ablation"], "Run only this group; default all.")
 flags.DEFINE_list("runs", None, "Run only these runs (names as --list prints).")
-flags.DEFINE_string("results_dir", os.path.join(_REPO, "benchmarks", "results"),
-                    "Where stability.{json,md,png} and stability_rows/ go.")
-flags.DEFINE_string("workdir", os.path.join(_REPO, "runs", "benchmarks", "stability"),
-                    "Checkpoints and logs of each run (git-ignored).")
+flags.DEFINE_string(
+    "results_dir",
+    os.path.join(_REPO, "benchmarks", "results"),
+    "Where stability.{json,md,png} and stability_rows/ go.",
+)
+flags.DEFINE_string(
+    "workdir",
+    os.path.join(_REPO, "runs", "benchmarks", "stability"),
+    "Checkpoints and logs of each run (git-ignored).",
+)
 flags.DEFINE_string("data_dir", None, "Dataset directory (IDX files).")
 flags.DEFINE_integer("train_examples", None, "Smoke tests: use the first N training images.")
 flags.DEFINE_integer("validation_examples", 2000, "Held out from the end of train.")
 flags.DEFINE_integer("threads", 0, "TensorFlow intra-op threads (0 = TensorFlow's choice).")
 flags.DEFINE_integer("verbose", 2, "Keras fit verbosity.")
 flags.DEFINE_bool("list", False, "Print the runs and their status, run nothing.")
-flags.DEFINE_float("collapse_accuracy", 0.15, "A run stops after an epoch whose clean "
-                   "validation accuracy is at most this (10 classes: chance is 0.10); 0 = never.")
+flags.DEFINE_float(
+    "collapse_accuracy",
+    0.15,
+    "A run stops after an epoch whose clean "
+    "validation accuracy is at most this (10 classes: chance is 0.10); 0 = never.",
+)
 flags.DEFINE_bool("report_only", False, "Only rewrite the summary from finished runs.")
 
 # The training recipe, shared with robustness.py's fmnist preset.
-RECIPE = dict(dataset="fashion_mnist", model="small_cnn", epsilon=0.1, attack_steps=5,
-              step_size=0.05, batch_size=128, optimizer="adam", learning_rate=1e-3,
-              lr_decay_fractions=(0.5, 0.75), seed=0)
-TERMS = ("local_compactness", "local_smoothness", "global_compactness", "global_smoothness",
-         "conditional_entropy")
+RECIPE = dict(
+    dataset="fashion_mnist",
+    model="small_cnn",
+    epsilon=0.1,
+    attack_steps=5,
+    step_size=0.05,
+    batch_size=128,
+    optimizer="adam",
+    learning_rate=1e-3,
+    lr_decay_fractions=(0.5, 0.75),
+    seed=0,
+)
+TERMS = (
+    "local_compactness",
+    "local_smoothness",
+    "global_compactness",
+    "global_smoothness",
+    "conditional_entropy",
+)
 PAPER = dict(latent_normalization="none", smoothness_push="cross_entropy")
 
 
@@ -98,36 +130,82 @@ def runs():
         Run("adr_pgd", "main", "adr_pgd", label="adr_pgd (bounded: rms codes + overlap push)"),
         Run("pgd_at", "main", "pgd_at", label="pgd_at"),
         Run("adr_pgd_paper", "main", "adr_pgd_paper", label="adr_pgd_paper (authors' objective)"),
-        Run("adr_pgd_no_conditional_entropy", "main", "adr_pgd",
-            (("conditional_entropy", 0.0),), label="adr_pgd, conditional_entropy 0"),
+        Run(
+            "adr_pgd_no_conditional_entropy",
+            "main",
+            "adr_pgd",
+            (("conditional_entropy", 0.0),),
+            label="adr_pgd, conditional_entropy 0",
+        ),
     ]
     halves = [
-        Run("adr_pgd_paper_no_global_smoothness", "ablation", "adr_pgd_paper",
-            (("global_smoothness", 0.0),), label="adr_pgd_paper, global_smoothness 0"),
-        Run("adr_pgd_rms_only", "ablation", "adr_pgd", (("smoothness_push", "cross_entropy"),),
-            label="rms codes, paper push"),
-        Run("adr_pgd_overlap_only", "ablation", "adr_pgd", (("latent_normalization", "none"),),
-            label="raw codes, overlap push"),
+        Run(
+            "adr_pgd_paper_no_global_smoothness",
+            "ablation",
+            "adr_pgd_paper",
+            (("global_smoothness", 0.0),),
+            label="adr_pgd_paper, global_smoothness 0",
+        ),
+        Run(
+            "adr_pgd_rms_only",
+            "ablation",
+            "adr_pgd",
+            (("smoothness_push", "cross_entropy"),),
+            label="rms codes, paper push",
+        ),
+        Run(
+            "adr_pgd_overlap_only",
+            "ablation",
+            "adr_pgd",
+            (("latent_normalization", "none"),),
+            label="raw codes, overlap push",
+        ),
     ]
-    alone = [Run(f"pgd_at_plus_{t}", "ablation", "pgd_at", ((t, 1.0),) + tuple(PAPER.items()),
-                 label=f"pgd_at + {t} (paper)") for t in TERMS]
-    without = [Run(f"adr_pgd_paper_no_{t}", "ablation", "adr_pgd_paper", ((t, 0.0),),
-                   label=f"adr_pgd_paper - {t}") for t in TERMS if t != "global_smoothness"]
+    alone = [
+        Run(
+            f"pgd_at_plus_{t}",
+            "ablation",
+            "pgd_at",
+            ((t, 1.0),) + tuple(PAPER.items()),
+            label=f"pgd_at + {t} (paper)",
+        )
+        for t in TERMS
+    ]
+    without = [
+        Run(
+            f"adr_pgd_paper_no_{t}",
+            "ablation",
+            "adr_pgd_paper",
+            ((t, 0.0),),
+            label=f"adr_pgd_paper - {t}",
+        )
+        for t in TERMS
+        if t != "global_smoothness"
+    ]
     return main + halves + alone + without
 
 
 def adr_config(run):
     from keras_adr import presets
 
-    return presets.get(run.defense, attack_epsilon=RECIPE["epsilon"],
-                       attack_steps=RECIPE["attack_steps"],
-                       attack_step_size=RECIPE["step_size"], **dict(run.overrides))
+    return presets.get(
+        run.defense,
+        attack_epsilon=RECIPE["epsilon"],
+        attack_steps=RECIPE["attack_steps"],
+        attack_step_size=RECIPE["step_size"],
+        **dict(run.overrides),
+    )
 
 
 def fingerprint(run, epochs):
-    payload = {"recipe": RECIPE, "epochs": epochs, "stop_epoch": _stop_epoch(run, epochs), "train_examples": FLAGS.train_examples,
-               "validation_examples": FLAGS.validation_examples,
-               "adr_config": adr_config(run).get_config()}
+    payload = {
+        "recipe": RECIPE,
+        "epochs": epochs,
+        "stop_epoch": _stop_epoch(run, epochs),
+        "train_examples": FLAGS.train_examples,
+        "validation_examples": FLAGS.validation_examples,
+        "adr_config": adr_config(run).get_config(),
+    }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -167,9 +245,8 @@ def train_run(run, row_path):
     import keras
 
     from keras_adr import callbacks as adr_callbacks
-    from keras_adr import data, pipeline
+    from keras_adr import data, models, pipeline
     from keras_adr.training import ADRModel
-    from keras_adr import models
 
     num_train, steps_per_epoch, epochs = _plan()
     fp = fingerprint(run, epochs)
@@ -184,41 +261,71 @@ def train_run(run, row_path):
 
     keras.utils.set_random_seed(RECIPE["seed"])
     total = num_train + FLAGS.validation_examples
-    load = lambda split, **kw: data.load(RECIPE["dataset"], split, batch_size=RECIPE["batch_size"],
-                                         data_dir=FLAGS.data_dir, seed=RECIPE["seed"], **kw)
+    load = lambda split, **kw: data.load(
+        RECIPE["dataset"],
+        split,
+        batch_size=RECIPE["batch_size"],
+        data_dir=FLAGS.data_dir,
+        seed=RECIPE["seed"],
+        **kw,
+    )
     train_ds = load(f"train[:{num_train}]", shuffle=True)
     validation_ds = load(f"train[{num_train}:{total}]")
     config = adr_config(run)
     model = ADRModel(models.small_cnn(), config)
-    options = pipeline.TrainOptions(epochs=epochs, optimizer=RECIPE["optimizer"],
-                                    learning_rate=RECIPE["learning_rate"],
-                                    lr_decay_fractions=RECIPE["lr_decay_fractions"])
+    options = pipeline.TrainOptions(
+        epochs=epochs,
+        optimizer=RECIPE["optimizer"],
+        learning_rate=RECIPE["learning_rate"],
+        lr_decay_fractions=RECIPE["lr_decay_fractions"],
+    )
     model.compile(optimizer=pipeline.build_optimizer(options, steps_per_epoch))
     history_path = os.path.join(out, "history.csv")
     started = time.time()
     # The schedule is that of `epochs`; ablation runs stop early (a prefix).
     collapse = _StopCollapsed(FLAGS.collapse_accuracy)
     # shuffle=False: the dataset shuffles itself; Keras' flag would only warn.
-    model.fit(train_ds, epochs=_stop_epoch(run, epochs), validation_data=validation_ds,
-              verbose=FLAGS.verbose, shuffle=False,
-              callbacks=[keras.callbacks.BackupAndRestore(os.path.join(out, "backup")),
-                         adr_callbacks.EpochSeconds(), keras.callbacks.TerminateOnNaN(),
-                         collapse,
-                         keras.callbacks.ModelCheckpoint(
-                             os.path.join(out, "best.keras"), monitor="val_adv_accuracy",
-                             mode="max", save_best_only=True),
-                         keras.callbacks.CSVLogger(history_path, append=True)])
+    model.fit(
+        train_ds,
+        epochs=_stop_epoch(run, epochs),
+        validation_data=validation_ds,
+        verbose=FLAGS.verbose,
+        shuffle=False,
+        callbacks=[
+            keras.callbacks.BackupAndRestore(os.path.join(out, "backup")),
+            adr_callbacks.EpochSeconds(),
+            keras.callbacks.TerminateOnNaN(),
+            collapse,
+            keras.callbacks.ModelCheckpoint(
+                os.path.join(out, "best.keras"),
+                monitor="val_adv_accuracy",
+                mode="max",
+                save_best_only=True,
+            ),
+            keras.callbacks.CSVLogger(history_path, append=True),
+        ],
+    )
     model.save(os.path.join(out, "final.keras"))
     history = pipeline.read_history(history_path)
     payload = {
-        "name": run.name, "group": run.group, "label": run.label, "defense": run.defense,
-        "overrides": dict(run.overrides), "fingerprint": fp, "adr_config": config.get_config(),
-        "recipe": RECIPE, "train_examples": num_train,
-        "validation_examples": FLAGS.validation_examples, "steps_per_epoch": steps_per_epoch,
-        "epochs_planned": _stop_epoch(run, epochs), "schedule_epochs": epochs, "epochs_run": len(history.get("epoch", [])),
+        "name": run.name,
+        "group": run.group,
+        "label": run.label,
+        "defense": run.defense,
+        "overrides": dict(run.overrides),
+        "fingerprint": fp,
+        "adr_config": config.get_config(),
+        "recipe": RECIPE,
+        "train_examples": num_train,
+        "validation_examples": FLAGS.validation_examples,
+        "steps_per_epoch": steps_per_epoch,
+        "epochs_planned": _stop_epoch(run, epochs),
+        "schedule_epochs": epochs,
+        "epochs_run": len(history.get("epoch", [])),
         "collapsed_at_epoch": _collapsed_epoch(history, FLAGS.collapse_accuracy),
-        "history": history, "wall_seconds_this_attempt": round(time.time() - started, 1),
-        "finished_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "history": history,
+        "wall_seconds_this_attempt": round(time.time() - started, 1),
+        "finished_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "machine": _machine(),
     }
     results_io.write_json_atomic(row_path, payload)
@@ -240,16 +347,30 @@ def _machine():
     import tensorflow as tf
 
     cpu, cpu_flags = results_io.cpu_info()
-    return {"cpu": cpu + (" (avx512f)" if "avx512f" in cpu_flags else ""),
-            "cpus": os.cpu_count(), "threads": FLAGS.threads,
-            "tensorflow": tf.__version__, "keras": keras.__version__}
+    return {
+        "cpu": cpu + (" (avx512f)" if "avx512f" in cpu_flags else ""),
+        "cpus": os.cpu_count(),
+        "threads": FLAGS.threads,
+        "tensorflow": tf.__version__,
+        "keras": keras.__version__,
+    }
 
 
 # --- Summary -------------------------------------------------------------------
 
-SHOWN = ("loss", "adv_ce", "local_compactness", "local_smoothness", "global_compactness",
-         "global_smoothness", "conditional_entropy", "latent_norm", "logits_norm",
-         "val_accuracy", "val_adv_accuracy")
+SHOWN = (
+    "loss",
+    "adv_ce",
+    "local_compactness",
+    "local_smoothness",
+    "global_compactness",
+    "global_smoothness",
+    "conditional_entropy",
+    "latent_norm",
+    "logits_norm",
+    "val_accuracy",
+    "val_adv_accuracy",
+)
 
 
 def _fmt(value, digits=3):
@@ -265,25 +386,35 @@ def _series(result, key):
 
 
 def markdown(results, all_runs):
-    lines = ["# Stability study", "",
-             "Fashion-MNIST, small CNN, L-inf epsilon 0.1, PGD-5 training (step 0.05), Adam 1e-3 "
-             "with x0.1 decay at 50%/75% of training, batch 128, seed 0; the last 2,000 training "
-             "images are the validation split (clean and PGD-5 accuracy per epoch). "
-             "Produced by `python benchmarks/stability.py` (see its docstring). No test image "
-             "is used.", ""]
+    lines = [
+        "# Stability study",
+        "",
+        "Fashion-MNIST, small CNN, L-inf epsilon 0.1, PGD-5 training (step 0.05), Adam 1e-3 "
+        "with x0.1 decay at 50%/75% of training, batch 128, seed 0; the last 2,000 training "
+        "images are the validation split (clean and PGD-5 accuracy per epoch). "
+        "Produced by `python benchmarks/stability.py` (see its docstring). No test image "
+        "is used.",
+        "",
+    ]
     if results:
         r = results[0]
-        lines += [f"- {r['train_examples']} training images, {r['steps_per_epoch']} steps per "
-                  f"epoch, {r['epochs_planned']} epochs "
-                  f"({r['epochs_planned'] * r['steps_per_epoch']} steps) per run.",
-                  f"- Machine: {r['machine']['cpu']}, {r['machine']['cpus']} CPUs; TensorFlow "
-                  f"{r['machine']['tensorflow']}, Keras {r['machine']['keras']}.", ""]
+        lines += [
+            f"- {r['train_examples']} training images, {r['steps_per_epoch']} steps per "
+            f"epoch, {r['epochs_planned']} epochs "
+            f"({r['epochs_planned'] * r['steps_per_epoch']} steps) per run.",
+            f"- Machine: {r['machine']['cpu']}, {r['machine']['cpus']} CPUs; TensorFlow "
+            f"{r['machine']['tensorflow']}, Keras {r['machine']['keras']}.",
+            "",
+        ]
     by_name = {r["name"]: r for r in results}
-    for group, title in (("main", "Formulations"), ("ablation",
-                                                    "Ablation (paper formulation)")):
-        lines += [f"## {title}", "",
-                  "First → last epoch (max over epochs in brackets for the norms); "
-                  "validation accuracies in %, last epoch (best epoch in brackets).", ""]
+    for group, title in (("main", "Formulations"), ("ablation", "Ablation (paper formulation)")):
+        lines += [
+            f"## {title}",
+            "",
+            "First → last epoch (max over epochs in brackets for the norms); "
+            "validation accuracies in %, last epoch (best epoch in brackets).",
+            "",
+        ]
         table = []
         for run in all_runs:
             if run.group != group:
@@ -292,22 +423,48 @@ def markdown(results, all_runs):
             if r is None:
                 table.append([run.label, "(pending)"] + [""] * 7)
                 continue
-            cell = lambda key, peak=False: (
-                "-" if not _series(r, key) else
-                f"{_fmt(_series(r, key)[0])} → {_fmt(_series(r, key)[-1])}"
-                + (f" [{_fmt(max(_series(r, key)))}]" if peak else ""))
-            acc = lambda key: ("-" if not _series(r, key) else
-                               f"{100 * _series(r, key)[-1]:.1f} ({100 * max(_series(r, key)):.1f})")
+            cell = lambda key, peak=False, r=r: (
+                "-"
+                if not _series(r, key)
+                else f"{_fmt(_series(r, key)[0])} → {_fmt(_series(r, key)[-1])}"
+                + (f" [{_fmt(max(_series(r, key)))}]" if peak else "")
+            )
+            acc = lambda key, r=r: (
+                "-"
+                if not _series(r, key)
+                else f"{100 * _series(r, key)[-1]:.1f} ({100 * max(_series(r, key)):.1f})"
+            )
             epochs = str(r["epochs_run"])
             if r.get("collapsed_at_epoch"):
                 epochs += f" (collapsed at {r['collapsed_at_epoch']}, stopped)"
-            table.append([run.label, epochs, cell("loss"), cell("latent_norm", True),
-                          cell("logits_norm", True), cell("global_smoothness"),
-                          cell("local_compactness"), acc("val_accuracy"),
-                          acc("val_adv_accuracy")])
+            table.append(
+                [
+                    run.label,
+                    epochs,
+                    cell("loss"),
+                    cell("latent_norm", True),
+                    cell("logits_norm", True),
+                    cell("global_smoothness"),
+                    cell("local_compactness"),
+                    acc("val_accuracy"),
+                    acc("val_adv_accuracy"),
+                ]
+            )
         lines += results_io.markdown_table(
-            ["run", "epochs", "loss", "latent_norm", "logits_norm", "global_smoothness",
-             "local_compactness", "val clean", "val PGD-5"], table, align="lrlllllrr")
+            [
+                "run",
+                "epochs",
+                "loss",
+                "latent_norm",
+                "logits_norm",
+                "global_smoothness",
+                "local_compactness",
+                "val clean",
+                "val PGD-5",
+            ],
+            table,
+            align="lrlllllrr",
+        )
         lines.append("")
     return "\n".join(lines)
 
@@ -350,8 +507,9 @@ def write_summary(all_runs, rows_dir):
         if r and r.get("fingerprint") == fingerprint(run, epochs):
             results.append(r)
     base = os.path.join(FLAGS.results_dir, "stability")
-    results_io.write_json_atomic(f"{base}.json", {"runs_expected": [run.name for run in all_runs],
-                                 "runs": results})
+    results_io.write_json_atomic(
+        f"{base}.json", {"runs_expected": [run.name for run in all_runs], "runs": results}
+    )
     results_io.write_text(f"{base}.md", markdown(results, all_runs))
     plot(results, f"{base}.png")
     return results
@@ -364,16 +522,19 @@ def main(argv):
     if FLAGS.runs:
         unknown = set(FLAGS.runs) - {run.name for run in all_runs}
         if unknown:
-            raise app.UsageError(f"Unknown runs {sorted(unknown)}; runs: "
-                                 f"{[run.name for run in all_runs]}")
+            raise app.UsageError(
+                f"Unknown runs {sorted(unknown)}; runs: {[run.name for run in all_runs]}"
+            )
     by_name = {run.name: run for run in all_runs}
     selected = [by_name[name] for name in FLAGS.runs] if FLAGS.runs else all_runs
     selected = [run for run in selected if not FLAGS.group or run.group == FLAGS.group]
     rows_dir = os.path.join(FLAGS.results_dir, "stability_rows")
     os.makedirs(rows_dir, exist_ok=True)
     _, _, epochs = _plan()
-    done = lambda run: (results_io.read_json(os.path.join(rows_dir, f"{run.name}.json")) or {}).get(
-        "fingerprint") == fingerprint(run, epochs)
+    done = lambda run: (
+        (results_io.read_json(os.path.join(rows_dir, f"{run.name}.json")) or {}).get("fingerprint")
+        == fingerprint(run, epochs)
+    )
     if FLAGS.list:
         for run in all_runs:
             print(f"{run.name:40s} {run.group:9s} {'done' if done(run) else 'pending'}")

@@ -143,8 +143,9 @@ class AutoAttackResult:
         }
 
 
-def _attack_fn(model_fn, name, *, epsilon, norm, steps, targets, queries, clip_min, clip_max,
-               image_shape):
+def _attack_fn(
+    model_fn, name, *, epsilon, norm, steps, targets, queries, clip_min, clip_max, image_shape
+):
     """A `tf.function` (x, y, seed) -> x_adv running one attack of the suite."""
     common = dict(epsilon=epsilon, norm=norm, clip_min=clip_min, clip_max=clip_max)
 
@@ -154,25 +155,43 @@ def _attack_fn(model_fn, name, *, epsilon, norm, steps, targets, queries, clip_m
         if name == "apgd-dlr":
             return attacks_lib.apgd(model_fn, x, y, steps=steps, loss="dlr", seed=seed, **common)
         if name == "apgd-t":
-            return attacks_lib.apgd(model_fn, x, y, steps=steps, loss="dlr", targeted=True,
-                                    num_targets=targets, seed=seed, **common)
+            return attacks_lib.apgd(
+                model_fn,
+                x,
+                y,
+                steps=steps,
+                loss="dlr",
+                targeted=True,
+                num_targets=targets,
+                seed=seed,
+                **common,
+            )
         if name == "fab-t":
-            return attacks_lib.fab(model_fn, x, y, steps=steps, num_targets=targets, seed=seed,
-                                   **common)
+            return attacks_lib.fab(
+                model_fn, x, y, steps=steps, num_targets=targets, seed=seed, **common
+            )
         return attacks_lib.square(model_fn, x, y, queries=queries, seed=seed, **common)
 
-    signature = [tf.TensorSpec((None, *image_shape), tf.float32),
-                 tf.TensorSpec((None,), tf.int32), tf.TensorSpec((), tf.int64)]
+    signature = [
+        tf.TensorSpec((None, *image_shape), tf.float32),
+        tf.TensorSpec((None,), tf.int32),
+        tf.TensorSpec((), tf.int64),
+    ]
     return tf.function(run, input_signature=signature)
 
 
 def _predict(model_fn, x, batch_size):
-    return np.concatenate([np.argmax(np.asarray(model_fn(tf.constant(x[i:i + batch_size]))), -1)
-                           for i in range(0, len(x), batch_size)])
+    return np.concatenate(
+        [
+            np.argmax(np.asarray(model_fn(tf.constant(x[i : i + batch_size]))), -1)
+            for i in range(0, len(x), batch_size)
+        ]
+    )
 
 
 def _zero_gradient_fraction(model_fn, x, y):
     """Fraction of points whose cross-entropy input gradient is exactly zero."""
+
     @tf.function  # Eager gradients through a SavedModel signature break later traces.
     def fraction(x, y):
         with tf.GradientTape() as tape:
@@ -191,13 +210,16 @@ def _suite(version, attacks, norm):
         raise ValueError(f"`version` must be one of {VERSIONS}; got {version!r}.")
     if version != "custom":
         if attacks is not None:
-            raise ValueError(f"`attacks` is only for version='custom'; version={version!r} "
-                             "runs its own suite.")
+            raise ValueError(
+                f"`attacks` is only for version='custom'; version={version!r} runs its own suite."
+            )
         names = STANDARD_ATTACKS if version == "standard" else RAND_ATTACKS
     else:
         if isinstance(attacks, str) or not attacks:
-            raise ValueError(f"`attacks` must be a non-empty list of {ATTACKS} with "
-                             f"version='custom'; got {attacks!r}.")
+            raise ValueError(
+                f"`attacks` must be a non-empty list of {ATTACKS} with "
+                f"version='custom'; got {attacks!r}."
+            )
         unknown = [a for a in attacks if a not in ATTACKS]
         if unknown:
             raise ValueError(f"Unknown AutoAttack attack(s) {unknown}; valid: {ATTACKS}.")
@@ -205,21 +227,42 @@ def _suite(version, attacks, norm):
             raise ValueError(f"`attacks` has duplicate names: {list(attacks)}.")
         names = tuple(attacks)
     if version == "rand":
-        warnings.warn("version='rand' runs APGD-CE and APGD-DLR without AutoAttack's 20-sample "
-                      "EOT gradients: weaker than AutoAttack on a randomized model.",
-                      stacklevel=3)
+        warnings.warn(
+            "version='rand' runs APGD-CE and APGD-DLR without AutoAttack's 20-sample "
+            "EOT gradients: weaker than AutoAttack on a randomized model.",
+            stacklevel=3,
+        )
     if norm != "linf" and "fab-t" in names:
         if version == "custom":
             raise ValueError("'fab-t' is implemented for norm='linf' only.")
-        warnings.warn("FAB-T is implemented for L-inf only: the L2 standard suite runs "
-                      "APGD-CE, APGD-T and Square.", stacklevel=3)
+        warnings.warn(
+            "FAB-T is implemented for L-inf only: the L2 standard suite runs "
+            "APGD-CE, APGD-T and Square.",
+            stacklevel=3,
+        )
         names = tuple(n for n in names if n != "fab-t")
     return names
 
 
-def autoattack(model_fn, x, y=None, *, epsilon, norm="linf", version="standard", attacks=None,
-               seed=0, batch_size=128, num_examples=None, steps=STEPS, targets=TARGETS,
-               queries=SQUARE_QUERIES, clip_min=0.0, clip_max=1.0, progress=True):
+def autoattack(
+    model_fn,
+    x,
+    y=None,
+    *,
+    epsilon,
+    norm="linf",
+    version="standard",
+    attacks=None,
+    seed=0,
+    batch_size=128,
+    num_examples=None,
+    steps=STEPS,
+    targets=TARGETS,
+    queries=SQUARE_QUERIES,
+    clip_min=0.0,
+    clip_max=1.0,
+    progress=True,
+):
     """Runs AutoAttack's suite; each attack only on the points still robust.
 
     Args:
@@ -254,13 +297,20 @@ def autoattack(model_fn, x, y=None, *, epsilon, norm="linf", version="standard",
     """
     from keras_adr import evaluation  # The loading and data helpers live there.
 
-    if isinstance(epsilon, bool) or not isinstance(epsilon, (int, float, np.number)) or not (
-            0 < epsilon < np.inf):
+    if (
+        isinstance(epsilon, bool)
+        or not isinstance(epsilon, (int, float, np.number))
+        or not (0 < epsilon < np.inf)
+    ):
         raise ValueError(f"`epsilon` must be a finite number > 0; got {epsilon!r}.")
     if norm not in ("linf", "l2"):
         raise ValueError(f"`norm` must be 'linf' or 'l2'; got {norm!r}.")
-    for name, value in (("batch_size", batch_size), ("steps", steps), ("targets", targets),
-                        ("queries", queries)):
+    for name, value in (
+        ("batch_size", batch_size),
+        ("steps", steps),
+        ("targets", targets),
+        ("queries", queries),
+    ):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
             raise ValueError(f"`{name}` must be an integer >= 1; got {value!r}.")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer))):
@@ -271,11 +321,15 @@ def autoattack(model_fn, x, y=None, *, epsilon, norm="linf", version="standard",
     x, y = evaluation._materialise(data, num_examples, clip_min, clip_max)
     num_classes = int(np.asarray(model_fn(tf.constant(x[:1]))).shape[-1])
     if y.min() < 0 or y.max() >= num_classes:
-        raise ValueError(f"Labels must be in [0, {num_classes}) (the model's logits); they span "
-                         f"[{y.min()}, {y.max()}].")
+        raise ValueError(
+            f"Labels must be in [0, {num_classes}) (the model's logits); they span "
+            f"[{y.min()}, {y.max()}]."
+        )
     if num_classes < 4 and ("apgd-t" in names or "apgd-dlr" in names and num_classes < 3):
-        raise ValueError(f"The model has {num_classes} classes; APGD-T's targeted DLR loss needs "
-                         "at least 4 (untargeted DLR 3): use version='custom' without it.")
+        raise ValueError(
+            f"The model has {num_classes} classes; APGD-T's targeted DLR loss needs "
+            "at least 4 (untargeted DLR 3): use version='custom' without it."
+        )
     targets = min(targets, num_classes - 1)
     epsilon = float(epsilon)
     rng = np.random.default_rng(seed)
@@ -285,24 +339,42 @@ def autoattack(model_fn, x, y=None, *, epsilon, norm="linf", version="standard",
     broken_by = np.where(clean_correct, "", "clean").astype(object)
     x_adv = x.copy()
     accuracy_after, attack_seconds = {}, {}
-    checks = {"zero_gradient_fraction": _zero_gradient_fraction(
-        model_fn, x[:batch_size], y[:batch_size])}
+    checks = {
+        "zero_gradient_fraction": _zero_gradient_fraction(model_fn, x[:batch_size], y[:batch_size])
+    }
     if checks["zero_gradient_fraction"] > 0:
-        _log.warning("%.1f%% of the points have a zero input gradient: the white-box attacks "
-                     "cannot work there (gradient masking?).",
-                     100 * checks["zero_gradient_fraction"])
+        _log.warning(
+            "%.1f%% of the points have a zero input gradient: the white-box attacks "
+            "cannot work there (gradient masking?).",
+            100 * checks["zero_gradient_fraction"],
+        )
     for attack_index, name in enumerate(names):
         todo = np.flatnonzero(robust)
         start = time.perf_counter()
-        fn = _attack_fn(model_fn, name, epsilon=epsilon, norm=norm, steps=steps,
-                        targets=targets, queries=queries, clip_min=clip_min, clip_max=clip_max,
-                        image_shape=x.shape[1:])
-        bar = keras.utils.Progbar(len(todo), unit_name="example",
-                                  verbose=1 if progress else 0) if len(todo) else None
+        fn = _attack_fn(
+            model_fn,
+            name,
+            epsilon=epsilon,
+            norm=norm,
+            steps=steps,
+            targets=targets,
+            queries=queries,
+            clip_min=clip_min,
+            clip_max=clip_max,
+            image_shape=x.shape[1:],
+        )
+        bar = (
+            keras.utils.Progbar(len(todo), unit_name="example", verbose=1 if progress else 0)
+            if len(todo)
+            else None
+        )
         for batch_index, i in enumerate(range(0, len(todo), batch_size)):
-            index = todo[i:i + batch_size]
-            batch_seed = (np.int64(rng.integers(0, 2**62)) if seed is None else
-                          np.int64((seed * 1_000 + attack_index) * 1_000_000 + batch_index))
+            index = todo[i : i + batch_size]
+            batch_seed = (
+                np.int64(rng.integers(0, 2**62))
+                if seed is None
+                else np.int64((seed * 1_000 + attack_index) * 1_000_000 + batch_index)
+            )
             adv = fn(x[index], y[index], batch_seed).numpy()
             delta = (adv - x[index]).reshape(len(index), -1)
             size = np.abs(delta).max(1) if norm == "linf" else np.linalg.norm(delta, axis=1)
@@ -316,28 +388,48 @@ def autoattack(model_fn, x, y=None, *, epsilon, norm="linf", version="standard",
                 bar.add(len(index), values=[("robust", float(robust.mean()))])
         attack_seconds[name] = time.perf_counter() - start
         accuracy_after[name] = float(robust.mean())
-        _log.info("AutoAttack %s: robust accuracy %.4f (%.1fs)", name, accuracy_after[name],
-                  attack_seconds[name])
-    if "square" in names and any(n in _WHITE_BOX for n in names[:names.index("square")]):
+        _log.info(
+            "AutoAttack %s: robust accuracy %.4f (%.1fs)",
+            name,
+            accuracy_after[name],
+            attack_seconds[name],
+        )
+    if "square" in names and any(n in _WHITE_BOX for n in names[: names.index("square")]):
         checks["square_after_white_box"] = int(np.sum(broken_by == "square"))
         if checks["square_after_white_box"]:
-            _log.warning("Square broke %d points that the white-box attacks left robust: their "
-                         "gradients may be masked.", checks["square_after_white_box"])
+            _log.warning(
+                "Square broke %d points that the white-box attacks left robust: their "
+                "gradients may be masked.",
+                checks["square_after_white_box"],
+            )
     return AutoAttackResult(
-        epsilon=epsilon, norm=norm, version=version, attacks=names,
-        clean_correct=clean_correct, robust_correct=robust, broken_by=broken_by.astype(str),
-        accuracy_after=accuracy_after, attack_seconds=attack_seconds, x_adv=x_adv,
-        checks=checks, seed=seed)
+        epsilon=epsilon,
+        norm=norm,
+        version=version,
+        attacks=names,
+        clean_correct=clean_correct,
+        robust_correct=robust,
+        broken_by=broken_by.astype(str),
+        accuracy_after=accuracy_after,
+        attack_seconds=attack_seconds,
+        x_adv=x_adv,
+        checks=checks,
+        seed=seed,
+    )
 
 
 def format_summary(result):
     """Readable console text of an `AutoAttackResult`."""
-    lines = [f"AutoAttack ({result.version}, {result.norm}, epsilon "
-             f"{robustbench_eps(result.epsilon)}, {result.num_examples} examples)",
-             f"  clean accuracy:       {100 * result.clean_accuracy:.2f}%"]
+    lines = [
+        f"AutoAttack ({result.version}, {result.norm}, epsilon "
+        f"{robustbench_eps(result.epsilon)}, {result.num_examples} examples)",
+        f"  clean accuracy:       {100 * result.clean_accuracy:.2f}%",
+    ]
     for name in result.attacks:
-        lines.append(f"  after {name:<14} {100 * result.accuracy_after[name]:.2f}%  "
-                     f"({result.attack_seconds[name]:.1f}s)")
+        lines.append(
+            f"  after {name:<14} {100 * result.accuracy_after[name]:.2f}%  "
+            f"({result.attack_seconds[name]:.1f}s)"
+        )
     lines.append(f"  AutoAttack accuracy:  {100 * result.robust_accuracy:.2f}%")
     for key, value in result.checks.items():
         lines.append(f"  check {key}: {value}")

@@ -60,9 +60,20 @@ class RobustAccuracy(keras.callbacks.Callback):
         name: The log key.
     """
 
-    def __init__(self, data, *, epsilon, norm="linf", attacks=("pgd20", "apgd_ce"), every=1,
-                 restarts=1, apgd_targets=3, seed=0, batch_size=128,
-                 name="val_robust_accuracy"):
+    def __init__(
+        self,
+        data,
+        *,
+        epsilon,
+        norm="linf",
+        attacks=("pgd20", "apgd_ce"),
+        every=1,
+        restarts=1,
+        apgd_targets=3,
+        seed=0,
+        batch_size=128,
+        name="val_robust_accuracy",
+    ):
         super().__init__()
         from keras_adr import evaluation
 
@@ -72,9 +83,15 @@ class RobustAccuracy(keras.callbacks.Callback):
         self.data = data
         self.every = every
         self.name = name
-        self.options = dict(epsilon=epsilon, norm=norm, attacks=tuple(attacks),
-                            restarts=restarts, apgd_targets=apgd_targets, seed=seed,
-                            batch_size=batch_size)
+        self.options = dict(
+            epsilon=epsilon,
+            norm=norm,
+            attacks=tuple(attacks),
+            restarts=restarts,
+            apgd_targets=apgd_targets,
+            seed=seed,
+            batch_size=batch_size,
+        )
         self.last_result = None
 
     def on_epoch_end(self, epoch, logs=None):
@@ -91,8 +108,12 @@ class RobustAccuracy(keras.callbacks.Callback):
 def _is_term(name):
     # Loss terms only: not validation values, accuracies or the scale
     # diagnostics (`latent_norm`, `logits_norm`).
-    return not name.startswith("val_") and "accuracy" not in name and not name.endswith(
-        "_norm") and name not in ("loss", "learning_rate", "epoch_seconds")
+    return (
+        not name.startswith("val_")
+        and "accuracy" not in name
+        and not name.endswith("_norm")
+        and name not in ("loss", "learning_rate", "epoch_seconds")
+    )
 
 
 class DivergenceGuard(keras.callbacks.Callback):
@@ -114,13 +135,21 @@ class DivergenceGuard(keras.callbacks.Callback):
         monitor: The logged loss to watch.
     """
 
-    def __init__(self, factor=DEFAULT_DIVERGENCE_FACTOR, loss_floor=DEFAULT_LOSS_FLOOR,
-                 restore_best_weights=True, monitor="loss"):
+    def __init__(
+        self,
+        factor=DEFAULT_DIVERGENCE_FACTOR,
+        loss_floor=DEFAULT_LOSS_FLOOR,
+        restore_best_weights=True,
+        monitor="loss",
+    ):
         super().__init__()
         if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not factor > 1:
             raise ValueError(f"`factor` must be a number > 1; got {factor!r}.")
-        if isinstance(loss_floor, bool) or not isinstance(loss_floor, (int, float)) or not (
-                loss_floor >= 0):
+        if (
+            isinstance(loss_floor, bool)
+            or not isinstance(loss_floor, (int, float))
+            or not (loss_floor >= 0)
+        ):
             raise ValueError(f"`loss_floor` must be a number >= 0; got {loss_floor!r}.")
         self.factor = float(factor)
         self.loss_floor = float(loss_floor)
@@ -143,8 +172,11 @@ class DivergenceGuard(keras.callbacks.Callback):
         value = (logs or {}).get(self.monitor)
         if value is not None and not math.isfinite(float(value)):
             bad = sorted(k for k, v in logs.items() if _is_term(k) and not math.isfinite(float(v)))
-            self._stop(f"`{self.monitor}` became {float(value)} at batch {batch + 1}"
-                       + (f"; non-finite terms: {', '.join(bad)}" if bad else ""), logs)
+            self._stop(
+                f"`{self.monitor}` became {float(value)} at batch {batch + 1}"
+                + (f"; non-finite terms: {', '.join(bad)}" if bad else ""),
+                logs,
+            )
 
     def on_epoch_end(self, epoch, logs=None):
         logs = logs or {}
@@ -156,9 +188,12 @@ class DivergenceGuard(keras.callbacks.Callback):
             return
         reference = max(self._best_magnitude, self.loss_floor)
         if self._best_logs is not None and abs(value) > self.factor * reference:
-            self._stop(f"`{self.monitor}` reached {value:.4g} in epoch {epoch + 1}, more than "
-                       f"{self.factor:g}x its smallest magnitude so far ({reference:.4g}, "
-                       f"epoch {self.best_epoch + 1})", logs)
+            self._stop(
+                f"`{self.monitor}` reached {value:.4g} in epoch {epoch + 1}, more than "
+                f"{self.factor:g}x its smallest magnitude so far ({reference:.4g}, "
+                f"epoch {self.best_epoch + 1})",
+                logs,
+            )
             return
         if abs(value) < self._best_magnitude:
             self._best_magnitude = abs(value)
@@ -190,12 +225,16 @@ class DivergenceGuard(keras.callbacks.Callback):
         message = f"Training diverged: {what}."
         if grown:
             name, before, now = grown
-            message += (f" The term that grew most is `{name}` ({before:.4g} -> {now:.4g}).")
+            message += f" The term that grew most is `{name}` ({before:.4g} -> {now:.4g})."
         if self.restore_best_weights and self._best_weights is not None:
             self.model.set_weights(self._best_weights)
             message += f" Restored the weights of epoch {self.best_epoch + 1}."
         self.reason = message
 
     def get_config(self):
-        return {"factor": self.factor, "loss_floor": self.loss_floor,
-                "restore_best_weights": self.restore_best_weights, "monitor": self.monitor}
+        return {
+            "factor": self.factor,
+            "loss_floor": self.loss_floor,
+            "restore_best_weights": self.restore_best_weights,
+            "monitor": self.monitor,
+        }

@@ -48,16 +48,26 @@ def pgd_step_size(epsilon, steps):
 
 def _check_choice(name, value, allowed):
     if value not in allowed:
-        raise ValueError(
-            f"`{name}` must be one of {', '.join(map(repr, allowed))}; got {value!r}."
-        )
+        raise ValueError(f"`{name}` must be one of {', '.join(map(repr, allowed))}; got {value!r}.")
 
 
-def _check_number(name, value, *, minimum=None, exclusive_minimum=None, maximum=None,
-                  exclusive_maximum=None, integer=False):
+def _check_number(
+    name,
+    value,
+    *,
+    minimum=None,
+    exclusive_minimum=None,
+    maximum=None,
+    exclusive_maximum=None,
+    integer=False,
+):
     kind = "an integer" if integer else "a number"
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or (
-            integer and not float(value).is_integer()) or not math.isfinite(value):
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or (integer and not float(value).is_integer())
+        or not math.isfinite(value)
+    ):
         raise ValueError(f"`{name}` must be {kind}; got {value!r}.")
     if minimum is not None and value < minimum:
         raise ValueError(f"`{name}` must be >= {minimum}; got {value!r}.")
@@ -211,10 +221,10 @@ class ADRConfig:
         for name in ("natural_weight", "adversarial_weight", "trades_beta") + ADR_TERMS:
             _check_number(name, getattr(self, name), minimum=0)
         _check_number("label_scale", self.label_scale, exclusive_minimum=0, exclusive_maximum=1)
-        _check_number("propagation_alpha", self.propagation_alpha, exclusive_minimum=0,
-                      exclusive_maximum=1)
-        _check_number("propagation_neighbors", self.propagation_neighbors, minimum=1,
-                      integer=True)
+        _check_number(
+            "propagation_alpha", self.propagation_alpha, exclusive_minimum=0, exclusive_maximum=1
+        )
+        _check_number("propagation_neighbors", self.propagation_neighbors, minimum=1, integer=True)
         object.__setattr__(self, "propagation_neighbors", int(self.propagation_neighbors))
         if self.objective == "standard" and self.enabled_terms:
             raise ValueError(
@@ -239,8 +249,9 @@ class ADRConfig:
     def replace(self, **overrides):
         """A copy with some fields changed; `attack_*` keys change the attack."""
         attack_overrides = {
-            key[len("attack_"):]: overrides.pop(key)
-            for key in list(overrides) if key.startswith("attack_")
+            key[len("attack_") :]: overrides.pop(key)
+            for key in list(overrides)
+            if key.startswith("attack_")
         }
         unknown = set(overrides) - {f.name for f in dataclasses.fields(self)}
         if unknown:
@@ -252,7 +263,8 @@ class ADRConfig:
         if unknown_attack:
             raise ValueError(
                 f"Unknown AttackConfig field(s) {sorted('attack_' + k for k in unknown_attack)}; "
-                f"valid: {['attack_' + f.name for f in dataclasses.fields(AttackConfig)]}.")
+                f"valid: {['attack_' + f.name for f in dataclasses.fields(AttackConfig)]}."
+            )
         attack = overrides.pop("attack", self.attack)
         if isinstance(attack, dict):
             attack = AttackConfig(**attack)

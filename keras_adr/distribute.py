@@ -57,7 +57,8 @@ def _check_tf_config():
         raise ValueError(
             "strategy='multi_worker' needs the TF_CONFIG environment variable, e.g. "
             '{"cluster": {"worker": ["host1:12345", "host2:12345"]}, '
-            '"task": {"type": "worker", "index": 0}}.')
+            '"task": {"type": "worker", "index": 0}}.'
+        )
     try:
         config = json.loads(raw)
         workers = config["cluster"]["worker"]
@@ -74,8 +75,10 @@ def is_chief(strategy):
     if resolver is None or not resolver.task_type:
         return True
     return resolver.task_type == "chief" or (
-        resolver.task_type == "worker" and resolver.task_id == 0
-        and "chief" not in resolver.cluster_spec().as_dict())
+        resolver.task_type == "worker"
+        and resolver.task_id == 0
+        and "chief" not in resolver.cluster_spec().as_dict()
+    )
 
 
 # The Keras versions whose TensorFlow trainer `patch_keras_fit` replaces a
@@ -106,7 +109,8 @@ def check_keras_version(version=None):
             f"Distributed training patches Keras >={_version_text(low)},<{_version_text(high)} "
             f"but Keras {version} is installed: pip install "
             f"'keras>={_version_text(low)},<{_version_text(high)}' (requirements.txt), or train "
-            "without a tf.distribute strategy (adr-train --strategy=default).")
+            "without a tf.distribute strategy (adr-train --strategy=default)."
+        )
 
 
 def patch_keras_fit(model):
@@ -172,12 +176,16 @@ def patch_keras_fit(model):
 
     model._maybe_symbolic_build = maybe_symbolic_build
     if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy) and (
-            num_workers(strategy) > 1):
+        num_workers(strategy) > 1
+    ):
+
         def vector_logs(step):
             def wrapped(data):
                 return tf.nest.map_structure(
-                    lambda v: tf.reshape(v, [1]) if tf.is_tensor(v) and v.shape.rank == 0
-                    else v, step(data))
+                    lambda v: tf.reshape(v, [1]) if tf.is_tensor(v) and v.shape.rank == 0 else v,
+                    step(data),
+                )
+
             return wrapped
 
         model.train_step = vector_logs(model.train_step)
@@ -234,8 +242,7 @@ def shard_by_data(dataset):
     every batch: the global batch size stays `batch_size`.
     """
     options = tf.data.Options()
-    options.experimental_distribute.auto_shard_policy = (
-        tf.data.experimental.AutoShardPolicy.DATA)
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
     return dataset.with_options(options)
 
 
@@ -256,8 +263,10 @@ def split_cpu(num_devices):
     cpu = tf.config.list_physical_devices("CPU")[0]
     try:
         tf.config.set_logical_device_configuration(
-            cpu, [tf.config.LogicalDeviceConfiguration() for _ in range(int(num_devices))])
+            cpu, [tf.config.LogicalDeviceConfiguration() for _ in range(int(num_devices))]
+        )
     except RuntimeError as error:
         raise ValueError(
             f"Cannot split the CPU into {num_devices} logical devices: TensorFlow is "
-            f"already initialised ({error}). Call split_cpu before any TensorFlow op.") from None
+            f"already initialised ({error}). Call split_cpu before any TensorFlow op."
+        ) from None

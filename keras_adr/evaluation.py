@@ -67,8 +67,8 @@ import numpy as np
 import tensorflow as tf
 
 from keras_adr import attacks as attacks_lib
-from keras_adr import export
 from keras_adr import config as config_lib
+from keras_adr import export
 from keras_adr.config import NORMS
 
 # The "large" epsilon of the sanity check, as a fraction of the pixel range
@@ -132,7 +132,8 @@ def parse_attack(name):
     if match is None:
         raise ValueError(
             f"Unknown attack {name!r}. Valid attacks: 'fgsm', 'pgd<steps>' (e.g. 'pgd20'), "
-            "'apgd_ce', 'apgd_dlr', 'apgd_dlr_t', optionally with steps (e.g. 'apgd_ce50').")
+            "'apgd_ce', 'apgd_dlr', 'apgd_dlr_t', optionally with steps (e.g. 'apgd_ce50')."
+        )
     fgsm, pgd_steps, apgd_name, apgd_steps = match.groups()
     if fgsm:
         return AttackSpec(name, "fgsm", 1)
@@ -156,8 +157,7 @@ def parse_suite(names):
             support a robustness claim.
     """
     if isinstance(names, str) or not names:
-        raise ValueError(
-            f"`attacks` must be a non-empty list of attack names; got {names!r}.")
+        raise ValueError(f"`attacks` must be a non-empty list of attack names; got {names!r}.")
     specs = [parse_attack(name) for name in names]
     if len({s.name for s in specs}) != len(specs):
         raise ValueError(f"`attacks` has duplicate names: {list(names)}.")
@@ -166,7 +166,8 @@ def parse_suite(names):
         raise ValueError(
             f"The attack suite {list(names)} is too weak to support a robustness claim: it "
             "must include at least one PGD attack (e.g. 'pgd20') and one APGD attack (e.g. "
-            "'apgd_ce'). The headline is the worst case over all attacks run.")
+            "'apgd_ce'). The headline is the worst case over all attacks run."
+        )
     return specs
 
 
@@ -246,7 +247,8 @@ def resolve_model_path(path):
             return "keras", path
         raise FileNotFoundError(
             f"{path} is a file but not a '.keras' model; pass a .keras file, a SavedModel "
-            "directory or a TF Serving base directory.")
+            "directory or a TF Serving base directory."
+        )
     if not os.path.isdir(path):
         raise FileNotFoundError(f"No model at {path}.")
     if any(os.path.isfile(os.path.join(path, f)) for f in _SAVED_MODEL_FILES):
@@ -256,7 +258,8 @@ def resolve_model_path(path):
         return resolve_model_path(os.path.join(path, str(versions[-1])))
     raise FileNotFoundError(
         f"{path} is neither a SavedModel (no saved_model.pb) nor a TF Serving base directory "
-        "(no integer-named version subdirectory).")
+        "(no integer-named version subdirectory)."
+    )
 
 
 def load_model(path):
@@ -281,33 +284,40 @@ def load_model(path):
 
         model = keras.models.load_model(resolved, compile=False)
         num_classes = model.outputs[0].shape[-1] if getattr(model, "outputs", None) else None
-        return LoadedModel(lambda images: model(images, training=False), "keras", resolved,
-                           keep_alive=model, num_classes=num_classes)
+        return LoadedModel(
+            lambda images: model(images, training=False),
+            "keras",
+            resolved,
+            keep_alive=model,
+            num_classes=num_classes,
+        )
     loaded = tf.saved_model.load(resolved)
     signatures = getattr(loaded, "signatures", {})
     if export.SERVING_DEFAULT not in signatures:
         raise ValueError(
             f"The SavedModel at {resolved} has no {export.SERVING_DEFAULT!r} signature; it "
-            f"has {sorted(signatures)}.")
+            f"has {sorted(signatures)}."
+        )
     signature = signatures[export.SERVING_DEFAULT]
     outputs = signature.structured_outputs
     if not isinstance(outputs, dict) or export.OUTPUT_LOGITS not in outputs:
         raise ValueError(
             f"The {export.SERVING_DEFAULT!r} signature of {resolved} has no "
-            f"{export.OUTPUT_LOGITS!r} output; outputs: {outputs}.")
+            f"{export.OUTPUT_LOGITS!r} output; outputs: {outputs}."
+        )
     _, kwargs = signature.structured_input_signature
     if len(kwargs) != 1:
         raise ValueError(
             f"The {export.SERVING_DEFAULT!r} signature of {resolved} must take one input "
-            f"(images); it takes {sorted(kwargs)}.")
+            f"(images); it takes {sorted(kwargs)}."
+        )
     (input_name,) = kwargs
     num_classes = outputs[export.OUTPUT_LOGITS].shape[-1]
 
     def logits(images):
         return signature(**{input_name: tf.cast(images, tf.float32)})[export.OUTPUT_LOGITS]
 
-    return LoadedModel(logits, "saved_model", resolved, keep_alive=loaded,
-                       num_classes=num_classes)
+    return LoadedModel(logits, "saved_model", resolved, keep_alive=loaded, num_classes=num_classes)
 
 
 def _as_model_fn(model):
@@ -318,7 +328,8 @@ def _as_model_fn(model):
     if not callable(model):
         raise ValueError(
             "`model` must be a Keras model, a LoadedModel, a path, or a callable images -> "
-            f"logits; got {type(model).__name__}.")
+            f"logits; got {type(model).__name__}."
+        )
     return model
 
 
@@ -348,7 +359,8 @@ def _materialise(data, num_examples, clip_min, clip_max):
     else:
         raise ValueError(
             "`data` must be a tf.data.Dataset of (images, labels) or a tuple "
-            f"(images, labels) of arrays; got {type(data).__name__}.")
+            f"(images, labels) of arrays; got {type(data).__name__}."
+        )
     if num_examples is not None:
         x, y = x[:num_examples], y[:num_examples]
     if len(x) != len(y):
@@ -358,13 +370,15 @@ def _materialise(data, num_examples, clip_min, clip_max):
     if not np.issubdtype(x.dtype, np.floating):
         raise ValueError(
             f"Images must be floats in [{clip_min}, {clip_max}]; got {x.dtype}. Convert uint8 "
-            "images with `images / 255`.")
+            "images with `images / 255`."
+        )
     if not np.issubdtype(y.dtype, np.integer):
         raise ValueError(f"Labels must be integers; got {y.dtype}.")
     if x.min() < clip_min or x.max() > clip_max:
         raise ValueError(
             f"Images must lie in [{clip_min}, {clip_max}]; they span "
-            f"[{x.min():.4g}, {x.max():.4g}].")
+            f"[{x.min():.4g}, {x.max():.4g}]."
+        )
     return x.astype(np.float32), y.astype(np.int32)
 
 
@@ -460,8 +474,7 @@ class SweepResult:
     def headline(self):
         """The result at `headline_epsilon` (else the largest nonzero epsilon)."""
         for r in self.results:
-            if self.headline_epsilon is not None and math.isclose(r.epsilon,
-                                                                  self.headline_epsilon):
+            if self.headline_epsilon is not None and math.isclose(r.epsilon, self.headline_epsilon):
                 return r
         nonzero = [r for r in self.results if r.epsilon > 0]
         return (nonzero or self.results)[-1]
@@ -469,10 +482,12 @@ class SweepResult:
     def to_dict(self):
         headline = self.headline
         return {
-            "headline": {"epsilon": headline.epsilon,
-                         "robust_accuracy": headline.robust_accuracy,
-                         "clean_accuracy": headline.clean_accuracy,
-                         "num_examples": headline.num_examples},
+            "headline": {
+                "epsilon": headline.epsilon,
+                "robust_accuracy": headline.robust_accuracy,
+                "clean_accuracy": headline.clean_accuracy,
+                "num_examples": headline.num_examples,
+            },
             "epsilons": self.epsilons,
             "robust_accuracies": self.robust_accuracies,
             "results": [r.to_dict() for r in self.results],
@@ -484,27 +499,36 @@ def _as_sweep(results):
         return results
     if isinstance(results, RobustnessResult):
         return SweepResult([results], headline_epsilon=results.epsilon)
-    if isinstance(results, (list, tuple)) and results and all(
-            isinstance(r, RobustnessResult) for r in results):
+    if (
+        isinstance(results, (list, tuple))
+        and results
+        and all(isinstance(r, RobustnessResult) for r in results)
+    ):
         return SweepResult(sorted(results, key=lambda r: r.epsilon))
     raise ValueError(
         "Expected a RobustnessResult, a SweepResult or a list of RobustnessResult; got "
-        f"{type(results).__name__}.")
+        f"{type(results).__name__}."
+    )
 
 
 # --- Evaluation --------------------------------------------------------------
 
 
 def _check_args(*, epsilon, norm, restarts, num_examples, seed, batch_size, apgd_targets):
-    if isinstance(epsilon, bool) or not isinstance(epsilon, (int, float, np.number)) or not (
-            math.isfinite(epsilon) and epsilon >= 0):
+    if (
+        isinstance(epsilon, bool)
+        or not isinstance(epsilon, (int, float, np.number))
+        or not (math.isfinite(epsilon) and epsilon >= 0)
+    ):
         raise ValueError(f"`epsilon` must be a finite number >= 0; got {epsilon!r}.")
     if norm not in NORMS:
         raise ValueError(f"`norm` must be one of {NORMS}; got {norm!r}.")
-    for name, value, allow_none in (("restarts", restarts, False),
-                                    ("num_examples", num_examples, True),
-                                    ("batch_size", batch_size, False),
-                                    ("apgd_targets", apgd_targets, False)):
+    for name, value, allow_none in (
+        ("restarts", restarts, False),
+        ("num_examples", num_examples, True),
+        ("batch_size", batch_size, False),
+        ("apgd_targets", apgd_targets, False),
+    ):
         if value is None and allow_none:
             continue
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
@@ -518,8 +542,9 @@ def _correct(model_fn, images, labels):
     return tf.equal(tf.argmax(logits, axis=-1, output_type=tf.int32), labels)
 
 
-def _attack_fn(model_fn, spec, *, epsilon, norm, restarts, apgd_targets, clip_min, clip_max,
-               image_shape):
+def _attack_fn(
+    model_fn, spec, *, epsilon, norm, restarts, apgd_targets, clip_min, clip_max, image_shape
+):
     """A `tf.function` (x, y, seed) -> correct `[B]` after every restart of `spec`."""
     common = dict(epsilon=epsilon, norm=norm, clip_min=clip_min, clip_max=clip_max)
 
@@ -531,24 +556,45 @@ def _attack_fn(model_fn, spec, *, epsilon, norm, restarts, apgd_targets, clip_mi
         if spec.kind == "fgsm":
             return _correct(model_fn, attacks_lib.fgsm(model_fn, x, y, **common), y)
         if spec.kind == "apgd":
-            x_adv = attacks_lib.apgd(model_fn, x, y, steps=spec.steps, loss=spec.loss,
-                                 targeted=spec.targeted, num_targets=apgd_targets,
-                                 restarts=restarts, seed=seed, **common)
+            x_adv = attacks_lib.apgd(
+                model_fn,
+                x,
+                y,
+                steps=spec.steps,
+                loss=spec.loss,
+                targeted=spec.targeted,
+                num_targets=apgd_targets,
+                restarts=restarts,
+                seed=seed,
+                **common,
+            )
             return _correct(model_fn, x_adv, y)
 
         def restart(r, correct):
-            x_adv = attacks_lib.pgd(model_fn, x, y, steps=spec.steps, random_start=True,
-                                    step_size=config_lib.pgd_step_size(epsilon, spec.steps), **common)
+            x_adv = attacks_lib.pgd(
+                model_fn,
+                x,
+                y,
+                steps=spec.steps,
+                random_start=True,
+                step_size=config_lib.pgd_step_size(epsilon, spec.steps),
+                **common,
+            )
             return r + 1, tf.logical_and(correct, _correct(model_fn, x_adv, y))
 
-        _, correct = tf.while_loop(lambda r, _: r < restarts, restart,
-                                   (tf.constant(0), tf.ones_like(y, tf.bool)),
-                                   parallel_iterations=1)
+        _, correct = tf.while_loop(
+            lambda r, _: r < restarts,
+            restart,
+            (tf.constant(0), tf.ones_like(y, tf.bool)),
+            parallel_iterations=1,
+        )
         return correct
 
-    signature = [tf.TensorSpec((None, *image_shape), tf.float32, name="images"),
-                 tf.TensorSpec((None,), tf.int32, name="labels"),
-                 tf.TensorSpec((), tf.int64, name="seed")]
+    signature = [
+        tf.TensorSpec((None, *image_shape), tf.float32, name="images"),
+        tf.TensorSpec((None,), tf.int32, name="labels"),
+        tf.TensorSpec((), tf.int64, name="seed"),
+    ]
     return tf.function(correct_under_attack, input_signature=signature)
 
 
@@ -558,10 +604,21 @@ def _batch_seed(seed, attack_index, batch_index, rng):
     return np.int64((seed * 1_000 + attack_index) * 1_000_000 + batch_index)
 
 
-def evaluate_robustness(model, data, *, epsilon, norm="linf",  # noqa: C901
-                        attacks=config_lib.EVAL_ATTACKS, restarts=config_lib.EVAL_RESTARTS,
-                        num_examples=None, seed=0, batch_size=config_lib.EVAL_BATCH_SIZE,
-                        apgd_targets=config_lib.APGD_TARGETS, clip_min=0.0, clip_max=1.0):
+def evaluate_robustness(
+    model,
+    data,
+    *,
+    epsilon,
+    norm="linf",  # noqa: C901
+    attacks=config_lib.EVAL_ATTACKS,
+    restarts=config_lib.EVAL_RESTARTS,
+    num_examples=None,
+    seed=0,
+    batch_size=config_lib.EVAL_BATCH_SIZE,
+    apgd_targets=config_lib.APGD_TARGETS,
+    clip_min=0.0,
+    clip_max=1.0,
+):
     """Evaluates a model against a suite of attacks; the worst case per example.
 
     Args:
@@ -594,65 +651,128 @@ def evaluate_robustness(model, data, *, epsilon, norm="linf",  # noqa: C901
         ValueError: For invalid arguments, a suite without PGD and APGD,
             images outside the pixel range, or labels outside the logits.
     """
-    _check_args(epsilon=epsilon, norm=norm, restarts=restarts, num_examples=num_examples,
-                seed=seed, batch_size=batch_size, apgd_targets=apgd_targets)
+    _check_args(
+        epsilon=epsilon,
+        norm=norm,
+        restarts=restarts,
+        num_examples=num_examples,
+        seed=seed,
+        batch_size=batch_size,
+        apgd_targets=apgd_targets,
+    )
     specs = parse_suite(attacks)
     if not clip_min < clip_max:
         raise ValueError(f"`clip_min` ({clip_min}) must be smaller than `clip_max` ({clip_max}).")
     model_fn = _as_model_fn(model)
     x, y = _materialise(data, num_examples, clip_min, clip_max)
-    return _evaluate_arrays(model_fn, x, y, specs, epsilon=float(epsilon), norm=norm,
-                            restarts=restarts, seed=seed, batch_size=batch_size,
-                            apgd_targets=apgd_targets, clip_min=clip_min, clip_max=clip_max)
+    return _evaluate_arrays(
+        model_fn,
+        x,
+        y,
+        specs,
+        epsilon=float(epsilon),
+        norm=norm,
+        restarts=restarts,
+        seed=seed,
+        batch_size=batch_size,
+        apgd_targets=apgd_targets,
+        clip_min=clip_min,
+        clip_max=clip_max,
+    )
 
 
-def _evaluate_arrays(model_fn, x, y, specs, *, epsilon, norm, restarts, seed, batch_size,
-                     apgd_targets, clip_min, clip_max):
+def _evaluate_arrays(
+    model_fn,
+    x,
+    y,
+    specs,
+    *,
+    epsilon,
+    norm,
+    restarts,
+    seed,
+    batch_size,
+    apgd_targets,
+    clip_min,
+    clip_max,
+):
     if seed is not None:
         tf.random.set_seed(seed)
     rng = np.random.default_rng(seed)
     image_shape = tuple(x.shape[1:])
     starts = range(0, len(x), batch_size)
 
-    clean_fn = tf.function(lambda images, labels: _correct(model_fn, images, labels),
-                           input_signature=[tf.TensorSpec((None, *image_shape), tf.float32),
-                                            tf.TensorSpec((None,), tf.int32)])
+    clean_fn = tf.function(
+        lambda images, labels: _correct(model_fn, images, labels),
+        input_signature=[
+            tf.TensorSpec((None, *image_shape), tf.float32),
+            tf.TensorSpec((None,), tf.int32),
+        ],
+    )
     num_classes = None
     first_logits = model_fn(tf.constant(x[:1]))
     if first_logits.shape.rank != 2:
-        raise ValueError(f"The model must return logits [batch, classes]; got shape "
-                         f"{first_logits.shape}.")
+        raise ValueError(
+            f"The model must return logits [batch, classes]; got shape {first_logits.shape}."
+        )
     num_classes = first_logits.shape[-1]
     if num_classes is not None and (y.min() < 0 or y.max() >= num_classes):
-        raise ValueError(f"Labels must be in [0, {num_classes}) (the model's logits); they "
-                         f"span [{y.min()}, {y.max()}].")
+        raise ValueError(
+            f"Labels must be in [0, {num_classes}) (the model's logits); they "
+            f"span [{y.min()}, {y.max()}]."
+        )
     clean_correct = np.concatenate(
-        [clean_fn(x[i:i + batch_size], y[i:i + batch_size]).numpy() for i in starts])
+        [clean_fn(x[i : i + batch_size], y[i : i + batch_size]).numpy() for i in starts]
+    )
 
     attack_correct, attack_seconds = {}, {}
     for attack_index, spec in enumerate(specs):
-        fn = _attack_fn(model_fn, spec, epsilon=epsilon, norm=norm, restarts=restarts,
-                        apgd_targets=apgd_targets, clip_min=clip_min, clip_max=clip_max,
-                        image_shape=image_shape)
+        fn = _attack_fn(
+            model_fn,
+            spec,
+            epsilon=epsilon,
+            norm=norm,
+            restarts=restarts,
+            apgd_targets=apgd_targets,
+            clip_min=clip_min,
+            clip_max=clip_max,
+            image_shape=image_shape,
+        )
         start = time.perf_counter()
         correct = []
         for batch_index, i in enumerate(starts):
             batch_seed = _batch_seed(seed, attack_index, batch_index, rng)
-            correct.append(fn(x[i:i + batch_size], y[i:i + batch_size], batch_seed).numpy())
+            correct.append(fn(x[i : i + batch_size], y[i : i + batch_size], batch_seed).numpy())
         attack_correct[spec.name] = np.concatenate(correct)
         attack_seconds[spec.name] = time.perf_counter() - start
-        _log.info("epsilon=%g %s: accuracy %.4f (%.1fs)", epsilon, spec.name,
-                  attack_correct[spec.name].mean(), attack_seconds[spec.name])
+        _log.info(
+            "epsilon=%g %s: accuracy %.4f (%.1fs)",
+            epsilon,
+            spec.name,
+            attack_correct[spec.name].mean(),
+            attack_seconds[spec.name],
+        )
 
     robust_correct = worst_case_correct(clean_correct, attack_correct)
     return RobustnessResult(
-        epsilon=epsilon, norm=norm, attacks=tuple(s.name for s in specs), restarts=restarts,
-        num_examples=len(x), clean_accuracy=float(clean_correct.mean()),
+        epsilon=epsilon,
+        norm=norm,
+        attacks=tuple(s.name for s in specs),
+        restarts=restarts,
+        num_examples=len(x),
+        clean_accuracy=float(clean_correct.mean()),
         attack_accuracy={k: float(v.mean()) for k, v in attack_correct.items()},
-        robust_accuracy=float(robust_correct.mean()), clean_correct=clean_correct,
-        attack_correct=attack_correct, robust_correct=robust_correct,
-        attack_seconds=attack_seconds, image_shape=image_shape, clip_min=clip_min,
-        clip_max=clip_max, apgd_targets=apgd_targets, seed=seed)
+        robust_accuracy=float(robust_correct.mean()),
+        clean_correct=clean_correct,
+        attack_correct=attack_correct,
+        robust_correct=robust_correct,
+        attack_seconds=attack_seconds,
+        image_shape=image_shape,
+        clip_min=clip_min,
+        clip_max=clip_max,
+        apgd_targets=apgd_targets,
+        seed=seed,
+    )
 
 
 def large_epsilon(norm, image_shape, clip_min=0.0, clip_max=1.0):
@@ -668,11 +788,23 @@ def large_epsilon(norm, image_shape, clip_min=0.0, clip_max=1.0):
     return radius
 
 
-def epsilon_sweep(model, data, epsilons, *, headline_epsilon=None, include_sanity_epsilons=True,
-                  norm="linf", attacks=config_lib.EVAL_ATTACKS,
-                  restarts=config_lib.EVAL_RESTARTS, num_examples=None, seed=0,
-                  batch_size=config_lib.EVAL_BATCH_SIZE, apgd_targets=config_lib.APGD_TARGETS,
-                  clip_min=0.0, clip_max=1.0):
+def epsilon_sweep(
+    model,
+    data,
+    epsilons,
+    *,
+    headline_epsilon=None,
+    include_sanity_epsilons=True,
+    norm="linf",
+    attacks=config_lib.EVAL_ATTACKS,
+    restarts=config_lib.EVAL_RESTARTS,
+    num_examples=None,
+    seed=0,
+    batch_size=config_lib.EVAL_BATCH_SIZE,
+    apgd_targets=config_lib.APGD_TARGETS,
+    clip_min=0.0,
+    clip_max=1.0,
+):
     """Evaluates the same examples at several epsilons.
 
     Args:
@@ -701,8 +833,15 @@ def epsilon_sweep(model, data, epsilons, *, headline_epsilon=None, include_sanit
     if not epsilons and not include_sanity_epsilons:
         raise ValueError("`epsilons` is empty.")
     for epsilon in epsilons or [0.0]:
-        _check_args(epsilon=epsilon, norm=norm, restarts=restarts, num_examples=num_examples,
-                    seed=seed, batch_size=batch_size, apgd_targets=apgd_targets)
+        _check_args(
+            epsilon=epsilon,
+            norm=norm,
+            restarts=restarts,
+            num_examples=num_examples,
+            seed=seed,
+            batch_size=batch_size,
+            apgd_targets=apgd_targets,
+        )
     if headline_epsilon is None and any(e > 0 for e in epsilons):
         headline_epsilon = float(max(epsilons))
     specs = parse_suite(attacks)
@@ -715,9 +854,20 @@ def epsilon_sweep(model, data, epsilons, *, headline_epsilon=None, include_sanit
         if not any(math.isclose(epsilon, d, rel_tol=1e-9, abs_tol=1e-12) for d in distinct):
             distinct.append(epsilon)
     results = [
-        _evaluate_arrays(model_fn, x, y, specs, epsilon=epsilon, norm=norm, restarts=restarts,
-                         seed=seed, batch_size=batch_size, apgd_targets=apgd_targets,
-                         clip_min=clip_min, clip_max=clip_max)
+        _evaluate_arrays(
+            model_fn,
+            x,
+            y,
+            specs,
+            epsilon=epsilon,
+            norm=norm,
+            restarts=restarts,
+            seed=seed,
+            batch_size=batch_size,
+            apgd_targets=apgd_targets,
+            clip_min=clip_min,
+            clip_max=clip_max,
+        )
         for epsilon in distinct
     ]
     return SweepResult(results, headline_epsilon=headline_epsilon)
@@ -772,10 +922,12 @@ def _check_suite(sweep):
     for r in sweep.results:
         kinds = {parse_attack(a).kind for a in r.attacks}
         if "pgd" not in kinds or "apgd" not in kinds:
-            violations.append(f"epsilon {r.epsilon:g}: attacks {list(r.attacks)} lack a PGD or "
-                              "an APGD attack")
-    return _check("attack_suite", violations,
-                  "every worst case covers at least one PGD and one APGD attack")
+            violations.append(
+                f"epsilon {r.epsilon:g}: attacks {list(r.attacks)} lack a PGD or an APGD attack"
+            )
+    return _check(
+        "attack_suite", violations, "every worst case covers at least one PGD and one APGD attack"
+    )
 
 
 def _check_pgd_steps(sweep):
@@ -784,8 +936,9 @@ def _check_pgd_steps(sweep):
         if r.epsilon == 0:
             continue
         tol = comparison_tolerance(r.num_examples)
-        pgds = sorted((parse_attack(a).steps, a) for a in r.attacks
-                      if parse_attack(a).kind == "pgd")
+        pgds = sorted(
+            (parse_attack(a).steps, a) for a in r.attacks if parse_attack(a).kind == "pgd"
+        )
         for (few_steps, few), (many_steps, many) in zip(pgds, pgds[1:]):
             if many_steps == few_steps:
                 continue
@@ -793,12 +946,19 @@ def _check_pgd_steps(sweep):
             if r.attack_accuracy[many] > r.attack_accuracy[few] + tol:
                 violations.append(
                     f"epsilon {r.epsilon:g}: {many} accuracy {_pct(r.attack_accuracy[many])} > "
-                    f"{few} accuracy {_pct(r.attack_accuracy[few])} (tolerance {_pct(tol)})")
+                    f"{few} accuracy {_pct(r.attack_accuracy[few])} (tolerance {_pct(tol)})"
+                )
     if not compared:
-        return SanityCheck("more_pgd_steps_not_weaker", SKIPPED,
-                           "needs two PGD attacks with different steps at an epsilon > 0")
-    return _check("more_pgd_steps_not_weaker", violations,
-                  "PGD with more steps is never weaker than with fewer")
+        return SanityCheck(
+            "more_pgd_steps_not_weaker",
+            SKIPPED,
+            "needs two PGD attacks with different steps at an epsilon > 0",
+        )
+    return _check(
+        "more_pgd_steps_not_weaker",
+        violations,
+        "PGD with more steps is never weaker than with fewer",
+    )
 
 
 def _check_fgsm(sweep):
@@ -815,19 +975,27 @@ def _check_fgsm(sweep):
             if r.attack_accuracy[name] > r.attack_accuracy["fgsm"] + tol:
                 violations.append(
                     f"epsilon {r.epsilon:g}: {name} accuracy {_pct(r.attack_accuracy[name])} > "
-                    f"FGSM accuracy {_pct(r.attack_accuracy['fgsm'])} (tolerance {_pct(tol)})")
+                    f"FGSM accuracy {_pct(r.attack_accuracy['fgsm'])} (tolerance {_pct(tol)})"
+                )
     if not compared:
-        return SanityCheck("iterative_not_weaker_than_fgsm", SKIPPED,
-                           "needs FGSM and an iterative cross-entropy attack at an epsilon > 0")
-    return _check("iterative_not_weaker_than_fgsm", violations,
-                  "iterative cross-entropy attacks are never weaker than FGSM")
+        return SanityCheck(
+            "iterative_not_weaker_than_fgsm",
+            SKIPPED,
+            "needs FGSM and an iterative cross-entropy attack at an epsilon > 0",
+        )
+    return _check(
+        "iterative_not_weaker_than_fgsm",
+        violations,
+        "iterative cross-entropy attacks are never weaker than FGSM",
+    )
 
 
 def _check_epsilon_zero(sweep):
     zero = [r for r in sweep.results if r.epsilon == 0]
     if not zero:
-        return SanityCheck("epsilon_zero_equals_clean", SKIPPED,
-                           "no result at epsilon 0 (use epsilon_sweep)")
+        return SanityCheck(
+            "epsilon_zero_equals_clean", SKIPPED, "no result at epsilon 0 (use epsilon_sweep)"
+        )
     violations = []
     for r in zero:
         differ = int(np.sum(r.robust_correct != r.clean_correct))
@@ -835,9 +1003,13 @@ def _check_epsilon_zero(sweep):
             violations.append(
                 f"at epsilon 0 robust accuracy is {_pct(r.robust_accuracy)} but clean accuracy "
                 f"is {_pct(r.clean_accuracy)} ({differ} examples differ): the model is "
-                "stochastic or not in inference mode")
-    return _check("epsilon_zero_equals_clean", violations,
-                  f"robust accuracy at epsilon 0 = clean accuracy ({_pct(zero[0].clean_accuracy)})")
+                "stochastic or not in inference mode"
+            )
+    return _check(
+        "epsilon_zero_equals_clean",
+        violations,
+        f"robust accuracy at epsilon 0 = clean accuracy ({_pct(zero[0].clean_accuracy)})",
+    )
 
 
 def _check_monotone(sweep):
@@ -851,10 +1023,15 @@ def _check_monotone(sweep):
             violations.append(
                 f"robust accuracy rises from {_pct(low.robust_accuracy)} at epsilon "
                 f"{low.epsilon:g} to {_pct(high.robust_accuracy)} at epsilon {high.epsilon:g} "
-                f"(tolerance {_pct(tol)})")
-    return _check("non_increasing_in_epsilon", violations,
-                  "robust accuracy does not rise with epsilon ("
-                  + ", ".join(f"{r.epsilon:g}: {_pct(r.robust_accuracy)}" for r in results) + ")")
+                f"(tolerance {_pct(tol)})"
+            )
+    return _check(
+        "non_increasing_in_epsilon",
+        violations,
+        "robust accuracy does not rise with epsilon ("
+        + ", ".join(f"{r.epsilon:g}: {_pct(r.robust_accuracy)}" for r in results)
+        + ")",
+    )
 
 
 def _check_large_epsilon(sweep):
@@ -868,14 +1045,24 @@ def _check_large_epsilon(sweep):
             violations.append(
                 f"robust accuracy at epsilon {r.epsilon:g} is {_pct(r.robust_accuracy)} > "
                 f"{_pct(NEAR_ZERO_ACCURACY)}: the attacks cannot even exploit a perturbation "
-                "that can erase the image, a sign of gradient masking")
+                "that can erase the image, a sign of gradient masking"
+            )
     if not checked:
-        return SanityCheck("near_zero_at_large_epsilon", SKIPPED,
-                           "no result at a large epsilon (0.5 for L-inf on [0, 1] images; use "
-                           "epsilon_sweep with include_sanity_epsilons=True)")
-    return _check("near_zero_at_large_epsilon", violations,
-                  "robust accuracy <= " + _pct(NEAR_ZERO_ACCURACY) + " at large epsilon ("
-                  + ", ".join(f"{r.epsilon:g}: {_pct(r.robust_accuracy)}" for r in checked) + ")")
+        return SanityCheck(
+            "near_zero_at_large_epsilon",
+            SKIPPED,
+            "no result at a large epsilon (0.5 for L-inf on [0, 1] images; use "
+            "epsilon_sweep with include_sanity_epsilons=True)",
+        )
+    return _check(
+        "near_zero_at_large_epsilon",
+        violations,
+        "robust accuracy <= "
+        + _pct(NEAR_ZERO_ACCURACY)
+        + " at large epsilon ("
+        + ", ".join(f"{r.epsilon:g}: {_pct(r.robust_accuracy)}" for r in checked)
+        + ")",
+    )
 
 
 def sanity_checks(results, *, raise_on_failure=False):
@@ -911,7 +1098,8 @@ def sanity_checks(results, *, raise_on_failure=False):
     if failures and raise_on_failure:
         raise SanityCheckError(
             "Robustness evaluation failed its sanity checks; do not trust its numbers:\n"
-            + "\n".join(f"  - {c.name}: {c.message}" for c in failures))
+            + "\n".join(f"  - {c.name}: {c.message}" for c in failures)
+        )
     return checks
 
 
@@ -944,17 +1132,23 @@ def format_summary(results, checks=None):
     for r in sweep.results:
         cells = "  ".join(
             f"{_pct(r.attack_accuracy[n]) if n in r.attack_accuracy else '-':>{width}}"
-            for n in names)
-        lines.append(f"  {r.epsilon:>8g}  {_pct(r.clean_accuracy):>8}  {cells}  "
-                     f"{_pct(r.robust_accuracy):>10}")
+            for n in names
+        )
+        lines.append(
+            f"  {r.epsilon:>8g}  {_pct(r.clean_accuracy):>8}  {cells}  "
+            f"{_pct(r.robust_accuracy):>10}"
+        )
     if checks is not None:
         lines += ["", "Sanity checks:"]
         for c in checks:
             mark = {"passed": "ok  ", "failed": "FAIL", "skipped": "skip"}[c.status]
             lines.append(f"  [{mark}] {c.name}: {c.message}")
         if any(c.failed for c in checks):
-            lines += ["", "!!! SANITY CHECKS FAILED: the robust accuracy above is NOT "
-                          "trustworthy (possible gradient masking or a broken evaluation)."]
+            lines += [
+                "",
+                "!!! SANITY CHECKS FAILED: the robust accuracy above is NOT "
+                "trustworthy (possible gradient masking or a broken evaluation).",
+            ]
     return "\n".join(lines)
 
 
@@ -975,10 +1169,13 @@ def _markdown(sweep, checks, metadata):
         "|---:|---:|" + "---:|" * len(names) + "---:|",
     ]
     for r in sweep.results:
-        cells = " | ".join(_pct(r.attack_accuracy[n]) if n in r.attack_accuracy else "-"
-                           for n in names)
-        lines.append(f"| {r.epsilon:g} | {_pct(r.clean_accuracy)} | {cells} | "
-                     f"**{_pct(r.robust_accuracy)}** |")
+        cells = " | ".join(
+            _pct(r.attack_accuracy[n]) if n in r.attack_accuracy else "-" for n in names
+        )
+        lines.append(
+            f"| {r.epsilon:g} | {_pct(r.clean_accuracy)} | {cells} | "
+            f"**{_pct(r.robust_accuracy)}** |"
+        )
     lines += ["", "## Sanity checks", "", "| check | status | details |", "|---|---|---|"]
     for c in checks:
         status = "**FAILED**" if c.failed else c.status
@@ -997,11 +1194,18 @@ def _plot(sweep, path):
     axes = figure.add_subplot()
     epsilons = sweep.epsilons
     for name in _all_attacks(sweep):
-        points = [(r.epsilon, r.attack_accuracy[name]) for r in sweep.results
-                  if name in r.attack_accuracy]
+        points = [
+            (r.epsilon, r.attack_accuracy[name]) for r in sweep.results if name in r.attack_accuracy
+        ]
         axes.plot(*zip(*points), linestyle="--", marker=".", linewidth=1, label=name)
-    axes.plot(epsilons, sweep.robust_accuracies, color="black", marker="o", linewidth=2,
-              label="worst case")
+    axes.plot(
+        epsilons,
+        sweep.robust_accuracies,
+        color="black",
+        marker="o",
+        linewidth=2,
+        label="worst case",
+    )
     axes.axhline(sweep.headline.clean_accuracy, color="grey", linestyle=":", label="clean")
     axes.set_xlabel(f"epsilon ({sweep.headline.norm})")
     axes.set_ylabel("accuracy")

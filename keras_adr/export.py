@@ -111,9 +111,7 @@ _RESERVED_METADATA_KEYS = frozenset(
 )
 
 
-def export_saved_model(
-    model, base_dir, *, version=None, metadata=None, overwrite=False
-):
+def export_saved_model(model, base_dir, *, version=None, metadata=None, overwrite=False):
     """Exports a classifier as one version of a TF Serving model.
 
     The SavedModel is written into a hidden temporary directory inside
@@ -157,9 +155,7 @@ def export_saved_model(
     if version is not None:
         version = _validate_version(version)
     if metadata is not None and not isinstance(metadata, dict):
-        raise ValueError(
-            f"`metadata` must be a dict. Received: {type(metadata).__name__}"
-        )
+        raise ValueError(f"`metadata` must be a dict. Received: {type(metadata).__name__}")
     image_shape = _image_shape(model)
     base_dir = os.fspath(base_dir)
     os.makedirs(base_dir, exist_ok=True)
@@ -173,12 +169,14 @@ def export_saved_model(
         base_dir, f"{TEMP_EXPORT_PREFIX}{planned_version}-"
     )
     try:
-        signatures, num_classes = _write_saved_model(
-            model, image_shape, temp_dir
-        )
+        signatures, num_classes = _write_saved_model(model, image_shape, temp_dir)
         warmup_requests = _write_warmup_requests(temp_dir, image_shape)
         export_metadata = _export_metadata(
-            model, image_shape, num_classes, signatures, warmup_requests,
+            model,
+            image_shape,
+            num_classes,
+            signatures,
+            warmup_requests,
             metadata,
         )
         _write_metadata(temp_dir, export_metadata)
@@ -249,9 +247,7 @@ def read_metadata(version_dir):
     Raises:
         FileNotFoundError: If the directory has no keras-adr metadata.
     """
-    path = os.path.join(
-        os.fspath(version_dir), METADATA_DIRNAME, EXPORT_METADATA_FILENAME
-    )
+    path = os.path.join(os.fspath(version_dir), METADATA_DIRNAME, EXPORT_METADATA_FILENAME)
     with open(path, encoding="utf-8") as f:
         return json.load(f)
 
@@ -288,9 +284,7 @@ def models_config(model_name, base_path, *, model_platform="tensorflow"):
     Raises:
         ValueError: If `model_name` or `base_path` is invalid.
     """
-    if not isinstance(model_name, str) or not _MODEL_NAME_RE.match(
-        model_name
-    ):
+    if not isinstance(model_name, str) or not _MODEL_NAME_RE.match(model_name):
         raise ValueError(
             "`model_name` must contain only letters, digits, '_', '.' and "
             f"'-', starting with a letter or digit. Received: {model_name!r}"
@@ -377,13 +371,9 @@ def _checked_float_images(images, image_shape):
     images = tf.ensure_shape(images, (None, *image_shape))
     # The range check reads the finiteness check's output, so a NaN is
     # reported as such rather than as out of range.
-    images = tf.debugging.assert_all_finite(
-        images, "images must be finite (found NaN or Inf)"
-    )
+    images = tf.debugging.assert_all_finite(images, "images must be finite (found NaN or Inf)")
     in_range = tf.debugging.Assert(
-        tf.logical_and(
-            tf.reduce_all(images >= 0.0), tf.reduce_all(images <= 1.0)
-        ),
+        tf.logical_and(tf.reduce_all(images >= 0.0), tf.reduce_all(images <= 1.0)),
         [
             "float32 images must have values in [0, 1]: divide uint8 "
             "pixels by 255 or use the 'serve_uint8' signature. "
@@ -410,7 +400,8 @@ def _predict(model, images):
     empty request returns empty outputs).
     """
     spec = model.compute_output_spec(
-        keras.KerasTensor((SERVING_CHUNK, *images.shape[1:]), dtype="float32"))
+        keras.KerasTensor((SERVING_CHUNK, *images.shape[1:]), dtype="float32")
+    )
     if not hasattr(spec, "shape") or len(spec.shape) != 2 or spec.shape[-1] is None:
         raise ValueError(
             "`model(images, training=False)` must return one logits tensor "
@@ -418,21 +409,21 @@ def _predict(model, images):
         )
     num_classes = spec.shape[-1]
     num_chunks = (tf.shape(images)[0] + SERVING_CHUNK - 1) // SERVING_CHUNK
-    chunks = tf.TensorArray(tf.float32, size=num_chunks, infer_shape=False,
-                            element_shape=tf.TensorShape([None, num_classes]))
+    chunks = tf.TensorArray(
+        tf.float32,
+        size=num_chunks,
+        infer_shape=False,
+        element_shape=tf.TensorShape([None, num_classes]),
+    )
 
     def body(i, chunks):
-        chunk = images[i * SERVING_CHUNK:(i + 1) * SERVING_CHUNK]
+        chunk = images[i * SERVING_CHUNK : (i + 1) * SERVING_CHUNK]
         # Mixed-precision models return float16/bfloat16 logits; serve float32.
         return i + 1, chunks.write(i, tf.cast(model(chunk, training=False), tf.float32))
 
-    _, chunks = tf.while_loop(lambda i, _: i < num_chunks, body, (0, chunks),
-                              parallel_iterations=1)
-    logits = tf.cond(num_chunks > 0, chunks.concat,
-                     lambda: tf.zeros([0, num_classes], tf.float32))
-    logits = tf.debugging.assert_all_finite(
-        logits, "the model produced non-finite logits"
-    )
+    _, chunks = tf.while_loop(lambda i, _: i < num_chunks, body, (0, chunks), parallel_iterations=1)
+    logits = tf.cond(num_chunks > 0, chunks.concat, lambda: tf.zeros([0, num_classes], tf.float32))
+    logits = tf.debugging.assert_all_finite(logits, "the model produced non-finite logits")
     return {
         OUTPUT_PROBABILITIES: tf.nn.softmax(logits, axis=-1),
         OUTPUT_CLASSES: tf.argmax(logits, axis=-1, output_type=tf.int64),
@@ -470,9 +461,7 @@ def _write_saved_model(model, image_shape, directory):
         num_classes = outputs[OUTPUT_LOGITS].shape[-1]
         signatures[name] = {
             "inputs": {INPUT_NAME: _describe_spec(spec)},
-            "outputs": {
-                key: _describe_spec(tensor) for key, tensor in outputs.items()
-            },
+            "outputs": {key: _describe_spec(tensor) for key, tensor in outputs.items()},
         }
     archive.write_out(directory, verbose=False)
     return signatures, num_classes
@@ -485,9 +474,7 @@ def _describe_spec(tensor):
 # Metadata.
 
 
-def _export_metadata(
-    model, image_shape, num_classes, signatures, warmup_requests, user
-):
+def _export_metadata(model, image_shape, num_classes, signatures, warmup_requests, user):
     """Merges what the export knows with the caller's metadata."""
     user = dict(user or {})
     reserved = sorted(_RESERVED_METADATA_KEYS.intersection(user))
@@ -498,8 +485,7 @@ def _export_metadata(
         )
     known = {
         "format_version": METADATA_FORMAT_VERSION,
-        "export_time": datetime.datetime.now(datetime.timezone.utc)
-        .isoformat(timespec="seconds"),
+        "export_time": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "keras_adr_version": _keras_adr_version(),
         "keras_version": keras.__version__,
         "tensorflow_version": tf.__version__,
@@ -515,9 +501,7 @@ def _export_metadata(
         # Fail before anything is published rather than write bad JSON.
         json.dumps(merged, allow_nan=False)
     except (TypeError, ValueError) as err:
-        raise ValueError(
-            f"`metadata` must be JSON-serialisable. Error: {err}"
-        ) from err
+        raise ValueError(f"`metadata` must be JSON-serialisable. Error: {err}") from err
     return merged
 
 
@@ -556,10 +540,10 @@ def _write_warmup_requests(version_dir, image_shape):
                 pixels = rng.integers(0, 256, (batch_size, *image_shape), dtype=np.uint8)
                 # The model name is the server's (models.config); TF Serving
                 # reads only the signature name of a warm-up request.
-                request = serving.grpc_predict_request(
-                    pixels, model_name="", signature_name=name)
+                request = serving.grpc_predict_request(pixels, model_name="", signature_name=name)
                 log = prediction_log_pb2.PredictionLog(
-                    predict_log=prediction_log_pb2.PredictLog(request=request))
+                    predict_log=prediction_log_pb2.PredictLog(request=request)
+                )
                 writer.write(log.SerializeToString())
                 count += 1
     return count
@@ -616,8 +600,7 @@ def _check_version_free(base_dir, version):
     if version in existing:
         raise FileExistsError(
             errno.EEXIST,
-            f"Version {version} already exists; pass overwrite=True to "
-            "replace it",
+            f"Version {version} already exists; pass overwrite=True to replace it",
             os.path.join(base_dir, existing[version]),
         )
 
@@ -676,9 +659,7 @@ def _restore_replaced(base_dir, name):
         return False
     if int(version_text) in _existing_versions(base_dir):
         return False
-    os.rename(
-        os.path.join(base_dir, name), os.path.join(base_dir, version_text)
-    )
+    os.rename(os.path.join(base_dir, name), os.path.join(base_dir, version_text))
     return True
 
 

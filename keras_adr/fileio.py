@@ -42,7 +42,8 @@ def write_text(path, text):
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     temp_path = os.path.join(
-        directory, f".{os.path.basename(path)}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+        directory, f".{os.path.basename(path)}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
+    )
     try:
         with open(temp_path, "w", encoding="utf-8") as f:
             f.write(text)

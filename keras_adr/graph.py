@@ -107,9 +107,12 @@ def propagate_labels(z, y, z_adv, num_classes, alpha=0.99, k=10):
     z_adv = tf.stop_gradient(flatten_batch(z_adv))
     nodes = tf.concat([z, z_adv], axis=0)
     affinity = normalized_affinity(affinity_graph(nodes, k=k))
-    seeds = tf.concat([
-        tf.one_hot(tf.cast(y, tf.int32), num_classes),
-        tf.zeros([tf.shape(z_adv)[0], num_classes]),
-    ], axis=0)
+    seeds = tf.concat(
+        [
+            tf.one_hot(tf.cast(y, tf.int32), num_classes),
+            tf.zeros([tf.shape(z_adv)[0], num_classes]),
+        ],
+        axis=0,
+    )
     spread = propagate(affinity, seeds, alpha=alpha)
-    return tf.stop_gradient(spread[tf.shape(z)[0]:])
+    return tf.stop_gradient(spread[tf.shape(z)[0] :])

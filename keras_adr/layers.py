@@ -57,10 +57,18 @@ class Standardize(keras.layers.Layer):
     def build(self, input_shape):
         channels = input_shape[-1]
         mean, std = self._initial
-        self.mean = self.add_weight(shape=(channels,), name="mean", trainable=False,
-                                    initializer=_constant(mean, 0.0, channels))
-        self.std = self.add_weight(shape=(channels,), name="std", trainable=False,
-                                   initializer=_constant(std, 1.0, channels))
+        self.mean = self.add_weight(
+            shape=(channels,),
+            name="mean",
+            trainable=False,
+            initializer=_constant(mean, 0.0, channels),
+        )
+        self.std = self.add_weight(
+            shape=(channels,),
+            name="std",
+            trainable=False,
+            initializer=_constant(std, 1.0, channels),
+        )
 
     def adapt(self, data, max_batches=None):
         """Sets mean and std from images (or `(images, labels)` batches).
@@ -83,17 +91,18 @@ class Standardize(keras.layers.Layer):
             images = np.asarray(images, np.float64).reshape(-1, self.mean.shape[0])
             count += len(images)
             total = total + images.sum(0)
-            total_sq = total_sq + (images ** 2).sum(0)
+            total_sq = total_sq + (images**2).sum(0)
         if not count:
             raise ValueError("Standardize.adapt got no images.")
         mean = total / count
-        std = np.sqrt(np.maximum(total_sq / count - mean ** 2, 0.0))
+        std = np.sqrt(np.maximum(total_sq / count - mean**2, 0.0))
         self.mean.assign(mean.astype("float32"))
         self.std.assign(np.maximum(std, 1e-6).astype("float32"))
 
     def call(self, inputs):
         return (inputs - keras.ops.cast(self.mean, inputs.dtype)) / keras.ops.cast(
-            self.std, inputs.dtype)
+            self.std, inputs.dtype
+        )
 
     def compute_output_shape(self, input_shape):
         return input_shape

@@ -70,10 +70,10 @@ def normalize_latent(z, normalization="none"):
     if normalization == "none":
         return z
     if normalization == "rms":
-        return z * tf.math.rsqrt(tf.reduce_mean(tf.square(z), axis=1, keepdims=True)
-                                 + _RMS_EPSILON)
-    raise ValueError(f"`normalization` must be one of {LATENT_NORMALIZATIONS}; "
-                     f"got {normalization!r}.")
+        return z * tf.math.rsqrt(tf.reduce_mean(tf.square(z), axis=1, keepdims=True) + _RMS_EPSILON)
+    raise ValueError(
+        f"`normalization` must be one of {LATENT_NORMALIZATIONS}; got {normalization!r}."
+    )
 
 
 def local_compactness_per_example(z, z_adv, distance="l1", normalization="none"):
@@ -81,8 +81,9 @@ def local_compactness_per_example(z, z_adv, distance="l1", normalization="none")
 
     With `normalization="rms"` both codes are first divided by their RMS.
     """
-    diff = (tf.stop_gradient(normalize_latent(z, normalization))
-            - normalize_latent(z_adv, normalization))
+    diff = tf.stop_gradient(normalize_latent(z, normalization)) - normalize_latent(
+        z_adv, normalization
+    )
     if distance == "l1":
         return tf.reduce_mean(tf.abs(diff), axis=1)
     if distance == "l2":
@@ -146,7 +147,8 @@ def _sorted_l1_sums(sorted_refs, prefix, queries, lower, upper):
     sum_below = tf.cast(at(below) - at(lower), tf.float32)
     total = tf.cast(at(upper) - at(lower), tf.float32)
     return values * tf.stop_gradient(2.0 * count_below - count) + tf.stop_gradient(
-        total - 2.0 * sum_below)
+        total - 2.0 * sum_below
+    )
 
 
 def _pairwise_l1_sums_sorted(z_ref, y_ref, z_query, y_query, num_classes):
@@ -173,8 +175,13 @@ def _pairwise_l1_sums_sorted(z_ref, y_ref, z_query, y_query, num_classes):
     prefix = tf.pad(tf.cumsum(ordered, axis=1), [[0, 0], [1, 0]])
     all_sums = _sorted_l1_sums(ordered, prefix, (queries_sg, queries), 0, n_ref)
 
-    spread = 2.0 * tf.cast(tf.maximum(tf.reduce_max(tf.abs(refs)),
-                                      tf.reduce_max(tf.abs(queries_sg))), tf.float64) + 1.0
+    spread = (
+        2.0
+        * tf.cast(
+            tf.maximum(tf.reduce_max(tf.abs(refs)), tf.reduce_max(tf.abs(queries_sg))), tf.float64
+        )
+        + 1.0
+    )
     ref_keys = tf.cast(refs, tf.float64) + tf.cast(y_ref, tf.float64) * spread
     query_keys = tf.cast(queries_sg, tf.float64) + tf.cast(y_query, tf.float64) * spread
     ordered_keys = tf.sort(ref_keys, axis=1)
@@ -184,13 +191,15 @@ def _pairwise_l1_sums_sorted(z_ref, y_ref, z_query, y_query, num_classes):
     class_count = tf.math.bincount(y_ref, minlength=num_classes, maxlength=num_classes)
     class_start = tf.cumsum(class_count, exclusive=True)
     lower = tf.gather(class_start, y_query)
-    same_sums = _sorted_l1_sums(ordered_keys, prefix, (query_keys, queries), lower,
-                                lower + tf.gather(class_count, y_query))
+    same_sums = _sorted_l1_sums(
+        ordered_keys, prefix, (query_keys, queries), lower, lower + tf.gather(class_count, y_query)
+    )
     return all_sums, same_sums
 
 
-def global_compactness_per_example(y, z, z_adv, scale=DEFAULT_LABEL_SCALE, *, reference=None,
-                                   method="sorted", normalization="none"):
+def global_compactness_per_example(
+    y, z, z_adv, scale=DEFAULT_LABEL_SCALE, *, reference=None, method="sorted", normalization="none"
+):
     """`mean_j W_ij mean_d |sg(z)_j,d - z_adv_i,d|` for each adversarial example i.
 
     Args:
@@ -219,7 +228,8 @@ def global_compactness_per_example(y, z, z_adv, scale=DEFAULT_LABEL_SCALE, *, re
     if method == "naive":
         weights = pair_weights(y_query, y_ref, scale)
         return tf.reduce_sum(weights * _pairwise_l1_sums_naive(z_ref, z_query), axis=1) / (
-            n_ref * features)
+            n_ref * features
+        )
     if method != "sorted":
         raise ValueError(f"`method` must be 'sorted' or 'naive'; got {method!r}.")
     # W_ij = (1 - 1/scale) + (1/scale) [y_i == y_j]: an all-pairs part and a
@@ -230,8 +240,9 @@ def global_compactness_per_example(y, z, z_adv, scale=DEFAULT_LABEL_SCALE, *, re
     return tf.reduce_sum(weighted, axis=0) / (n_ref * features)
 
 
-def global_smoothness_per_example(y, logits, logits_adv, scale=DEFAULT_LABEL_SCALE, *,
-                                  reference=None, push="cross_entropy"):
+def global_smoothness_per_example(
+    y, logits, logits_adv, scale=DEFAULT_LABEL_SCALE, *, reference=None, push="cross_entropy"
+):
     """Label-weighted pairwise smoothness for each adversarial example i.
 
     `push="cross_entropy"` (the paper): `mean_j W_ij CE(p_j, q_i)` with
@@ -283,8 +294,9 @@ def trades_kl_per_example(logits, logits_adv):
     return tf.reduce_sum(tf.exp(log_p) * (log_p - log_q), axis=-1)
 
 
-def label_propagation_per_example(y, z, z_adv, logits_adv, *, alpha=0.99, k=10, reference=None,
-                                  reference_adv=None, query_offset=0):
+def label_propagation_per_example(
+    y, z, z_adv, logits_adv, *, alpha=0.99, k=10, reference=None, reference_adv=None, query_offset=0
+):
     """`CE(q_i, logits_adv_i)` with `q` labels propagated from the clean codes.
 
     Args:
@@ -308,7 +320,7 @@ def label_propagation_per_example(y, z, z_adv, logits_adv, *, alpha=0.99, k=10, 
     nodes_adv = z_adv if reference_adv is None else reference_adv
     num_classes = logits_adv.shape[-1]
     targets = graph.propagate_labels(z_ref, y_ref, nodes_adv, num_classes, alpha=alpha, k=k)
-    targets = targets[query_offset:query_offset + tf.shape(logits_adv)[0]]
+    targets = targets[query_offset : query_offset + tf.shape(logits_adv)[0]]
     return _soft_cross_entropy(targets, logits_adv)
 
 
@@ -327,11 +339,15 @@ def local_smoothness(logits, logits_adv):
     return tf.reduce_mean(local_smoothness_per_example(logits, logits_adv))
 
 
-def global_compactness(y, z, z_adv, scale=DEFAULT_LABEL_SCALE, method="sorted",
-                       normalization="none"):
+def global_compactness(
+    y, z, z_adv, scale=DEFAULT_LABEL_SCALE, method="sorted", normalization="none"
+):
     """Mean over all pairs (i, j) of `W_ij mean_d |sg(z)_j,d - z_adv_i,d|`."""
-    return tf.reduce_mean(global_compactness_per_example(y, z, z_adv, scale, method=method,
-                                                         normalization=normalization))
+    return tf.reduce_mean(
+        global_compactness_per_example(
+            y, z, z_adv, scale, method=method, normalization=normalization
+        )
+    )
 
 
 def global_smoothness(y, logits, logits_adv, scale=DEFAULT_LABEL_SCALE, push="cross_entropy"):
@@ -424,23 +440,40 @@ def _cross_entropy(logits, labels):
 def _global_compactness_term(batch, config):
     ref = batch.resolved_reference
     return global_compactness_per_example(
-        batch.labels, None, batch.z_adv, config.label_scale, reference=(ref.labels, ref.z),
-        normalization=config.latent_normalization)
+        batch.labels,
+        None,
+        batch.z_adv,
+        config.label_scale,
+        reference=(ref.labels, ref.z),
+        normalization=config.latent_normalization,
+    )
 
 
 def _global_smoothness_term(batch, config):
     ref = batch.resolved_reference
     return global_smoothness_per_example(
-        batch.labels, None, batch.logits_adv, config.label_scale,
-        reference=(ref.labels, ref.logits), push=config.smoothness_push)
+        batch.labels,
+        None,
+        batch.logits_adv,
+        config.label_scale,
+        reference=(ref.labels, ref.logits),
+        push=config.smoothness_push,
+    )
 
 
 def _label_propagation_term(batch, config):
     ref = batch.resolved_reference
     return label_propagation_per_example(
-        batch.labels, batch.z, batch.z_adv, batch.logits_adv, alpha=config.propagation_alpha,
-        k=config.propagation_neighbors, reference=(ref.labels, ref.z), reference_adv=ref.z_adv,
-        query_offset=ref.offset)
+        batch.labels,
+        batch.z,
+        batch.z_adv,
+        batch.logits_adv,
+        alpha=config.propagation_alpha,
+        k=config.propagation_neighbors,
+        reference=(ref.labels, ref.z),
+        reference_adv=ref.z_adv,
+        query_offset=ref.offset,
+    )
 
 
 # Every term of the objective: `term(batch, config) -> [M]` per-example
@@ -451,13 +484,14 @@ TERMS = {
     "adv_ce": lambda batch, config: _cross_entropy(batch.logits_adv, batch.labels),
     "trades_kl": lambda batch, config: trades_kl_per_example(batch.logits, batch.logits_adv),
     "local_compactness": lambda batch, config: local_compactness_per_example(
-        batch.z, batch.z_adv, config.compactness_distance, config.latent_normalization),
+        batch.z, batch.z_adv, config.compactness_distance, config.latent_normalization
+    ),
     "local_smoothness": lambda batch, config: local_smoothness_per_example(
-        batch.logits, batch.logits_adv),
+        batch.logits, batch.logits_adv
+    ),
     "global_compactness": _global_compactness_term,
     "global_smoothness": _global_smoothness_term,
-    "conditional_entropy": lambda batch, config: conditional_entropy_per_example(
-        batch.logits_adv),
+    "conditional_entropy": lambda batch, config: conditional_entropy_per_example(batch.logits_adv),
     "label_propagation": _label_propagation_term,
 }
 # The terms that compare an example with the whole `Reference`.
@@ -474,16 +508,23 @@ PAIRWISE_TERMS = ("global_compactness", "global_smoothness", "label_propagation"
 
 def _check_normalization(normalization):
     if normalization not in LATENT_NORMALIZATIONS:
-        raise ValueError(f"`normalization` must be one of {LATENT_NORMALIZATIONS}; "
-                         f"got {normalization!r}.")
+        raise ValueError(
+            f"`normalization` must be one of {LATENT_NORMALIZATIONS}; got {normalization!r}."
+        )
 
 
 @keras.saving.register_keras_serializable(package="keras_adr")
 class LocalCompactness(keras.losses.Loss):
     """Local compactness: `y_true` = clean latent codes, `y_pred` = adversarial ones."""
 
-    def __init__(self, distance="l1", normalization="none", reduction="sum_over_batch_size",
-                 name="local_compactness", **kwargs):
+    def __init__(
+        self,
+        distance="l1",
+        normalization="none",
+        reduction="sum_over_batch_size",
+        name="local_compactness",
+        **kwargs,
+    ):
         if distance not in ("l1", "l2"):
             raise ValueError(f"`distance` must be 'l1' or 'l2'; got {distance!r}.")
         _check_normalization(normalization)
@@ -495,8 +536,11 @@ class LocalCompactness(keras.losses.Loss):
         return local_compactness_per_example(y_true, y_pred, self.distance, self.normalization)
 
     def get_config(self):
-        return {**super().get_config(), "distance": self.distance,
-                "normalization": self.normalization}
+        return {
+            **super().get_config(),
+            "distance": self.distance,
+            "normalization": self.normalization,
+        }
 
 
 @keras.saving.register_keras_serializable(package="keras_adr")

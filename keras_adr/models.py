@@ -124,8 +124,9 @@ def resnet18(input_shape=(32, 32, 3), num_classes=10, sync_batchnorm=False, name
     return keras.Model(inputs, _head(x, num_classes, sync_batchnorm), name=name)
 
 
-def wide_resnet(input_shape=(32, 32, 3), num_classes=10, depth=34, width=10,
-                sync_batchnorm=False, name=None):
+def wide_resnet(
+    input_shape=(32, 32, 3), num_classes=10, depth=34, width=10, sync_batchnorm=False, name=None
+):
     """Wide ResNet-`depth`-`width` (Zagoruyko & Komodakis 2016), pre-activation.
 
     Args:

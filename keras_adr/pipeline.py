@@ -106,10 +106,13 @@ class TrainOptions:
 
     def __post_init__(self):
         if self.dataset not in data.DATASETS:
-            raise ValueError(f"Unknown dataset {self.dataset!r}; valid: {', '.join(data.DATASETS)}.")
+            raise ValueError(
+                f"Unknown dataset {self.dataset!r}; valid: {', '.join(data.DATASETS)}."
+            )
         if self.model not in models.ARCHITECTURES:
             raise ValueError(
-                f"Unknown model {self.model!r}; valid: {', '.join(models.ARCHITECTURES)}.")
+                f"Unknown model {self.model!r}; valid: {', '.join(models.ARCHITECTURES)}."
+            )
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"Unknown optimizer {self.optimizer!r}; valid: {OPTIMIZERS}.")
         for name in ("epochs", "batch_size"):
@@ -118,19 +121,24 @@ class TrainOptions:
         if not self.learning_rate > 0:
             raise ValueError(f"`learning_rate` must be > 0; got {self.learning_rate}.")
         if any(not 0 < f < 1 for f in self.lr_decay_fractions) or list(
-                self.lr_decay_fractions) != sorted(self.lr_decay_fractions):
-            raise ValueError("`lr_decay_fractions` must be increasing fractions in (0, 1); got "
-                             f"{self.lr_decay_fractions}.")
+            self.lr_decay_fractions
+        ) != sorted(self.lr_decay_fractions):
+            raise ValueError(
+                "`lr_decay_fractions` must be increasing fractions in (0, 1); got "
+                f"{self.lr_decay_fractions}."
+            )
         for name in ("train_examples", "test_examples"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"`{name}` must be >= 1 or None; got {value}.")
         if self.export_weights not in EXPORT_WEIGHTS:
-            raise ValueError(f"`export_weights` must be one of {EXPORT_WEIGHTS}; got "
-                             f"{self.export_weights!r}.")
+            raise ValueError(
+                f"`export_weights` must be one of {EXPORT_WEIGHTS}; got {self.export_weights!r}."
+            )
         if not (self.divergence_factor == 0 or self.divergence_factor > 1):
-            raise ValueError("`divergence_factor` must be 0 (off) or > 1; got "
-                             f"{self.divergence_factor}.")
+            raise ValueError(
+                f"`divergence_factor` must be 0 (off) or > 1; got {self.divergence_factor}."
+            )
         evaluation.parse_suite(self.eval_attacks)  # fail before training, not after
         if self.validation_examples < 0:
             raise ValueError(f"`validation_examples` must be >= 0; got {self.validation_examples}.")
@@ -148,8 +156,9 @@ def build_model(options, adr_config, dataset_info, train_split=None):
     backbone = models.get(options.model, **kwargs)
     names = {layer.name for layer in backbone.layers}
     if train_split is not None and models.STANDARDIZE_LAYER in names:
-        backbone.get_layer(models.STANDARDIZE_LAYER).adapt(data.load(
-            options.dataset, train_split, batch_size=1000, data_dir=options.data_dir))
+        backbone.get_layer(models.STANDARDIZE_LAYER).adapt(
+            data.load(options.dataset, train_split, batch_size=1000, data_dir=options.data_dir)
+        )
     return ADRModel(backbone, adr_config)
 
 
@@ -157,7 +166,7 @@ def build_optimizer(options, steps_per_epoch):
     """`options.optimizer` with the piecewise-constant schedule of `options`."""
     total_steps = options.epochs * steps_per_epoch
     boundaries = [max(1, int(f * total_steps)) for f in options.lr_decay_fractions]
-    values = [options.learning_rate * 0.1 ** i for i in range(len(boundaries) + 1)]
+    values = [options.learning_rate * 0.1**i for i in range(len(boundaries) + 1)]
     schedule = keras.optimizers.schedules.PiecewiseConstantDecay(boundaries, values)
     weight_decay = options.weight_decay or None
     if options.optimizer == "sgd":
@@ -169,14 +178,20 @@ def _splits(options, dataset_info):
     """Training and validation split strings: validation = the last examples of train."""
     train_size = options.train_examples or dataset_info.num_train
     if train_size > dataset_info.num_train:
-        logging.warning("--train_examples=%d is more than the %d training examples of %s; "
-                        "using all %d.", train_size, dataset_info.num_train, options.dataset,
-                        dataset_info.num_train)
+        logging.warning(
+            "--train_examples=%d is more than the %d training examples of %s; using all %d.",
+            train_size,
+            dataset_info.num_train,
+            options.dataset,
+            dataset_info.num_train,
+        )
         train_size = dataset_info.num_train
     held_out = options.validation_examples
     if held_out >= train_size:
-        raise ValueError(f"`validation_examples` ({held_out}) must be smaller than the "
-                         f"training examples ({train_size}).")
+        raise ValueError(
+            f"`validation_examples` ({held_out}) must be smaller than the "
+            f"training examples ({train_size})."
+        )
     train_split = f"train[:{train_size - held_out}]"
     validation_split = f"train[{train_size - held_out}:{train_size}]" if held_out else None
     return train_split, validation_split, train_size - held_out
@@ -204,8 +219,12 @@ def _callbacks(out, monitor, guard):
         adr_callbacks.EpochSeconds(),
         guard,
         keras.callbacks.ModelCheckpoint(
-            os.path.join(out, "best.keras"), monitor=monitor, mode="max", save_best_only=True,
-            initial_value_threshold=_best_logged(history_path, monitor)),
+            os.path.join(out, "best.keras"),
+            monitor=monitor,
+            mode="max",
+            save_best_only=True,
+            initial_value_threshold=_best_logged(history_path, monitor),
+        ),
         keras.callbacks.CSVLogger(history_path, append=True),
         keras.callbacks.TensorBoard(os.path.join(out, "tensorboard")),
     ]
@@ -229,7 +248,8 @@ def _check_finite(history):
                 raise TrainingDivergedError(
                     f"Training diverged: `{name}` became {value} in epoch {epoch + 1}; "
                     "the run was stopped. Lower --learning_rate, or check the ADR weights "
-                    "and the data.")
+                    "and the data."
+                )
 
 
 def _select_weights(model, options, out, monitor):
@@ -242,8 +262,9 @@ def _select_weights(model, options, out, monitor):
         return None
     path = os.path.join(out, "best.keras")
     if not os.path.exists(path):
-        raise ValueError(f"--export_weights=best, but training saved no {path}; use "
-                         "--export_weights=final.")
+        raise ValueError(
+            f"--export_weights=best, but training saved no {path}; use --export_weights=final."
+        )
     best = keras.saving.load_model(path)
     model.set_weights(best.get_weights())
     del best
@@ -257,8 +278,10 @@ def _select_weights(model, options, out, monitor):
 def _run_config(options, adr_config):
     """What defines a run: every option but the display ones, and the ADRConfig."""
     skipped = ("verbose", "command", "output_dir")
-    return {"options": {k: v for k, v in dataclasses.asdict(options).items() if k not in skipped},
-            "adr_config": adr_config.get_config()}
+    return {
+        "options": {k: v for k, v in dataclasses.asdict(options).items() if k not in skipped},
+        "adr_config": adr_config.get_config(),
+    }
 
 
 def read_history(path):
@@ -280,7 +303,8 @@ def read_history(path):
             if key != "epoch":
                 # CSVLogger writes "NA" for a value an epoch did not log.
                 history.setdefault(key, []).append(
-                    None if value in ("", "NA", None) else float(value))
+                    None if value in ("", "NA", None) else float(value)
+                )
     return history
 
 
@@ -327,9 +351,16 @@ def _run_stages(options, adr_config, strategy, run_dir):  # noqa: C901 - one sta
     train_split, validation_split, num_train = _splits(options, info)
 
     # Same seed on every worker: identical global batches, each replica takes its slice.
-    load = lambda split, **kw: distribute.shard_by_data(data.load(
-        options.dataset, split, batch_size=options.batch_size, data_dir=options.data_dir,
-        seed=options.seed, **kw))
+    load = lambda split, **kw: distribute.shard_by_data(
+        data.load(
+            options.dataset,
+            split,
+            batch_size=options.batch_size,
+            data_dir=options.data_dir,
+            seed=options.seed,
+            **kw,
+        )
+    )
     train_ds = load(train_split, shuffle=True, augment=True)
     validation_ds = load(validation_split) if validation_split else None
     steps_per_epoch = math.ceil(num_train / options.batch_size)
@@ -345,14 +376,20 @@ def _run_stages(options, adr_config, strategy, run_dir):  # noqa: C901 - one sta
         guard = _guard(options)
         # The dataset shuffles itself (seeded, every epoch); Keras' own shuffle
         # does not apply to a tf.data.Dataset and would only warn.
-        model.fit(train_ds, epochs=options.epochs, validation_data=validation_ds,
-                  callbacks=_callbacks(out, monitor, guard), verbose=options.verbose,
-                  shuffle=False)
+        model.fit(
+            train_ds,
+            epochs=options.epochs,
+            validation_data=validation_ds,
+            callbacks=_callbacks(out, monitor, guard),
+            verbose=options.verbose,
+            shuffle=False,
+        )
         if guard.diverged:
             raise TrainingDivergedError(
                 f"{guard.reason} Lower --learning_rate, use a bounded ADR preset (adr_pgd, "
                 f"adr_trades) rather than the paper's, or raise --divergence_factor. The best "
-                f"robust checkpoint so far is {run_dir.file('best.keras')}.")
+                f"robust checkpoint so far is {run_dir.file('best.keras')}."
+            )
         # Every worker saves (collectives); a non-chief one into its private directory.
         model.save(final_path)
         run_dir.update(trained=True)
@@ -367,12 +404,22 @@ def _run_stages(options, adr_config, strategy, run_dir):  # noqa: C901 - one sta
         results, eval_seconds = run_dir.state["evaluation"], run_dir.state["eval_seconds"]
     else:
         # Evaluation is local (no collectives): every worker runs it on the same data.
-        test_ds = data.load(options.dataset, "test", batch_size=256, data_dir=options.data_dir,
-                            take=options.test_examples)
+        test_ds = data.load(
+            options.dataset,
+            "test",
+            batch_size=256,
+            data_dir=options.data_dir,
+            take=options.test_examples,
+        )
         started = time.time()
         results = evaluation.evaluate_robustness(
-            model, test_ds, epsilon=adr_config.attack.epsilon, norm=adr_config.attack.norm,
-            attacks=options.eval_attacks, seed=options.seed).to_dict()
+            model,
+            test_ds,
+            epsilon=adr_config.attack.epsilon,
+            norm=adr_config.attack.norm,
+            attacks=options.eval_attacks,
+            seed=options.seed,
+        ).to_dict()
         eval_seconds = round(time.time() - started, 1)
         run_dir.update(evaluation=results, eval_seconds=eval_seconds)
 
@@ -397,11 +444,15 @@ def _run_stages(options, adr_config, strategy, run_dir):  # noqa: C901 - one sta
     }
     if workers > 1:
         metrics["worker_index"] = distribute.worker_index(strategy)
-        model.save_weights(os.path.join(
-            options.output_dir, f"worker_{distribute.worker_index(strategy)}.weights.h5"))
+        model.save_weights(
+            os.path.join(
+                options.output_dir, f"worker_{distribute.worker_index(strategy)}.weights.h5"
+            )
+        )
     if options.export:
         metrics["export_path"] = run_dir.state.get("export_path") or _export(
-            model, options, adr_config, info, results, best_epoch, run_dir)
+            model, options, adr_config, info, results, best_epoch, run_dir
+        )
     if chief:
         fileio.write_json(run_dir.file("metrics.json"), metrics)
         run_dir.update(complete=True)
@@ -450,8 +501,10 @@ def format_summary(metrics):
     ]
     for name, accuracy in evaluation_results.get("attack_accuracy", {}).items():
         lines.append(f"{name + ' accuracy:':17s}{accuracy:.2%}")
-    lines.append(f"robust accuracy: {metrics['robust_accuracy']:.2%} (worst case per example "
-                 "over the attacks above)")
+    lines.append(
+        f"robust accuracy: {metrics['robust_accuracy']:.2%} (worst case per example "
+        "over the attacks above)"
+    )
     if "export_path" in metrics:
         lines.append(f"exported to {metrics['export_path']}")
     return "\n".join(lines)

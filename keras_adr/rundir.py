@@ -24,8 +24,7 @@ CONFIG_FILE = "run_config.json"
 STATE_FILE = "state.json"
 LOCK_FILE = ".lock"
 # Files that show a directory already holds a run's outputs.
-_RUN_OUTPUTS = ("history.csv", "metrics.json", "backup", "best.keras", "final.keras",
-                "saved_model")
+_RUN_OUTPUTS = ("history.csv", "metrics.json", "backup", "best.keras", "final.keras", "saved_model")
 # Flag names of the attack fields, where they differ from `--<field>`.
 _ATTACK_FLAGS = {"steps": "attack_steps", "loss": "attack_loss"}
 
@@ -51,8 +50,11 @@ def _flag_values(config):
 def config_differences(stored, current):
     """`["--flag: stored -> current", ...]` of two run configurations."""
     a, b = _flag_values(stored), _flag_values(current)
-    return [f"{flag}: {a.get(flag, '(unset)')!r} -> {b.get(flag, '(unset)')!r}"
-            for flag in sorted(set(a) | set(b)) if a.get(flag) != b.get(flag)]
+    return [
+        f"{flag}: {a.get(flag, '(unset)')!r} -> {b.get(flag, '(unset)')!r}"
+        for flag in sorted(set(a) | set(b))
+        if a.get(flag) != b.get(flag)
+    ]
 
 
 class RunDirectory:
@@ -81,7 +83,8 @@ class RunDirectory:
             os.makedirs(self.path, exist_ok=True)
         except OSError as error:
             raise RunDirectoryError(
-                f"--output_dir {self.path!r} cannot be created: {error.strerror}.") from None
+                f"--output_dir {self.path!r} cannot be created: {error.strerror}."
+            ) from None
         if not os.access(self.path, os.W_OK | os.X_OK):
             raise RunDirectoryError(f"--output_dir {self.path!r} is not writable.")
         self._lock()
@@ -119,7 +122,8 @@ class RunDirectory:
             raise RunDirectoryError(
                 f"--output_dir {self.path!r} is in use by another run (process "
                 f"{fileio.lock_holder(lock_path)}); wait for it to finish or use another "
-                "--output_dir.")
+                "--output_dir."
+            )
         self._lock_fd = fd
 
     def _unlock(self):
@@ -135,11 +139,13 @@ class RunDirectory:
                 raise RunDirectoryError(
                     f"--output_dir {self.path!r} holds a run with other settings "
                     f"({'; '.join(differences)}); rerun with the same flags to resume it, or "
-                    "use a new --output_dir.")
+                    "use a new --output_dir."
+                )
             return
         foreign = [name for name in _RUN_OUTPUTS if os.path.exists(os.path.join(self.path, name))]
         if foreign:
             raise RunDirectoryError(
                 f"--output_dir {self.path!r} holds outputs ({', '.join(foreign)}) of a run "
-                f"without a recorded configuration ({CONFIG_FILE}); use a new --output_dir.")
+                f"without a recorded configuration ({CONFIG_FILE}); use a new --output_dir."
+            )
         fileio.write_json(config_path, self.config)

@@ -77,8 +77,7 @@ def rest_predict_body(
     """
     if format not in (ROW_FORMAT, COLUMNAR_FORMAT):
         raise ValueError(
-            f"`format` must be {ROW_FORMAT!r} or {COLUMNAR_FORMAT!r}. "
-            f"Received: {format!r}"
+            f"`format` must be {ROW_FORMAT!r} or {COLUMNAR_FORMAT!r}. Received: {format!r}"
         )
     images = _encode_images(images, signature_name, input_dtype)
     # tolist() yields Python ints/floats, which `json` can serialise.
@@ -91,9 +90,7 @@ def rest_predict_body(
     return body
 
 
-def rest_predict_url(
-    *, model_name, host="localhost", port=8501, version=None, scheme="http"
-):
+def rest_predict_url(*, model_name, host="localhost", port=8501, version=None, scheme="http"):
     """Returns the URL of a TF Serving REST `:predict` endpoint.
 
     Args:
@@ -142,15 +139,12 @@ def parse_rest_response(
         response_json = json.loads(response_json)
     if not isinstance(response_json, dict):
         raise ValueError(
-            "Expected a JSON object response. Received: "
-            f"{type(response_json).__name__}"
+            f"Expected a JSON object response. Received: {type(response_json).__name__}"
         )
     if "error" in response_json:
         raise ServingError(f"TF Serving error: {response_json['error']}")
     if "predictions" in response_json:
-        outputs = _columns_from_rows(
-            response_json["predictions"], (classes_key, probabilities_key)
-        )
+        outputs = _columns_from_rows(response_json["predictions"], (classes_key, probabilities_key))
     elif "outputs" in response_json:
         outputs = response_json["outputs"]
     else:
@@ -158,9 +152,7 @@ def parse_rest_response(
             "Response has neither 'predictions' (row format) nor 'outputs' "
             f"(columnar format). Keys: {sorted(response_json)}"
         )
-    return _classes_and_probabilities(
-        outputs, classes_key, probabilities_key
-    )
+    return _classes_and_probabilities(outputs, classes_key, probabilities_key)
 
 
 def grpc_predict_request(
@@ -199,9 +191,7 @@ def grpc_predict_request(
     request.model_spec.signature_name = signature_name
     if version is not None:
         request.model_spec.version.value = export._validate_version(version)
-    request.inputs[input_name].CopyFrom(
-        tf.make_tensor_proto(images, shape=images.shape)
-    )
+    request.inputs[input_name].CopyFrom(tf.make_tensor_proto(images, shape=images.shape))
     return request
 
 
@@ -232,9 +222,7 @@ def parse_grpc_response(
         for key in (classes_key, probabilities_key)
         if key in response.outputs
     }
-    return _classes_and_probabilities(
-        outputs, classes_key, probabilities_key
-    )
+    return _classes_and_probabilities(outputs, classes_key, probabilities_key)
 
 
 def _import_predict_pb2():
@@ -253,19 +241,15 @@ def _encode_images(images, signature_name, input_dtype):
     images = np.asarray(images)
     if images.ndim != 4:
         raise ValueError(
-            "`images` must have rank 4, (batch, H, W, C). Received shape: "
-            f"{images.shape}"
+            f"`images` must have rank 4, (batch, H, W, C). Received shape: {images.shape}"
         )
     if input_dtype is None:
-        input_dtype = export.SIGNATURE_INPUT_DTYPES.get(
-            signature_name, images.dtype
-        )
+        input_dtype = export.SIGNATURE_INPUT_DTYPES.get(signature_name, images.dtype)
     input_dtype = np.dtype(input_dtype)
     is_uint8 = images.dtype == np.uint8
     if not (is_uint8 or np.issubdtype(images.dtype, np.floating)):
         raise ValueError(
-            "`images` must be uint8 pixels or floats in [0, 1]. Received "
-            f"dtype: {images.dtype}"
+            f"`images` must be uint8 pixels or floats in [0, 1]. Received dtype: {images.dtype}"
         )
     if input_dtype == np.uint8:
         if not is_uint8:
@@ -277,9 +261,7 @@ def _encode_images(images, signature_name, input_dtype):
             )
         return images
     if input_dtype != np.float32:
-        raise ValueError(
-            f"`input_dtype` must be float32 or uint8. Received: {input_dtype}"
-        )
+        raise ValueError(f"`input_dtype` must be float32 or uint8. Received: {input_dtype}")
     if is_uint8:
         return images.astype(np.float32) / np.float32(255.0)
     images = images.astype(np.float32)
@@ -297,12 +279,9 @@ def _encode_images(images, signature_name, input_dtype):
 
 def _columns_from_rows(predictions, keys):
     """Turns row-format predictions into a dict of columns."""
-    if not isinstance(predictions, list) or not all(
-        isinstance(row, dict) for row in predictions
-    ):
+    if not isinstance(predictions, list) or not all(isinstance(row, dict) for row in predictions):
         raise ValueError(
-            "Row-format 'predictions' must be a list of objects with the "
-            f"outputs {list(keys)}."
+            f"Row-format 'predictions' must be a list of objects with the outputs {list(keys)}."
         )
     return {
         key: [row[key] for row in predictions]
@@ -314,19 +293,13 @@ def _columns_from_rows(predictions, keys):
 def _classes_and_probabilities(outputs, classes_key, probabilities_key):
     missing = [k for k in (classes_key, probabilities_key) if k not in outputs]
     if missing:
-        raise ValueError(
-            f"Response lacks outputs {missing}. Available: {sorted(outputs)}"
-        )
+        raise ValueError(f"Response lacks outputs {missing}. Available: {sorted(outputs)}")
     classes = np.asarray(outputs[classes_key], dtype=np.int64)
     probabilities = np.asarray(outputs[probabilities_key], dtype=np.float32)
     if classes.shape == (0,) and probabilities.size == 0:
         # An empty batch decodes as `[]`, which loses the class axis.
         probabilities = probabilities.reshape(0, 0)
-    if (
-        classes.ndim != 1
-        or probabilities.ndim != 2
-        or classes.shape[0] != probabilities.shape[0]
-    ):
+    if classes.ndim != 1 or probabilities.ndim != 2 or classes.shape[0] != probabilities.shape[0]:
         raise ValueError(
             f"Expected {classes_key!r} of shape (batch,) and "
             f"{probabilities_key!r} of shape (batch, num_classes). Received "

@@ -18,8 +18,7 @@ import warnings
 import keras
 import tensorflow as tf
 
-from keras_adr import attacks
-from keras_adr import graph
+from keras_adr import attacks, graph
 from keras_adr import losses as adr_losses
 from keras_adr.config import ADRConfig
 from keras_adr.layers import Latent
@@ -38,7 +37,8 @@ def _as_config(config):
     if not isinstance(config, ADRConfig):
         raise ValueError(
             f"`adr_config` must be an ADRConfig (see keras_adr.presets.get) or its dict; "
-            f"got {type(config).__name__}.")
+            f"got {type(config).__name__}."
+        )
     return config
 
 
@@ -48,7 +48,8 @@ def _unpack(data):
     raise ValueError(
         "ADR training expects batches of (images, integer_labels); got "
         f"{type(data).__name__} of length {len(data) if isinstance(data, (tuple, list)) else 1}. "
-        "Sample weights are not supported.")
+        "Sample weights are not supported."
+    )
 
 
 def checked_labels(y, num_classes=None):
@@ -63,16 +64,21 @@ def checked_labels(y, num_classes=None):
     what = "ADR training needs integer class labels in [0, num_classes)"
     checks = []
     if y.dtype.is_floating:
-        checks.append(tf.debugging.assert_equal(
-            y, tf.round(y), message=f"{what}; got fractional labels"))
+        checks.append(
+            tf.debugging.assert_equal(y, tf.round(y), message=f"{what}; got fractional labels")
+        )
     elif not y.dtype.is_integer:
         raise ValueError(f"{what}; got labels of dtype {y.dtype.name}.")
     labels = tf.cast(y, tf.int32)
     checks.append(tf.debugging.assert_non_negative(labels, message=f"{what}; got a negative label"))
     if num_classes:
-        checks.append(tf.debugging.assert_less(
-            labels, tf.constant(num_classes, tf.int32),
-            message=f"{what} with num_classes={num_classes}; got a label >= {num_classes}"))
+        checks.append(
+            tf.debugging.assert_less(
+                labels,
+                tf.constant(num_classes, tf.int32),
+                message=f"{what} with num_classes={num_classes}; got a label >= {num_classes}",
+            )
+        )
     with tf.control_dependencies(checks):
         return tf.identity(labels)
 
@@ -133,22 +139,37 @@ class ADRMixin:
         weights.update({name: getattr(config, name) for name in config.enabled_terms})
         return weights
 
-    def compile(self, optimizer="rmsprop", loss=None, metrics=None, weighted_metrics=None,
-                loss_weights=None, **kwargs):
+    def compile(
+        self,
+        optimizer="rmsprop",
+        loss=None,
+        metrics=None,
+        weighted_metrics=None,
+        loss_weights=None,
+        **kwargs,
+    ):
         """Compiles with an optimizer; the objective and metrics come from `ADRConfig`.
 
         Raises:
             ValueError: If `loss`, `metrics`, `weighted_metrics` or
                 `loss_weights` is given: the ADR step would ignore them.
         """
-        given = {name for name, value in (("loss", loss), ("metrics", metrics),
-                                          ("weighted_metrics", weighted_metrics),
-                                          ("loss_weights", loss_weights)) if value}
+        given = {
+            name
+            for name, value in (
+                ("loss", loss),
+                ("metrics", metrics),
+                ("weighted_metrics", weighted_metrics),
+                ("loss_weights", loss_weights),
+            )
+            if value
+        }
         if given:
             raise ValueError(
                 f"{type(self).__name__}.compile() takes only the optimizer (and run options): "
                 f"the ADR objective and its metrics come from the ADRConfig, so {sorted(given)} "
-                "would be ignored. Change the objective with keras_adr.presets.get(...).")
+                "would be ignored. Change the objective with keras_adr.presets.get(...)."
+            )
         super().compile(optimizer=optimizer, **kwargs)
 
     def compile_from_config(self, config):
@@ -161,8 +182,13 @@ class ADRMixin:
 
     @property
     def metrics(self):
-        return [self._adr_loss_tracker, self._accuracy, self._adv_accuracy, *self._term_trackers,
-                *self._norm_trackers]
+        return [
+            self._adr_loss_tracker,
+            self._accuracy,
+            self._adv_accuracy,
+            *self._term_trackers,
+            *self._norm_trackers,
+        ]
 
     def _num_classes(self):
         """The number of classes if known before the first call, else None."""
@@ -173,7 +199,8 @@ class ADRMixin:
         if not isinstance(outputs, (tuple, list)) or len(outputs) != 2:
             raise ValueError(
                 f"{type(self).__name__}.call(x, return_latent=True) must return (logits, z); "
-                f"got {type(outputs).__name__}.")
+                f"got {type(outputs).__name__}."
+            )
         return outputs
 
     def clean_and_adversarial_outputs(self, x, x_adv, training=True):
@@ -210,11 +237,18 @@ class ADRMixin:
         """
         attack = self.adr_config.attack
         return attacks.pgd(
-            lambda images: self(images, training=False), x, y,
-            epsilon=attack.epsilon, step_size=attack.resolved_step_size, steps=attack.steps,
-            norm=attack.norm, random_start=attack.random_start,
+            lambda images: self(images, training=False),
+            x,
+            y,
+            epsilon=attack.epsilon,
+            step_size=attack.resolved_step_size,
+            steps=attack.steps,
+            norm=attack.norm,
+            random_start=attack.random_start,
             loss=loss or self.adr_config.attack_loss,
-            clip_min=attack.clip_min, clip_max=attack.clip_max)
+            clip_min=attack.clip_min,
+            clip_max=attack.clip_max,
+        )
 
     def _reference(self, batch):
         """The `Reference` of the pairwise terms: the global batch, or None (the batch).
@@ -224,22 +258,30 @@ class ADRMixin:
         codes) of every replica are gathered once here, stop-gradient.
         """
         context = tf.distribute.get_replica_context()
-        if (self.adr_config.pairwise_scope != "global" or context is None
-                or context.num_replicas_in_sync == 1
-                or not any(name in adr_losses.PAIRWISE_TERMS for name in self._term_weights)):
+        if (
+            self.adr_config.pairwise_scope != "global"
+            or context is None
+            or context.num_replicas_in_sync == 1
+            or not any(name in adr_losses.PAIRWISE_TERMS for name in self._term_weights)
+        ):
             return None
         gather = lambda t: context.all_gather(tf.stop_gradient(t), axis=0)
         sizes = context.all_gather(tf.shape(batch.labels)[:1], axis=0)
         return adr_losses.Reference(
-            labels=gather(batch.labels), z=gather(batch.z), logits=gather(batch.logits),
+            labels=gather(batch.labels),
+            z=gather(batch.z),
+            logits=gather(batch.logits),
             z_adv=gather(batch.z_adv) if "label_propagation" in self._term_weights else None,
-            offset=tf.reduce_sum(sizes[:context.replica_id_in_sync_group]))
+            offset=tf.reduce_sum(sizes[: context.replica_id_in_sync_group]),
+        )
 
     def _term_sums(self, batch):
         """`{name: sum over this replica's examples}` of every term of the loss."""
         batch = batch._replace(reference=self._reference(batch))
-        return {name: tf.reduce_sum(adr_losses.TERMS[name](batch, self.adr_config))
-                for name in self._term_weights}
+        return {
+            name: tf.reduce_sum(adr_losses.TERMS[name](batch, self.adr_config))
+            for name in self._term_weights
+        }
 
     def _global_batch_size(self, local_batch_size):
         context = tf.distribute.get_replica_context()
@@ -268,12 +310,19 @@ class ADRMixin:
         if self.adr_config.uses_adversary and x_adv is None:
             raise ValueError(f"objective={self.adr_config.objective!r} needs `x_adv`.")
         (logits, z), (logits_adv, z_adv) = self.clean_and_adversarial_outputs(
-            x, x_adv, training=training)
-        batch = adr_losses.ADRBatch(labels=tf.cast(tf.reshape(y, [-1]), tf.int32), logits=logits,
-                                    z=z, logits_adv=logits_adv, z_adv=z_adv)
+            x, x_adv, training=training
+        )
+        batch = adr_losses.ADRBatch(
+            labels=tf.cast(tf.reshape(y, [-1]), tf.int32),
+            logits=logits,
+            z=z,
+            logits_adv=logits_adv,
+            z_adv=z_adv,
+        )
         sums = self._term_sums(batch)
-        norm_sum = lambda t: tf.reduce_sum(tf.norm(
-            tf.stop_gradient(graph.flatten_batch(t)), axis=1))
+        norm_sum = lambda t: tf.reduce_sum(
+            tf.norm(tf.stop_gradient(graph.flatten_batch(t)), axis=1)
+        )
         sums.update(latent_norm=norm_sum(z), logits_norm=norm_sum(logits))
         objective = tf.add_n([w * sums[name] for name, w in self._term_weights.items()])
         local_batch = tf.cast(tf.shape(x)[0], tf.float32)
@@ -321,13 +370,15 @@ class ADRMixin:
         logits_adv = self(x_adv, training=False)
         y = tf.cast(tf.reshape(y, [-1]), tf.int32)
         local_batch = tf.cast(tf.shape(x)[0], tf.float32)
-        ce = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(
-            y, tf.cast(logits, tf.float32)))
+        ce = tf.reduce_mean(
+            tf.nn.sparse_softmax_cross_entropy_with_logits(y, tf.cast(logits, tf.float32))
+        )
         self._adr_loss_tracker.update_state(ce, sample_weight=local_batch)
         self._accuracy.update_state(y, logits)
         self._adv_accuracy.update_state(y, logits_adv)
-        return {m.name: m.result() for m in (self._adr_loss_tracker, self._accuracy,
-                                             self._adv_accuracy)}
+        return {
+            m.name: m.result() for m in (self._adr_loss_tracker, self._accuracy, self._adv_accuracy)
+        }
 
     def _results(self, adversarial):
         results = {m.name: m.result() for m in self.metrics}
@@ -349,7 +400,8 @@ def _latent_layer(backbone, name):
             raise ValueError(
                 f"The backbone has {len(marked)} Latent layers "
                 f"({[layer.name for layer in marked]}); keep one, or pass "
-                "latent_layer=<the name of the one to use>.")
+                "latent_layer=<the name of the one to use>."
+            )
         name = LATENT_LAYER  # Models built before the Latent layer existed.
     try:
         return backbone.get_layer(name)
@@ -358,7 +410,8 @@ def _latent_layer(backbone, name):
         raise ValueError(
             f"The backbone has no keras_adr.layers.Latent layer and no layer named {name!r} to "
             f"use as the latent code; its layers are: {names}. Add a Latent layer after the "
-            "features, or pass latent_layer=<one of them>.") from None
+            "features, or pass latent_layer=<one of them>."
+        ) from None
 
 
 @keras.saving.register_keras_serializable(package="keras_adr")
@@ -384,27 +437,37 @@ class ADRModel(ADRMixin, keras.Model):
 
     def __init__(self, backbone, adr_config=None, latent_layer=None, **kwargs):
         super().__init__(adr_config=adr_config, **kwargs)
-        if not isinstance(backbone, keras.Model) or not hasattr(backbone, "outputs") or (
-                backbone.outputs is None):
+        if (
+            not isinstance(backbone, keras.Model)
+            or not hasattr(backbone, "outputs")
+            or (backbone.outputs is None)
+        ):
             raise ValueError(
                 "`backbone` must be a functional keras.Model (built from keras.Input) that "
                 f"outputs logits; got {type(backbone).__name__}. For subclassed models use "
-                "ADRMixin instead.")
+                "ADRMixin instead."
+            )
         if len(backbone.outputs) != 1:
-            raise ValueError(f"`backbone` must have one output (the logits); it has "
-                             f"{len(backbone.outputs)}.")
+            raise ValueError(
+                f"`backbone` must have one output (the logits); it has {len(backbone.outputs)}."
+            )
         latent = _latent_layer(backbone, latent_layer)
         if getattr(backbone.layers[-1], "activation", None) is keras.activations.softmax:
             warnings.warn(
                 f"The backbone's last layer {backbone.layers[-1].name!r} applies softmax: ADR "
                 "and the attacks need logits. Remove the activation (use from_logits losses "
-                "elsewhere).", stacklevel=2)
+                "elsewhere).",
+                stacklevel=2,
+            )
         self.backbone = backbone
         self.latent_layer = latent.name
         # Shares the backbone's layers; kept out of Keras' attribute tracking
         # so that the weights are saved once, under `backbone`.
-        object.__setattr__(self, "_logits_and_latent",
-                           keras.Model(backbone.inputs, [backbone.outputs[0], latent.output]))
+        object.__setattr__(
+            self,
+            "_logits_and_latent",
+            keras.Model(backbone.inputs, [backbone.outputs[0], latent.output]),
+        )
         # The backbone's weights exist already: the wrapper is built (needed by
         # callbacks such as BackupAndRestore before the first batch).
         self.built = True
@@ -430,5 +493,6 @@ class ADRModel(ADRMixin, keras.Model):
     def from_config(cls, config, custom_objects=None):
         config = dict(config)
         backbone = keras.saving.deserialize_keras_object(
-            config.pop("backbone"), custom_objects=custom_objects)
+            config.pop("backbone"), custom_objects=custom_objects
+        )
         return cls(backbone=backbone, **config)

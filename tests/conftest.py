@@ -16,7 +16,7 @@ def blob_data(n=256, seed=0, shape=(8, 8, 1), num_classes=3):
     x = rng.uniform(0.0, 0.3, size=(n, *shape))
     h = shape[0] // num_classes
     for c in range(num_classes):
-        x[y == c, c * h:(c + 1) * h, :, :] += 0.6
+        x[y == c, c * h : (c + 1) * h, :, :] += 0.6
     return np.clip(x, 0, 1).astype(np.float32), y.astype(np.int32)
 
 
@@ -28,8 +28,9 @@ def fashion_arrays(train_examples=1500, test_examples=200):
         train = data.load("fashion_mnist", "train", batch_size=train_examples, take=train_examples)
         test = data.load("fashion_mnist", "test", batch_size=test_examples, take=test_examples)
     except data.DatasetNotFoundError as error:
-        pytest.skip("Fashion-MNIST is not installed (apt-get install dataset-fashion-mnist): "
-                    f"{error}")
+        pytest.skip(
+            f"Fashion-MNIST is not installed (apt-get install dataset-fashion-mnist): {error}"
+        )
     (x_train, y_train), (x, y) = next(iter(train)), next(iter(test))
     return (x_train.numpy(), y_train.numpy()), (x.numpy(), y.numpy())
 
@@ -52,8 +53,10 @@ def trained_tiny():
     keras.utils.set_random_seed(0)
     x, y = blob_data(512)
     model = tiny_cnn(batchnorm=True)
-    model.compile(optimizer=keras.optimizers.Adam(1e-2),
-                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-                  metrics=["accuracy"])
+    model.compile(
+        optimizer=keras.optimizers.Adam(1e-2),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=["accuracy"],
+    )
     model.fit(x, y, epochs=15, batch_size=64, verbose=0)
     return model, x[:128], y[:128]

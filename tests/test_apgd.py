@@ -4,9 +4,9 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from conftest import fashion_arrays
 
 from keras_adr import attacks
-from conftest import fashion_arrays
 
 _EPSILON = 0.05
 _NUM_EXAMPLES = 200
@@ -17,12 +17,14 @@ def trained():
     """A small dense classifier trained for a few seconds on 1,500 Fashion-MNIST images."""
     (x_train, y_train), (x, y) = fashion_arrays(1500, _NUM_EXAMPLES)
     keras.utils.set_random_seed(0)
-    model = keras.Sequential([
-        keras.Input((28, 28, 1)),
-        keras.layers.Flatten(),
-        keras.layers.Dense(64, activation="relu"),
-        keras.layers.Dense(10),
-    ])
+    model = keras.Sequential(
+        [
+            keras.Input((28, 28, 1)),
+            keras.layers.Flatten(),
+            keras.layers.Dense(64, activation="relu"),
+            keras.layers.Dense(10),
+        ]
+    )
     model.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     model.fit(x_train, y_train, epochs=3, batch_size=64, verbose=0)
     return model, x, y
@@ -65,11 +67,12 @@ def test_dlr_losses_match_an_independent_computation():
     other = np.where(np.eye(5, dtype=bool)[y], -np.inf, logits).max(axis=1)
     expected = -(logits[rows, y] - other) / (s[:, 0] - s[:, 2] + 1e-12)
     expected_t = -(logits[rows, y] - logits[rows, target]) / (
-        s[:, 0] - 0.5 * (s[:, 2] + s[:, 3]) + 1e-12)
-    got = attacks._apgd_objective(tf.constant(logits), tf.constant(y), tf.constant(y), "dlr",
-                                  False)
-    got_t = attacks._apgd_objective(tf.constant(logits), tf.constant(y), tf.constant(target),
-                                    "dlr", True)
+        s[:, 0] - 0.5 * (s[:, 2] + s[:, 3]) + 1e-12
+    )
+    got = attacks._apgd_objective(tf.constant(logits), tf.constant(y), tf.constant(y), "dlr", False)
+    got_t = attacks._apgd_objective(
+        tf.constant(logits), tf.constant(y), tf.constant(target), "dlr", True
+    )
     np.testing.assert_allclose(got, expected, rtol=1e-5)
     np.testing.assert_allclose(got_t, expected_t, rtol=1e-5)
 
@@ -77,8 +80,11 @@ def test_dlr_losses_match_an_independent_computation():
 @pytest.mark.parametrize("loss,targeted", [("ce", False), ("dlr", False), ("dlr", True)])
 def test_linf_results_in_ball_and_range(trained, loss, targeted):
     model, x, y = trained
-    attack = tf.function(lambda a, b: attacks.apgd(
-        model, a, b, epsilon=_EPSILON, steps=20, loss=loss, targeted=targeted, seed=1))
+    attack = tf.function(
+        lambda a, b: attacks.apgd(
+            model, a, b, epsilon=_EPSILON, steps=20, loss=loss, targeted=targeted, seed=1
+        )
+    )
     x_adv = attack(x[:64], y[:64])
     _assert_valid(x_adv, x[:64], _EPSILON, "linf")
     assert _accuracy(model, x_adv, y[:64]) < _accuracy(model, x[:64], y[:64])
@@ -93,11 +99,15 @@ def test_l2_results_in_ball_and_range(trained):
 
 def test_apgd_at_least_as_strong_as_pgd20(trained):
     model, x, y = trained
-    pgd_acc = _accuracy(model, attacks.pgd(model, x, y, epsilon=_EPSILON,
-                                           step_size=2.5 * _EPSILON / 20, steps=20), y)
+    pgd_acc = _accuracy(
+        model,
+        attacks.pgd(model, x, y, epsilon=_EPSILON, step_size=2.5 * _EPSILON / 20, steps=20),
+        y,
+    )
     apgd_ce = tf.function(lambda a, b: attacks.apgd(model, a, b, epsilon=_EPSILON, seed=0))
-    apgd_t = tf.function(lambda a, b: attacks.apgd_dlr_targeted(model, a, b, epsilon=_EPSILON,
-                                                                seed=0))
+    apgd_t = tf.function(
+        lambda a, b: attacks.apgd_dlr_targeted(model, a, b, epsilon=_EPSILON, seed=0)
+    )
     slack = 2 / _NUM_EXAMPLES
     assert _accuracy(model, apgd_ce(x, y), y) <= pgd_acc + slack
     assert _accuracy(model, apgd_t(x, y), y) <= pgd_acc + slack
@@ -108,8 +118,9 @@ def test_keeps_misclassified_points_and_is_reproducible(trained):
     x, y = x[:64], y[:64]
     clean_wrong = np.argmax(model(x), -1) != np.asarray(y)
     assert clean_wrong.any()
-    run = lambda seed: attacks.apgd(model, x, y, epsilon=_EPSILON, steps=10, restarts=2,
-                                    seed=seed).numpy()
+    run = lambda seed: attacks.apgd(
+        model, x, y, epsilon=_EPSILON, steps=10, restarts=2, seed=seed
+    ).numpy()
     x_adv = run(3)
     # An example misclassified at x is returned as x: it needs no perturbation.
     np.testing.assert_array_equal(x_adv[clean_wrong], np.asarray(x)[clean_wrong])
@@ -121,8 +132,9 @@ def test_more_targets_and_restarts_never_weaken_the_attack(trained):
     x, y = x[:64], y[:64]
 
     def wrong(**kwargs):
-        x_adv = attacks.apgd(model, x, y, epsilon=0.02, steps=10, loss="dlr", targeted=True,
-                             seed=5, **kwargs)
+        x_adv = attacks.apgd(
+            model, x, y, epsilon=0.02, steps=10, loss="dlr", targeted=True, seed=5, **kwargs
+        )
         return np.argmax(model(x_adv), -1) != np.asarray(y)
 
     one = wrong(num_targets=1)
@@ -144,25 +156,29 @@ def test_zero_gradient_model_does_not_crash():
 
 def _linear_model(num_classes):
     keras.utils.set_random_seed(0)
-    return keras.Sequential([keras.Input((2, 2, 1)), keras.layers.Flatten(),
-                             keras.layers.Dense(num_classes)])
+    return keras.Sequential(
+        [keras.Input((2, 2, 1)), keras.layers.Flatten(), keras.layers.Dense(num_classes)]
+    )
 
 
-@pytest.mark.parametrize("kwargs,message", [
-    (dict(epsilon=0.0), "epsilon"),
-    (dict(epsilon=-1.0), "epsilon"),
-    (dict(steps=0), "steps"),
-    (dict(steps=2.5), "steps"),
-    (dict(norm="l1"), "norm"),
-    (dict(loss="kl"), "loss"),
-    (dict(restarts=0), "restarts"),
-    (dict(targeted=True, num_targets=0), "num_targets"),
-    (dict(rho=0.0), "rho"),
-    (dict(rho=1.5), "rho"),
-    (dict(seed=1.5), "seed"),
-    (dict(clip_min=1.0, clip_max=0.0), "clip_min"),
-    (dict(targeted="yes"), "targeted"),
-])
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        (dict(epsilon=0.0), "epsilon"),
+        (dict(epsilon=-1.0), "epsilon"),
+        (dict(steps=0), "steps"),
+        (dict(steps=2.5), "steps"),
+        (dict(norm="l1"), "norm"),
+        (dict(loss="kl"), "loss"),
+        (dict(restarts=0), "restarts"),
+        (dict(targeted=True, num_targets=0), "num_targets"),
+        (dict(rho=0.0), "rho"),
+        (dict(rho=1.5), "rho"),
+        (dict(seed=1.5), "seed"),
+        (dict(clip_min=1.0, clip_max=0.0), "clip_min"),
+        (dict(targeted="yes"), "targeted"),
+    ],
+)
 def test_bad_arguments_raise(kwargs, message):
     model = _linear_model(5)
     x = tf.fill((2, 2, 2, 1), 0.5)
@@ -194,5 +210,6 @@ def test_too_few_classes_raise():
         attacks.apgd_dlr_targeted(_linear_model(5), x, y, epsilon=0.1, num_targets=5)
     # Three classes are enough for the untargeted DLR loss, two for CE.
     attacks.apgd(_linear_model(3), x, y, epsilon=0.1, steps=2, loss="dlr")
-    attacks.apgd(_linear_model(2), x, y, epsilon=0.1, steps=2, loss="ce", targeted=True,
-                 num_targets=1)
+    attacks.apgd(
+        _linear_model(2), x, y, epsilon=0.1, steps=2, loss="ce", targeted=True, num_targets=1
+    )

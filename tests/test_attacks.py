@@ -24,8 +24,9 @@ def _l2(a, b):
 @pytest.mark.parametrize("loss", ["ce", "kl"])
 def test_pgd_stays_in_ball_and_range(trained_tiny, norm, epsilon, loss):
     model, x, y = trained_tiny
-    x_adv = attacks.pgd(model, x, y, epsilon=epsilon, step_size=epsilon / 4, steps=7,
-                        norm=norm, loss=loss).numpy()
+    x_adv = attacks.pgd(
+        model, x, y, epsilon=epsilon, step_size=epsilon / 4, steps=7, norm=norm, loss=loss
+    ).numpy()
     assert x_adv.shape == x.shape and x_adv.dtype == np.float32
     assert x_adv.min() >= 0.0 and x_adv.max() <= 1.0
     distance = _linf(x_adv, x) if norm == "linf" else _l2(x_adv, x)
@@ -44,8 +45,9 @@ def test_fgsm_in_ball_and_range(trained_tiny):
 
 def test_custom_clip_range(trained_tiny):
     model, x, y = trained_tiny
-    x_adv = attacks.pgd(model, x * 0.5 + 0.2, y, epsilon=0.3, step_size=0.1, steps=3,
-                        clip_min=0.2, clip_max=0.7).numpy()
+    x_adv = attacks.pgd(
+        model, x * 0.5 + 0.2, y, epsilon=0.3, step_size=0.1, steps=3, clip_min=0.2, clip_max=0.7
+    ).numpy()
     assert x_adv.min() >= 0.2 - 1e-7 and x_adv.max() <= 0.7 + 1e-7
 
 
@@ -118,18 +120,21 @@ def test_no_gradient_to_input(trained_tiny):
     assert tape.gradient(total, xv) is None
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    (dict(epsilon=0.0), "epsilon"),
-    (dict(epsilon=-0.1), "epsilon"),
-    (dict(step_size=0.0), "step_size"),
-    (dict(epsilon=float("inf")), "epsilon.*finite"),
-    (dict(step_size=float("nan")), "step_size.*finite"),
-    (dict(steps=0), "steps"),
-    (dict(steps=2.5), "steps"),
-    (dict(norm="l1"), "norm"),
-    (dict(loss="hinge"), "loss"),
-    (dict(clip_min=1.0, clip_max=0.0), "clip_min"),
-])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(epsilon=0.0), "epsilon"),
+        (dict(epsilon=-0.1), "epsilon"),
+        (dict(step_size=0.0), "step_size"),
+        (dict(epsilon=float("inf")), "epsilon.*finite"),
+        (dict(step_size=float("nan")), "step_size.*finite"),
+        (dict(steps=0), "steps"),
+        (dict(steps=2.5), "steps"),
+        (dict(norm="l1"), "norm"),
+        (dict(loss="hinge"), "loss"),
+        (dict(clip_min=1.0, clip_max=0.0), "clip_min"),
+    ],
+)
 def test_bad_arguments(trained_tiny, kwargs, match):
     model, x, y = trained_tiny
     args = dict(epsilon=0.1, step_size=0.01, steps=2)
@@ -169,8 +174,9 @@ def test_non_finite_images_are_rejected_eagerly_and_in_graphs(trained_tiny):
 def test_empty_batch_returns_empty(trained_tiny):
     model, x, y = trained_tiny
     empty = x[:0]
-    assert attacks.pgd(model, empty, y[:0], epsilon=0.1, step_size=0.02, steps=2).shape == \
-        empty.shape
+    assert (
+        attacks.pgd(model, empty, y[:0], epsilon=0.1, step_size=0.02, steps=2).shape == empty.shape
+    )
     assert attacks.fgsm(model, empty, y[:0], epsilon=0.1).shape == empty.shape
     assert attacks.apgd(model, empty, y[:0], epsilon=0.1, steps=4).shape == empty.shape
 

@@ -5,8 +5,8 @@ import json
 import keras
 import numpy as np
 import pytest
-
 from conftest import blob_data, tiny_cnn
+
 from keras_adr import autoattack as aa
 from keras_adr import evaluation
 
@@ -19,8 +19,10 @@ def four_classes():
     keras.utils.set_random_seed(0)
     x, y = blob_data(384, num_classes=4)
     model = tiny_cnn(num_classes=4)
-    model.compile(optimizer=keras.optimizers.Adam(1e-2),
-                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.compile(
+        optimizer=keras.optimizers.Adam(1e-2),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
     model.fit(x, y, epochs=10, batch_size=64, verbose=0)
     return model, x[:24], y[:24]
 
@@ -33,8 +35,7 @@ def test_robustbench_eps_is_written_as_robustbench_writes_it():
     assert aa.robustbench_eps(0.5) == "0.5"
 
 
-def test_standard_suite_runs_in_order_on_robust_points_and_is_never_weaker(four_classes,
-                                                                          tmp_path):
+def test_standard_suite_runs_in_order_on_robust_points_and_is_never_weaker(four_classes, tmp_path):
     model, x, y = four_classes
     epsilon = 0.25
     result = evaluation.autoattack(model, x, y, epsilon=epsilon, seed=0, **_FAST)
@@ -53,8 +54,9 @@ def test_standard_suite_runs_in_order_on_robust_points_and_is_never_weaker(four_
     np.testing.assert_array_equal(result.x_adv[~broken], x[~broken])
     # Never weaker than any one of its attacks run alone (up to one example of randomness).
     for name in result.attacks:
-        alone = evaluation.autoattack(model, x, y, epsilon=epsilon, version="custom",
-                                      attacks=[name], seed=0, **_FAST)
+        alone = evaluation.autoattack(
+            model, x, y, epsilon=epsilon, version="custom", attacks=[name], seed=0, **_FAST
+        )
         assert result.robust_accuracy <= alone.robust_accuracy + 1 / len(x)
     path = aa.write_result(result, tmp_path, name="tiny", defense="standard", dataset="blobs")
     card = json.loads(open(path).read())
@@ -64,18 +66,21 @@ def test_standard_suite_runs_in_order_on_robust_points_and_is_never_weaker(four_
     assert len(card["keras_adr"]["broken_by"]) == 24
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    (dict(version="plus"), "version"),
-    (dict(attacks=["square"]), "custom"),
-    (dict(version="custom", attacks=["apgd-xx"]), "Unknown"),
-    (dict(version="custom", attacks=[]), "attacks"),
-    (dict(version="custom", attacks=["square", "square"]), "duplicate"),
-    (dict(epsilon=0.0), "epsilon"),
-    (dict(norm="l1"), "norm"),
-    (dict(queries=0), "queries"),
-    (dict(seed=0.5), "seed"),
-    (dict(), "at least 4"),  # APGD-T on a 3-class model.
-])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(version="plus"), "version"),
+        (dict(attacks=["square"]), "custom"),
+        (dict(version="custom", attacks=["apgd-xx"]), "Unknown"),
+        (dict(version="custom", attacks=[]), "attacks"),
+        (dict(version="custom", attacks=["square", "square"]), "duplicate"),
+        (dict(epsilon=0.0), "epsilon"),
+        (dict(norm="l1"), "norm"),
+        (dict(queries=0), "queries"),
+        (dict(seed=0.5), "seed"),
+        (dict(), "at least 4"),  # APGD-T on a 3-class model.
+    ],
+)
 def test_autoattack_rejects_bad_arguments(trained_tiny, kwargs, match):
     model, x, y = trained_tiny
     args = {"epsilon": 0.1, **kwargs}

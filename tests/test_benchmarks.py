@@ -29,9 +29,9 @@ def test_write_results_writes_json_and_markdown(tmp_path):
 
 
 def test_markdown_table():
-    assert results_io.markdown_table(["name", "s", "note"], [["a", 1.5, ""], ["b", 2, "x"]],
-                                     align="lrl") == [
-        "| name | s | note |", "|---|---:|---|", "| a | 1.5 |  |", "| b | 2 | x |"]
+    assert results_io.markdown_table(
+        ["name", "s", "note"], [["a", 1.5, ""], ["b", 2, "x"]], align="lrl"
+    ) == ["| name | s | note |", "|---|---:|---|", "| a | 1.5 |  |", "| b | 2 | x |"]
     assert results_io.markdown_table(["a", "b"], [])[1] == "|---|---:|"
 
 
@@ -49,7 +49,11 @@ def test_scripts_run_as_modules_and_as_files(tmp_path):
     for command in (["-m", "benchmarks.robustness"], [os.path.join("benchmarks", "robustness.py")]):
         result = subprocess.run(
             [sys.executable, *command, "--preset=cpu", "--list", f"--results_dir={tmp_path}"],
-            cwd=_ROOT, capture_output=True, text=True, timeout=120,
-            env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
+            cwd=_ROOT,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"),
+        )
         assert result.returncode == 0, result.stderr[-2000:]
         assert "pgd_at" in result.stdout and "pending" in result.stdout

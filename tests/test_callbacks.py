@@ -34,16 +34,21 @@ class _Scripted(keras.Model):
         self.step.assign_add(1)
         self.counter.kernel.assign_add(tf.ones_like(self.counter.kernel))
         loss = self.scripted[epoch]
-        return {"loss": loss, "fast": loss, "slow": tf.pow(2.0, tf.cast(epoch, tf.float32)),
-                "accuracy": tf.constant(0.5)}
+        return {
+            "loss": loss,
+            "fast": loss,
+            "slow": tf.pow(2.0, tf.cast(epoch, tf.float32)),
+            "accuracy": tf.constant(0.5),
+        }
 
 
 def _fit(losses, guard, steps_per_epoch=2):
     model = _Scripted(losses, steps_per_epoch)
     model.compile(optimizer="sgd")
     x = np.zeros((2 * steps_per_epoch, 3), np.float32)
-    history = model.fit(x, np.zeros(len(x)), batch_size=2, epochs=len(losses), verbose=0,
-                        callbacks=[guard])
+    history = model.fit(
+        x, np.zeros(len(x)), batch_size=2, epochs=len(losses), verbose=0, callbacks=[guard]
+    )
     return model, history
 
 
@@ -89,29 +94,35 @@ def test_floor_keeps_near_zero_losses_from_tripping():
     assert not guard.diverged and len(history.history["loss"]) == 3
 
 
-@pytest.mark.parametrize("kwargs,match", [(dict(factor=1.0), "factor"),
-                                          (dict(factor="5"), "factor"),
-                                          (dict(loss_floor=-1.0), "loss_floor")])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(factor=1.0), "factor"),
+        (dict(factor="5"), "factor"),
+        (dict(loss_floor=-1.0), "loss_floor"),
+    ],
+)
 def test_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         DivergenceGuard(**kwargs)
 
 
 def test_robust_accuracy_is_logged_for_checkpoints(tmp_path):
-    import keras_adr
     from conftest import blob_data, tiny_cnn
+
+    import keras_adr
 
     keras.utils.set_random_seed(0)
     x, y = blob_data(96)
     model = keras_adr.ADRModel(tiny_cnn(), keras_adr.presets.get("pgd_at", attack_steps=1))
     model.compile(optimizer="adam")
-    robust = keras_adr.callbacks.RobustAccuracy((x[:32], y[:32]), epsilon=0.1,
-                                                attacks=("pgd3", "apgd_ce5"), every=2)
+    robust = keras_adr.callbacks.RobustAccuracy(
+        (x[:32], y[:32]), epsilon=0.1, attacks=("pgd3", "apgd_ce5"), every=2
+    )
     checkpoint = keras.callbacks.ModelCheckpoint(
-        str(tmp_path / "best.keras"), monitor="val_robust_accuracy", mode="max",
-        save_best_only=True)
-    history = model.fit(x, y, batch_size=32, epochs=2, verbose=0,
-                        callbacks=[robust, checkpoint])
+        str(tmp_path / "best.keras"), monitor="val_robust_accuracy", mode="max", save_best_only=True
+    )
+    history = model.fit(x, y, batch_size=32, epochs=2, verbose=0, callbacks=[robust, checkpoint])
     # Logged at epoch 2 only (every=2), and read by ModelCheckpoint.
     assert len(history.history["val_robust_accuracy"]) == 1
     value = history.history["val_robust_accuracy"][0]

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 import keras_adr
-from keras_adr import config as config_lib, models, presets
+from keras_adr import config as config_lib
+from keras_adr import models, presets
 
 
 def test_defaults_follow_the_authors_with_the_bounded_formulation():
@@ -16,8 +17,13 @@ def test_defaults_follow_the_authors_with_the_bounded_formulation():
     assert paper.latent_normalization == "none" and paper.smoothness_push == "cross_entropy"
     assert paper.replace(latent_normalization="rms", smoothness_push="overlap") == config
     assert config.objective == "pgd"
-    for name in ("local_compactness", "local_smoothness", "global_compactness",
-                 "global_smoothness", "conditional_entropy"):
+    for name in (
+        "local_compactness",
+        "local_smoothness",
+        "global_compactness",
+        "global_smoothness",
+        "conditional_entropy",
+    ):
         assert getattr(config, name) == 1.0
     assert config.label_propagation == 0.0 and config.label_scale == 0.99
     assert config.trades_beta == 6.0 and config.natural_weight == config.adversarial_weight == 1
@@ -29,48 +35,63 @@ def test_round_trip():
     assert restored == config and isinstance(restored.attack, keras_adr.AttackConfig)
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    (dict(objective="mart"), "objective"),
-    (dict(local_compactness=-1.0), "local_compactness"),
-    (dict(label_propagation=float("nan")), "label_propagation"),
-    (dict(label_scale=0.0), "label_scale"),
-    (dict(label_scale=1.0), "label_scale"),
-    (dict(label_scale=1.5), "label_scale"),
-    (dict(trades_beta=-6.0), "trades_beta"),
-    (dict(compactness_distance="cos"), "compactness_distance"),
-    (dict(pairwise_scope="node"), "pairwise_scope"),
-    (dict(latent_normalization="l2"), "latent_normalization"),
-    (dict(smoothness_push="hinge"), "smoothness_push"),
-    (dict(propagation_alpha=1.0), "propagation_alpha"),
-    (dict(propagation_neighbors=0), "propagation_neighbors"),
-    (dict(objective="standard"), "ADR terms"),
-    (dict(attack="pgd"), "attack"),
-])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(objective="mart"), "objective"),
+        (dict(local_compactness=-1.0), "local_compactness"),
+        (dict(label_propagation=float("nan")), "label_propagation"),
+        (dict(label_scale=0.0), "label_scale"),
+        (dict(label_scale=1.0), "label_scale"),
+        (dict(label_scale=1.5), "label_scale"),
+        (dict(trades_beta=-6.0), "trades_beta"),
+        (dict(compactness_distance="cos"), "compactness_distance"),
+        (dict(pairwise_scope="node"), "pairwise_scope"),
+        (dict(latent_normalization="l2"), "latent_normalization"),
+        (dict(smoothness_push="hinge"), "smoothness_push"),
+        (dict(propagation_alpha=1.0), "propagation_alpha"),
+        (dict(propagation_neighbors=0), "propagation_neighbors"),
+        (dict(objective="standard"), "ADR terms"),
+        (dict(attack="pgd"), "attack"),
+    ],
+)
 def test_adr_config_validation(kwargs, match):
     with pytest.raises(ValueError, match=match):
         keras_adr.ADRConfig(**kwargs)
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    (dict(epsilon=0.0), "epsilon"),
-    (dict(step_size=-1.0), "step_size"),
-    (dict(steps=0), "steps"),
-    (dict(steps=1.5), "steps"),
-    (dict(norm="l0"), "norm"),
-    (dict(loss="dlr"), "loss"),
-    (dict(clip_min=1.0, clip_max=0.5), "clip_min"),
-    (dict(random_start="yes"), "random_start"),
-])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(epsilon=0.0), "epsilon"),
+        (dict(step_size=-1.0), "step_size"),
+        (dict(steps=0), "steps"),
+        (dict(steps=1.5), "steps"),
+        (dict(norm="l0"), "norm"),
+        (dict(loss="dlr"), "loss"),
+        (dict(clip_min=1.0, clip_max=0.5), "clip_min"),
+        (dict(random_start="yes"), "random_start"),
+    ],
+)
 def test_attack_config_validation(kwargs, match):
     with pytest.raises(ValueError, match=match):
         keras_adr.AttackConfig(**kwargs)
 
 
 def test_presets():
-    assert presets.NAMES == ("standard", "pgd_at", "trades", "adr_pgd", "adr_trades",
-                             "adr_pgd_paper", "adr_trades_paper")
+    assert presets.NAMES == (
+        "standard",
+        "pgd_at",
+        "trades",
+        "adr_pgd",
+        "adr_trades",
+        "adr_pgd_paper",
+        "adr_trades_paper",
+    )
     assert presets.get("adr_trades_paper").objective == "trades"
-    assert presets.get("standard").enabled_terms == () and not presets.get("standard").uses_adversary
+    assert (
+        presets.get("standard").enabled_terms == () and not presets.get("standard").uses_adversary
+    )
     assert presets.get("pgd_at").enabled_terms == () and presets.get("pgd_at").objective == "pgd"
     assert presets.get("trades").objective == "trades" and presets.get("trades").enabled_terms == ()
     assert presets.get("adr_pgd").enabled_terms == config_lib.ADR_TERMS[:5]
@@ -89,12 +110,15 @@ def test_frozen():
         keras_adr.ADRConfig().objective = "trades"
 
 
-@pytest.mark.parametrize("name,kwargs,latent_size", [
-    ("small_cnn", dict(input_shape=(28, 28, 1)), 1024),
-    ("cifar_cnn", dict(input_shape=(32, 32, 3)), 3200),
-    ("resnet18", dict(input_shape=(16, 16, 3)), 512),
-    ("wide_resnet", dict(input_shape=(16, 16, 3), depth=10, width=1), 64),
-])
+@pytest.mark.parametrize(
+    "name,kwargs,latent_size",
+    [
+        ("small_cnn", dict(input_shape=(28, 28, 1)), 1024),
+        ("cifar_cnn", dict(input_shape=(32, 32, 3)), 3200),
+        ("resnet18", dict(input_shape=(16, 16, 3)), 512),
+        ("wide_resnet", dict(input_shape=(16, 16, 3), depth=10, width=1), 64),
+    ],
+)
 def test_architectures(name, kwargs, latent_size):
     model = models.get(name, num_classes=7, **kwargs)
     x = np.random.default_rng(0).uniform(size=(2, *kwargs["input_shape"])).astype(np.float32)
@@ -133,13 +157,15 @@ def test_standardize_layer_normalises_inside_the_model(tmp_path):
     assert not layer.trainable_weights
     path = tmp_path / "s.keras"
     model.save(path)
-    np.testing.assert_allclose(np.asarray(keras.saving.load_model(path)(images)),
-                               np.asarray(model(images)), atol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(keras.saving.load_model(path)(images)), np.asarray(model(images)), atol=1e-6
+    )
     # Constants, and the colour builders carry one.
     fixed = keras_adr.layers.Standardize(mean=[0.5, 0.5, 0.5], std=0.25)
     np.testing.assert_allclose(np.asarray(fixed(np.full((1, 1, 1, 3), 0.75, np.float32))), 1.0)
-    assert isinstance(models.get("cifar_cnn").get_layer("standardize"),
-                      keras_adr.layers.Standardize)
+    assert isinstance(
+        models.get("cifar_cnn").get_layer("standardize"), keras_adr.layers.Standardize
+    )
     with pytest.raises(ValueError, match="std"):
         keras_adr.layers.Standardize(std=[1.0, 0.0, 1.0])
 
@@ -166,18 +192,22 @@ print(repr(config == presets.get(flags.FLAGS.defense)), config.attack.resolved_s
 """
 
 
-@pytest.mark.parametrize("argv, same_as_preset, step_size", [
-    ([], True, 0.05),
-    (["--defense=trades"], True, 0.05),
-    (["--epsilon=0.2"], False, 0.1),
-    (["--epsilon=0.2", "--step_size=0.03"], False, 0.03),
-])
+@pytest.mark.parametrize(
+    "argv, same_as_preset, step_size",
+    [
+        ([], True, 0.05),
+        (["--defense=trades"], True, 0.05),
+        (["--epsilon=0.2"], False, 0.1),
+        (["--epsilon=0.2", "--step_size=0.03"], False, 0.03),
+    ],
+)
 def test_adr_train_runs_the_preset_of_python(argv, same_as_preset, step_size):
     """`presets.get(name)` in Python is exactly the run `adr-train --defense=name` makes."""
     import subprocess
     import sys
 
-    out = subprocess.run([sys.executable, "-c", _FLAGS_TO_CONFIG, *argv], capture_output=True,
-                         text=True, check=True).stdout.split()
+    out = subprocess.run(
+        [sys.executable, "-c", _FLAGS_TO_CONFIG, *argv], capture_output=True, text=True, check=True
+    ).stdout.split()
     assert out[0] == repr(same_as_preset)
     assert float(out[1]) == pytest.approx(step_size)

@@ -111,9 +111,7 @@ def test_read_idx_truncated_gzip(tmp_path):
         data.read_idx(path)
 
 
-@pytest.mark.parametrize(
-    "header", [b"\x01\x00\x08\x01", b"\x00\x00\x07\x01", b"PK\x03\x04"]
-)
+@pytest.mark.parametrize("header", [b"\x01\x00\x08\x01", b"\x00\x00\x07\x01", b"PK\x03\x04"])
 def test_read_idx_bad_magic(tmp_path, header):
     path = _write(tmp_path / "bad.idx", header + struct.pack(">I", 0))
     with pytest.raises(data.CorruptDatasetError, match="bad.idx.*magic"):
@@ -147,14 +145,10 @@ def test_fashion_mnist_from_data_dir(tmp_path, no_default_dirs, gz):
     assert images.dtype == np.float32 and labels.dtype == np.int32
     assert images.shape == (10, 28, 28, 1) and labels.shape == (10,)
     assert images.min() == 0.0 and images.max() == 1.0
-    np.testing.assert_allclose(
-        images[..., 0], arrays["train"][0] / np.float32(255), rtol=1e-6
-    )
+    np.testing.assert_allclose(images[..., 0], arrays["train"][0] / np.float32(255), rtol=1e-6)
     np.testing.assert_array_equal(labels, arrays["train"][1])
 
-    test_images, _ = _collect(
-        data.load("fashion_mnist", "test", batch_size=4, data_dir=tmp_path)
-    )
+    test_images, _ = _collect(data.load("fashion_mnist", "test", batch_size=4, data_dir=tmp_path))
     assert test_images.shape == (6, 28, 28, 1)
 
 
@@ -194,9 +188,7 @@ def test_fashion_mnist_slices(tmp_path, no_default_dirs, split, expected):
     np.testing.assert_array_equal(_collect(ds)[1], expected)
 
 
-@pytest.mark.parametrize(
-    "split", ["validation", "train[:11]", "train[1:2:3]", "train[a:]", 3]
-)
+@pytest.mark.parametrize("split", ["validation", "train[:11]", "train[1:2:3]", "train[a:]", 3])
 def test_fashion_mnist_bad_split(tmp_path, no_default_dirs, split):
     _fake_fashion_mnist(tmp_path)
     with pytest.raises(ValueError):
@@ -258,9 +250,7 @@ def test_augment_is_noop_for_fashion_mnist(tmp_path, no_default_dirs):
     _fake_fashion_mnist(tmp_path)
     kwargs = dict(batch_size=4, data_dir=tmp_path)
     plain = _collect(data.load("fashion_mnist", "train", **kwargs))[0]
-    augmented = _collect(
-        data.load("fashion_mnist", "train", augment=True, seed=0, **kwargs)
-    )[0]
+    augmented = _collect(data.load("fashion_mnist", "train", augment=True, seed=0, **kwargs))[0]
     np.testing.assert_array_equal(plain, augmented)
 
 
@@ -298,10 +288,7 @@ def test_bad_batch_size(batch_size):
 
 
 @pytest.mark.skipif(
-    not all(
-        os.path.isfile(os.path.join(data.DEBIAN_FASHION_MNIST_DIR, f))
-        for f in _DEBIAN_FILES
-    ),
+    not all(os.path.isfile(os.path.join(data.DEBIAN_FASHION_MNIST_DIR, f)) for f in _DEBIAN_FILES),
     reason="Debian's dataset-fashion-mnist is not installed "
     "(apt-get install -y dataset-fashion-mnist).",
 )
@@ -309,7 +296,7 @@ def test_debian_fashion_mnist(monkeypatch):
     monkeypatch.delenv(data.DATA_DIR_ENV, raising=False)
     for split, num_examples in (("train", 60000), ("test", 10000)):
         ds = data.load("fashion_mnist", split, batch_size=num_examples)
-        (images, labels), = list(ds)
+        ((images, labels),) = list(ds)
         assert images.shape == (num_examples, 28, 28, 1)
         assert labels.shape == (num_examples,)
         counts = np.bincount(labels.numpy(), minlength=10)
@@ -367,9 +354,7 @@ def _windows(image, padding, flip):
     ]
 
 
-@pytest.mark.parametrize(
-    "name, shape", [("mnist", (28, 28, 1)), ("cifar10", (32, 32, 3))]
-)
+@pytest.mark.parametrize("name, shape", [("mnist", (28, 28, 1)), ("cifar10", (32, 32, 3))])
 def test_tfds_mock(tmp_path, name, shape):
     tfds = pytest.importorskip("tensorflow_datasets")
     with tfds.testing.mock_data(num_examples=10):
@@ -399,12 +384,8 @@ def test_tfds_augmentation(tmp_path, name, flip):
     kwargs = dict(batch_size=8, data_dir=tmp_path)
     with tfds.testing.mock_data(num_examples=16):
         plain, labels = _collect(data.load(name, "train", **kwargs))
-        augmented, aug_labels = _collect(
-            data.load(name, "train", augment=True, seed=5, **kwargs)
-        )
-        again, _ = _collect(
-            data.load(name, "train", augment=True, seed=5, **kwargs)
-        )
+        augmented, aug_labels = _collect(data.load(name, "train", augment=True, seed=5, **kwargs))
+        again, _ = _collect(data.load(name, "train", augment=True, seed=5, **kwargs))
     assert augmented.shape == plain.shape == (16, 32, 32, 3)
     assert augmented.dtype == np.float32
     assert 0.0 <= augmented.min() and augmented.max() <= 1.0
@@ -416,9 +397,7 @@ def test_tfds_augmentation(tmp_path, name, flip):
     num_flipped = 0
     for original, result in zip(plain, augmented):
         windows = _windows(original, padding=4, flip=flip)
-        matches = [
-            i for i, w in enumerate(windows) if np.array_equal(w, result)
-        ]
+        matches = [i for i, w in enumerate(windows) if np.array_equal(w, result)]
         assert matches, "augmented image is not a padded crop of the original"
         num_flipped += min(matches) >= 81
     if flip:

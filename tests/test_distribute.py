@@ -21,17 +21,26 @@ _SCRIPTS = os.path.join(os.path.dirname(__file__), "scripts")
 # and PGD without random start make the run deterministic, so that 2 replicas
 # can be compared with one device weight for weight (Adam would amplify
 # float round-off in near-zero gradients; random starts differ per replica).
-_TINY = ["--train_examples=256", "--validation_examples=64", "--test_examples=64",
-         "--batch_size=64", "--attack_steps=2", "--eval_attacks=pgd3,apgd_ce5", "--verbose=0",
-         "--optimizer=sgd", "--learning_rate=0.05", "--random_start=false",
-         # The paper's raw codes: on Fashion-MNIST's clipped background many
-         # clean and adversarial codes tie, and the L1 subgradient of RMS-
-         # normalised codes takes the round-off's sign there, so the bounded
-         # default agrees with one device to ~1e-4 after 3 steps, not 1e-6.
-         # test_two_replicas_equal_one_device_... checks the default in one step.
-         # Even raw codes have a few ties (both codes 0 after ReLU), so weights
-         # agree to ~1e-6 after 3 steps, not bit for bit: _WEIGHT_TOLERANCE.
-         "--defense=adr_pgd_paper"]
+_TINY = [
+    "--train_examples=256",
+    "--validation_examples=64",
+    "--test_examples=64",
+    "--batch_size=64",
+    "--attack_steps=2",
+    "--eval_attacks=pgd3,apgd_ce5",
+    "--verbose=0",
+    "--optimizer=sgd",
+    "--learning_rate=0.05",
+    "--random_start=false",
+    # The paper's raw codes: on Fashion-MNIST's clipped background many
+    # clean and adversarial codes tie, and the L1 subgradient of RMS-
+    # normalised codes takes the round-off's sign there, so the bounded
+    # default agrees with one device to ~1e-4 after 3 steps, not 1e-6.
+    # test_two_replicas_equal_one_device_... checks the default in one step.
+    # Even raw codes have a few ties (both codes 0 after ReLU), so weights
+    # agree to ~1e-6 after 3 steps, not bit for bit: _WEIGHT_TOLERANCE.
+    "--defense=adr_pgd_paper",
+]
 # Measured: 1.5e-8 to 1.5e-6 depending on the summation order of the terms (a
 # reordering that changes no value by more than 1 ulp moves it). An objective
 # that differs from one device's moves weights by far more in these 3 steps
@@ -41,14 +50,26 @@ _ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES="")
 
 
 def _run_script(name, *args):
-    result = subprocess.run([sys.executable, os.path.join(_SCRIPTS, name), *args],
-                            capture_output=True, text=True, timeout=300, env=_ENV)
+    result = subprocess.run(
+        [sys.executable, os.path.join(_SCRIPTS, name), *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=_ENV,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
 def _adr_train(output_dir, *flags):
-    return [sys.executable, "-m", "keras_adr.cli.train", f"--output_dir={output_dir}", *_TINY, *flags]
+    return [
+        sys.executable,
+        "-m",
+        "keras_adr.cli.train",
+        f"--output_dir={output_dir}",
+        *_TINY,
+        *flags,
+    ]
 
 
 def _max_difference(a, b):
@@ -60,6 +81,7 @@ def _weights(path):
     import keras
 
     import keras_adr  # noqa: F401  (registers ADRModel for loading)
+
     return keras.saving.load_model(path).get_weights()
 
 
@@ -68,8 +90,11 @@ def _worker_weights(path):
 
     arrays = {}
     with h5py.File(path, "r") as f:
-        f.visititems(lambda name, item: arrays.__setitem__(name, item[()])
-                     if isinstance(item, h5py.Dataset) else None)
+        f.visititems(
+            lambda name, item: (
+                arrays.__setitem__(name, item[()]) if isinstance(item, h5py.Dataset) else None
+            )
+        )
     return arrays
 
 
@@ -84,8 +109,9 @@ def test_two_replicas_equal_one_device_with_global_pairwise_scope():
     assert _max_difference(single_weights, mirrored_weights) < 1e-5
     assert set(single_metrics) == set(mirrored_metrics)
     for name, value in single_metrics.items():
-        np.testing.assert_allclose(mirrored_metrics[name], value, rtol=1e-5, atol=1e-6,
-                                   err_msg=name)
+        np.testing.assert_allclose(
+            mirrored_metrics[name], value, rtol=1e-5, atol=1e-6, err_msg=name
+        )
 
 
 def test_replica_pairwise_scope_differs():
@@ -123,8 +149,14 @@ def fashion_mnist():
 def one_device_run(fashion_mnist, tmp_path_factory):
     """The reference: the same tiny run on one device."""
     out = tmp_path_factory.mktemp("one_device")
-    result = subprocess.run(_adr_train(out, "--strategy=default"), capture_output=True,
-                            text=True, timeout=300, cwd=_ROOT, env=_ENV)
+    result = subprocess.run(
+        _adr_train(out, "--strategy=default"),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=_ROOT,
+        env=_ENV,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["num_replicas"] == 1
@@ -133,8 +165,14 @@ def one_device_run(fashion_mnist, tmp_path_factory):
 
 def test_adr_train_mirrored_on_two_cpu_replicas(one_device_run, tmp_path):
     out = tmp_path / "mirrored"
-    result = subprocess.run(_adr_train(out, "--strategy=mirrored", "--cpu_replicas=2"),
-                            capture_output=True, text=True, timeout=300, cwd=_ROOT, env=_ENV)
+    result = subprocess.run(
+        _adr_train(out, "--strategy=mirrored", "--cpu_replicas=2"),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=_ROOT,
+        env=_ENV,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["num_replicas"] == 2 and metrics["num_workers"] == 1
@@ -148,8 +186,9 @@ def test_adr_train_mirrored_on_two_cpu_replicas(one_device_run, tmp_path):
     weights = _weights(str(out / "final.keras"))
     assert _max_difference(reference_weights, weights) < _WEIGHT_TOLERANCE
     for name, values in reference_metrics["history"].items():
-        np.testing.assert_allclose(metrics["history"][name], values, rtol=1e-5, atol=1e-6,
-                                   err_msg=name)
+        np.testing.assert_allclose(
+            metrics["history"][name], values, rtol=1e-5, atol=1e-6, err_msg=name
+        )
 
 
 def _free_ports(count):
@@ -174,11 +213,20 @@ def test_adr_train_multi_worker_two_processes(one_device_run, tmp_path):
     out = tmp_path / "multi_worker"
     processes = []
     for index in range(2):
-        env = dict(_ENV, TF_CONFIG=json.dumps(
-            {"cluster": cluster, "task": {"type": "worker", "index": index}}))
-        processes.append(subprocess.Popen(
-            _adr_train(out, "--strategy=multi_worker"), cwd=_ROOT, env=env,
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        env = dict(
+            _ENV,
+            TF_CONFIG=json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}}),
+        )
+        processes.append(
+            subprocess.Popen(
+                _adr_train(out, "--strategy=multi_worker"),
+                cwd=_ROOT,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        )
     outputs = []
     try:
         for process in processes:
@@ -205,10 +253,13 @@ def test_adr_train_multi_worker_two_processes(one_device_run, tmp_path):
     for name in chief:
         np.testing.assert_array_equal(chief[name], other[name], err_msg=name)
     reference_metrics, reference_weights = one_device_run
-    assert _max_difference(reference_weights, _weights(str(out / "final.keras"))) < _WEIGHT_TOLERANCE
+    assert (
+        _max_difference(reference_weights, _weights(str(out / "final.keras"))) < _WEIGHT_TOLERANCE
+    )
     for name, values in reference_metrics["history"].items():
-        np.testing.assert_allclose(metrics["history"][name], values, rtol=1e-5, atol=1e-6,
-                                   err_msg=name)
+        np.testing.assert_allclose(
+            metrics["history"][name], values, rtol=1e-5, atol=1e-6, err_msg=name
+        )
 
 
 # --- patch_keras_fit -------------------------------------------------------
@@ -231,8 +282,12 @@ class _OrderProbe(keras.Model):
 
 
 def _epoch_orders(strategy, *, build, patch, epochs=2):
-    dataset = (tf.data.Dataset.range(8).map(lambda i: (tf.cast([i], tf.float32), i))
-               .shuffle(8, seed=1, reshuffle_each_iteration=True).batch(8))
+    dataset = (
+        tf.data.Dataset.range(8)
+        .map(lambda i: (tf.cast([i], tf.float32), i))
+        .shuffle(8, seed=1, reshuffle_each_iteration=True)
+        .batch(8)
+    )
     with strategy.scope():
         model = _OrderProbe()
         if build:
@@ -241,9 +296,17 @@ def _epoch_orders(strategy, *, build, patch, epochs=2):
     if patch:
         distribute.patch_keras_fit(model)
     orders = []
-    model.fit(dataset, epochs=epochs, verbose=0, shuffle=False, callbacks=[
-        keras.callbacks.LambdaCallback(
-            on_train_batch_end=lambda batch, logs: orders.append(float(logs["order"])))])
+    model.fit(
+        dataset,
+        epochs=epochs,
+        verbose=0,
+        shuffle=False,
+        callbacks=[
+            keras.callbacks.LambdaCallback(
+                on_train_batch_end=lambda batch, logs: orders.append(float(logs["order"]))
+            )
+        ],
+    )
     return orders
 
 
@@ -298,8 +361,12 @@ def test_get_strategy_errors(monkeypatch):
     monkeypatch.setenv("TF_CONFIG", "{not json")
     with pytest.raises(ValueError, match="not valid"):
         distribute.get_strategy("multi_worker")
-    monkeypatch.setenv("TF_CONFIG", json.dumps(
-        {"cluster": {"worker": ["localhost:1"]}, "task": {"type": "worker", "index": 3}}))
+    monkeypatch.setenv(
+        "TF_CONFIG",
+        json.dumps(
+            {"cluster": {"worker": ["localhost:1"]}, "task": {"type": "worker", "index": 3}}
+        ),
+    )
     with pytest.raises(ValueError, match="outside"):
         distribute.get_strategy("multi_worker")
 
@@ -311,7 +378,8 @@ def test_default_strategies():
 
 def _fake_strategy(cluster, task_type, task_id):
     resolver = tf.distribute.cluster_resolver.SimpleClusterResolver(
-        tf.train.ClusterSpec(cluster), task_type=task_type, task_id=task_id)
+        tf.train.ClusterSpec(cluster), task_type=task_type, task_id=task_id
+    )
     return types.SimpleNamespace(cluster_resolver=resolver)
 
 
@@ -341,8 +409,10 @@ def test_chief_and_worker_directories(tmp_path):
 
 def test_shard_by_data():
     dataset = distribute.shard_by_data(tf.data.Dataset.range(4).batch(2))
-    assert (dataset.options().experimental_distribute.auto_shard_policy
-            == tf.data.experimental.AutoShardPolicy.DATA)
+    assert (
+        dataset.options().experimental_distribute.auto_shard_policy
+        == tf.data.experimental.AutoShardPolicy.DATA
+    )
 
 
 def test_split_cpu_errors():

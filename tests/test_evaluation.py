@@ -10,10 +10,9 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-
-from keras_adr import attacks
 from conftest import fashion_arrays
-from keras_adr import evaluation
+
+from keras_adr import attacks, evaluation
 
 _REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 _NUM_EXAMPLES = 100
@@ -33,8 +32,11 @@ def _dense_model(masked=False):
     layers = [keras.Input((28, 28, 1), name="images")]
     if masked:
         layers.append(Binarize())
-    layers += [keras.layers.Flatten(), keras.layers.Dense(64, activation="relu"),
-               keras.layers.Dense(10)]
+    layers += [
+        keras.layers.Flatten(),
+        keras.layers.Dense(64, activation="relu"),
+        keras.layers.Dense(10),
+    ]
     model = keras.Sequential(layers)
     model.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     return model
@@ -86,16 +88,19 @@ def test_evaluate_combines_attacks_per_example(monkeypatch):
     def fake_attack_fn(model_fn, spec, **kwargs):
         def correct(x, y, seed):
             index = tf.range(tf.shape(x)[0])
-            return tf.reduce_all(index[:, None] != tf.constant(fooled_by[spec.name] + [-1])[None],
-                                 axis=1)
+            return tf.reduce_all(
+                index[:, None] != tf.constant(fooled_by[spec.name] + [-1])[None], axis=1
+            )
+
         return correct
 
     monkeypatch.setattr(evaluation, "_attack_fn", fake_attack_fn)
     x = np.full((5, 2, 2, 1), 0.5, np.float32)
     y = np.zeros(5, np.int32)
     model = lambda images: tf.tile(tf.constant([[1.0, 0.0]]), [tf.shape(images)[0], 1])
-    result = evaluation.evaluate_robustness(model, (x, y), epsilon=0.1,
-                                            attacks=("pgd20", "apgd_ce"))
+    result = evaluation.evaluate_robustness(
+        model, (x, y), epsilon=0.1, attacks=("pgd20", "apgd_ce")
+    )
     assert result.attack_accuracy == {"pgd20": 0.6, "apgd_ce": 0.8}
     assert result.robust_accuracy == pytest.approx(0.4)
     np.testing.assert_array_equal(result.robust_correct, [False, False, False, True, True])
@@ -115,8 +120,9 @@ def test_an_example_is_robust_only_if_every_restart_fails(monkeypatch):
     model = lambda images: tf.concat([0.5 - images[:, 0, 0], images[:, 0, 0] - 0.5], axis=1)
     x = np.full((6, 1, 1, 1), 0.9, np.float32)
     y = np.ones(6, np.int32)
-    result = evaluation.evaluate_robustness(model, (x, y), epsilon=0.01, restarts=3,
-                                            attacks=("pgd5", "apgd_ce5"))
+    result = evaluation.evaluate_robustness(
+        model, (x, y), epsilon=0.01, restarts=3, attacks=("pgd5", "apgd_ce5")
+    )
     np.testing.assert_array_equal(result.attack_correct["pgd5"], [0, 0, 0, 1, 1, 1])
     assert result.attack_accuracy["apgd_ce5"] == 1.0
     assert result.robust_accuracy == pytest.approx(0.5)
@@ -136,22 +142,25 @@ def test_parse_attack():
             evaluation.parse_attack(bad)
 
 
-@pytest.mark.parametrize("kwargs,message", [
-    (dict(attacks=("fgsm",)), "too weak"),
-    (dict(attacks=("fgsm", "pgd20")), "too weak"),
-    (dict(attacks=("apgd_ce", "apgd_dlr_t")), "too weak"),
-    (dict(attacks=("pgd20", "pgd20", "apgd_ce")), "duplicate"),
-    (dict(attacks="pgd20,apgd_ce"), "list"),
-    (dict(attacks=("pgd20", "apgd_xx")), "Unknown attack"),
-    (dict(epsilon=-0.1), "epsilon"),
-    (dict(epsilon=float("nan")), "epsilon"),
-    (dict(norm="l1"), "norm"),
-    (dict(restarts=0), "restarts"),
-    (dict(num_examples=0), "num_examples"),
-    (dict(batch_size=0), "batch_size"),
-    (dict(apgd_targets=0), "apgd_targets"),
-    (dict(seed=0.5), "seed"),
-])
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        (dict(attacks=("fgsm",)), "too weak"),
+        (dict(attacks=("fgsm", "pgd20")), "too weak"),
+        (dict(attacks=("apgd_ce", "apgd_dlr_t")), "too weak"),
+        (dict(attacks=("pgd20", "pgd20", "apgd_ce")), "duplicate"),
+        (dict(attacks="pgd20,apgd_ce"), "list"),
+        (dict(attacks=("pgd20", "apgd_xx")), "Unknown attack"),
+        (dict(epsilon=-0.1), "epsilon"),
+        (dict(epsilon=float("nan")), "epsilon"),
+        (dict(norm="l1"), "norm"),
+        (dict(restarts=0), "restarts"),
+        (dict(num_examples=0), "num_examples"),
+        (dict(batch_size=0), "batch_size"),
+        (dict(apgd_targets=0), "apgd_targets"),
+        (dict(seed=0.5), "seed"),
+    ],
+)
 def test_bad_arguments_raise(kwargs, message):
     x = np.full((4, 2, 2, 1), 0.5, np.float32)
     y = np.zeros(4, np.int32)
@@ -161,21 +170,19 @@ def test_bad_arguments_raise(kwargs, message):
 
 
 def test_bad_data_raises():
-    model = keras.Sequential([keras.Input((2, 2, 1)), keras.layers.Flatten(),
-                              keras.layers.Dense(3)])
+    model = keras.Sequential(
+        [keras.Input((2, 2, 1)), keras.layers.Flatten(), keras.layers.Dense(3)]
+    )
     kwargs = dict(epsilon=0.1, attacks=("pgd5", "apgd_ce5"))
     y = np.zeros(4, np.int32)
     with pytest.raises(ValueError, match="uint8|floats"):
         evaluation.evaluate_robustness(model, (np.zeros((4, 2, 2, 1), np.uint8), y), **kwargs)
     with pytest.raises(ValueError, match=r"\[0.0, 1.0\]"):
-        evaluation.evaluate_robustness(model, (np.full((4, 2, 2, 1), 2.0, np.float32), y),
-                                       **kwargs)
+        evaluation.evaluate_robustness(model, (np.full((4, 2, 2, 1), 2.0, np.float32), y), **kwargs)
     with pytest.raises(ValueError, match="Labels must be in"):
-        evaluation.evaluate_robustness(model, (np.zeros((4, 2, 2, 1), np.float32), y + 3),
-                                       **kwargs)
+        evaluation.evaluate_robustness(model, (np.zeros((4, 2, 2, 1), np.float32), y + 3), **kwargs)
     with pytest.raises(ValueError, match="labels"):
-        evaluation.evaluate_robustness(model, (np.zeros((4, 2, 2, 1), np.float32), y[:3]),
-                                       **kwargs)
+        evaluation.evaluate_robustness(model, (np.zeros((4, 2, 2, 1), np.float32), y[:3]), **kwargs)
     with pytest.raises(ValueError, match="model"):
         evaluation.evaluate_robustness(42, (np.zeros((4, 2, 2, 1), np.float32), y), **kwargs)
 
@@ -183,16 +190,27 @@ def test_bad_data_raises():
 # --- Sanity checks -----------------------------------------------------------
 
 
-def _result(epsilon, attack_accuracy, n=100, clean=0.9, robust=None, clean_correct=None,
-            robust_correct=None):
+def _result(
+    epsilon, attack_accuracy, n=100, clean=0.9, robust=None, clean_correct=None, robust_correct=None
+):
     clean_correct = np.arange(n) < clean * n if clean_correct is None else clean_correct
     robust = min(attack_accuracy.values()) if robust is None else robust
     robust_correct = np.arange(n) < robust * n if robust_correct is None else robust_correct
     return evaluation.RobustnessResult(
-        epsilon=epsilon, norm="linf", attacks=tuple(attack_accuracy), restarts=1,
-        num_examples=n, clean_accuracy=clean, attack_accuracy=attack_accuracy,
-        robust_accuracy=robust, clean_correct=clean_correct, attack_correct={},
-        robust_correct=robust_correct, attack_seconds={}, image_shape=(28, 28, 1))
+        epsilon=epsilon,
+        norm="linf",
+        attacks=tuple(attack_accuracy),
+        restarts=1,
+        num_examples=n,
+        clean_accuracy=clean,
+        attack_accuracy=attack_accuracy,
+        robust_accuracy=robust,
+        clean_correct=clean_correct,
+        attack_correct={},
+        robust_correct=robust_correct,
+        attack_seconds={},
+        image_shape=(28, 28, 1),
+    )
 
 
 def _status(checks):
@@ -226,8 +244,10 @@ def test_sanity_checks_on_constructed_results():
         evaluation.sanity_checks(bad, raise_on_failure=True)
 
     # Within the tolerance (one example of 100): sampling noise, not a failure.
-    noisy = [_result(0.1, {"pgd20": 0.50, "pgd100": 0.51, "apgd_ce": 0.5}),
-             _result(0.2, {"pgd20": 0.51, "apgd_ce": 0.51})]
+    noisy = [
+        _result(0.1, {"pgd20": 0.50, "pgd100": 0.51, "apgd_ce": 0.5}),
+        _result(0.2, {"pgd20": 0.51, "apgd_ce": 0.51}),
+    ]
     status = _status(evaluation.sanity_checks(noisy))
     assert status["more_pgd_steps_not_weaker"] == "passed"
     assert status["non_increasing_in_epsilon"] == "passed"
@@ -241,8 +261,9 @@ def test_sanity_checks_on_constructed_results():
 
 def test_sweep_on_a_normal_model_passes_the_sanity_checks(fashion, normal_model, tmp_path):
     _, (x, y) = fashion
-    sweep = evaluation.epsilon_sweep(normal_model, (x, y), [0.05], headline_epsilon=0.05,
-                                     attacks=_FAST_ATTACKS, seed=0)
+    sweep = evaluation.epsilon_sweep(
+        normal_model, (x, y), [0.05], headline_epsilon=0.05, attacks=_FAST_ATTACKS, seed=0
+    )
     assert sweep.epsilons == [0.0, 0.05, 0.5]
     checks = evaluation.sanity_checks(sweep, raise_on_failure=True)
     assert all(c.passed for c in checks), evaluation.format_summary(sweep, checks)
@@ -252,15 +273,16 @@ def test_sweep_on_a_normal_model_passes_the_sanity_checks(fashion, normal_model,
     assert mid.robust_accuracy < mid.clean_accuracy
     assert mid.robust_accuracy <= min(mid.attack_accuracy.values())
     np.testing.assert_array_equal(
-        mid.robust_correct,
-        evaluation.worst_case_correct(mid.clean_correct, mid.attack_correct))
+        mid.robust_correct, evaluation.worst_case_correct(mid.clean_correct, mid.attack_correct)
+    )
     # APGD is at least as strong as PGD-20 on the same examples (one example of slack).
     assert mid.attack_accuracy["apgd_ce20"] <= mid.attack_accuracy["pgd20"] + 1 / len(x)
     assert large.robust_accuracy <= evaluation.NEAR_ZERO_ACCURACY
     assert sweep.headline is mid
 
-    paths = evaluation.write_report(sweep, tmp_path / "report", checks=checks,
-                                    metadata={"model": "dense"})
+    paths = evaluation.write_report(
+        sweep, tmp_path / "report", checks=checks, metadata={"model": "dense"}
+    )
     report = json.loads(pathlib.Path(paths["json"]).read_text())
     assert report["headline"]["robust_accuracy"] == mid.robust_accuracy
     assert report["sanity_checks_passed"] is True
@@ -297,11 +319,17 @@ def _export(model, path, logits_scale=1.0):
 
     def serve(images):
         logits = model(images, training=False) * logits_scale
-        return {"probabilities": tf.nn.softmax(logits), "logits": logits,
-                "classes": tf.argmax(logits, -1)}
+        return {
+            "probabilities": tf.nn.softmax(logits),
+            "logits": logits,
+            "classes": tf.argmax(logits, -1),
+        }
 
-    archive.add_endpoint("serving_default", serve, input_signature=[
-        tf.TensorSpec((None, 28, 28, 1), tf.float32, name="images")])
+    archive.add_endpoint(
+        "serving_default",
+        serve,
+        input_signature=[tf.TensorSpec((None, 28, 28, 1), tf.float32, name="images")],
+    )
     archive.write_out(str(path), verbose=False)
 
 
@@ -321,9 +349,11 @@ def test_load_model_saved_model_and_serving_layout(fashion, normal_model, tmp_pa
 
     # Gradients flow through the signature: the attacks work on the SavedModel.
     from_saved = evaluation.evaluate_robustness(
-        loaded, (x, y), epsilon=0.05, attacks=("pgd10", "apgd_ce10"), seed=0)
+        loaded, (x, y), epsilon=0.05, attacks=("pgd10", "apgd_ce10"), seed=0
+    )
     from_keras = evaluation.evaluate_robustness(
-        normal_model, (x, y), epsilon=0.05, attacks=("pgd10", "apgd_ce10"), seed=0)
+        normal_model, (x, y), epsilon=0.05, attacks=("pgd10", "apgd_ce10"), seed=0
+    )
     assert from_saved.clean_accuracy == from_keras.clean_accuracy
     assert from_saved.robust_accuracy < from_saved.clean_accuracy
     assert abs(from_saved.robust_accuracy - from_keras.robust_accuracy) <= 3 / len(x)
@@ -346,8 +376,9 @@ def test_load_model_keras_file_and_errors(normal_model, tmp_path):
     with pytest.raises(FileNotFoundError, match=".keras"):
         evaluation.load_model(tmp_path / "weights.h5")
     module = tf.Module()
-    module.f = tf.function(lambda images: {"logits": images},
-                           input_signature=[tf.TensorSpec((None, 3), tf.float32)])
+    module.f = tf.function(
+        lambda images: {"logits": images}, input_signature=[tf.TensorSpec((None, 3), tf.float32)]
+    )
     tf.saved_model.save(module, str(tmp_path / "no_signature"), signatures={"other": module.f})
     with pytest.raises(ValueError, match="serving_default"):
         evaluation.load_model(tmp_path / "no_signature")
@@ -357,19 +388,35 @@ def test_load_model_keras_file_and_errors(normal_model, tmp_path):
 
 
 def _run_cli(*args):
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES="",
-               PYTHONPATH=os.pathsep.join([str(_REPO_ROOT), os.environ.get("PYTHONPATH", "")]))
-    return subprocess.run([sys.executable, "-m", "keras_adr.cli.evaluate", *args], cwd=_REPO_ROOT,
-                          env=env, capture_output=True, text=True, timeout=300)
+    env = dict(
+        os.environ,
+        TF_CPP_MIN_LOG_LEVEL="2",
+        CUDA_VISIBLE_DEVICES="",
+        PYTHONPATH=os.pathsep.join([str(_REPO_ROOT), os.environ.get("PYTHONPATH", "")]),
+    )
+    return subprocess.run(
+        [sys.executable, "-m", "keras_adr.cli.evaluate", *args],
+        cwd=_REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def test_cli_end_to_end(normal_model, tmp_path):
     model_path = tmp_path / "model.keras"
     normal_model.save(model_path)
     out = tmp_path / "eval"
-    result = _run_cli(f"--model_path={model_path}", "--num_examples=24", "--batch_size=16",
-                      "--epsilon=0.05", "--epsilons=0.02", "--attacks=fgsm,pgd5,apgd_ce10",
-                      f"--output_dir={out}")
+    result = _run_cli(
+        f"--model_path={model_path}",
+        "--num_examples=24",
+        "--batch_size=16",
+        "--epsilon=0.05",
+        "--epsilons=0.02",
+        "--attacks=fgsm,pgd5,apgd_ce10",
+        f"--output_dir={out}",
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "worst-case robust accuracy" in result.stdout
     report = json.loads((out / "results.json").read_text())
@@ -384,8 +431,13 @@ def test_cli_end_to_end(normal_model, tmp_path):
 def test_cli_fails_on_sanity_check_failure(masked_model, tmp_path):
     # Exported as a SavedModel: the program needs no custom layer to load it.
     _export(masked_model, tmp_path / "serving" / "1")
-    args = [f"--model_path={tmp_path / 'serving'}", "--num_examples=40", "--batch_size=40",
-            "--attacks=pgd5,apgd_ce10", "--epsilon=0.1"]
+    args = [
+        f"--model_path={tmp_path / 'serving'}",
+        "--num_examples=40",
+        "--batch_size=40",
+        "--attacks=pgd5,apgd_ce10",
+        "--epsilon=0.1",
+    ]
     result = _run_cli(*args, f"--output_dir={tmp_path / 'eval'}")
     assert result.returncode != 0
     assert "sanity checks failed" in result.stderr and "near_zero_at_large_epsilon" in result.stderr

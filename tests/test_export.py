@@ -131,12 +131,8 @@ def test_fresh_process_outputs_match_keras(model, images, exported, tmp_path):
         assert outputs["probabilities"].dtype == np.float32
         assert outputs["logits"].dtype == np.float32
         assert outputs["classes"].dtype == np.int64
-        np.testing.assert_allclose(
-            outputs["logits"], expected["logits"], atol=1e-5
-        )
-        np.testing.assert_allclose(
-            outputs["probabilities"], expected["probabilities"], atol=1e-5
-        )
+        np.testing.assert_allclose(outputs["logits"], expected["logits"], atol=1e-5)
+        np.testing.assert_allclose(outputs["probabilities"], expected["probabilities"], atol=1e-5)
         np.testing.assert_array_equal(outputs["classes"], expected["classes"])
 
 
@@ -150,9 +146,7 @@ def test_saved_model_cli_shows_both_signatures(exported):
         assert f"outputs['{output}']" in shown
 
 
-def test_saved_model_cli_run_gives_same_classes(
-    model, images, exported, tmp_path
-):
+def test_saved_model_cli_run_gives_same_classes(model, images, exported, tmp_path):
     floats = images.astype(np.float32) / 255.0
     np.save(tmp_path / "images.npy", floats)
     _run(
@@ -190,9 +184,7 @@ def test_saved_model_cli_run_gives_same_classes(
     ],
 )
 def test_signatures_reject_bad_inputs(loaded, name, bad):
-    with pytest.raises(
-        (ValueError, TypeError, tf.errors.InvalidArgumentError)
-    ):
+    with pytest.raises((ValueError, TypeError, tf.errors.InvalidArgumentError)):
         loaded.signatures[name](images=tf.constant(bad))
 
 
@@ -202,13 +194,9 @@ def test_in_graph_checks_catch_what_the_signature_spec_misses():
     with pytest.raises(tf.errors.InvalidArgumentError, match="compatible"):
         export._checked_float_images(tf.zeros((1, 28, 28, 3)), _INPUT_SHAPE)
     with pytest.raises(tf.errors.InvalidArgumentError, match="finite"):
-        export._checked_float_images(
-            tf.fill((1, 28, 28, 1), float("nan")), _INPUT_SHAPE
-        )
+        export._checked_float_images(tf.fill((1, 28, 28, 1), float("nan")), _INPUT_SHAPE)
     with pytest.raises(tf.errors.InvalidArgumentError, match=r"\[0, 1\]"):
-        export._checked_float_images(
-            tf.fill((1, 28, 28, 1), 1.5), _INPUT_SHAPE
-        )
+        export._checked_float_images(tf.fill((1, 28, 28, 1), 1.5), _INPUT_SHAPE)
 
 
 def test_metadata_round_trips(model, exported):
@@ -229,21 +217,15 @@ def test_metadata_round_trips(model, exported):
 
 
 def _warmup_logs(version_dir):
-    prediction_log_pb2 = pytest.importorskip(
-        "tensorflow_serving.apis.prediction_log_pb2"
-    )
-    path = os.path.join(
-        version_dir, export.METADATA_DIRNAME, export.WARMUP_FILENAME
-    )
+    prediction_log_pb2 = pytest.importorskip("tensorflow_serving.apis.prediction_log_pb2")
+    path = os.path.join(version_dir, export.METADATA_DIRNAME, export.WARMUP_FILENAME)
     return [
         prediction_log_pb2.PredictionLog.FromString(record.numpy())
         for record in tf.data.TFRecordDataset(path)
     ]
 
 
-def test_warmup_requests_parse_and_run_on_every_signature(
-    model, exported, loaded
-):
+def test_warmup_requests_parse_and_run_on_every_signature(model, exported, loaded):
     logs = _warmup_logs(exported)
     assert export.read_metadata(exported)["warmup_requests"] == len(logs)
     batch_sizes = {name: [] for name in export.SIGNATURE_NAMES}
@@ -307,9 +289,7 @@ def test_existing_version_needs_overwrite(model, tmp_path):
         export.export_saved_model(model, base_dir, version=3, metadata={"n": 2})
     assert export.read_metadata(base_dir / "3")["n"] == 1
 
-    path = export.export_saved_model(
-        model, base_dir, version=3, metadata={"n": 3}, overwrite=True
-    )
+    path = export.export_saved_model(model, base_dir, version=3, metadata={"n": 3}, overwrite=True)
     assert path == str(base_dir / "3")
     assert export.read_metadata(path)["n"] == 3
     assert sorted(os.listdir(base_dir)) == ["3"]
@@ -327,9 +307,7 @@ def test_numpy_integer_version(model, tmp_path):
     assert path == str(tmp_path / "4")
 
 
-@pytest.mark.parametrize(
-    "shape", [(None, None, 1), (28, 28), (28, 28, 1, 1)]
-)
+@pytest.mark.parametrize("shape", [(None, None, 1), (28, 28), (28, 28, 1, 1)])
 def test_model_input_must_be_defined_rank_4(tmp_path, shape):
     inputs = keras.Input(shape)
     model = keras.Model(inputs, keras.layers.Dense(2)(inputs))
@@ -389,9 +367,7 @@ def test_killed_export_leaves_no_version(model, tmp_path):
         ready, _, _ = select.select([child.stdout], [], [], 120)
         assert ready and child.stdout.readline().strip() == "ready"
         temporaries = [
-            name
-            for name in os.listdir(base_dir)
-            if name.startswith(export.TEMP_EXPORT_PREFIX)
+            name for name in os.listdir(base_dir) if name.startswith(export.TEMP_EXPORT_PREFIX)
         ]
         assert len(temporaries) == 1
         temp_dir = base_dir / temporaries[0]
@@ -438,9 +414,7 @@ def test_cleanup_deletes_replaced_version_once_replaced(model, tmp_path):
 
 
 def test_cleanup_skips_locked_temporaries(tmp_path):
-    temp_dir, lock_fd = fileio.make_locked_temp_dir(
-        str(tmp_path), f"{export.TEMP_EXPORT_PREFIX}1-"
-    )
+    temp_dir, lock_fd = fileio.make_locked_temp_dir(str(tmp_path), f"{export.TEMP_EXPORT_PREFIX}1-")
     try:
         assert export.cleanup_stale_temporaries(tmp_path) == []
         assert os.path.isdir(temp_dir)
@@ -475,9 +449,7 @@ def test_models_config_is_tf_servings_proto(monkeypatch):
     text = export.models_config("m", 'C:\\x"y/é', model_platform="tf")
     parsed = text_format.Parse(text, pb2.ModelServerConfig())
     (entry,) = parsed.model_config_list.config
-    assert (entry.name, entry.base_path, entry.model_platform) == (
-        "m", 'C:\\x"y/é', "tf"
-    )
+    assert (entry.name, entry.base_path, entry.model_platform) == ("m", 'C:\\x"y/é', "tf")
     # Without tensorflow-serving-api the same text is written by hand.
     monkeypatch.setattr(export, "_model_server_config_pb2", lambda: None)
     assert export.models_config("m", 'C:\\x"y/é', model_platform="tf") == text
@@ -494,8 +466,12 @@ def test_large_requests_run_in_chunks_and_empty_ones_work(model, loaded):
     # Across chunk boundaries: the same logits as one model call.
     n = 2 * export.SERVING_CHUNK + 7
     floats = np.random.default_rng(1).random((n, *_INPUT_SHAPE), dtype=np.float32)
-    np.testing.assert_allclose(serve(images=floats)["logits"].numpy(),
-                               _expected(model, floats)["logits"], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        serve(images=floats)["logits"].numpy(),
+        _expected(model, floats)["logits"],
+        rtol=1e-5,
+        atol=1e-5,
+    )
     for name, dtype in ((export.SERVING_DEFAULT, tf.float32), ("serve_uint8", tf.uint8)):
         outputs = loaded.signatures[name](images=tf.zeros([0, *_INPUT_SHAPE], dtype))
         assert outputs["logits"].shape == (0, _NUM_CLASSES)

@@ -45,8 +45,13 @@ def _exact_min_linf(w, b, x, y):
     out = []
     for xi, yi in zip(x.reshape(len(x), -1).astype(np.float64), y):
         z = xi @ w + b
-        out.append(min(_bisect_radius(w[:, t] - w[:, yi], xi, z[yi] - z[t])
-                       for t in range(w.shape[1]) if t != yi))
+        out.append(
+            min(
+                _bisect_radius(w[:, t] - w[:, yi], xi, z[yi] - z[t])
+                for t in range(w.shape[1])
+                if t != yi
+            )
+        )
     return np.asarray(out)
 
 
@@ -57,14 +62,16 @@ def test_linf_hyperplane_projection_is_the_smallest_box_step():
     w = rng.normal(size=(6, 30)).astype(np.float32)
     w[:, 5:8] = 0.0
     c = np.array([0.5, -0.8, 2.0, 0.0, -3.0, 40.0], np.float32)  # The last is unreachable.
-    d = attacks.project_to_hyperplane_linf(tf.constant(points), tf.constant(w),
-                                           tf.constant(c)).numpy()
+    d = attacks.project_to_hyperplane_linf(
+        tf.constant(points), tf.constant(w), tf.constant(c)
+    ).numpy()
     assert np.all(points + d >= -1e-6) and np.all(points + d <= 1 + 1e-6)
     assert np.all(d[:, 5:8] == 0)
     for i in range(5):
         np.testing.assert_allclose(np.dot(w[i], d[i]), c[i], atol=1e-4)
-        np.testing.assert_allclose(np.abs(d[i]).max(), _bisect_radius(w[i], points[i], c[i]),
-                                   atol=1e-5)
+        np.testing.assert_allclose(
+            np.abs(d[i]).max(), _bisect_radius(w[i], points[i], c[i]), atol=1e-5
+        )
     # Unreachable: as far as the box allows towards the hyperplane.
     np.testing.assert_allclose(np.dot(w[5], d[5]), _reach(w[5], points[5], 1.0), rtol=1e-5)
 
@@ -110,25 +117,29 @@ def test_fab_skips_misclassified_points_and_empty_batches(trained_tiny):
     assert out["distance"].numpy()[0] == 0.0
     np.testing.assert_array_equal(out["x_adv"].numpy()[0], x[0])
     assert attacks.fab(model, x[:0], y[:0], epsilon=0.1, num_targets=1).shape == (0, 8, 8, 1)
-    compiled = tf.function(lambda a, b: attacks.fab(model, a, b, epsilon=0.1, num_targets=1,
-                                                    steps=3))
+    compiled = tf.function(
+        lambda a, b: attacks.fab(model, a, b, epsilon=0.1, num_targets=1, steps=3)
+    )
     assert compiled(x, y).shape == x.shape
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    (dict(num_targets=3), "num_targets"),  # The tiny model has 3 classes: 2 wrong ones.
-    (dict(num_targets=0), "num_targets"),
-    (dict(steps=0), "steps"),
-    (dict(restarts=1.5), "restarts"),
-    (dict(alpha_max=2.0), "alpha_max"),
-    (dict(eta=0.5), "eta"),
-    (dict(beta=-1.0), "beta"),
-    (dict(norm="l2"), "norm"),
-    (dict(epsilon=None), "epsilon"),
-    (dict(epsilon=0.0), "epsilon"),
-    (dict(seed=1.5), "seed"),
-    (dict(y=None), "y"),
-])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(num_targets=3), "num_targets"),  # The tiny model has 3 classes: 2 wrong ones.
+        (dict(num_targets=0), "num_targets"),
+        (dict(steps=0), "steps"),
+        (dict(restarts=1.5), "restarts"),
+        (dict(alpha_max=2.0), "alpha_max"),
+        (dict(eta=0.5), "eta"),
+        (dict(beta=-1.0), "beta"),
+        (dict(norm="l2"), "norm"),
+        (dict(epsilon=None), "epsilon"),
+        (dict(epsilon=0.0), "epsilon"),
+        (dict(seed=1.5), "seed"),
+        (dict(y=None), "y"),
+    ],
+)
 def test_fab_rejects_bad_arguments_in_one_line(trained_tiny, kwargs, match):
     model, x, y = trained_tiny
     args = {"x": x[:2], "y": y[:2], "epsilon": 0.1, "num_targets": 2, "steps": 2, **kwargs}

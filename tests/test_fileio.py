@@ -1,6 +1,5 @@
 """keras_adr.fileio: atomic writes and advisory locks."""
 
-import json
 import os
 import subprocess
 import sys
@@ -43,9 +42,18 @@ def test_file_lock_is_exclusive_across_processes_and_names_its_holder(tmp_path):
     try:
         assert fileio.lock_holder(path) == str(os.getpid())
         other = subprocess.run(
-            [sys.executable, "-c", "import sys; from keras_adr import fileio; "
-             "print(fileio.try_lock_file(sys.argv[1]))", path],
-            capture_output=True, text=True, timeout=60, check=True)
+            [
+                sys.executable,
+                "-c",
+                "import sys; from keras_adr import fileio; "
+                "print(fileio.try_lock_file(sys.argv[1]))",
+                path,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        )
         assert other.stdout.strip() == "None"
     finally:
         fileio.unlock(fd)

@@ -39,10 +39,12 @@ def batch(request):
 
 def test_local_compactness(batch):
     z, za = batch["z"].astype(np.float64), batch["z_adv"].astype(np.float64)
-    np.testing.assert_allclose(losses.local_compactness(batch["z"], batch["z_adv"]),
-                               np.abs(z - za).mean(), **TOL)
-    np.testing.assert_allclose(losses.local_compactness(batch["z"], batch["z_adv"], "l2"),
-                               ((z - za) ** 2).mean(), **TOL)
+    np.testing.assert_allclose(
+        losses.local_compactness(batch["z"], batch["z_adv"]), np.abs(z - za).mean(), **TOL
+    )
+    np.testing.assert_allclose(
+        losses.local_compactness(batch["z"], batch["z_adv"], "l2"), ((z - za) ** 2).mean(), **TOL
+    )
 
 
 def test_local_compactness_flattens_higher_rank():
@@ -55,8 +57,9 @@ def test_local_compactness_flattens_higher_rank():
 def test_local_smoothness(batch):
     p = _softmax(batch["logits"].astype(np.float64))
     expected = -(p * _log_softmax(batch["logits_adv"].astype(np.float64))).sum(-1).mean()
-    np.testing.assert_allclose(losses.local_smoothness(batch["logits"], batch["logits_adv"]),
-                               expected, **TOL)
+    np.testing.assert_allclose(
+        losses.local_smoothness(batch["logits"], batch["logits_adv"]), expected, **TOL
+    )
 
 
 def test_pair_weights(batch):
@@ -90,12 +93,12 @@ def test_global_compactness_sorted_matches_naive_with_ties_and_reference():
     for method in ("sorted", "naive"):
         with tf.GradientTape() as tape:
             values[method] = losses.global_compactness_per_example(
-                y, None, z_adv_var, SCALE, reference=(y_ref, z_ref), method=method)
+                y, None, z_adv_var, SCALE, reference=(y_ref, z_ref), method=method
+            )
             total = tf.reduce_sum(values[method])
         grads[method] = tape.gradient(total, z_adv_var).numpy()
     distances = np.abs(z_adv[:, None, :].astype(np.float64) - z_ref[None]).mean(-1)
-    np.testing.assert_allclose(values["sorted"], (_np_weights(y, y_ref) * distances).mean(1),
-                               **TOL)
+    np.testing.assert_allclose(values["sorted"], (_np_weights(y, y_ref) * distances).mean(1), **TOL)
     np.testing.assert_allclose(values["sorted"], values["naive"], **TOL)
     # At exact ties the L1 subgradient is ambiguous; elsewhere they must agree.
     untied = ~np.any(z_adv[:, None, :] == z_ref[None], axis=1)
@@ -107,7 +110,8 @@ def test_global_compactness_gradient_matches_numpy(batch):
     b, k = z.shape
     # d/dza_i,d of mean_ij W_ij mean_d |z_j,d - za_i,d| = sum_j W_ij sign(za_i,d - z_j,d) / (B B k)
     expected = (_np_weights(y, y)[:, :, None] * np.sign(za[:, None, :] - z[None])).sum(1) / (
-        b * b * k)
+        b * b * k
+    )
     za_var = tf.Variable(za)
     z_var = tf.Variable(z)
     with tf.GradientTape() as tape:
@@ -138,8 +142,9 @@ def test_trades_kl(batch):
     lp = _log_softmax(batch["logits"].astype(np.float64))
     lq = _log_softmax(batch["logits_adv"].astype(np.float64))
     expected = (np.exp(lp) * (lp - lq)).sum(-1).mean()
-    np.testing.assert_allclose(losses.trades_kl(batch["logits"], batch["logits_adv"]), expected,
-                               **TOL)
+    np.testing.assert_allclose(
+        losses.trades_kl(batch["logits"], batch["logits_adv"]), expected, **TOL
+    )
 
 
 @pytest.mark.parametrize("name", ["local_compactness", "global_compactness"])
@@ -183,8 +188,7 @@ def test_conditional_entropy_and_trades_kl_gradients_flow(batch):
     p = _softmax(batch["logits_adv"].astype(np.float64))
     h = -(p * np.log(p)).sum(-1, keepdims=True)
     expected = -p * (np.log(p) + h) / len(p)
-    np.testing.assert_allclose(tape.gradient(entropy, logits_adv), expected, rtol=1e-4,
-                               atol=1e-6)
+    np.testing.assert_allclose(tape.gradient(entropy, logits_adv), expected, rtol=1e-4, atol=1e-6)
 
 
 def _np_propagation(z, y, z_adv, num_classes, alpha, k):
@@ -194,7 +198,7 @@ def _np_propagation(z, y, z_adv, num_classes, alpha, k):
     d = np.sqrt(d2)
     off = d[~np.eye(n, dtype=bool)]
     sigma = np.sort(off)[(off.size - 1) // 2]
-    w = np.exp(-d2 / (2 * sigma ** 2))
+    w = np.exp(-d2 / (2 * sigma**2))
     np.fill_diagonal(w, 0)
     knn = np.zeros((n, n), bool)
     for i in range(n):
@@ -213,12 +217,19 @@ def _np_propagation(z, y, z_adv, num_classes, alpha, k):
 def test_propagate_labels_matches_numpy(batch):
     f, _, _ = _np_propagation(batch["z"], batch["y"], batch["z_adv"], 4, 0.99, 3)
     q = losses.propagate_labels(batch["z"], batch["y"], batch["z_adv"], 4, alpha=0.99, k=3)
-    np.testing.assert_allclose(q, f[len(batch["y"]):], rtol=1e-4, atol=1e-5)
-    expected = -(f[len(batch["y"]):] * _log_softmax(batch["logits_adv"].astype(np.float64))).sum(
-        -1).mean()
+    np.testing.assert_allclose(q, f[len(batch["y"]) :], rtol=1e-4, atol=1e-5)
+    expected = (
+        -(f[len(batch["y"]) :] * _log_softmax(batch["logits_adv"].astype(np.float64)))
+        .sum(-1)
+        .mean()
+    )
     np.testing.assert_allclose(
-        losses.label_propagation(batch["y"], batch["z"], batch["z_adv"], batch["logits_adv"],
-                                 alpha=0.99, k=3), expected, rtol=1e-4)
+        losses.label_propagation(
+            batch["y"], batch["z"], batch["z_adv"], batch["logits_adv"], alpha=0.99, k=3
+        ),
+        expected,
+        rtol=1e-4,
+    )
 
 
 def test_label_propagation_two_clusters():
@@ -261,8 +272,11 @@ def test_loss_classes_match_functions_and_serialize(batch):
     lg, lga = batch["logits"], batch["logits_adv"]
     cases = [
         (losses.LocalCompactness(distance="l2"), (z, za), losses.local_compactness(z, za, "l2")),
-        (losses.LocalCompactness(normalization="rms"), (z, za),
-         losses.local_compactness(z, za, normalization="rms")),
+        (
+            losses.LocalCompactness(normalization="rms"),
+            (z, za),
+            losses.local_compactness(z, za, normalization="rms"),
+        ),
         (losses.LocalSmoothness(), (lg, lga), losses.local_smoothness(lg, lga)),
         (losses.ConditionalEntropy(), (batch["y"], lga), losses.conditional_entropy(lga)),
         (losses.TradesKL(), (lg, lga), losses.trades_kl(lg, lga)),
@@ -279,8 +293,13 @@ def test_terms_of_the_objective_match_the_functional_api(batch, preset):
     """`TERMS[name](ADRBatch, config)`: the one signature the train step uses."""
     from keras_adr import presets
 
-    config = presets.get(preset, label_propagation=1.0, propagation_neighbors=3,
-                         compactness_distance="l2", label_scale=0.9)
+    config = presets.get(
+        preset,
+        label_propagation=1.0,
+        propagation_neighbors=3,
+        compactness_distance="l2",
+        label_scale=0.9,
+    )
     y, z, za = batch["y"], batch["z"], batch["z_adv"]
     lg, lga = batch["logits"], batch["logits_adv"]
     norm, push = config.latent_normalization, config.smoothness_push
@@ -296,13 +315,13 @@ def test_terms_of_the_objective_match_the_functional_api(batch, preset):
         "label_propagation": losses.label_propagation(y, z, za, lga, alpha=0.99, k=3),
     }
     assert set(losses.TERMS) == set(expected)
-    adr_batch = losses.ADRBatch(labels=tf.constant(y, tf.int32), logits=lg, z=z, logits_adv=lga,
-                                z_adv=za)
+    adr_batch = losses.ADRBatch(
+        labels=tf.constant(y, tf.int32), logits=lg, z=z, logits_adv=lga, z_adv=za
+    )
     for name, term in losses.TERMS.items():
         values = term(adr_batch, config)
         assert values.shape == (len(y),), name
-        np.testing.assert_allclose(tf.reduce_mean(values), expected[name], rtol=1e-4,
-                                   err_msg=name)
+        np.testing.assert_allclose(tf.reduce_mean(values), expected[name], rtol=1e-4, err_msg=name)
 
 
 def test_pairwise_terms_compare_with_the_reference(batch):
@@ -311,15 +330,25 @@ def test_pairwise_terms_compare_with_the_reference(batch):
 
     config = presets.get("adr_pgd", label_propagation=1.0, propagation_neighbors=3)
     y = tf.constant(batch["y"], tf.int32)
-    full = losses.ADRBatch(labels=y, logits=batch["logits"], z=batch["z"],
-                           logits_adv=batch["logits_adv"], z_adv=batch["z_adv"])
+    full = losses.ADRBatch(
+        labels=y,
+        logits=batch["logits"],
+        z=batch["z"],
+        logits_adv=batch["logits_adv"],
+        z_adv=batch["z_adv"],
+    )
     rows = slice(3, 7)
-    part = losses.ADRBatch(*(t[rows] for t in full[:5]),
-                           reference=full.resolved_reference._replace(offset=3))
+    part = losses.ADRBatch(
+        *(t[rows] for t in full[:5]), reference=full.resolved_reference._replace(offset=3)
+    )
     for name in losses.PAIRWISE_TERMS:
-        np.testing.assert_allclose(losses.TERMS[name](part, config),
-                                   losses.TERMS[name](full, config)[rows], rtol=1e-4,
-                                   atol=1e-6, err_msg=name)
+        np.testing.assert_allclose(
+            losses.TERMS[name](part, config),
+            losses.TERMS[name](full, config)[rows],
+            rtol=1e-4,
+            atol=1e-6,
+            err_msg=name,
+        )
     # Without the reference the same rows only see each other: different values.
     alone = losses.TERMS["global_compactness"](part._replace(reference=None), config)
     assert not np.allclose(alone, losses.TERMS["global_compactness"](full, config)[rows])
@@ -341,22 +370,26 @@ def test_bad_arguments():
 
 def _np_rms(z):
     z = z.reshape(len(z), -1).astype(np.float64)
-    return z / np.sqrt((z ** 2).mean(1, keepdims=True) + 1e-6)
+    return z / np.sqrt((z**2).mean(1, keepdims=True) + 1e-6)
 
 
 def test_rms_normalized_compactness_matches_numpy(batch):
     y, z, za = batch["y"], batch["z"], batch["z_adv"]
     zn, zan = _np_rms(z), _np_rms(za)
-    np.testing.assert_allclose(losses.local_compactness(z, za, normalization="rms"),
-                               np.abs(zn - zan).mean(), **TOL)
-    np.testing.assert_allclose(losses.local_compactness(z, za, "l2", normalization="rms"),
-                               ((zn - zan) ** 2).mean(), **TOL)
+    np.testing.assert_allclose(
+        losses.local_compactness(z, za, normalization="rms"), np.abs(zn - zan).mean(), **TOL
+    )
+    np.testing.assert_allclose(
+        losses.local_compactness(z, za, "l2", normalization="rms"), ((zn - zan) ** 2).mean(), **TOL
+    )
     pairwise = np.abs(zan[:, None, :] - zn[None, :, :]).mean(-1)  # [i, j]
     expected = (_np_weights(y, y) * pairwise).mean()
     for method in ("sorted", "naive"):
         np.testing.assert_allclose(
             losses.global_compactness(y, z, za, SCALE, method=method, normalization="rms"),
-            expected, **TOL)
+            expected,
+            **TOL,
+        )
 
 
 def test_overlap_global_smoothness_matches_numpy(batch):
@@ -367,12 +400,16 @@ def test_overlap_global_smoothness_matches_numpy(batch):
     ce = -(p[None, :, :] * log_q[:, None, :]).sum(-1)  # [i, j] = CE(p_j, q_i)
     overlap = np.exp(log_q) @ p.T  # [i, j] = <q_i, p_j>
     expected = np.where(same, ce, (1 / SCALE - 1) * overlap).mean()
-    np.testing.assert_allclose(losses.global_smoothness(y, lg, lga, SCALE, push="overlap"),
-                               expected, **TOL)
+    np.testing.assert_allclose(
+        losses.global_smoothness(y, lg, lga, SCALE, push="overlap"), expected, **TOL
+    )
     # With one label only there is nothing to push: the paper's value.
     one = np.zeros_like(y)
-    np.testing.assert_allclose(losses.global_smoothness(one, lg, lga, push="overlap"),
-                               losses.global_smoothness(one, lg, lga), **TOL)
+    np.testing.assert_allclose(
+        losses.global_smoothness(one, lg, lga, push="overlap"),
+        losses.global_smoothness(one, lg, lga),
+        **TOL,
+    )
 
 
 def _adr_terms(y, z, za, lg, lga, bounded):
@@ -426,8 +463,10 @@ def test_rms_compactness_gradient_is_orthogonal_to_the_code(batch):
     """A scale-invariant term has no gradient along `z_adv`: it cannot grow `z`."""
     y, z = batch["y"], tf.constant(batch["z"])
     za = tf.constant(np.abs(batch["z_adv"]) + 0.1)
-    for term in (lambda a: losses.local_compactness(z, a, normalization="rms"),
-                 lambda a: losses.global_compactness(y, z, a, normalization="rms")):
+    for term in (
+        lambda a: losses.local_compactness(z, a, normalization="rms"),
+        lambda a: losses.global_compactness(y, z, a, normalization="rms"),
+    ):
         with tf.GradientTape() as tape:
             tape.watch(za)
             value = term(za)
@@ -443,9 +482,11 @@ def test_bounded_terms_stop_gradient_on_clean_side(batch):
     lg, lga = tf.constant(batch["logits"]), tf.constant(batch["logits_adv"])
     with tf.GradientTape(persistent=True) as tape:
         tape.watch([z, lg])
-        terms = [losses.local_compactness(z, za, normalization="rms"),
-                 losses.global_compactness(y, z, za, normalization="rms"),
-                 losses.global_smoothness(y, lg, lga, push="overlap")]
+        terms = [
+            losses.local_compactness(z, za, normalization="rms"),
+            losses.global_compactness(y, z, za, normalization="rms"),
+            losses.global_smoothness(y, lg, lga, push="overlap"),
+        ]
     for value in terms:
         assert all(g is None for g in tape.gradient(value, [z, lg]))
 

@@ -19,9 +19,16 @@ def test_run_emits_no_keras_shuffle_warning(tmp_path):
     # The training dataset shuffles itself; `fit(shuffle=True)` (Keras'
     # default) on a tf.data.Dataset only warns that it is ignored.
     options = pipeline.TrainOptions(
-        train_examples=128, validation_examples=64, test_examples=32, batch_size=64,
-        eval_attacks=("pgd3", "apgd_ce5"), output_dir=str(tmp_path), strategy="default",
-        export=False, verbose=0)
+        train_examples=128,
+        validation_examples=64,
+        test_examples=32,
+        batch_size=64,
+        eval_attacks=("pgd3", "apgd_ce5"),
+        output_dir=str(tmp_path),
+        strategy="default",
+        export=False,
+        verbose=0,
+    )
     config = presets.get("pgd_at", attack_steps=1)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

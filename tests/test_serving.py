@@ -14,8 +14,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from keras_adr import export
-from keras_adr import serving
+from keras_adr import export, serving
 
 _INPUT_SHAPE = (28, 28, 1)
 
@@ -36,9 +35,7 @@ def model():
 
 @pytest.fixture(scope="module")
 def signatures(model, tmp_path_factory):
-    path = export.export_saved_model(
-        model, tmp_path_factory.mktemp("serving") / "model"
-    )
+    path = export.export_saved_model(model, tmp_path_factory.mktemp("serving") / "model")
     loaded = tf.saved_model.load(path)
     # Keep `loaded` alive: the signatures reference its variables.
     return loaded, loaded.signatures
@@ -84,19 +81,14 @@ def _serve_rest(signature, body):
     outputs = {key: value.numpy().tolist() for key, value in outputs.items()}
     if "instances" in body:
         batch = len(values)
-        predictions = [
-            {key: value[i] for key, value in outputs.items()}
-            for i in range(batch)
-        ]
+        predictions = [{key: value[i] for key, value in outputs.items()} for i in range(batch)]
         return json.dumps({"predictions": predictions})
     return json.dumps({"outputs": outputs})
 
 
 @pytest.mark.parametrize("signature_name", export.SIGNATURE_NAMES)
 @pytest.mark.parametrize("format", ["instances", "inputs"])
-def test_rest_round_trip_through_saved_model(
-    model, signatures, pixels, signature_name, format
-):
+def test_rest_round_trip_through_saved_model(model, signatures, pixels, signature_name, format):
     _, sigs = signatures
     signature = sigs[signature_name]
     body = serving.rest_predict_body(
@@ -107,12 +99,8 @@ def test_rest_round_trip_through_saved_model(
     assert body["signature_name"] == signature_name
     assert signature_name in sigs
 
-    classes, probabilities = serving.parse_rest_response(
-        _serve_rest(signature, body)
-    )
-    expected_classes, expected_probabilities = (
-        _expected_classes_and_probabilities(model, pixels)
-    )
+    classes, probabilities = serving.parse_rest_response(_serve_rest(signature, body))
+    expected_classes, expected_probabilities = _expected_classes_and_probabilities(model, pixels)
     assert classes.dtype == np.int64 and probabilities.dtype == np.float32
     np.testing.assert_array_equal(classes, expected_classes)
     np.testing.assert_allclose(probabilities, expected_probabilities, atol=1e-5)
@@ -141,9 +129,7 @@ def test_rest_body_scales_uint8_for_float_signature(model, signatures, pixels):
     body = serving.rest_predict_body(pixels, format="inputs")
     values = np.asarray(body["inputs"]["images"])
     np.testing.assert_allclose(values, pixels / 255.0, atol=1e-7)
-    classes, _ = serving.parse_rest_response(
-        _serve_rest(sigs[export.SERVING_DEFAULT], body)
-    )
+    classes, _ = serving.parse_rest_response(_serve_rest(sigs[export.SERVING_DEFAULT], body))
     expected, _ = _expected_classes_and_probabilities(model, pixels)
     np.testing.assert_array_equal(classes, expected)
 
@@ -174,14 +160,10 @@ def test_rest_predict_url():
         == "http://localhost:8501/v1/models/fmnist:predict"
     )
     assert (
-        serving.rest_predict_url(
-            model_name="fmnist", host="10.0.0.2", port=9000, version=3
-        )
+        serving.rest_predict_url(model_name="fmnist", host="10.0.0.2", port=9000, version=3)
         == "http://10.0.0.2:9000/v1/models/fmnist/versions/3:predict"
     )
-    assert serving.rest_predict_url(model_name="m", host="::1").startswith(
-        "http://[::1]:8501/"
-    )
+    assert serving.rest_predict_url(model_name="m", host="::1").startswith("http://[::1]:8501/")
     with pytest.raises(ValueError):
         serving.rest_predict_url(model_name="m", version=0)
 
@@ -232,9 +214,7 @@ def test_parse_rest_malformed_response_raises(response, match):
 
 
 @pytest.mark.parametrize("signature_name", export.SIGNATURE_NAMES)
-def test_grpc_round_trip_through_saved_model(
-    model, signatures, pixels, signature_name
-):
+def test_grpc_round_trip_through_saved_model(model, signatures, pixels, signature_name):
     predict_pb2 = pytest.importorskip("tensorflow_serving.apis.predict_pb2")
     _, sigs = signatures
     signature = sigs[signature_name]
@@ -261,9 +241,7 @@ def test_grpc_round_trip_through_saved_model(
     for key, value in outputs.items():
         response.outputs[key].CopyFrom(tf.make_tensor_proto(value.numpy()))
     classes, probabilities = serving.parse_grpc_response(response)
-    expected_classes, expected_probabilities = (
-        _expected_classes_and_probabilities(model, pixels)
-    )
+    expected_classes, expected_probabilities = _expected_classes_and_probabilities(model, pixels)
     np.testing.assert_array_equal(classes, expected_classes)
     np.testing.assert_allclose(probabilities, expected_probabilities, atol=1e-5)
 

@@ -21,8 +21,21 @@ def _margins(model, x, y):
 
 def test_p_schedule_is_the_papers_piecewise_constant_one():
     # On a 10,000-query budget: 0.8 up to iteration 10, then halved after 10, 50, 200, ...
-    expected = {0: 0.8, 10: 0.8, 11: 0.4, 50: 0.4, 51: 0.2, 201: 0.1, 501: 0.05, 1001: 0.025,
-                2001: 0.0125, 4001: 0.00625, 6001: 0.003125, 8001: 0.0015625, 9999: 0.0015625}
+    expected = {
+        0: 0.8,
+        10: 0.8,
+        11: 0.4,
+        50: 0.4,
+        51: 0.2,
+        201: 0.1,
+        501: 0.05,
+        1001: 0.025,
+        2001: 0.0125,
+        4001: 0.00625,
+        6001: 0.003125,
+        8001: 0.0015625,
+        9999: 0.0015625,
+    }
     for iteration, p in expected.items():
         assert attacks.square_p_schedule(iteration, 10000) == pytest.approx(p)
     # A 5,000-query budget runs the same schedule twice as fast.
@@ -33,12 +46,12 @@ def test_p_schedule_is_the_papers_piecewise_constant_one():
 
 
 @pytest.mark.parametrize("norm,epsilon", [("linf", 0.35), ("l2", 3.0)])
-def test_square_stays_in_ball_never_worsens_and_breaks_an_undefended_model(trained_tiny, norm,
-                                                                          epsilon):
+def test_square_stays_in_ball_never_worsens_and_breaks_an_undefended_model(
+    trained_tiny, norm, epsilon
+):
     model, x, y = trained_tiny
     x, y = x[:_N], y[:_N]
-    out = attacks.square_details(model, x, y, epsilon=epsilon, norm=norm, queries=_QUERIES,
-                                 seed=0)
+    out = attacks.square_details(model, x, y, epsilon=epsilon, norm=norm, queries=_QUERIES, seed=0)
     x_adv = out["x_adv"].numpy()
     assert x_adv.shape == x.shape and x_adv.dtype == x.dtype
     assert x_adv.min() >= 0.0 and x_adv.max() <= 1.0
@@ -95,19 +108,22 @@ def test_square_empty_batch(trained_tiny):
     assert out.shape == (0, *x.shape[1:])
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    (dict(queries=0), "queries"),
-    (dict(queries=2.5), "queries"),
-    (dict(p_init=1.5), "p_init"),
-    (dict(p_init=0), "p_init"),
-    (dict(restarts=0), "restarts"),
-    (dict(norm="l1"), "norm"),
-    (dict(epsilon=-0.1), "epsilon"),
-    (dict(seed="a"), "seed"),
-    (dict(y=None), "y"),
-    (dict(x=np.zeros((4, 64), np.float32)), "height, width, channels"),
-    (dict(x=np.full((2, 8, 8, 1), 2.0, np.float32)), "clip_min"),
-])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(queries=0), "queries"),
+        (dict(queries=2.5), "queries"),
+        (dict(p_init=1.5), "p_init"),
+        (dict(p_init=0), "p_init"),
+        (dict(restarts=0), "restarts"),
+        (dict(norm="l1"), "norm"),
+        (dict(epsilon=-0.1), "epsilon"),
+        (dict(seed="a"), "seed"),
+        (dict(y=None), "y"),
+        (dict(x=np.zeros((4, 64), np.float32)), "height, width, channels"),
+        (dict(x=np.full((2, 8, 8, 1), 2.0, np.float32)), "clip_min"),
+    ],
+)
 def test_square_rejects_bad_arguments_in_one_line(trained_tiny, kwargs, match):
     model, x, y = trained_tiny
     args = {"x": x[:2], "y": y[:2], "epsilon": 0.1, "queries": 10, **kwargs}

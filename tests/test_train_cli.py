@@ -13,8 +13,15 @@ import tensorflow as tf
 
 from keras_adr import data
 
-_TINY = ["--train_examples=384", "--validation_examples=128", "--test_examples=64",
-         "--batch_size=64", "--attack_steps=2", "--eval_attacks=pgd3,apgd_ce5", "--verbose=0"]
+_TINY = [
+    "--train_examples=384",
+    "--validation_examples=128",
+    "--test_examples=64",
+    "--batch_size=64",
+    "--attack_steps=2",
+    "--eval_attacks=pgd3,apgd_ce5",
+    "--verbose=0",
+]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -26,12 +33,24 @@ def _needs_fashion_mnist():
 
 
 def _command(output_dir, *flags):
-    return [sys.executable, "-m", "keras_adr.cli.train", f"--output_dir={output_dir}", *_TINY, *flags]
+    return [
+        sys.executable,
+        "-m",
+        "keras_adr.cli.train",
+        f"--output_dir={output_dir}",
+        *_TINY,
+        *flags,
+    ]
 
 
 def _run(output_dir, *flags, timeout=300):
-    return subprocess.run(_command(output_dir, *flags), capture_output=True, text=True,
-                          timeout=timeout, cwd=os.path.dirname(os.path.dirname(__file__)))
+    return subprocess.run(
+        _command(output_dir, *flags),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=os.path.dirname(os.path.dirname(__file__)),
+    )
 
 
 def _epochs_logged(output_dir):
@@ -65,9 +84,18 @@ def test_train_writes_metrics_checkpoint_and_export(tmp_path):
     for name in ("final.keras", "best.keras"):
         export_dir = tmp_path / f"export_{name}"
         exported = subprocess.run(
-            [sys.executable, "-m", "keras_adr.cli.export", f"--model_path={out / name}",
-             f"--export_dir={export_dir}"], capture_output=True, text=True, timeout=300,
-            cwd=os.path.dirname(os.path.dirname(__file__)))
+            [
+                sys.executable,
+                "-m",
+                "keras_adr.cli.export",
+                f"--model_path={out / name}",
+                f"--export_dir={export_dir}",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            cwd=os.path.dirname(os.path.dirname(__file__)),
+        )
         assert exported.returncode == 0, exported.stderr[-3000:]
         served = tf.saved_model.load(str(export_dir / "1")).signatures["serving_default"]
         assert served(images=tf.zeros([2, 28, 28, 1]))["logits"].shape == (2, 10)
@@ -84,9 +112,12 @@ def test_named_data_dir_is_used_or_rejected(tmp_path):
 def test_killed_run_resumes_from_last_epoch(tmp_path):
     out = tmp_path / "resume"
     flags = ("--epochs=4", "--defense=pgd_at", "--export=false")
-    process = subprocess.Popen(_command(out, *flags), stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL,
-                               cwd=os.path.dirname(os.path.dirname(__file__)))
+    process = subprocess.Popen(
+        _command(out, *flags),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        cwd=os.path.dirname(os.path.dirname(__file__)),
+    )
     deadline = time.time() + 240
     while not _epochs_logged(out) and time.time() < deadline and process.poll() is None:
         time.sleep(0.05)
@@ -98,7 +129,7 @@ def test_killed_run_resumes_from_last_epoch(tmp_path):
     result = _run(out, *flags)
     assert result.returncode == 0, result.stderr[-3000:]
     epochs = _epochs_logged(out)
-    resumed = epochs[len(first):]
+    resumed = epochs[len(first) :]
     # The second run starts after the last finished epoch instead of from 0.
     assert resumed and resumed[0] == max(first) + 1 and resumed[-1] == 3, epochs
     # metrics.json describes the whole run, not only its resumed part.
@@ -108,8 +139,14 @@ def test_killed_run_resumes_from_last_epoch(tmp_path):
 
 
 def test_divergence_exits_non_zero_with_message(tmp_path):
-    result = _run(tmp_path / "nan", "--epochs=1", "--optimizer=sgd", "--learning_rate=1e12",
-                  "--defense=pgd_at", "--export=false")
+    result = _run(
+        tmp_path / "nan",
+        "--epochs=1",
+        "--optimizer=sgd",
+        "--learning_rate=1e12",
+        "--defense=pgd_at",
+        "--export=false",
+    )
     assert result.returncode == 1
     assert "diverged" in result.stderr
     assert not (tmp_path / "nan" / "metrics.json").exists()
@@ -132,8 +169,9 @@ def test_missing_tfds_dataset_is_a_clear_error(tmp_path):
 
 def test_standard_without_validation_still_checkpoints(tmp_path):
     out = tmp_path / "standard"
-    result = _run(out, "--epochs=1", "--defense=standard", "--validation_examples=0",
-                  "--export=false")
+    result = _run(
+        out, "--epochs=1", "--defense=standard", "--validation_examples=0", "--export=false"
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert (out / "best.keras").exists()
 
@@ -150,7 +188,6 @@ def test_resumed_checkpoint_keeps_the_best_logged_value(tmp_path):
 
 def _exported_and_checkpoint_logits(metrics, checkpoint):
     import keras
-    import numpy as np
 
     images = next(iter(data.load("fashion_mnist", "test", batch_size=16, take=16)))[0]
     served = tf.saved_model.load(metrics["export_path"]).signatures["serving_default"]
@@ -179,9 +216,12 @@ def test_evaluation_and_export_use_the_selected_weights(tmp_path, choice):
 
 def _kill_when(out, flags, ready, timeout=240):
     """Starts adr-train, SIGKILLs it as soon as `ready()` holds; returns whether it did."""
-    process = subprocess.Popen(_command(out, *flags), stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL,
-                               cwd=os.path.dirname(os.path.dirname(__file__)))
+    process = subprocess.Popen(
+        _command(out, *flags),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        cwd=os.path.dirname(os.path.dirname(__file__)),
+    )
     deadline = time.time() + timeout
     while time.time() < deadline and process.poll() is None and not ready():
         time.sleep(0.01)
@@ -212,8 +252,10 @@ def test_kill_during_evaluation_or_export_resumes_that_stage(tmp_path):
 
     # Killed while exporting: the rerun publishes one version, not two.
     out2 = tmp_path / "export"
-    exporting = lambda: (out2 / "saved_model").is_dir() and any(
-        name.startswith(".tmp-export") for name in os.listdir(out2 / "saved_model"))
+    exporting = lambda: (
+        (out2 / "saved_model").is_dir()
+        and any(name.startswith(".tmp-export") for name in os.listdir(out2 / "saved_model"))
+    )
     assert _kill_when(out2, flags, exporting)
     result = _run(out2, *flags)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -244,9 +286,12 @@ def test_other_flags_never_mix_with_a_run(tmp_path):
 
 def test_one_run_per_output_dir(tmp_path):
     out = tmp_path / "busy"
-    process = subprocess.Popen(_command(out, "--epochs=3", "--defense=pgd_at"),
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                               cwd=os.path.dirname(os.path.dirname(__file__)))
+    process = subprocess.Popen(
+        _command(out, "--epochs=3", "--defense=pgd_at"),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        cwd=os.path.dirname(os.path.dirname(__file__)),
+    )
     try:
         deadline = time.time() + 120
         while time.time() < deadline and not (out / "run_config.json").exists():
@@ -270,7 +315,7 @@ def test_train_examples_above_the_dataset_are_clamped_with_a_warning(caplog):
     from keras_adr import pipeline
 
     info = data.info("fashion_mnist")
-    options = pipeline.TrainOptions(train_examples=10 ** 6, validation_examples=1000)
+    options = pipeline.TrainOptions(train_examples=10**6, validation_examples=1000)
     with caplog.at_level("WARNING"):
         train_split, _, num_train = pipeline._splits(options, info)
     assert num_train == info.num_train - 1000
@@ -286,15 +331,31 @@ def test_cifar_pipeline_adapts_the_standardize_layer(tmp_path):
 
     tfds = pytest.importorskip("tensorflow_datasets")
     options = pipeline.TrainOptions(
-        dataset="cifar10", model="cifar_cnn", epochs=1, batch_size=16, train_examples=48,
-        validation_examples=16, test_examples=16, eval_attacks=("pgd2", "apgd_ce2"),
-        output_dir=str(tmp_path / "run"), data_dir=str(tmp_path / "tfds"), export=False,
-        verbose=0)
+        dataset="cifar10",
+        model="cifar_cnn",
+        epochs=1,
+        batch_size=16,
+        train_examples=48,
+        validation_examples=16,
+        test_examples=16,
+        eval_attacks=("pgd2", "apgd_ce2"),
+        output_dir=str(tmp_path / "run"),
+        data_dir=str(tmp_path / "tfds"),
+        export=False,
+        verbose=0,
+    )
     with tfds.testing.mock_data(num_examples=64):
-        metrics = pipeline.run(options, presets.get("pgd_at", attack_steps=1,
-                                                    attack_epsilon=8 / 255))
-        train_images = np.concatenate([x for x, _ in data.load(
-            "cifar10", "train[:32]", batch_size=32, data_dir=str(tmp_path / "tfds"))])
+        metrics = pipeline.run(
+            options, presets.get("pgd_at", attack_steps=1, attack_epsilon=8 / 255)
+        )
+        train_images = np.concatenate(
+            [
+                x
+                for x, _ in data.load(
+                    "cifar10", "train[:32]", batch_size=32, data_dir=str(tmp_path / "tfds")
+                )
+            ]
+        )
     assert metrics["epochs_run"] == 1
     model = keras.saving.load_model(tmp_path / "run" / "final.keras")
     layer = model.backbone.get_layer("standardize")

@@ -4,10 +4,10 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from conftest import blob_data, tiny_cnn
 
 import keras_adr
 from keras_adr import data, losses, presets
-from conftest import blob_data, tiny_cnn
 
 
 def _clone(model):
@@ -35,7 +35,8 @@ def test_zero_adr_weights_equal_hand_written_pgd_at_step():
     keras.utils.set_random_seed(1)
     x, y = blob_data(32)
     x_adv = np.clip(x + np.random.default_rng(2).uniform(-0.1, 0.1, x.shape), 0, 1).astype(
-        np.float32)
+        np.float32
+    )
     backbone = tiny_cnn()
     reference = _clone(backbone)
 
@@ -70,13 +71,15 @@ def test_default_adr_step_equals_functional_terms(preset):
     push = config.smoothness_push
     model = keras_adr.ADRModel(tiny_cnn(), config)
     loss, _, sums, _ = model.compute_adr_loss(x, y, x_adv)
-    latent = keras.Model(model.backbone.input,
-                         [model.backbone.outputs[0], model.backbone.get_layer("latent").output])
+    latent = keras.Model(
+        model.backbone.input, [model.backbone.outputs[0], model.backbone.get_layer("latent").output]
+    )
     logits, z = latent(x, training=True)
     logits_adv, z_adv = latent(x_adv, training=True)
     ce = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
     expected = {
-        "ce": ce(y, logits), "adv_ce": ce(y, logits_adv),
+        "ce": ce(y, logits),
+        "adv_ce": ce(y, logits_adv),
         "local_compactness": losses.local_compactness(z, z_adv, normalization=norm),
         "local_smoothness": losses.local_smoothness(logits, logits_adv),
         "global_compactness": losses.global_compactness(y, z, z_adv, 0.99, normalization=norm),
@@ -84,8 +87,10 @@ def test_default_adr_step_equals_functional_terms(preset):
         "conditional_entropy": losses.conditional_entropy(logits_adv),
         "label_propagation": losses.label_propagation(y, z, z_adv, logits_adv, k=4),
     }
-    diagnostics = {"latent_norm": np.linalg.norm(np.reshape(z, (len(x), -1)), axis=1).mean(),
-                   "logits_norm": np.linalg.norm(logits, axis=1).mean()}
+    diagnostics = {
+        "latent_norm": np.linalg.norm(np.reshape(z, (len(x), -1)), axis=1).mean(),
+        "logits_norm": np.linalg.norm(logits, axis=1).mean(),
+    }
     assert set(sums) == set(expected) | set(diagnostics)
     for name, value in {**expected, **diagnostics}.items():
         np.testing.assert_allclose(sums[name] / len(x), value, rtol=1e-5, err_msg=name)
@@ -112,10 +117,23 @@ def test_fit_reports_every_term_and_test_step():
     model = keras_adr.ADRModel(tiny_cnn(), presets.get("adr_trades", attack_steps=2))
     model.compile(optimizer="adam")
     history = model.fit(x, y, batch_size=32, epochs=1, verbose=0, validation_data=(x, y))
-    expected = {"loss", "accuracy", "adv_accuracy", "ce", "trades_kl", "local_compactness",
-                "local_smoothness", "global_compactness", "global_smoothness",
-                "conditional_entropy", "latent_norm", "logits_norm", "val_loss",
-                "val_accuracy", "val_adv_accuracy"}
+    expected = {
+        "loss",
+        "accuracy",
+        "adv_accuracy",
+        "ce",
+        "trades_kl",
+        "local_compactness",
+        "local_smoothness",
+        "global_compactness",
+        "global_smoothness",
+        "conditional_entropy",
+        "latent_norm",
+        "logits_norm",
+        "val_loss",
+        "val_accuracy",
+        "val_adv_accuracy",
+    }
     assert set(history.history) == expected
     assert all(np.isfinite(v[0]) for v in history.history.values())
     results = model.evaluate(x, y, verbose=0, return_dict=True)
@@ -141,8 +159,9 @@ def fashion_subset():
 
 def test_one_epoch_on_fashion_mnist_reduces_loss(fashion_subset):
     keras.utils.set_random_seed(6)
-    model = keras_adr.ADRModel(keras_adr.models.small_cnn(),
-                               presets.get("adr_pgd", attack_steps=3, attack_epsilon=0.1))
+    model = keras_adr.ADRModel(
+        keras_adr.models.small_cnn(), presets.get("adr_pgd", attack_steps=3, attack_epsilon=0.1)
+    )
     model.compile(optimizer=keras.optimizers.Adam(1e-3))
     x, y = next(iter(fashion_subset.unbatch().batch(256)))
 
@@ -188,8 +207,9 @@ def test_mixin_fit_and_save_load(tmp_path):
     model.save(path)
     loaded = keras.models.load_model(path)
     assert loaded.adr_config == model.adr_config
-    np.testing.assert_allclose(loaded.predict(x, verbose=0), model.predict(x, verbose=0),
-                               rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(
+        loaded.predict(x, verbose=0), model.predict(x, verbose=0), rtol=1e-6, atol=1e-6
+    )
 
 
 def test_adr_model_save_load_round_trip(tmp_path):
@@ -239,8 +259,9 @@ def test_bad_model_arguments():
         model.train_step((np.zeros((2, 8, 8, 1)),))
 
 
-@pytest.mark.parametrize("labels,match", [(-1, "negative label"), (1.5, "fractional"),
-                                          (3, "num_classes=3")])
+@pytest.mark.parametrize(
+    "labels,match", [(-1, "negative label"), (1.5, "fractional"), (3, "num_classes=3")]
+)
 def test_labels_are_checked_at_the_step(labels, match):
     x, y = blob_data(16)
     y = np.asarray(y).astype(np.float32 if isinstance(labels, float) else np.int64)
@@ -291,14 +312,19 @@ def test_latent_layer_is_found_by_type_in_any_functional_model(tmp_path):
     model = keras_adr.ADRModel(keras.Model(inputs, logits))
     assert model.latent_layer == "codes"
     x = np.zeros((2, 8, 8, 1), np.float32)
-    np.testing.assert_array_equal(model(x, return_latent=True)[1],
-                                  keras.Model(inputs, features)(x))
+    np.testing.assert_array_equal(model(x, return_latent=True)[1], keras.Model(inputs, features)(x))
     path = tmp_path / "m.keras"
     model.save(path)
     assert keras.saving.load_model(path).latent_layer == "codes"
     # Sequential models carry it too.
-    sequential = keras.Sequential([keras.Input((8, 8, 1)), keras.layers.Flatten(),
-                                   keras_adr.layers.Latent(), keras.layers.Dense(3)])
+    sequential = keras.Sequential(
+        [
+            keras.Input((8, 8, 1)),
+            keras.layers.Flatten(),
+            keras_adr.layers.Latent(),
+            keras.layers.Dense(3),
+        ]
+    )
     assert keras_adr.ADRModel(sequential)(x, return_latent=True)[1].shape == (2, 64)
 
 

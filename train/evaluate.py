@@ -1,4 +1,4 @@
-"""`adr-evaluate` as a script: `python train/evaluate.py --help` (the same as the console script)."""
+"""`adr-evaluate` as a script: `python train/evaluate.py --help` (same as the console script)."""
 
 from keras_adr.cli.evaluate import run
 

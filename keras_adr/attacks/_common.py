@@ -26,8 +26,11 @@ def inference_fn(model_fn):
 
 def _validate(x, *, epsilon, step_size, steps, norm, loss, clip_min, clip_max):
     for name, value in (("epsilon", epsilon), ("step_size", step_size)):
-        if isinstance(value, bool) or not isinstance(value, (int, float, np.number)) or not (
-                0 < value < np.inf):
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, (int, float, np.number))
+            or not (0 < value < np.inf)
+        ):
             raise ValueError(f"`{name}` must be a finite number > 0; got {value!r}.")
     if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
         raise ValueError(f"`steps` must be an integer >= 1; got {steps!r}.")
@@ -37,7 +40,9 @@ def _validate(x, *, epsilon, step_size, steps, norm, loss, clip_min, clip_max):
         warnings.warn(
             f"L-inf epsilon {epsilon} is more than half the pixel range [{clip_min}, "
             f"{clip_max}]: every image can be turned into any other. Is it in pixel units of "
-            "[0, 1] images (e.g. 8/255, not 8)?", stacklevel=3)
+            "[0, 1] images (e.g. 8/255, not 8)?",
+            stacklevel=3,
+        )
     if loss not in ATTACK_LOSSES:
         raise ValueError(f"`loss` must be one of {ATTACK_LOSSES}; got {loss!r}.")
     if not clip_min < clip_max:
@@ -49,7 +54,8 @@ def _validate(x, *, epsilon, step_size, steps, norm, loss, clip_min, clip_max):
             f"{x.dtype.name}. Convert uint8 images with `tf.cast(x, tf.float32) / 255`."
         )
     non_finite = "attack input `x` has non-finite values (NaN or inf); pass images in " + (
-        f"[{clip_min}, {clip_max}]")
+        f"[{clip_min}, {clip_max}]"
+    )
     if tf.executing_eagerly():
         if not bool(tf.reduce_all(tf.math.is_finite(x))):
             raise ValueError(non_finite + ".")
@@ -64,14 +70,20 @@ def _validate(x, *, epsilon, step_size, steps, norm, loss, clip_min, clip_max):
     # Inside a graph the values are unknown until run time; the finiteness
     # check comes first, so that NaN is not reported as out of range.
     x = tf.debugging.assert_all_finite(x, non_finite)
-    with tf.control_dependencies([
-        tf.debugging.assert_greater_equal(
-            x, tf.cast(clip_min, x.dtype),
-            message=f"attack input `x` has values below clip_min={clip_min}"),
-        tf.debugging.assert_less_equal(
-            x, tf.cast(clip_max, x.dtype),
-            message=f"attack input `x` has values above clip_max={clip_max}"),
-    ]):
+    with tf.control_dependencies(
+        [
+            tf.debugging.assert_greater_equal(
+                x,
+                tf.cast(clip_min, x.dtype),
+                message=f"attack input `x` has values below clip_min={clip_min}",
+            ),
+            tf.debugging.assert_less_equal(
+                x,
+                tf.cast(clip_max, x.dtype),
+                message=f"attack input `x` has values above clip_max={clip_max}",
+            ),
+        ]
+    ):
         return tf.identity(x)
 
 
@@ -112,12 +124,10 @@ def _ascent_direction(grad, norm):
     return grad / _per_example_norm(grad)
 
 
-
 def _per_example(mask, like):
     """Reshapes a `[B]` tensor to `[B, 1, ..., 1]` to broadcast against `like`."""
     shape = tf.concat([tf.shape(mask)[:1], tf.ones([tf.rank(like) - 1], tf.int32)], 0)
     return tf.reshape(mask, shape)
-
 
 
 def _check_count(name, value, minimum=1):
@@ -127,8 +137,11 @@ def _check_count(name, value, minimum=1):
 
 
 def _check_seed(seed):
-    if seed is not None and not tf.is_tensor(seed) and (
-            isinstance(seed, bool) or not isinstance(seed, (int, np.integer))):
+    if (
+        seed is not None
+        and not tf.is_tensor(seed)
+        and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer)))
+    ):
         raise ValueError(f"`seed` must be None or an integer; got {seed!r}.")
 
 

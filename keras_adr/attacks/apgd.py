@@ -3,8 +3,14 @@
 import numpy as np
 import tensorflow as tf
 
-from keras_adr.attacks._common import (_ascent_direction, _per_example, _per_example_norm,
-                                       _project, _validate, inference_fn)
+from keras_adr.attacks._common import (
+    _ascent_direction,
+    _per_example,
+    _per_example_norm,
+    _project,
+    _validate,
+    inference_fn,
+)
 
 APGD_LOSSES = ("ce", "dlr")
 # Momentum weight alpha of APGD (Croce & Hein 2020, Sec. 3.2).
@@ -39,8 +45,7 @@ def apgd_checkpoints(steps):
         raise ValueError(f"`steps` must be an integer >= 1; got {steps!r}.")
     fractions = [0.0, _APGD_FIRST_CHECKPOINT]
     while True:
-        gap = max(fractions[-1] - fractions[-2] - _APGD_CHECKPOINT_SHRINK,
-                  _APGD_MIN_CHECKPOINT_GAP)
+        gap = max(fractions[-1] - fractions[-2] - _APGD_CHECKPOINT_SHRINK, _APGD_MIN_CHECKPOINT_GAP)
         if fractions[-1] + gap > 1.0:
             break
         fractions.append(fractions[-1] + gap)
@@ -87,8 +92,22 @@ def _apgd_objective(logits, y, target, loss, targeted):
     return -(z_y - z_other) / (top[:, 0] - top[:, 2] + _DLR_TINY)
 
 
-def _validate_apgd(x, y, *, epsilon, steps, norm, loss, targeted, num_targets, restarts, rho,
-                   clip_min, clip_max, seed):
+def _validate_apgd(
+    x,
+    y,
+    *,
+    epsilon,
+    steps,
+    norm,
+    loss,
+    targeted,
+    num_targets,
+    restarts,
+    rho,
+    clip_min,
+    clip_max,
+    seed,
+):
     if loss not in APGD_LOSSES:
         raise ValueError(f"`loss` must be one of {APGD_LOSSES} for APGD; got {loss!r}.")
     if not isinstance(targeted, (bool, np.bool_)):
@@ -98,14 +117,25 @@ def _validate_apgd(x, y, *, epsilon, steps, norm, loss, targeted, num_targets, r
             raise ValueError(f"`{name}` must be an integer >= 1; got {value!r}.")
     if isinstance(rho, bool) or not isinstance(rho, (int, float, np.number)) or not 0 < rho <= 1:
         raise ValueError(f"`rho` must be a number in (0, 1]; got {rho!r}.")
-    if seed is not None and not tf.is_tensor(seed) and (
-            isinstance(seed, bool) or not isinstance(seed, (int, np.integer))):
+    if (
+        seed is not None
+        and not tf.is_tensor(seed)
+        and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer)))
+    ):
         raise ValueError(f"`seed` must be None or an integer; got {seed!r}.")
     if y is None:
         raise ValueError("`y` (integer labels) is required by APGD.")
     # The shared checks of `pgd`; APGD's initial step is 2 * epsilon.
-    return _validate(x, epsilon=epsilon, step_size=epsilon, steps=steps, norm=norm, loss="ce",
-                     clip_min=clip_min, clip_max=clip_max)
+    return _validate(
+        x,
+        epsilon=epsilon,
+        step_size=epsilon,
+        steps=steps,
+        norm=norm,
+        loss="ce",
+        clip_min=clip_min,
+        clip_max=clip_max,
+    )
 
 
 def _check_num_classes(num_classes, loss, targeted, num_targets):
@@ -115,20 +145,24 @@ def _check_num_classes(num_classes, loss, targeted, num_targets):
     if loss == "dlr" and not targeted and num_classes < 3:
         raise ValueError(
             f"The DLR loss needs at least 3 classes (it divides by z_pi1 - z_pi3); the model "
-            f"outputs {num_classes} logits. Use loss='ce'.")
+            f"outputs {num_classes} logits. Use loss='ce'."
+        )
     if loss == "dlr" and targeted and num_classes < 4:
         raise ValueError(
             "The targeted DLR loss needs at least 4 classes (it divides by "
             f"z_pi1 - (z_pi3 + z_pi4) / 2); the model outputs {num_classes} logits. Use "
-            "loss='ce' (targeted) or the untargeted DLR loss.")
+            "loss='ce' (targeted) or the untargeted DLR loss."
+        )
     if targeted and num_targets > num_classes - 1:
         raise ValueError(
             f"`num_targets` ({num_targets}) must be at most the number of wrong classes "
-            f"({num_classes - 1}).")
+            f"({num_classes - 1})."
+        )
 
 
-def _apgd_run(model_fn, x, y, target, *, epsilon, steps, norm, loss, targeted, rho,
-              clip_min, clip_max, seed):
+def _apgd_run(
+    model_fn, x, y, target, *, epsilon, steps, norm, loss, targeted, rho, clip_min, clip_max, seed
+):
     """One APGD run from a random start on a batch.
 
     Returns:
@@ -167,10 +201,16 @@ def _apgd_run(model_fn, x, y, target, *, epsilon, steps, norm, loss, targeted, r
 
     state = dict(
         t=tf.constant(1),
-        x_cur=x_start, x_prev=x_start, grad=grad_start, loss_cur=loss_start,
+        x_cur=x_start,
+        x_prev=x_start,
+        grad=grad_start,
+        loss_cur=loss_start,
         step_size=step_size,
-        x_best=x_start, loss_best=loss_start, grad_best=grad_start,
-        x_fooled=x_start, fooled=wrong_start,
+        x_best=x_start,
+        loss_best=loss_start,
+        grad_best=grad_start,
+        x_fooled=x_start,
+        fooled=wrong_start,
         increases=tf.zeros(batch, tf.float32),
         loss_best_checkpoint=loss_start,
         halved_last_checkpoint=tf.zeros(batch, tf.bool),
@@ -183,12 +223,25 @@ def _apgd_run(model_fn, x, y, target, *, epsilon, steps, norm, loss, targeted, r
     def body(s):
         x_cur = s["x_cur"]
         # No momentum on the first step (x_1 = P(x_0 + eta * grad)).
-        alpha = tf.where(s["t"] == 1, tf.constant(1.0, x.dtype),
-                         tf.constant(APGD_MOMENTUM, x.dtype))
-        z = _project(x_cur + s["step_size"] * _ascent_direction(s["grad"], norm),
-                     x, epsilon, norm, clip_min, clip_max)
-        x_new = _project(x_cur + alpha * (z - x_cur) + (1.0 - alpha) * (x_cur - s["x_prev"]),
-                         x, epsilon, norm, clip_min, clip_max)
+        alpha = tf.where(
+            s["t"] == 1, tf.constant(1.0, x.dtype), tf.constant(APGD_MOMENTUM, x.dtype)
+        )
+        z = _project(
+            x_cur + s["step_size"] * _ascent_direction(s["grad"], norm),
+            x,
+            epsilon,
+            norm,
+            clip_min,
+            clip_max,
+        )
+        x_new = _project(
+            x_cur + alpha * (z - x_cur) + (1.0 - alpha) * (x_cur - s["x_prev"]),
+            x,
+            epsilon,
+            norm,
+            clip_min,
+            clip_max,
+        )
         loss_new, grad_new, wrong_new = evaluate(x_new)
 
         x_fooled = tf.where(expand(wrong_new), x_new, s["x_fooled"])
@@ -205,8 +258,9 @@ def _apgd_run(model_fn, x, y, target, *, epsilon, steps, norm, loss, targeted, r
         # (condition 2).
         at_checkpoint = tf.gather(is_checkpoint, s["t"])
         too_few_increases = increases < rho * tf.gather(window, s["t"])
-        stalled = tf.logical_and(tf.logical_not(s["halved_last_checkpoint"]),
-                                 loss_best <= s["loss_best_checkpoint"])
+        stalled = tf.logical_and(
+            tf.logical_not(s["halved_last_checkpoint"]), loss_best <= s["loss_best_checkpoint"]
+        )
         halve = tf.logical_and(at_checkpoint, tf.logical_or(too_few_increases, stalled))
         halve_b = expand(halve)
         return dict(
@@ -216,22 +270,40 @@ def _apgd_run(model_fn, x, y, target, *, epsilon, steps, norm, loss, targeted, r
             grad=tf.where(halve_b, grad_best, grad_new),
             loss_cur=tf.where(halve, loss_best, loss_new),
             step_size=tf.where(halve_b, s["step_size"] / 2.0, s["step_size"]),
-            x_best=x_best, loss_best=loss_best, grad_best=grad_best,
-            x_fooled=x_fooled, fooled=fooled,
+            x_best=x_best,
+            loss_best=loss_best,
+            grad_best=grad_best,
+            x_fooled=x_fooled,
+            fooled=fooled,
             increases=tf.where(at_checkpoint, tf.zeros_like(increases), increases),
             loss_best_checkpoint=tf.where(at_checkpoint, loss_best, s["loss_best_checkpoint"]),
             halved_last_checkpoint=tf.where(at_checkpoint, halve, s["halved_last_checkpoint"]),
         )
 
-    (state,) = tf.while_loop(lambda s: cond(s), lambda s: (body(s),), (state,),
-                             parallel_iterations=1)
+    (state,) = tf.while_loop(
+        lambda s: cond(s), lambda s: (body(s),), (state,), parallel_iterations=1
+    )
     x_out = tf.where(expand(state["fooled"]), state["x_fooled"], state["x_best"])
     return x_out, state["fooled"], state["loss_best"]
 
 
-def apgd(model_fn, x, y, *, epsilon, steps=100, norm="linf", loss="ce", targeted=False,
-         num_targets=APGD_DEFAULT_TARGETS, restarts=1, rho=0.75, clip_min=0.0, clip_max=1.0,
-         seed=None):
+def apgd(
+    model_fn,
+    x,
+    y,
+    *,
+    epsilon,
+    steps=100,
+    norm="linf",
+    loss="ce",
+    targeted=False,
+    num_targets=APGD_DEFAULT_TARGETS,
+    restarts=1,
+    rho=0.75,
+    clip_min=0.0,
+    clip_max=1.0,
+    seed=None,
+):
     """Auto-PGD (Croce & Hein 2020): step-size-free PGD with momentum.
 
     Each run starts at a random point of the ball (uniform for L-inf, on the
@@ -286,9 +358,21 @@ def apgd(model_fn, x, y, *, epsilon, steps=100, norm="linf", loss="ce", targeted
         ValueError: For an invalid argument, too few classes for the loss,
             or (eagerly) `x` outside `[clip_min, clip_max]`.
     """
-    x = _validate_apgd(x, y, epsilon=epsilon, steps=steps, norm=norm, loss=loss,
-                       targeted=targeted, num_targets=num_targets, restarts=restarts, rho=rho,
-                       clip_min=clip_min, clip_max=clip_max, seed=seed)
+    x = _validate_apgd(
+        x,
+        y,
+        epsilon=epsilon,
+        steps=steps,
+        norm=norm,
+        loss=loss,
+        targeted=targeted,
+        num_targets=num_targets,
+        restarts=restarts,
+        rho=rho,
+        clip_min=clip_min,
+        clip_max=clip_max,
+        seed=seed,
+    )
     if x.shape[0] == 0:
         return tf.stop_gradient(x)  # Nothing to attack (and some kernels reject empty batches).
     model_fn = inference_fn(model_fn)
@@ -314,9 +398,20 @@ def apgd(model_fn, x, y, *, epsilon, steps=100, norm="linf", loss="ce", targeted
             targets = tf.gather(ranked, todo)[:, rank] if targeted else tf.gather(y, todo)
             run_seed = None if seed is None else tf.stack([seed, tf.cast(j, tf.int64)])
             x_run, fooled_run, loss_run = _apgd_run(
-                model_fn, tf.gather(x, todo), tf.gather(y, todo), targets,
-                epsilon=epsilon, steps=steps, norm=norm, loss=loss, targeted=targeted,
-                rho=rho, clip_min=clip_min, clip_max=clip_max, seed=run_seed)
+                model_fn,
+                tf.gather(x, todo),
+                tf.gather(y, todo),
+                targets,
+                epsilon=epsilon,
+                steps=steps,
+                norm=norm,
+                loss=loss,
+                targeted=targeted,
+                rho=rho,
+                clip_min=clip_min,
+                clip_max=clip_max,
+                seed=run_seed,
+            )
             # Keep a run's point if it fools the model, or if it has a higher
             # loss than the earlier runs' (for examples no run fooled yet).
             better = tf.logical_or(fooled_run, loss_run > tf.gather(best_loss, todo))
@@ -328,26 +423,55 @@ def apgd(model_fn, x, y, *, epsilon, steps=100, norm="linf", loss="ce", targeted
                 tf.tensor_scatter_nd_update(best_loss, index, tf.gather(loss_run, keep)),
             )
 
-        fooled, x_out, best_loss = tf.cond(tf.size(todo) > 0, attack,
-                                           lambda: (fooled, x_out, best_loss))
+        fooled, x_out, best_loss = tf.cond(
+            tf.size(todo) > 0, attack, lambda: (fooled, x_out, best_loss)
+        )
         return j + 1, fooled, x_out, best_loss
 
     clean_wrong = tf.not_equal(tf.argmax(clean_logits, axis=-1, output_type=tf.int32), y)
     best_loss = tf.fill(tf.shape(y), tf.float32.min)
     _, _, x_adv, _ = tf.while_loop(
-        lambda j, *_: j < num_runs, run, (tf.constant(0), clean_wrong, x, best_loss),
-        parallel_iterations=1)
+        lambda j, *_: j < num_runs,
+        run,
+        (tf.constant(0), clean_wrong, x, best_loss),
+        parallel_iterations=1,
+    )
     return tf.stop_gradient(_project(x_adv, x, epsilon, norm, clip_min, clip_max))
 
 
-def apgd_dlr_targeted(model_fn, x, y, *, epsilon, steps=100, norm="linf",
-                      num_targets=APGD_DEFAULT_TARGETS, restarts=1, rho=0.75, clip_min=0.0,
-                      clip_max=1.0, seed=None):
+def apgd_dlr_targeted(
+    model_fn,
+    x,
+    y,
+    *,
+    epsilon,
+    steps=100,
+    norm="linf",
+    num_targets=APGD_DEFAULT_TARGETS,
+    restarts=1,
+    rho=0.75,
+    clip_min=0.0,
+    clip_max=1.0,
+    seed=None,
+):
     """APGD-T: `apgd` with the targeted DLR loss over `num_targets` targets.
 
     See `apgd` for the arguments. AutoAttack runs it with 9 targets on
     10 classes; the default here is `APGD_DEFAULT_TARGETS` (3).
     """
-    return apgd(model_fn, x, y, epsilon=epsilon, steps=steps, norm=norm, loss="dlr",
-                targeted=True, num_targets=num_targets, restarts=restarts, rho=rho,
-                clip_min=clip_min, clip_max=clip_max, seed=seed)
+    return apgd(
+        model_fn,
+        x,
+        y,
+        epsilon=epsilon,
+        steps=steps,
+        norm=norm,
+        loss="dlr",
+        targeted=True,
+        num_targets=num_targets,
+        restarts=restarts,
+        rho=rho,
+        clip_min=clip_min,
+        clip_max=clip_max,
+        seed=seed,
+    )

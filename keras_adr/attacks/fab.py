@@ -23,8 +23,15 @@ Only L-inf is implemented.
 import numpy as np
 import tensorflow as tf
 
-from keras_adr.attacks._common import (_base_seed, _check_count, _check_seed, _compile_if_eager,
-                                       _per_example, _validate, inference_fn)
+from keras_adr.attacks._common import (
+    _base_seed,
+    _check_count,
+    _check_seed,
+    _compile_if_eager,
+    _per_example,
+    _validate,
+    inference_fn,
+)
 
 # AutoAttack's standard FAB-T parameters.
 FAB_DEFAULT_TARGETS = 9
@@ -87,8 +94,7 @@ def _linf(t):
     return tf.reduce_max(tf.abs(tf.reshape(t, [tf.shape(t)[0], -1])), axis=1)
 
 
-def _fab_run(model_fn, x, y, target, *, steps, alpha_max, eta, beta, clip_min, clip_max,
-             start):
+def _fab_run(model_fn, x, y, target, *, steps, alpha_max, eta, beta, clip_min, clip_max, start):
     """One FAB-T run on a batch towards `target`; returns `(x_best, best_distance)`."""
     batch = tf.shape(x)[0]
     flat = lambda t: tf.reshape(t, [batch, -1])
@@ -98,21 +104,21 @@ def _fab_run(model_fn, x, y, target, *, steps, alpha_max, eta, beta, clip_min, c
         with tf.GradientTape() as tape:
             tape.watch(x_k)
             logits = tf.cast(model_fn(x_k), tf.float32)
-            diff = (tf.gather(logits, target, batch_dims=1)
-                    - tf.gather(logits, y, batch_dims=1))
+            diff = tf.gather(logits, target, batch_dims=1) - tf.gather(logits, y, batch_dims=1)
             total = tf.reduce_sum(diff)
-        grad = flat(tape.gradient(total, x_k,
-                                  unconnected_gradients=tf.UnconnectedGradients.ZERO))
+        grad = flat(tape.gradient(total, x_k, unconnected_gradients=tf.UnconnectedGradients.ZERO))
         xk = flat(x_k)
         # The linearised boundary {v : diff + grad . (v - x_k) = 0}.
         d_k = project_to_hyperplane_linf(xk, grad, -diff, clip_min, clip_max)
         d_0 = project_to_hyperplane_linf(
-            x0, grad, -diff - tf.reduce_sum(grad * (x0 - xk), axis=1), clip_min, clip_max)
+            x0, grad, -diff - tf.reduce_sum(grad * (x0 - xk), axis=1), clip_min, clip_max
+        )
         a_k = tf.maximum(tf.reduce_max(tf.abs(d_k), axis=1), _FAB_TINY)
         a_0 = tf.maximum(tf.reduce_max(tf.abs(d_0), axis=1), _FAB_TINY)
         alpha = tf.clip_by_value(a_k / (a_k + a_0), 0.0, alpha_max)[:, None]
-        x_new = tf.clip_by_value((xk + eta * d_k) * (1.0 - alpha) + (x0 + eta * d_0) * alpha,
-                                 clip_min, clip_max)
+        x_new = tf.clip_by_value(
+            (xk + eta * d_k) * (1.0 - alpha) + (x0 + eta * d_0) * alpha, clip_min, clip_max
+        )
         x_new = tf.reshape(x_new, tf.shape(x))
         wrong = tf.not_equal(tf.argmax(model_fn(x_new), axis=-1, output_type=tf.int32), y)
         distance = _linf(x_new - x)
@@ -123,42 +129,88 @@ def _fab_run(model_fn, x, y, target, *, steps, alpha_max, eta, beta, clip_min, c
         return i + 1, x_new, x_best, best
 
     best = tf.fill([batch], np.float32(np.inf))
-    _, _, x_best, best = tf.while_loop(lambda i, *_: i < steps, body,
-                                       (tf.constant(0), start, x, best), parallel_iterations=1)
+    _, _, x_best, best = tf.while_loop(
+        lambda i, *_: i < steps, body, (tf.constant(0), start, x, best), parallel_iterations=1
+    )
     return x_best, best
 
 
 def _check_targets(num_classes, num_targets):
     if num_classes is not None and num_targets > num_classes - 1:
-        raise ValueError(f"`num_targets` ({num_targets}) must be at most the number of wrong "
-                         f"classes ({num_classes - 1}).")
+        raise ValueError(
+            f"`num_targets` ({num_targets}) must be at most the number of wrong "
+            f"classes ({num_classes - 1})."
+        )
 
 
-def _validate_fab(x, y, *, epsilon, norm, steps, num_targets, restarts, alpha_max, eta, beta,
-                  clip_min, clip_max, seed):
+def _validate_fab(
+    x,
+    y,
+    *,
+    epsilon,
+    norm,
+    steps,
+    num_targets,
+    restarts,
+    alpha_max,
+    eta,
+    beta,
+    clip_min,
+    clip_max,
+    seed,
+):
     if norm != "linf":
-        raise ValueError(f"`norm` must be 'linf' for FAB (the only norm implemented); got "
-                         f"{norm!r}.")
+        raise ValueError(
+            f"`norm` must be 'linf' for FAB (the only norm implemented); got {norm!r}."
+        )
     _check_count("steps", steps)
     _check_count("num_targets", num_targets)
     _check_count("restarts", restarts)
-    for name, value, low, high in (("alpha_max", alpha_max, 0.0, 1.0), ("eta", eta, 1.0, 10.0),
-                                   ("beta", beta, 0.0, 1.0)):
-        if isinstance(value, bool) or not isinstance(value, (int, float, np.number)) or not (
-                low <= value <= high):
+    for name, value, low, high in (
+        ("alpha_max", alpha_max, 0.0, 1.0),
+        ("eta", eta, 1.0, 10.0),
+        ("beta", beta, 0.0, 1.0),
+    ):
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, (int, float, np.number))
+            or not (low <= value <= high)
+        ):
             raise ValueError(f"`{name}` must be a number in [{low}, {high}]; got {value!r}.")
     _check_seed(seed)
     if y is None:
         raise ValueError("`y` (integer labels) is required by FAB.")
     if epsilon is None:
         epsilon = 0.1 * (clip_max - clip_min)  # Checks the rest; min-norm has no radius.
-    return _validate(x, epsilon=epsilon, step_size=epsilon, steps=steps, norm=norm, loss="ce",
-                     clip_min=clip_min, clip_max=clip_max)
+    return _validate(
+        x,
+        epsilon=epsilon,
+        step_size=epsilon,
+        steps=steps,
+        norm=norm,
+        loss="ce",
+        clip_min=clip_min,
+        clip_max=clip_max,
+    )
 
 
-def fab_min_norm(model_fn, x, y, *, epsilon=None, num_targets=FAB_DEFAULT_TARGETS,
-                 steps=FAB_DEFAULT_STEPS, restarts=1, alpha_max=FAB_ALPHA_MAX, eta=FAB_ETA,
-                 beta=FAB_BETA, norm="linf", clip_min=0.0, clip_max=1.0, seed=None):
+def fab_min_norm(
+    model_fn,
+    x,
+    y,
+    *,
+    epsilon=None,
+    num_targets=FAB_DEFAULT_TARGETS,
+    steps=FAB_DEFAULT_STEPS,
+    restarts=1,
+    alpha_max=FAB_ALPHA_MAX,
+    eta=FAB_ETA,
+    beta=FAB_BETA,
+    norm="linf",
+    clip_min=0.0,
+    clip_max=1.0,
+    seed=None,
+):
     """Targeted FAB's minimal adversarial perturbations (see the module docstring).
 
     Args:
@@ -195,16 +247,34 @@ def fab_min_norm(model_fn, x, y, *, epsilon=None, num_targets=FAB_DEFAULT_TARGET
         ValueError: For an invalid argument, more targets than wrong
             classes, or (eagerly) `x` outside `[clip_min, clip_max]`.
     """
-    x = _validate_fab(x, y, epsilon=epsilon, norm=norm, steps=steps, num_targets=num_targets,
-                      restarts=restarts, alpha_max=alpha_max, eta=eta, beta=beta,
-                      clip_min=clip_min, clip_max=clip_max, seed=seed)
+    x = _validate_fab(
+        x,
+        y,
+        epsilon=epsilon,
+        norm=norm,
+        steps=steps,
+        num_targets=num_targets,
+        restarts=restarts,
+        alpha_max=alpha_max,
+        eta=eta,
+        beta=beta,
+        clip_min=clip_min,
+        clip_max=clip_max,
+        seed=seed,
+    )
     model_fn = inference_fn(model_fn)
     if x.shape[0] == 0:
         return dict(x_adv=tf.stop_gradient(x), distance=tf.zeros([0], tf.float32))
     skip_within = -np.inf if epsilon is None else float(epsilon)
     start_radius = _FAB_START_FRACTION * (1.0 if epsilon is None else float(epsilon))
-    params = dict(steps=steps, alpha_max=float(alpha_max), eta=float(eta), beta=float(beta),
-                  clip_min=clip_min, clip_max=clip_max)
+    params = dict(
+        steps=steps,
+        alpha_max=float(alpha_max),
+        eta=float(eta),
+        beta=float(beta),
+        clip_min=clip_min,
+        clip_max=clip_max,
+    )
 
     def run(x, y, seed):
         x = tf.stop_gradient(tf.cast(x, tf.float32))
@@ -227,10 +297,15 @@ def fab_min_norm(model_fn, x, y, *, epsilon=None, num_targets=FAB_DEFAULT_TARGET
                         key = tf.stack([seed, tf.cast(rank * 1000 + restart, tf.int64)])
                         noise = tf.random.stateless_uniform(tf.shape(x_run), key, -1.0, 1.0)
                         noise /= _per_example(tf.maximum(_linf(noise), 1e-12), noise)
-                        start = tf.clip_by_value(x_run + start_radius * noise, clip_min,
-                                                 clip_max)
-                    return _fab_run(model_fn, x_run, tf.gather(y, todo),
-                                    tf.gather(ranked, todo)[:, rank], start=start, **params)
+                        start = tf.clip_by_value(x_run + start_radius * noise, clip_min, clip_max)
+                    return _fab_run(
+                        model_fn,
+                        x_run,
+                        tf.gather(y, todo),
+                        tf.gather(ranked, todo)[:, rank],
+                        start=start,
+                        **params,
+                    )
 
                 empty = (tf.gather(x, todo), tf.fill(tf.shape(todo), np.float32(np.inf)))
                 x_run, d_run = tf.cond(tf.size(todo) > 0, attack, lambda e=empty: e)
@@ -247,9 +322,23 @@ def fab_min_norm(model_fn, x, y, *, epsilon=None, num_targets=FAB_DEFAULT_TARGET
     return dict(x_adv=tf.stop_gradient(tf.cast(x_adv, x.dtype)), distance=distance)
 
 
-def fab(model_fn, x, y, *, epsilon, num_targets=FAB_DEFAULT_TARGETS, steps=FAB_DEFAULT_STEPS,
-        restarts=1, alpha_max=FAB_ALPHA_MAX, eta=FAB_ETA, beta=FAB_BETA, norm="linf",
-        clip_min=0.0, clip_max=1.0, seed=None):
+def fab(
+    model_fn,
+    x,
+    y,
+    *,
+    epsilon,
+    num_targets=FAB_DEFAULT_TARGETS,
+    steps=FAB_DEFAULT_STEPS,
+    restarts=1,
+    alpha_max=FAB_ALPHA_MAX,
+    eta=FAB_ETA,
+    beta=FAB_BETA,
+    norm="linf",
+    clip_min=0.0,
+    clip_max=1.0,
+    seed=None,
+):
     """FAB-T as an attack within a radius: AutoAttack's targeted FAB.
 
     Runs `fab_min_norm` with `epsilon` and returns, per example, the
@@ -266,9 +355,22 @@ def fab(model_fn, x, y, *, epsilon, num_targets=FAB_DEFAULT_TARGETS, steps=FAB_D
     """
     if epsilon is None:
         raise ValueError("`epsilon` must be a finite number > 0; got None.")
-    out = fab_min_norm(model_fn, x, y, epsilon=epsilon, num_targets=num_targets, steps=steps,
-                       restarts=restarts, alpha_max=alpha_max, eta=eta, beta=beta, norm=norm,
-                       clip_min=clip_min, clip_max=clip_max, seed=seed)
+    out = fab_min_norm(
+        model_fn,
+        x,
+        y,
+        epsilon=epsilon,
+        num_targets=num_targets,
+        steps=steps,
+        restarts=restarts,
+        alpha_max=alpha_max,
+        eta=eta,
+        beta=beta,
+        norm=norm,
+        clip_min=clip_min,
+        clip_max=clip_max,
+        seed=seed,
+    )
     x = tf.convert_to_tensor(x)
     within = out["distance"] <= epsilon
     x_adv = tf.where(_per_example(within, x), out["x_adv"], x)

@@ -2,8 +2,14 @@
 
 import tensorflow as tf
 
-from keras_adr.attacks._common import (_TINY, _ascent_direction, _project, _random_start,
-                                       _validate, inference_fn)
+from keras_adr.attacks._common import (
+    _TINY,
+    _ascent_direction,
+    _project,
+    _random_start,
+    _validate,
+    inference_fn,
+)
 
 # TRADES starts its attack at x + 0.001 * N(0, 1) (Zhang et al. 2019).
 _TRADES_START_STD = 0.001
@@ -29,8 +35,20 @@ def _loss_fn(model_fn, x, y, loss):
     return kl
 
 
-def pgd(model_fn, x, y, *, epsilon, step_size, steps, norm="linf", random_start=True,
-        loss="ce", clip_min=0.0, clip_max=1.0):
+def pgd(
+    model_fn,
+    x,
+    y,
+    *,
+    epsilon,
+    step_size,
+    steps,
+    norm="linf",
+    random_start=True,
+    loss="ce",
+    clip_min=0.0,
+    clip_max=1.0,
+):
     """Projected gradient descent (Madry et al. 2018), or the TRADES KL attack.
 
     Args:
@@ -57,8 +75,16 @@ def pgd(model_fn, x, y, *, epsilon, step_size, steps, norm="linf", random_start=
             `[clip_min, clip_max]`; inside a graph an out-of-range `x` fails
             at run time with `InvalidArgumentError`.
     """
-    x = _validate(x, epsilon=epsilon, step_size=step_size, steps=steps, norm=norm, loss=loss,
-                  clip_min=clip_min, clip_max=clip_max)
+    x = _validate(
+        x,
+        epsilon=epsilon,
+        step_size=step_size,
+        steps=steps,
+        norm=norm,
+        loss=loss,
+        clip_min=clip_min,
+        clip_max=clip_max,
+    )
     if loss == "ce" and y is None:
         raise ValueError("`y` (integer labels) is required with loss='ce'.")
     if x.shape[0] == 0:
@@ -83,8 +109,9 @@ def pgd(model_fn, x, y, *, epsilon, step_size, steps, norm="linf", random_start=
         x_adv = x_adv + step_size * _ascent_direction(grad, norm)
         return i + 1, _project(x_adv, x, epsilon, norm, clip_min, clip_max)
 
-    _, x_adv = tf.while_loop(lambda i, _: i < steps, step, (tf.constant(0), x_adv),
-                             parallel_iterations=1)
+    _, x_adv = tf.while_loop(
+        lambda i, _: i < steps, step, (tf.constant(0), x_adv), parallel_iterations=1
+    )
     return tf.stop_gradient(x_adv)
 
 
@@ -108,5 +135,16 @@ def fgsm(model_fn, x, y, *, epsilon, norm="linf", loss="ce", clip_min=0.0, clip_
     Raises:
         ValueError: For an invalid argument, as `pgd`.
     """
-    return pgd(model_fn, x, y, epsilon=epsilon, step_size=epsilon, steps=1, norm=norm,
-               random_start=False, loss=loss, clip_min=clip_min, clip_max=clip_max)
+    return pgd(
+        model_fn,
+        x,
+        y,
+        epsilon=epsilon,
+        step_size=epsilon,
+        steps=1,
+        norm=norm,
+        random_start=False,
+        loss=loss,
+        clip_min=clip_min,
+        clip_max=clip_max,
+    )

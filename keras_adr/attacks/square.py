@@ -25,9 +25,16 @@ import math
 import numpy as np
 import tensorflow as tf
 
-from keras_adr.attacks._common import (_base_seed, _check_count, _check_seed, _compile_if_eager,
-                                       _margin, _per_example, _per_example_norm, _validate,
-                                       inference_fn)
+from keras_adr.attacks._common import (
+    _base_seed,
+    _check_count,
+    _check_seed,
+    _compile_if_eager,
+    _margin,
+    _per_example_norm,
+    _validate,
+    inference_fn,
+)
 
 # AutoAttack's standard version: 5,000 queries, p_init = 0.8.
 SQUARE_DEFAULT_QUERIES = 5000
@@ -83,18 +90,20 @@ def _eta_profile(side):
     Two halves of opposite sign; each half is a sum of nested rectangles
     centred on its middle with weight 1 / (ring + 1)^2.
     """
+
     def rectangles(rows, cols):
         out = np.zeros((rows, cols))
         centre_r, centre_c = rows // 2, cols // 2
         for ring in range(max(centre_r + 1, centre_c + 1)):
             r0, c0 = max(centre_r - ring, 0), max(centre_c - ring, 0)
-            out[r0:min(centre_r + ring + 1, rows), c0:min(centre_c + ring + 1, cols)] += (
-                1.0 / (ring + 1) ** 2)
+            out[r0 : min(centre_r + ring + 1, rows), c0 : min(centre_c + ring + 1, cols)] += (
+                1.0 / (ring + 1) ** 2
+            )
         return out / np.sqrt(np.sum(out**2))
 
     profile = np.zeros((side, side))
-    profile[:side // 2] = rectangles(side // 2, side) if side // 2 else 0.0
-    profile[side // 2:] = -rectangles(side - side // 2, side)
+    profile[: side // 2] = rectangles(side // 2, side) if side // 2 else 0.0
+    profile[side // 2 :] = -rectangles(side - side // 2, side)
     return profile / np.sqrt(np.sum(profile**2))
 
 
@@ -163,8 +172,9 @@ def _l2_start(x, epsilon, key):
                 continue
             signs = _random_signs(keys[k], tf.stack([tf.shape(x)[0], 1, 1, channels]))
             patch = profile * signs
-            delta += tf.pad(patch, [[0, 0], [top, height - top - side],
-                                    [left, width - left - side], [0, 0]])
+            delta += tf.pad(
+                patch, [[0, 0], [top, height - top - side], [left, width - left - side], [0, 0]]
+            )
             k += 1
     return x + epsilon * delta / _per_example_norm(delta)
 
@@ -225,7 +235,8 @@ def _square_run(model_fn, x, y, *, epsilon, norm, queries, p_init, clip_min, cli
         signs = _random_signs(keys[1], tf.stack([n, 1, 1, channels]))
         new = bump * signs + window / (window_norm + 1e-12)
         budget = tf.maximum(epsilon**2 - tf.square(norm_image), 0.0) / channels + tf.square(
-            norm_union)
+            norm_union
+        )
         new = new / (tf.sqrt(tf.reduce_sum(tf.square(new), axis=[1, 2], keepdims=True)) + 1e-12)
         new = new * tf.sqrt(budget)
         delta = delta * (1.0 - union) + _place(new, corner_h, corner_w, side, height, width)
@@ -251,33 +262,58 @@ def _square_run(model_fn, x, y, *, epsilon, norm, queries, p_init, clip_min, cli
         return tf.logical_and(i < queries - 1, tf.reduce_any(margin > 0))
 
     _, x_best, margin, used = tf.while_loop(
-        cond, body, (tf.constant(0), x_start, margin_start, tf.ones([batch], tf.int32)),
-        parallel_iterations=1)
+        cond,
+        body,
+        (tf.constant(0), x_start, margin_start, tf.ones([batch], tf.int32)),
+        parallel_iterations=1,
+    )
     return dict(x_adv=x_best, margin=margin, start_margin=margin_start, queries=used)
 
 
-def _validate_square(x, y, *, epsilon, norm, queries, p_init, restarts, clip_min, clip_max,
-                     seed):
+def _validate_square(x, y, *, epsilon, norm, queries, p_init, restarts, clip_min, clip_max, seed):
     _check_count("queries", queries)
     _check_count("restarts", restarts)
-    if isinstance(p_init, bool) or not isinstance(p_init, (int, float, np.number)) or not (
-            0 < p_init <= 1):
+    if (
+        isinstance(p_init, bool)
+        or not isinstance(p_init, (int, float, np.number))
+        or not (0 < p_init <= 1)
+    ):
         raise ValueError(f"`p_init` must be a number in (0, 1]; got {p_init!r}.")
     _check_seed(seed)
     if y is None:
         raise ValueError("`y` (integer labels) is required by Square.")
-    x = _validate(x, epsilon=epsilon, step_size=epsilon, steps=queries, norm=norm, loss="ce",
-                  clip_min=clip_min, clip_max=clip_max)
+    x = _validate(
+        x,
+        epsilon=epsilon,
+        step_size=epsilon,
+        steps=queries,
+        norm=norm,
+        loss="ce",
+        clip_min=clip_min,
+        clip_max=clip_max,
+    )
     if x.shape.rank != 4 or None in x.shape[1:]:
         raise ValueError(
             f"`x` must be images [batch, height, width, channels] of known size for Square; got "
-            f"shape {x.shape}.")
+            f"shape {x.shape}."
+        )
     return x
 
 
-def square_details(model_fn, x, y, *, epsilon, norm="linf", queries=SQUARE_DEFAULT_QUERIES,
-                   p_init=SQUARE_DEFAULT_P_INIT, restarts=1, clip_min=0.0, clip_max=1.0,
-                   seed=None):
+def square_details(
+    model_fn,
+    x,
+    y,
+    *,
+    epsilon,
+    norm="linf",
+    queries=SQUARE_DEFAULT_QUERIES,
+    p_init=SQUARE_DEFAULT_P_INIT,
+    restarts=1,
+    clip_min=0.0,
+    clip_max=1.0,
+    seed=None,
+):
     """`square`, also returning the margins and the queries spent per example.
 
     Returns:
@@ -291,8 +327,18 @@ def square_details(model_fn, x, y, *, epsilon, norm="linf", queries=SQUARE_DEFAU
     Raises:
         ValueError: As `square`.
     """
-    x = _validate_square(x, y, epsilon=epsilon, norm=norm, queries=queries, p_init=p_init,
-                         restarts=restarts, clip_min=clip_min, clip_max=clip_max, seed=seed)
+    x = _validate_square(
+        x,
+        y,
+        epsilon=epsilon,
+        norm=norm,
+        queries=queries,
+        p_init=p_init,
+        restarts=restarts,
+        clip_min=clip_min,
+        clip_max=clip_max,
+        seed=seed,
+    )
     model_fn = inference_fn(model_fn)
     epsilon, p_init = float(epsilon), float(p_init)
 
@@ -307,38 +353,74 @@ def square_details(model_fn, x, y, *, epsilon, norm="linf", queries=SQUARE_DEFAU
             todo = tf.where(margin > 0)[:, 0]
 
             def attack(todo=todo, restart=restart):
-                out = _square_run(model_fn, tf.gather(x, todo), tf.gather(y, todo),
-                                  epsilon=epsilon, norm=norm, queries=queries, p_init=p_init,
-                                  clip_min=clip_min, clip_max=clip_max, seed=seed + restart)
+                out = _square_run(
+                    model_fn,
+                    tf.gather(x, todo),
+                    tf.gather(y, todo),
+                    epsilon=epsilon,
+                    norm=norm,
+                    queries=queries,
+                    p_init=p_init,
+                    clip_min=clip_min,
+                    clip_max=clip_max,
+                    seed=seed + restart,
+                )
                 return out["x_adv"], out["margin"], out["start_margin"], out["queries"]
 
-            empty = (tf.zeros_like(tf.gather(x, todo)), tf.zeros_like(tf.gather(margin, todo)),
-                     tf.zeros_like(tf.gather(margin, todo)), tf.zeros_like(todo, tf.int32))
-            x_run, margin_run, start_run, used_run = tf.cond(tf.size(todo) > 0, attack,
-                                                             lambda e=empty: e)
+            empty = (
+                tf.zeros_like(tf.gather(x, todo)),
+                tf.zeros_like(tf.gather(margin, todo)),
+                tf.zeros_like(tf.gather(margin, todo)),
+                tf.zeros_like(todo, tf.int32),
+            )
+            x_run, margin_run, start_run, used_run = tf.cond(
+                tf.size(todo) > 0, attack, lambda e=empty: e
+            )
             index = todo[:, None]
             if restart == 0:
                 start_margin = tf.tensor_scatter_nd_update(start_margin, index, start_run)
             better = tf.where(margin_run < tf.gather(margin, todo))[:, 0]
-            x_adv = tf.tensor_scatter_nd_update(x_adv, tf.gather(index, better),
-                                                tf.gather(x_run, better))
-            margin = tf.tensor_scatter_nd_update(margin, tf.gather(index, better),
-                                                 tf.gather(margin_run, better))
+            x_adv = tf.tensor_scatter_nd_update(
+                x_adv, tf.gather(index, better), tf.gather(x_run, better)
+            )
+            margin = tf.tensor_scatter_nd_update(
+                margin, tf.gather(index, better), tf.gather(margin_run, better)
+            )
             used = tf.tensor_scatter_nd_add(used, index, used_run)
         return x_adv, margin, start_margin, used
 
     if x.shape[0] == 0:
         empty = tf.zeros([0], tf.float32)
-        return dict(x_adv=tf.stop_gradient(x), margin=empty, start_margin=empty,
-                    queries=tf.zeros([0], tf.int32))
+        return dict(
+            x_adv=tf.stop_gradient(x),
+            margin=empty,
+            start_margin=empty,
+            queries=tf.zeros([0], tf.int32),
+        )
     seed = _base_seed(seed)
     x_adv, margin, start_margin, used = _compile_if_eager(run)(x, y, seed)
-    return dict(x_adv=tf.stop_gradient(tf.cast(x_adv, x.dtype)), margin=margin,
-                start_margin=start_margin, queries=used)
+    return dict(
+        x_adv=tf.stop_gradient(tf.cast(x_adv, x.dtype)),
+        margin=margin,
+        start_margin=start_margin,
+        queries=used,
+    )
 
 
-def square(model_fn, x, y, *, epsilon, norm="linf", queries=SQUARE_DEFAULT_QUERIES,
-           p_init=SQUARE_DEFAULT_P_INIT, restarts=1, clip_min=0.0, clip_max=1.0, seed=None):
+def square(
+    model_fn,
+    x,
+    y,
+    *,
+    epsilon,
+    norm="linf",
+    queries=SQUARE_DEFAULT_QUERIES,
+    p_init=SQUARE_DEFAULT_P_INIT,
+    restarts=1,
+    clip_min=0.0,
+    clip_max=1.0,
+    seed=None,
+):
     """Square Attack (Andriushchenko et al. 2020) on the margin loss.
 
     Only correctly classified examples are attacked, each until it is
@@ -373,6 +455,16 @@ def square(model_fn, x, y, *, epsilon, norm="linf", queries=SQUARE_DEFAULT_QUERI
         ValueError: For an invalid argument, images that are not
             `[B, H, W, C]`, or (eagerly) `x` outside `[clip_min, clip_max]`.
     """
-    return square_details(model_fn, x, y, epsilon=epsilon, norm=norm, queries=queries,
-                          p_init=p_init, restarts=restarts, clip_min=clip_min,
-                          clip_max=clip_max, seed=seed)["x_adv"]
+    return square_details(
+        model_fn,
+        x,
+        y,
+        epsilon=epsilon,
+        norm=norm,
+        queries=queries,
+        p_init=p_init,
+        restarts=restarts,
+        clip_min=clip_min,
+        clip_max=clip_max,
+        seed=seed,
+    )["x_adv"]

@@ -15,9 +15,7 @@ adr-evaluate --model_path=saved_models/fashion_mnist --num_examples=1000 \
 
 import sys
 
-from absl import app
-from absl import flags
-from absl import logging
+from absl import app, flags, logging
 
 from keras_adr import cli
 from keras_adr import config as config_lib
@@ -25,52 +23,74 @@ from keras_adr import config as config_lib
 FLAGS = flags.FLAGS
 
 flags.DEFINE_string(
-    "model_path", None,
+    "model_path",
+    None,
     "A .keras file, a SavedModel directory, or a TF Serving base directory "
-    "(its highest integer version is evaluated).")
+    "(its highest integer version is evaluated).",
+)
 flags.DEFINE_string("dataset", "fashion_mnist", "Dataset name (see keras_adr.data.DATASETS).")
 flags.DEFINE_string("data_dir", None, "Directory of the dataset files or a TFDS data_dir.")
 flags.DEFINE_string("split", "test", "Split to evaluate, e.g. 'test' or 'test[:1000]'.")
 flags.DEFINE_integer("num_examples", None, "Evaluate only the first N examples of the split.")
 flags.DEFINE_integer("batch_size", config_lib.EVAL_BATCH_SIZE, "Examples per attack call.")
-flags.DEFINE_float("epsilon", config_lib.AttackConfig.epsilon,
-                   "Radius of the threat model (the headline number).")
-flags.DEFINE_enum("norm", config_lib.AttackConfig.norm, config_lib.NORMS,
-                  "Norm of the threat model.")
-flags.DEFINE_list("attacks", list(config_lib.EVAL_ATTACKS),
-                  "Attacks: fgsm, pgd<steps>, apgd_ce, apgd_dlr, apgd_dlr_t (optionally "
-                  "with steps, e.g. apgd_ce50). Must include a PGD and an APGD attack.")
+flags.DEFINE_float(
+    "epsilon", config_lib.AttackConfig.epsilon, "Radius of the threat model (the headline number)."
+)
+flags.DEFINE_enum(
+    "norm", config_lib.AttackConfig.norm, config_lib.NORMS, "Norm of the threat model."
+)
+flags.DEFINE_list(
+    "attacks",
+    list(config_lib.EVAL_ATTACKS),
+    "Attacks: fgsm, pgd<steps>, apgd_ce, apgd_dlr, apgd_dlr_t (optionally "
+    "with steps, e.g. apgd_ce50). Must include a PGD and an APGD attack.",
+)
 flags.DEFINE_integer("restarts", config_lib.EVAL_RESTARTS, "Random restarts per randomized attack.")
-flags.DEFINE_integer("apgd_targets", config_lib.APGD_TARGETS,
-                     "Target classes of apgd_dlr_t (AutoAttack: 9).")
+flags.DEFINE_integer(
+    "apgd_targets", config_lib.APGD_TARGETS, "Target classes of apgd_dlr_t (AutoAttack: 9)."
+)
 flags.DEFINE_list("epsilons", [], "Extra epsilons of the sweep, e.g. 0.05,0.2.")
 flags.DEFINE_bool(
-    "sanity_sweep", True,
+    "sanity_sweep",
+    True,
     "Also evaluate epsilon 0 and a large epsilon (0.5 for linf), which the gradient-masking "
-    "sanity checks need. Costs about one more evaluation.")
-flags.DEFINE_string("output_dir", None,
-                    "Where to write results.json, results.md and the plot; none if unset.")
+    "sanity checks need. Costs about one more evaluation.",
+)
+flags.DEFINE_string(
+    "output_dir", None, "Where to write results.json, results.md and the plot; none if unset."
+)
 flags.DEFINE_integer("seed", 0, "Seed of the random starts.")
-flags.DEFINE_bool("allow_sanity_failures", False,
-                  "Exit with status 0 even if a sanity check fails.")
+flags.DEFINE_bool(
+    "allow_sanity_failures", False, "Exit with status 0 even if a sanity check fails."
+)
 flags.DEFINE_enum(
-    "suite", "default", ["default", "autoattack"],
+    "suite",
+    "default",
+    ["default", "autoattack"],
     "default: --attacks with the sweep and sanity checks; autoattack: AutoAttack's standard "
     "version (APGD-CE, APGD-T, FAB-T, Square) at --epsilon, writing autoattack.json "
-    "(RobustBench format) to --output_dir.")
+    "(RobustBench format) to --output_dir.",
+)
 flags.mark_flag_as_required("model_path")
 
 
 def _run_autoattack(evaluation, model, dataset):
     from keras_adr import autoattack
 
-    result = evaluation.autoattack(model, dataset, epsilon=FLAGS.epsilon, norm=FLAGS.norm,
-                                   num_examples=FLAGS.num_examples, seed=FLAGS.seed,
-                                   batch_size=FLAGS.batch_size)
+    result = evaluation.autoattack(
+        model,
+        dataset,
+        epsilon=FLAGS.epsilon,
+        norm=FLAGS.norm,
+        num_examples=FLAGS.num_examples,
+        seed=FLAGS.seed,
+        batch_size=FLAGS.batch_size,
+    )
     print(autoattack.format_summary(result))
     if FLAGS.output_dir:
-        path = autoattack.write_result(result, FLAGS.output_dir, name=FLAGS.model_path,
-                                       dataset=FLAGS.dataset)
+        path = autoattack.write_result(
+            result, FLAGS.output_dir, name=FLAGS.model_path, dataset=FLAGS.dataset
+        )
         logging.info("Wrote %s", path)
 
 
@@ -85,8 +105,7 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     # Imported here so that `--help` does not wait for TensorFlow.
-    from keras_adr import data
-    from keras_adr import evaluation
+    from keras_adr import data, evaluation
 
     epsilons = _epsilons(FLAGS.epsilons)
     if FLAGS.num_examples is not None and FLAGS.num_examples < 1:
@@ -100,42 +119,66 @@ def main(argv):
         try:
             os.makedirs(FLAGS.output_dir, exist_ok=True)
         except OSError as e:
-            sys.exit(f"adr-evaluate: error: --output_dir {FLAGS.output_dir!r} cannot be "
-                     f"created: {e.strerror}.")
+            sys.exit(
+                f"adr-evaluate: error: --output_dir {FLAGS.output_dir!r} cannot be "
+                f"created: {e.strerror}."
+            )
         if not os.access(FLAGS.output_dir, os.W_OK | os.X_OK):
             sys.exit(f"adr-evaluate: error: --output_dir {FLAGS.output_dir!r} is not writable.")
     try:
         model = evaluation.load_model(FLAGS.model_path)
-        dataset = data.load(FLAGS.dataset, FLAGS.split, batch_size=FLAGS.batch_size,
-                            data_dir=FLAGS.data_dir, take=FLAGS.num_examples)
+        dataset = data.load(
+            FLAGS.dataset,
+            FLAGS.split,
+            batch_size=FLAGS.batch_size,
+            data_dir=FLAGS.data_dir,
+            take=FLAGS.num_examples,
+        )
         if FLAGS.suite == "autoattack":
             return _run_autoattack(evaluation, model, dataset)
-        options = dict(norm=FLAGS.norm, attacks=FLAGS.attacks, restarts=FLAGS.restarts,
-                       num_examples=FLAGS.num_examples, seed=FLAGS.seed,
-                       batch_size=FLAGS.batch_size, apgd_targets=FLAGS.apgd_targets)
+        options = dict(
+            norm=FLAGS.norm,
+            attacks=FLAGS.attacks,
+            restarts=FLAGS.restarts,
+            num_examples=FLAGS.num_examples,
+            seed=FLAGS.seed,
+            batch_size=FLAGS.batch_size,
+            apgd_targets=FLAGS.apgd_targets,
+        )
         if epsilons or FLAGS.sanity_sweep:
             results = evaluation.epsilon_sweep(
-                model, dataset, epsilons, headline_epsilon=FLAGS.epsilon,
-                include_sanity_epsilons=FLAGS.sanity_sweep, **options)
+                model,
+                dataset,
+                epsilons,
+                headline_epsilon=FLAGS.epsilon,
+                include_sanity_epsilons=FLAGS.sanity_sweep,
+                **options,
+            )
         else:
-            results = evaluation.evaluate_robustness(model, dataset, epsilon=FLAGS.epsilon,
-                                                     **options)
+            results = evaluation.evaluate_robustness(
+                model, dataset, epsilon=FLAGS.epsilon, **options
+            )
     except (ValueError, FileNotFoundError, data.DatasetNotFoundError) as e:
         sys.exit(f"adr-evaluate: error: {e}")
 
     checks = evaluation.sanity_checks(results)
     print(evaluation.format_summary(results, checks))
     if FLAGS.output_dir:
-        metadata = {"model_path": FLAGS.model_path, "model_kind": model.kind,
-                    "resolved_model_path": model.path, "dataset": FLAGS.dataset,
-                    "split": FLAGS.split}
-        paths = evaluation.write_report(results, FLAGS.output_dir, checks=checks,
-                                        metadata=metadata)
+        metadata = {
+            "model_path": FLAGS.model_path,
+            "model_kind": model.kind,
+            "resolved_model_path": model.path,
+            "dataset": FLAGS.dataset,
+            "split": FLAGS.split,
+        }
+        paths = evaluation.write_report(results, FLAGS.output_dir, checks=checks, metadata=metadata)
         logging.info("Wrote %s", ", ".join(paths.values()))
     failed = [c.name for c in checks if c.failed]
     if failed and not FLAGS.allow_sanity_failures:
-        sys.exit(f"adr-evaluate: sanity checks failed ({', '.join(failed)}): the robust "
-                 "accuracy is not trustworthy. Pass --allow_sanity_failures to exit 0 anyway.")
+        sys.exit(
+            f"adr-evaluate: sanity checks failed ({', '.join(failed)}): the robust "
+            "accuracy is not trustworthy. Pass --allow_sanity_failures to exit 0 anyway."
+        )
 
 
 def run():

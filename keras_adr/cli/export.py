@@ -13,21 +13,15 @@ import json
 import os
 import sys
 
-from absl import app
-from absl import flags
-from absl import logging
+from absl import app, flags, logging
 
 from keras_adr import cli
 
 FLAGS = flags.FLAGS
 
 flags.DEFINE_string("model_path", None, "Trained model, a `.keras` file.")
-flags.DEFINE_string(
-    "export_dir", None, "TF Serving base path; versions go in subdirectories."
-)
-flags.DEFINE_integer(
-    "version", None, "Version to write; defaults to the next free one."
-)
+flags.DEFINE_string("export_dir", None, "TF Serving base path; versions go in subdirectories.")
+flags.DEFINE_integer("version", None, "Version to write; defaults to the next free one.")
 flags.DEFINE_bool("overwrite", False, "Replace the version if it exists.")
 flags.DEFINE_string(
     "metadata_json",
@@ -49,7 +43,7 @@ def _metadata():
     except ValueError as e:
         _fail(f"--metadata_json is not valid JSON: {e}.")
     if not isinstance(metadata, dict):
-        _fail("--metadata_json must be a JSON object, e.g. '{\"preset\": \"adr_pgd\"}'.")
+        _fail('--metadata_json must be a JSON object, e.g. \'{"preset": "adr_pgd"}\'.')
     return metadata
 
 
@@ -68,8 +62,10 @@ def _load(path):
         # The optimizer and losses are not needed to serve.
         model = keras.models.load_model(path, compile=False)
     except Exception as e:  # noqa: BLE001 - any failure to read the archive is the user's file
-        _fail(f"--model_path {path!r} is corrupt or not a keras-adr model: "
-              f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+        _fail(
+            f"--model_path {path!r} is corrupt or not a keras-adr model: "
+            f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        )
     if isinstance(model, keras_adr.ADRModel):
         # What adr-train saves: serve the classifier it wraps, as adr-train's
         # own export does.
@@ -96,8 +92,10 @@ def main(argv):
             overwrite=FLAGS.overwrite,
         )
     except FileExistsError:
-        _fail(f"version {FLAGS.version} already exists in {FLAGS.export_dir!r}; pass "
-              "--overwrite to replace it, or another --version.")
+        _fail(
+            f"version {FLAGS.version} already exists in {FLAGS.export_dir!r}; pass "
+            "--overwrite to replace it, or another --version."
+        )
     except (ValueError, OSError) as e:
         _fail(str(e))
     logging.info("Exported %s to %s", FLAGS.model_path, path)

@@ -16,9 +16,8 @@ import sys
 
 from absl import app, flags, logging
 
-from keras_adr import cli
+from keras_adr import cli, data, distribute, models, pipeline, presets
 from keras_adr import config as config_lib
-from keras_adr import data, distribute, models, pipeline, presets
 
 FLAGS = flags.FLAGS
 _DEFAULTS = pipeline.TrainOptions()
@@ -29,33 +28,56 @@ flags.DEFINE_enum("model", _DEFAULTS.model, models.ARCHITECTURES, "Architecture.
 flags.DEFINE_enum("defense", _DEFAULTS.defense, presets.NAMES, "Training preset.")
 flags.DEFINE_integer("epochs", _DEFAULTS.epochs, "Training epochs.")
 flags.DEFINE_integer("batch_size", _DEFAULTS.batch_size, "Global batch size.")
-flags.DEFINE_enum("optimizer", _DEFAULTS.optimizer, pipeline.OPTIMIZERS,
-                  "Optimizer (sgd = momentum 0.9).")
+flags.DEFINE_enum(
+    "optimizer", _DEFAULTS.optimizer, pipeline.OPTIMIZERS, "Optimizer (sgd = momentum 0.9)."
+)
 flags.DEFINE_float("learning_rate", _DEFAULTS.learning_rate, "Initial learning rate.")
-flags.DEFINE_list("lr_decay_fractions", [str(f) for f in _DEFAULTS.lr_decay_fractions],
-                  "Fractions of training after which the learning rate is multiplied by 0.1.")
+flags.DEFINE_list(
+    "lr_decay_fractions",
+    [str(f) for f in _DEFAULTS.lr_decay_fractions],
+    "Fractions of training after which the learning rate is multiplied by 0.1.",
+)
 flags.DEFINE_float("weight_decay", _DEFAULTS.weight_decay, "Decoupled weight decay (0 = off).")
 flags.DEFINE_integer("seed", _DEFAULTS.seed, "Random seed.")
 flags.DEFINE_integer("train_examples", None, "Use only the first N training examples.")
-flags.DEFINE_integer("validation_examples", _DEFAULTS.validation_examples,
-                     "Examples held out from the end of train to pick the best checkpoint.")
+flags.DEFINE_integer(
+    "validation_examples",
+    _DEFAULTS.validation_examples,
+    "Examples held out from the end of train to pick the best checkpoint.",
+)
 flags.DEFINE_integer("test_examples", None, "Evaluate on the first N test examples.")
-flags.DEFINE_list("eval_attacks", list(_DEFAULTS.eval_attacks),
-                  "Attacks of the final evaluation; robust accuracy is their worst case.")
-flags.DEFINE_string("output_dir", _DEFAULTS.output_dir,
-                    "Output directory; rerunning with the same one resumes training.")
+flags.DEFINE_list(
+    "eval_attacks",
+    list(_DEFAULTS.eval_attacks),
+    "Attacks of the final evaluation; robust accuracy is their worst case.",
+)
+flags.DEFINE_string(
+    "output_dir",
+    _DEFAULTS.output_dir,
+    "Output directory; rerunning with the same one resumes training.",
+)
 flags.DEFINE_enum("strategy", _DEFAULTS.strategy, distribute.STRATEGIES, "tf.distribute strategy.")
-flags.DEFINE_integer("cpu_replicas", 0,
-                     "Testing aid: split the CPU into N logical devices before TensorFlow starts, "
-                     "so --strategy=mirrored runs N replicas without GPUs (0 = don't split).")
+flags.DEFINE_integer(
+    "cpu_replicas",
+    0,
+    "Testing aid: split the CPU into N logical devices before TensorFlow starts, "
+    "so --strategy=mirrored runs N replicas without GPUs (0 = don't split).",
+)
 flags.DEFINE_bool("sync_batchnorm", False, "Synchronized BatchNorm (ResNets, multi-replica).")
 flags.DEFINE_bool("export", True, "Export a SavedModel at the end.")
-flags.DEFINE_enum("export_weights", _DEFAULTS.export_weights, pipeline.EXPORT_WEIGHTS,
-                  "Weights that are evaluated and exported: best = the checkpoint of the best "
-                  "robust validation accuracy (best.keras), final = the last epoch's.")
-flags.DEFINE_float("divergence_factor", _DEFAULTS.divergence_factor,
-                   "Stop (exit 1, best weights restored) when the epoch loss's magnitude exceeds "
-                   "this multiple of its running minimum; 0 = stop only on NaN/inf.")
+flags.DEFINE_enum(
+    "export_weights",
+    _DEFAULTS.export_weights,
+    pipeline.EXPORT_WEIGHTS,
+    "Weights that are evaluated and exported: best = the checkpoint of the best "
+    "robust validation accuracy (best.keras), final = the last epoch's.",
+)
+flags.DEFINE_float(
+    "divergence_factor",
+    _DEFAULTS.divergence_factor,
+    "Stop (exit 1, best weights restored) when the epoch loss's magnitude exceeds "
+    "this multiple of its running minimum; 0 = stop only on NaN/inf.",
+)
 flags.DEFINE_integer("verbose", 1, "Keras verbosity: 0 silent, 1 progress bar, 2 one line/epoch.")
 
 # The attack every preset trains against (AttackConfig's defaults); a flag
@@ -63,16 +85,28 @@ flags.DEFINE_integer("verbose", 1, "Keras verbosity: 0 silent, 1 progress bar, 2
 _ATTACK = presets.get(_DEFAULTS.defense).attack
 flags.DEFINE_enum("norm", _ATTACK.norm, config_lib.NORMS, "Threat model norm.")
 flags.DEFINE_float("epsilon", _ATTACK.epsilon, "Attack radius in [0, 1] pixel units.")
-flags.DEFINE_float("step_size", _ATTACK.step_size,
-                   "Attack step size (default: 2.5 * epsilon / attack_steps, "
-                   f"{_ATTACK.resolved_step_size:g} with the defaults).")
+flags.DEFINE_float(
+    "step_size",
+    _ATTACK.step_size,
+    "Attack step size (default: 2.5 * epsilon / attack_steps, "
+    f"{_ATTACK.resolved_step_size:g} with the defaults).",
+)
 flags.DEFINE_integer("attack_steps", _ATTACK.steps, "Attack steps during training.")
 flags.DEFINE_bool("random_start", _ATTACK.random_start, "Random start of the PGD attack.")
-flags.DEFINE_enum("attack_loss", _ATTACK.loss, config_lib.ATTACK_LOSSES,
-                  "Training attack loss (auto: kl for TRADES, ce otherwise).")
-_ATTACK_FLAGS = {"norm": "attack_norm", "epsilon": "attack_epsilon",
-                 "step_size": "attack_step_size", "attack_steps": "attack_steps",
-                 "random_start": "attack_random_start", "attack_loss": "attack_loss"}
+flags.DEFINE_enum(
+    "attack_loss",
+    _ATTACK.loss,
+    config_lib.ATTACK_LOSSES,
+    "Training attack loss (auto: kl for TRADES, ce otherwise).",
+)
+_ATTACK_FLAGS = {
+    "norm": "attack_norm",
+    "epsilon": "attack_epsilon",
+    "step_size": "attack_step_size",
+    "attack_steps": "attack_steps",
+    "random_start": "attack_random_start",
+    "attack_loss": "attack_loss",
+}
 
 
 def _preset_values(field):
@@ -80,39 +114,73 @@ def _preset_values(field):
     by_value = {}
     for name in presets.NAMES:
         by_value.setdefault(getattr(presets.get(name), field), []).append(name)
-    return "; ".join(f"{value:g} ({', '.join(names)})" if isinstance(value, float)
-                     else f"{value} ({', '.join(names)})" for value, names in by_value.items())
+    return "; ".join(
+        f"{value:g} ({', '.join(names)})"
+        if isinstance(value, float)
+        else f"{value} ({', '.join(names)})"
+        for value, names in by_value.items()
+    )
 
 
 # One flag per objective weight / ADR hyperparameter; the default is the
 # --defense preset's value, which --help lists.
-_FLOAT_FIELDS = ("natural_weight", "adversarial_weight", "trades_beta") + config_lib.ADR_TERMS + (
-    "label_scale", "propagation_alpha")
+_FLOAT_FIELDS = (
+    ("natural_weight", "adversarial_weight", "trades_beta")
+    + config_lib.ADR_TERMS
+    + ("label_scale", "propagation_alpha")
+)
 for _name in _FLOAT_FIELDS:
-    flags.DEFINE_float(_name, None, f"ADRConfig.{_name}; default from --defense: "
-                       f"{_preset_values(_name)}.")
-flags.DEFINE_integer("propagation_neighbors", None, "k of the label-propagation k-NN graph; "
-                     f"default from --defense: {_preset_values('propagation_neighbors')}.")
-flags.DEFINE_enum("compactness_distance", None, config_lib.DISTANCES,
-                  "Local compactness distance; default from --defense: "
-                  f"{_preset_values('compactness_distance')}.")
-flags.DEFINE_enum("latent_normalization", None, config_lib.LATENT_NORMALIZATIONS,
-                  "Compactness on RMS-normalised codes (rms, bounded) or raw codes (none, the "
-                  f"paper's); default from --defense: {_preset_values('latent_normalization')}.")
-flags.DEFINE_enum("smoothness_push", None, config_lib.SMOOTHNESS_PUSHES,
-                  "Different-label global smoothness: overlap (bounded) or cross_entropy (the "
-                  f"paper's); default from --defense: {_preset_values('smoothness_push')}.")
-flags.DEFINE_enum("pairwise_scope", None, config_lib.PAIRWISE_SCOPES,
-                  "global: pairwise terms over the global batch; replica: per replica; default "
-                  f"from --defense: {_preset_values('pairwise_scope')}.")
+    flags.DEFINE_float(
+        _name, None, f"ADRConfig.{_name}; default from --defense: {_preset_values(_name)}."
+    )
+flags.DEFINE_integer(
+    "propagation_neighbors",
+    None,
+    "k of the label-propagation k-NN graph; "
+    f"default from --defense: {_preset_values('propagation_neighbors')}.",
+)
+flags.DEFINE_enum(
+    "compactness_distance",
+    None,
+    config_lib.DISTANCES,
+    "Local compactness distance; default from --defense: "
+    f"{_preset_values('compactness_distance')}.",
+)
+flags.DEFINE_enum(
+    "latent_normalization",
+    None,
+    config_lib.LATENT_NORMALIZATIONS,
+    "Compactness on RMS-normalised codes (rms, bounded) or raw codes (none, the "
+    f"paper's); default from --defense: {_preset_values('latent_normalization')}.",
+)
+flags.DEFINE_enum(
+    "smoothness_push",
+    None,
+    config_lib.SMOOTHNESS_PUSHES,
+    "Different-label global smoothness: overlap (bounded) or cross_entropy (the "
+    f"paper's); default from --defense: {_preset_values('smoothness_push')}.",
+)
+flags.DEFINE_enum(
+    "pairwise_scope",
+    None,
+    config_lib.PAIRWISE_SCOPES,
+    "global: pairwise terms over the global batch; replica: per replica; default "
+    f"from --defense: {_preset_values('pairwise_scope')}.",
+)
 
 
 def adr_config_from_flags():
     """The --defense preset with the flags given on the command line applied."""
-    overrides = {field: FLAGS[flag].value for flag, field in _ATTACK_FLAGS.items()
-                 if FLAGS[flag].present}
-    for name in _FLOAT_FIELDS + ("propagation_neighbors", "compactness_distance",
-                                 "latent_normalization", "smoothness_push", "pairwise_scope"):
+    overrides = {
+        field: FLAGS[flag].value for flag, field in _ATTACK_FLAGS.items() if FLAGS[flag].present
+    }
+    for name in _FLOAT_FIELDS + (
+        "propagation_neighbors",
+        "compactness_distance",
+        "latent_normalization",
+        "smoothness_push",
+        "pairwise_scope",
+    ):
         if FLAGS[name].value is not None:
             overrides[name] = FLAGS[name].value
     return presets.get(FLAGS.defense, **overrides)
@@ -122,24 +190,38 @@ def _fractions(values):
     try:
         return tuple(float(f) for f in values)
     except ValueError:
-        raise ValueError(f"--lr_decay_fractions must be numbers in (0, 1), e.g. 0.5,0.75; got "
-                         f"{','.join(values)}.") from None
+        raise ValueError(
+            f"--lr_decay_fractions must be numbers in (0, 1), e.g. 0.5,0.75; got "
+            f"{','.join(values)}."
+        ) from None
 
 
 def options_from_flags():
     return pipeline.TrainOptions(
-        dataset=FLAGS.dataset, model=FLAGS.model, defense=FLAGS.defense, epochs=FLAGS.epochs,
-        batch_size=FLAGS.batch_size, optimizer=FLAGS.optimizer,
+        dataset=FLAGS.dataset,
+        model=FLAGS.model,
+        defense=FLAGS.defense,
+        epochs=FLAGS.epochs,
+        batch_size=FLAGS.batch_size,
+        optimizer=FLAGS.optimizer,
         learning_rate=FLAGS.learning_rate,
         lr_decay_fractions=_fractions(FLAGS.lr_decay_fractions),
-        weight_decay=FLAGS.weight_decay, seed=FLAGS.seed, train_examples=FLAGS.train_examples,
-        validation_examples=FLAGS.validation_examples, test_examples=FLAGS.test_examples,
+        weight_decay=FLAGS.weight_decay,
+        seed=FLAGS.seed,
+        train_examples=FLAGS.train_examples,
+        validation_examples=FLAGS.validation_examples,
+        test_examples=FLAGS.test_examples,
         eval_attacks=tuple(FLAGS.eval_attacks),
-        output_dir=FLAGS.output_dir, data_dir=FLAGS.data_dir, strategy=FLAGS.strategy,
-        sync_batchnorm=FLAGS.sync_batchnorm, export=FLAGS.export,
-        export_weights=FLAGS.export_weights, divergence_factor=FLAGS.divergence_factor,
+        output_dir=FLAGS.output_dir,
+        data_dir=FLAGS.data_dir,
+        strategy=FLAGS.strategy,
+        sync_batchnorm=FLAGS.sync_batchnorm,
+        export=FLAGS.export,
+        export_weights=FLAGS.export_weights,
+        divergence_factor=FLAGS.divergence_factor,
         verbose=FLAGS.verbose,
-        command=" ".join(shlex.quote(a) for a in ["adr-train", *sys.argv[1:]]))
+        command=" ".join(shlex.quote(a) for a in ["adr-train", *sys.argv[1:]]),
+    )
 
 
 def main(argv):

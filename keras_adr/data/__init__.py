@@ -26,13 +26,20 @@ Modules: `datasets` (descriptions, `load`, augmentation), `fashion_mnist`
 datasets), `splits` (split names) and `errors`.
 """
 
-from keras_adr.data.datasets import DATASETS
-from keras_adr.data.datasets import DEFAULT_DATASET
-from keras_adr.data.datasets import DatasetInfo
-from keras_adr.data.datasets import info
-from keras_adr.data.datasets import load
-from keras_adr.data.errors import CorruptDatasetError
-from keras_adr.data.errors import DatasetNotFoundError
-from keras_adr.data.fashion_mnist import DATA_DIR_ENV
-from keras_adr.data.fashion_mnist import DEBIAN_FASHION_MNIST_DIR
+from keras_adr.data.datasets import DATASETS, DEFAULT_DATASET, DatasetInfo, info, load
+from keras_adr.data.errors import CorruptDatasetError, DatasetNotFoundError
+from keras_adr.data.fashion_mnist import DATA_DIR_ENV, DEBIAN_FASHION_MNIST_DIR
 from keras_adr.data.idx import read_idx
+
+__all__ = [
+    "CorruptDatasetError",
+    "DATASETS",
+    "DATA_DIR_ENV",
+    "DEBIAN_FASHION_MNIST_DIR",
+    "DEFAULT_DATASET",
+    "DatasetInfo",
+    "DatasetNotFoundError",
+    "info",
+    "load",
+    "read_idx",
+]

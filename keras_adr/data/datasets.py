@@ -87,15 +87,9 @@ _INFOS = {
         "fashion_mnist", 10, (28, 28, 1), _FASHION_MNIST_CLASSES, 60000, 10000
     ),
     "mnist": DatasetInfo("mnist", 10, (28, 28, 1), _DIGITS, 60000, 10000),
-    "cifar10": DatasetInfo(
-        "cifar10", 10, (32, 32, 3), _CIFAR10_CLASSES, 50000, 10000
-    ),
-    "cifar100": DatasetInfo(
-        "cifar100", 100, (32, 32, 3), _CIFAR100_CLASSES, 50000, 10000
-    ),
-    "svhn_cropped": DatasetInfo(
-        "svhn_cropped", 10, (32, 32, 3), _DIGITS, 73257, 26032
-    ),
+    "cifar10": DatasetInfo("cifar10", 10, (32, 32, 3), _CIFAR10_CLASSES, 50000, 10000),
+    "cifar100": DatasetInfo("cifar100", 100, (32, 32, 3), _CIFAR100_CLASSES, 50000, 10000),
+    "svhn_cropped": DatasetInfo("svhn_cropped", 10, (32, 32, 3), _DIGITS, 73257, 26032),
 }
 
 # Augmentation of each dataset's training images: (random crop, random flip).
@@ -189,25 +183,17 @@ def load(
     if name == "fashion_mnist":
         ds, num_examples = fashion_mnist.load(split, data_dir, take, _INFOS[name])
     else:
-        ds, num_examples = tfds.load(
-            name, split, data_dir, take, _INFOS[name].num_train
-        )
+        ds, num_examples = tfds.load(name, split, data_dir, take, _INFOS[name].num_train)
 
     if shuffle:
-        ds = ds.shuffle(
-            max(num_examples, 1), seed=seed, reshuffle_each_iteration=True
-        )
+        ds = ds.shuffle(max(num_examples, 1), seed=seed, reshuffle_each_iteration=True)
     ds = ds.batch(batch_size, drop_remainder=drop_remainder)
     crop, flip = _AUGMENTATIONS[name] if augment else (False, False)
     if crop or flip:
-        seeds = tf.data.Dataset.random(
-            seed=seed, rerandomize_each_iteration=True
-        ).batch(2)
+        seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2)
         ds = tf.data.Dataset.zip((ds, seeds))
         ds = ds.map(
-            lambda batch, batch_seed: _augment_batch(
-                *batch, batch_seed, crop=crop, flip=flip
-            ),
+            lambda batch, batch_seed: _augment_batch(*batch, batch_seed, crop=crop, flip=flip),
             num_parallel_calls=tf.data.AUTOTUNE,
         )
     else:
@@ -217,21 +203,14 @@ def load(
 
 def _check_name(name):
     if name not in DATASETS:
-        raise ValueError(
-            f"Unknown dataset {name!r}. Valid names: {', '.join(DATASETS)}."
-        )
+        raise ValueError(f"Unknown dataset {name!r}. Valid names: {', '.join(DATASETS)}.")
 
 
 def _check_positive_int(arg_name, value, allow_zero=False):
     minimum = 0 if allow_zero else 1
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, (int, np.integer))
-        or value < minimum
-    ):
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
         raise ValueError(
-            f"`{arg_name}` must be an integer >= {minimum}. Received: "
-            f"{arg_name}={value!r}"
+            f"`{arg_name}` must be an integer >= {minimum}. Received: {arg_name}={value!r}"
         )
 
 
@@ -255,17 +234,13 @@ def _augment_batch(images, labels, seed, *, crop, flip):
         `(images, labels)` as `float32` in `[0, 1]` and `int32`.
     """
     images, labels = _to_float(images, labels)
-    crop_seed, flip_seed = tf.unstack(
-        tf.random.experimental.stateless_split(seed, num=2)
-    )
+    crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, num=2))
     if crop:
         images = _random_crop(images, crop_seed, _CROP_PADDING)
     if flip:
         batch_size = tf.shape(images)[0]
         flipped = tf.random.stateless_uniform([batch_size], flip_seed) < 0.5
-        images = tf.where(
-            flipped[:, None, None, None], tf.reverse(images, axis=[2]), images
-        )
+        images = tf.where(flipped[:, None, None, None], tf.reverse(images, axis=[2]), images)
     return images, labels
 
 
@@ -273,9 +248,7 @@ def _random_crop(images, seed, padding):
     """Zero-pads a batch by `padding` and crops each image at random offsets."""
     shape = tf.shape(images)
     batch_size, height, width = shape[0], shape[1], shape[2]
-    padded = tf.pad(
-        images, [[0, 0], [padding, padding], [padding, padding], [0, 0]]
-    )
+    padded = tf.pad(images, [[0, 0], [padding, padding], [padding, padding], [0, 0]])
     offsets = tf.random.stateless_uniform(
         [batch_size, 2], seed, minval=0, maxval=2 * padding + 1, dtype=tf.int32
     )

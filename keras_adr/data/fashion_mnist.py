@@ -45,27 +45,23 @@ def load(split, data_dir, take, dataset_info):
         raise DatasetNotFoundError(
             f"data_dir {os.fspath(data_dir)!r} is not a directory: give the directory that "
             "holds the Fashion-MNIST IDX files (or a TFDS data_dir), or leave it unset to use "
-            f"${DATA_DIR_ENV} or {DEBIAN_FASHION_MNIST_DIR}.")
+            f"${DATA_DIR_ENV} or {DEBIAN_FASHION_MNIST_DIR}."
+        )
     search_path = _search_path(data_dir)
     for directory in search_path:
         files = _find_idx_files(directory, base)
         if files is not None:
-            images, labels = idx.read_image_label_pair(
-                *files, dataset_info.num_classes)
+            images, labels = idx.read_image_label_pair(*files, dataset_info.num_classes)
             start, stop = splits.resolve_slice(split, start, stop, len(labels))
             images, labels = images[start:stop], labels[start:stop]
             if take is not None:
                 images, labels = images[:take], labels[:take]
-            ds = tf.data.Dataset.from_tensor_slices(
-                (images[..., None], labels.astype(np.int32))
-            )
+            ds = tf.data.Dataset.from_tensor_slices((images[..., None], labels.astype(np.int32)))
             return ds, len(labels)
     try:
         return tfds.load("fashion_mnist", split, data_dir, take, dataset_info.num_train)
     except DatasetNotFoundError as e:
-        message = _not_found_message(
-            search_path, data_dir, e.__cause__
-        )
+        message = _not_found_message(search_path, data_dir, e.__cause__)
         raise DatasetNotFoundError(message) from e
 
 
@@ -100,19 +96,16 @@ def _find_idx_files(directory, split):
 
 
 def _not_found_message(search_path, data_dir, tfds_error):
-    files = ", ".join(
-        f"{stem}[.gz]" for pair in _IDX_FILES.values() for stem in pair
-    )
+    files = ", ".join(f"{stem}[.gz]" for pair in _IDX_FILES.values() for stem in pair)
     places = [f"  - {directory}: no IDX files" for directory in search_path]
     if data_dir:
-        places.append(f"  (data_dir was given, so ${DATA_DIR_ENV} and "
-                      f"{DEBIAN_FASHION_MNIST_DIR} were not searched)")
+        places.append(
+            f"  (data_dir was given, so ${DATA_DIR_ENV} and "
+            f"{DEBIAN_FASHION_MNIST_DIR} were not searched)"
+        )
     elif not os.environ.get(DATA_DIR_ENV):
         places.insert(len(places) - 1, f"  - ${DATA_DIR_ENV}: not set")
-    places.append(
-        f"  - TFDS data_dir {tfds.location(data_dir)}: "
-        f"{tfds.reason(tfds_error)}"
-    )
+    places.append(f"  - TFDS data_dir {tfds.location(data_dir)}: {tfds.reason(tfds_error)}")
     places = "\n".join(places)
     return (
         f"Dataset 'fashion_mnist' not found. Looked for the IDX files "

@@ -52,9 +52,7 @@ def read_idx(path):
         try:
             data = gzip.decompress(data)
         except (OSError, EOFError) as e:
-            raise CorruptDatasetError(
-                f"{path}: corrupt or truncated gzip data ({e})."
-            ) from e
+            raise CorruptDatasetError(f"{path}: corrupt or truncated gzip data ({e}).") from e
     dtype, shape, header_size = _parse_idx_header(path, data)
     expected = math.prod(shape) * dtype.itemsize
     actual = len(data) - header_size
@@ -75,8 +73,7 @@ def _parse_idx_header(path, data):
     """Returns `(dtype, shape, header_size)` parsed from an IDX header."""
     if len(data) < 4:
         raise CorruptDatasetError(
-            f"{path}: {len(data)} bytes, too short for an IDX magic number "
-            "(4 bytes)."
+            f"{path}: {len(data)} bytes, too short for an IDX magic number (4 bytes)."
         )
     zero0, zero1, type_code, ndim = data[:4]
     if zero0 or zero1 or type_code not in _IDX_DTYPES:
@@ -120,8 +117,7 @@ def read_image_label_pair(images_path, labels_path, num_classes):
         )
     if labels.ndim != 1:
         raise CorruptDatasetError(
-            f"{labels_path}: expected labels of shape [N], got shape "
-            f"{labels.shape}."
+            f"{labels_path}: expected labels of shape [N], got shape {labels.shape}."
         )
     if len(images) != len(labels):
         raise CorruptDatasetError(
@@ -130,7 +126,6 @@ def read_image_label_pair(images_path, labels_path, num_classes):
         )
     if len(labels) and int(labels.max()) >= num_classes:
         raise CorruptDatasetError(
-            f"{labels_path}: label {int(labels.max())} out of range "
-            f"[0, {num_classes})."
+            f"{labels_path}: label {int(labels.max())} out of range [0, {num_classes})."
         )
     return images, labels

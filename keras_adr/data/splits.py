@@ -9,7 +9,6 @@ _SPLIT_RE = re.compile(
 )
 
 
-
 def parse_split(split, valid_names):
     """Parses `"name[start:stop]"` into `(name, start, stop)` strings."""
     match = _SPLIT_RE.match(split) if isinstance(split, str) else None
@@ -39,10 +38,8 @@ def resolve_slice(split, start, stop, num_examples):
             else:
                 value = int(bound)
         except ValueError:
-            raise ValueError(f"Invalid slice bound {bound!r} in {split!r}.")
+            raise ValueError(f"Invalid slice bound {bound!r} in {split!r}.") from None
         if abs(value) > num_examples:
-            raise ValueError(
-                f"Split {split!r} is out of range for {num_examples} examples."
-            )
+            raise ValueError(f"Split {split!r} is out of range for {num_examples} examples.")
         bounds.append(value + num_examples if value < 0 else value)
     return bounds[0], bounds[1]

@@ -26,8 +26,9 @@ def deterministic_adversary(x, y, loss=None):
 
 
 def one_step(strategy, weights, x, y, scope):
-    config = presets.get("adr_pgd", label_propagation=0.5, propagation_neighbors=5,
-                         pairwise_scope=scope)
+    config = presets.get(
+        "adr_pgd", label_propagation=0.5, propagation_neighbors=5, pairwise_scope=scope
+    )
     with strategy.scope():
         inputs = keras.Input((8, 8, 1))
         h = keras.layers.Conv2D(4, 3, padding="same", activation="relu")(inputs)
@@ -41,7 +42,8 @@ def one_step(strategy, weights, x, y, scope):
     dataset = tf.data.Dataset.from_tensor_slices((x, y)).batch(len(x))
     history = model.fit(dataset, epochs=1, verbose=0)
     return [w.tolist() for w in backbone.get_weights()], {
-        k: float(v[-1]) for k, v in history.history.items()}
+        k: float(v[-1]) for k, v in history.history.items()
+    }
 
 
 def main():

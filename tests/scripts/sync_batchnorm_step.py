@@ -31,15 +31,17 @@ def deterministic_adversary(x, y, loss=None):
 def one_step(strategy, sync_batchnorm, weights, x, y):
     config = presets.get("adr_pgd", attack_epsilon=0.03)
     with strategy.scope():
-        backbone = models.get("resnet18", input_shape=SHAPE, num_classes=10,
-                              sync_batchnorm=sync_batchnorm)
+        backbone = models.get(
+            "resnet18", input_shape=SHAPE, num_classes=10, sync_batchnorm=sync_batchnorm
+        )
         backbone.set_weights(weights)
         model = keras_adr.ADRModel(backbone, config)
         model.adversarial_examples = deterministic_adversary
         model.compile(optimizer=keras.optimizers.SGD(0.1))
     distribute.patch_keras_fit(model)
-    history = model.fit(tf.data.Dataset.from_tensor_slices((x, y)).batch(BATCH), epochs=1,
-                        verbose=0)
+    history = model.fit(
+        tf.data.Dataset.from_tensor_slices((x, y)).batch(BATCH), epochs=1, verbose=0
+    )
     return backbone.get_weights(), float(history.history["loss"][-1])
 
 
@@ -59,13 +61,17 @@ def main():
     assert mirrored.num_replicas_in_sync == 2, mirrored.num_replicas_in_sync
     synced, synced_loss = one_step(mirrored, True, initial, x, y)
     plain, plain_loss = one_step(mirrored, False, initial, x, y)
-    print(json.dumps({
-        "num_replicas": mirrored.num_replicas_in_sync,
-        "step_change": max_difference(initial, single),
-        "sync_difference": max_difference(single, synced),
-        "plain_difference": max_difference(single, plain),
-        "losses": {"single": single_loss, "sync": synced_loss, "plain": plain_loss},
-    }))
+    print(
+        json.dumps(
+            {
+                "num_replicas": mirrored.num_replicas_in_sync,
+                "step_change": max_difference(initial, single),
+                "sync_difference": max_difference(single, synced),
+                "plain_difference": max_difference(single, plain),
+                "losses": {"single": single_loss, "sync": synced_loss, "plain": plain_loss},
+            }
+        )
+    )
 
 
 if __name__ == "__main__":
