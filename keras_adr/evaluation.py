@@ -68,7 +68,7 @@ import tensorflow as tf
 
 from keras_adr import attacks as attacks_lib
 from keras_adr import config as config_lib
-from keras_adr import export
+from keras_adr import export, layers
 from keras_adr.config import NORMS
 
 # The "large" epsilon of the sanity check, as a fraction of the pixel range
@@ -367,18 +367,9 @@ def _materialise(data, num_examples, clip_min, clip_max):
         raise ValueError(f"{len(x)} images but {len(y)} labels.")
     if len(x) == 0:
         raise ValueError("No examples to evaluate.")
-    if not np.issubdtype(x.dtype, np.floating):
-        raise ValueError(
-            f"Images must be floats in [{clip_min}, {clip_max}]; got {x.dtype}. Convert uint8 "
-            "images with `images / 255`."
-        )
+    layers.check_pixels(x, clip_min, clip_max, name="images")
     if not np.issubdtype(y.dtype, np.integer):
         raise ValueError(f"Labels must be integers; got {y.dtype}.")
-    if x.min() < clip_min or x.max() > clip_max:
-        raise ValueError(
-            f"Images must lie in [{clip_min}, {clip_max}]; they span "
-            f"[{x.min():.4g}, {x.max():.4g}]."
-        )
     return x.astype(np.float32), y.astype(np.int32)
 
 

@@ -60,7 +60,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from keras_adr import fileio
+from keras_adr import fileio, layers
 
 SERVING_DEFAULT = "serving_default"
 SERVE_UINT8 = "serve_uint8"
@@ -365,25 +365,13 @@ def _image_shape(model):
 
 
 def _checked_float_images(images, image_shape):
-    """Adds in-graph checks that float images are finite and in [0, 1]."""
+    """Adds in-graph checks that float images have `image_shape`, are finite and in [0, 1]."""
     # The signature's TensorSpec is checked by Python callers only; TF
     # Serving feeds tensors straight into the graph, so check again here.
     images = tf.ensure_shape(images, (None, *image_shape))
-    # The range check reads the finiteness check's output, so a NaN is
-    # reported as such rather than as out of range.
-    images = tf.debugging.assert_all_finite(images, "images must be finite (found NaN or Inf)")
-    in_range = tf.debugging.Assert(
-        tf.logical_and(tf.reduce_all(images >= 0.0), tf.reduce_all(images <= 1.0)),
-        [
-            "float32 images must have values in [0, 1]: divide uint8 "
-            "pixels by 255 or use the 'serve_uint8' signature. "
-            "Min and max found:",
-            tf.reduce_min(images),
-            tf.reduce_max(images),
-        ],
+    return layers.check_pixels(
+        images, 0.0, 1.0, hint="Divide uint8 pixels by 255 or use the 'serve_uint8' signature."
     )
-    with tf.control_dependencies([in_range]):
-        return tf.identity(images)
 
 
 def _uint8_to_float_images(images, image_shape):

@@ -3,9 +3,148 @@
 `Latent` marks the latent code `z` of a classifier: `ADRModel` finds it by
 type, so a model needs no naming convention. `Standardize` normalises
 pixels inside the model, so that everything outside it sees [0, 1] pixels.
+`PixelRange` (and `check_pixels`, the function it wraps) checks that
+images are finite pixels in `[clip_min, clip_max]`: the one check that the
+attacks, the evaluation, the exported signatures and the serving helpers
+use.
 """
 
+import math
+
 import keras
+import numpy as np
+import tensorflow as tf
+
+# What to do about pixels outside the range, unless the caller knows better.
+DEFAULT_PIXEL_HINT = "Scale uint8 images by 1/255 and keep any normalisation inside the model."
+
+
+def check_pixels(images, clip_min=0.0, clip_max=1.0, *, name="images", hint=DEFAULT_PIXEL_HINT):
+    """Checks that `images` are finite floats in `[clip_min, clip_max]`.
+
+    Eagerly (numpy arrays or eager tensors) a violation raises `ValueError`
+    at once and `images` is returned as given. Inside a graph
+    (`tf.function`, a SavedModel signature, `fit`) the values are known only
+    at run time: the checks become `tf.debugging` assertions, which fail
+    with `tf.errors.InvalidArgumentError`, and the returned tensor depends
+    on them. The finiteness check runs first, so a NaN is reported as such
+    and not as out of range. Either way the message names `name`, the range
+    and what was received.
+
+    Args:
+        images: Float images of any shape (an empty batch passes).
+        clip_min: Smallest valid pixel value.
+        clip_max: Largest valid pixel value.
+        name: How the message names `images` (e.g. the caller's argument).
+        hint: What the message tells the user to do about out-of-range
+            pixels.
+
+    Returns:
+        `images` eagerly; in a graph, a tensor equal to `images` that runs
+        the assertions.
+
+    Raises:
+        ValueError: For non-float images, or (eagerly) non-finite or
+            out-of-range values.
+    """
+    _check_range_arguments(clip_min, clip_max)
+    values = images if tf.is_tensor(images) else np.asarray(images)
+    if tf.is_tensor(values):
+        floating, dtype = values.dtype.is_floating, values.dtype.name
+    else:
+        floating, dtype = np.issubdtype(values.dtype, np.floating), str(values.dtype)
+    if not floating:
+        raise ValueError(
+            f"`{name}` must be floating-point pixels in [{clip_min:g}, {clip_max:g}]; received "
+            f"dtype {dtype}. Convert uint8 images with `tf.cast(images, tf.float32) / 255`."
+        )
+    bounds = f"[clip_min, clip_max] = [{clip_min:g}, {clip_max:g}]"
+    if not tf.is_tensor(values) or tf.executing_eagerly():
+        values = tf.convert_to_tensor(values)
+        if not tf.size(values):
+            return images
+        non_finite = int(tf.math.count_nonzero(~tf.math.is_finite(values)))
+        if non_finite:
+            raise ValueError(
+                f"`{name}` must be finite pixels in {bounds}; received {non_finite} non-finite "
+                "values (NaN or inf)."
+            )
+        low, high = float(tf.reduce_min(values)), float(tf.reduce_max(values))
+        if low < clip_min or high > clip_max:
+            raise ValueError(
+                f"`{name}` must lie in {bounds}; received values in [{low:.4g}, {high:.4g}]. "
+                + hint
+            )
+        return images
+    values = tf.debugging.assert_all_finite(
+        values, f"`{name}` has non-finite values (NaN or inf); pixels must be finite, in {bounds}"
+    )
+    in_range = tf.debugging.Assert(
+        tf.logical_and(
+            tf.reduce_all(values >= tf.cast(clip_min, values.dtype)),
+            tf.reduce_all(values <= tf.cast(clip_max, values.dtype)),
+        ),
+        [
+            f"`{name}` must lie in {bounds}. {hint} Received min and max:",
+            tf.reduce_min(values),
+            tf.reduce_max(values),
+        ],
+    )
+    with tf.control_dependencies([in_range]):
+        return tf.identity(values)
+
+
+def _check_range_arguments(clip_min, clip_max):
+    for arg, value in (("clip_min", clip_min), ("clip_max", clip_max)):
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, (int, float, np.number))
+            or not math.isfinite(value)
+        ):
+            raise ValueError(f"`{arg}` must be a finite number; got {value!r}.")
+    if not clip_min < clip_max:
+        raise ValueError(f"`clip_min` ({clip_min}) must be smaller than `clip_max` ({clip_max}).")
+
+
+@keras.saving.register_keras_serializable(package="keras_adr")
+class PixelRange(keras.layers.Layer):
+    """Passes images through unchanged after checking their pixel range.
+
+    Put it first in a model (or in front of an exported signature) to fail
+    loudly on images that are not finite floats in `[clip_min, clip_max]`,
+    e.g. uint8 pixels that were not divided by 255:
+
+    ```python
+    inputs = keras.Input((28, 28, 1))
+    x = keras_adr.layers.PixelRange()(inputs)
+    ```
+
+    Called eagerly it raises `ValueError`; inside `fit`, `predict`, a
+    `tf.function` or a SavedModel it fails with
+    `tf.errors.InvalidArgumentError`. Both messages say what was received.
+    See `check_pixels`, which it wraps.
+
+    Args:
+        clip_min: Smallest valid pixel value.
+        clip_max: Largest valid pixel value.
+    """
+
+    def __init__(self, clip_min=0.0, clip_max=1.0, **kwargs):
+        kwargs.setdefault("autocast", False)  # Check the pixels as they come.
+        super().__init__(**kwargs)
+        _check_range_arguments(clip_min, clip_max)
+        self.clip_min = float(clip_min)
+        self.clip_max = float(clip_max)
+        self.supports_masking = True
+
+    def call(self, inputs):
+        return check_pixels(inputs, self.clip_min, self.clip_max, name=self.name)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        return {**super().get_config(), "clip_min": self.clip_min, "clip_max": self.clip_max}
 
 
 @keras.saving.register_keras_serializable(package="keras_adr")

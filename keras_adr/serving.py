@@ -34,7 +34,7 @@ import urllib.parse
 
 import numpy as np
 
-from keras_adr import export
+from keras_adr import export, layers
 
 ROW_FORMAT = "instances"
 COLUMNAR_FORMAT = "inputs"
@@ -265,16 +265,10 @@ def _encode_images(images, signature_name, input_dtype):
     if is_uint8:
         return images.astype(np.float32) / np.float32(255.0)
     images = images.astype(np.float32)
-    # The server rejects these too; failing here gives a clearer message,
-    # and strict JSON cannot encode NaN or Inf anyway.
-    if not np.all(np.isfinite(images)):
-        raise ValueError("`images` must be finite (found NaN or Inf).")
-    if images.size and (images.min() < 0.0 or images.max() > 1.0):
-        raise ValueError(
-            "Float `images` must have values in [0, 1] (found "
-            f"[{images.min()}, {images.max()}]); divide uint8 pixels by 255."
-        )
-    return images
+    # The server rejects these too (the same check runs in the signature);
+    # failing here gives a clearer message, and strict JSON cannot encode
+    # NaN or Inf anyway.
+    return layers.check_pixels(images, 0.0, 1.0, hint="Divide uint8 pixels by 255.")
 
 
 def _columns_from_rows(predictions, keys):

@@ -191,12 +191,19 @@ def test_signatures_reject_bad_inputs(loaded, name, bad):
 def test_in_graph_checks_catch_what_the_signature_spec_misses():
     # TF Serving feeds tensors into the graph without the Python-side
     # TensorSpec check, so the graph itself must reject bad images.
+    @tf.function(input_signature=[tf.TensorSpec(None, tf.float32)])
+    def checked(images):
+        return export._checked_float_images(images, _INPUT_SHAPE)
+
     with pytest.raises(tf.errors.InvalidArgumentError, match="compatible"):
-        export._checked_float_images(tf.zeros((1, 28, 28, 3)), _INPUT_SHAPE)
-    with pytest.raises(tf.errors.InvalidArgumentError, match="finite"):
-        export._checked_float_images(tf.fill((1, 28, 28, 1), float("nan")), _INPUT_SHAPE)
-    with pytest.raises(tf.errors.InvalidArgumentError, match=r"\[0, 1\]"):
-        export._checked_float_images(tf.fill((1, 28, 28, 1), 1.5), _INPUT_SHAPE)
+        checked(tf.zeros((1, 28, 28, 3)))
+    with pytest.raises(tf.errors.InvalidArgumentError, match="non-finite"):
+        checked(tf.fill((1, 28, 28, 1), float("nan")))
+    with pytest.raises(tf.errors.InvalidArgumentError, match=r"\[0, 1\].*serve_uint8.*1\.5"):
+        checked(tf.fill((1, 28, 28, 1), 1.5))
+    np.testing.assert_array_equal(
+        checked(tf.fill((2, 28, 28, 1), 0.25)), np.full((2, 28, 28, 1), 0.25)
+    )
 
 
 def test_metadata_round_trips(model, exported):

@@ -6,6 +6,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from keras_adr import layers
 from keras_adr.config import NORMS
 
 ATTACK_LOSSES = ("ce", "kl")
@@ -45,46 +46,8 @@ def _validate(x, *, epsilon, step_size, steps, norm, loss, clip_min, clip_max):
         )
     if loss not in ATTACK_LOSSES:
         raise ValueError(f"`loss` must be one of {ATTACK_LOSSES}; got {loss!r}.")
-    if not clip_min < clip_max:
-        raise ValueError(f"`clip_min` ({clip_min}) must be smaller than `clip_max` ({clip_max}).")
-    x = tf.convert_to_tensor(x)
-    if not x.dtype.is_floating:
-        raise ValueError(
-            f"`x` must be floating-point images in [{clip_min}, {clip_max}]; got dtype "
-            f"{x.dtype.name}. Convert uint8 images with `tf.cast(x, tf.float32) / 255`."
-        )
-    non_finite = "attack input `x` has non-finite values (NaN or inf); pass images in " + (
-        f"[{clip_min}, {clip_max}]"
-    )
-    if tf.executing_eagerly():
-        if not bool(tf.reduce_all(tf.math.is_finite(x))):
-            raise ValueError(non_finite + ".")
-        low, high = float(tf.reduce_min(x)), float(tf.reduce_max(x))
-        if low < clip_min or high > clip_max:
-            raise ValueError(
-                f"`x` must lie in [clip_min, clip_max] = [{clip_min}, {clip_max}]; its values "
-                f"span [{low:.4g}, {high:.4g}]. Scale images to [0, 1] and keep any "
-                "normalisation inside the model."
-            )
-        return x
-    # Inside a graph the values are unknown until run time; the finiteness
-    # check comes first, so that NaN is not reported as out of range.
-    x = tf.debugging.assert_all_finite(x, non_finite)
-    with tf.control_dependencies(
-        [
-            tf.debugging.assert_greater_equal(
-                x,
-                tf.cast(clip_min, x.dtype),
-                message=f"attack input `x` has values below clip_min={clip_min}",
-            ),
-            tf.debugging.assert_less_equal(
-                x,
-                tf.cast(clip_max, x.dtype),
-                message=f"attack input `x` has values above clip_max={clip_max}",
-            ),
-        ]
-    ):
-        return tf.identity(x)
+    # The pixel check of the whole package: dtype, finiteness, range.
+    return layers.check_pixels(tf.convert_to_tensor(x), clip_min, clip_max, name="x")
 
 
 def _per_example_norm(t, keepdims=True):
