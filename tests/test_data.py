@@ -404,6 +404,44 @@ def test_tfds_augmentation(tmp_path, name, flip):
         assert 0 < num_flipped < 16
 
 
+def test_augmentation_is_keras_layers_seeded_per_example_and_per_epoch(tmp_path):
+    import keras
+
+    tfds = pytest.importorskip("tensorflow_datasets")
+    assert data.augmentation("fashion_mnist") is None and data.augmentation("mnist") is None
+    kinds = [type(layer) for layer in data.augmentation("cifar10", seed=0).layers]
+    assert kinds == [keras.layers.ZeroPadding2D, keras.layers.RandomCrop, keras.layers.RandomFlip]
+    kinds = [type(layer) for layer in data.augmentation("svhn_cropped", seed=0).layers]
+    assert kinds == [keras.layers.ZeroPadding2D, keras.layers.RandomCrop]
+
+    def two_epochs(seed):
+        ds = data.load(
+            "cifar10", "train", batch_size=16, data_dir=tmp_path, augment=True, seed=seed
+        )
+        return [_collect(ds)[0] for _ in range(2)]
+
+    previous = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy("mixed_float16")  # Pixels stay float32.
+    try:
+        with tfds.testing.mock_data(num_examples=16):
+            plain, _ = _collect(data.load("cifar10", "train", batch_size=16, data_dir=tmp_path))
+            first, second = two_epochs(seed=3)
+            again = two_epochs(seed=3)
+            other, _ = two_epochs(seed=4)
+    finally:
+        keras.mixed_precision.set_global_policy(previous)
+    assert first.dtype == np.float32
+    np.testing.assert_array_equal(np.stack(again), np.stack([first, second]))
+    assert not np.array_equal(first, second)  # Each epoch draws afresh...
+    assert not np.array_equal(first, other)  # ...and the seed matters.
+    # Each example gets its own window (81 offsets, and their mirrors).
+    offsets = set()
+    for original, result in zip(plain, first):
+        windows = _windows(original, padding=4, flip=True)
+        offsets.add(min(i for i, w in enumerate(windows) if np.array_equal(w, result)) % 81)
+    assert len(offsets) > 1
+
+
 def test_explicit_data_dir_is_the_only_place_searched(tmp_path, no_default_dirs, monkeypatch):
     """A named directory is used or rejected, never replaced by another copy."""
     elsewhere, empty = tmp_path / "elsewhere", tmp_path / "empty"

@@ -26,7 +26,14 @@ Modules: `datasets` (descriptions, `load`, augmentation), `fashion_mnist`
 datasets), `splits` (split names) and `errors`.
 """
 
-from keras_adr.data.datasets import DATASETS, DEFAULT_DATASET, DatasetInfo, info, load
+from keras_adr.data.datasets import (
+    DATASETS,
+    DEFAULT_DATASET,
+    DatasetInfo,
+    augmentation,
+    info,
+    load,
+)
 from keras_adr.data.errors import CorruptDatasetError, DatasetNotFoundError
 from keras_adr.data.fashion_mnist import DATA_DIR_ENV, DEBIAN_FASHION_MNIST_DIR
 from keras_adr.data.idx import read_idx
@@ -39,6 +46,7 @@ __all__ = [
     "DEFAULT_DATASET",
     "DatasetInfo",
     "DatasetNotFoundError",
+    "augmentation",
     "info",
     "load",
     "read_idx",

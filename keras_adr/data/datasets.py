@@ -2,6 +2,7 @@
 
 import dataclasses
 
+import keras
 import numpy as np
 import tensorflow as tf
 
@@ -140,12 +141,12 @@ def load(
     prepared in `data_dir` (or TFDS's default directory): nothing is ever
     downloaded.
 
-    Augmentation (`augment=True`) is applied per batch, vectorised:
-    - `cifar10`, `cifar100`: zero-pad 4 pixels on each side, random crop
-      back to 32x32, random horizontal flip (as torchvision's
-      `RandomCrop(32, padding=4)` + `RandomHorizontalFlip()`).
-    - `svhn_cropped`: the same zero-pad-4 random crop, no flip (digits).
-    - `fashion_mnist`, `mnist`: none; `augment=True` is a no-op.
+    Augmentation (`augment=True`) applies the layers of `augmentation(name,
+    seed)` to each example: for `cifar10` and `cifar100` a zero-pad-4 random
+    crop and a random horizontal flip, for `svhn_cropped` the crop only, and
+    nothing for `fashion_mnist` and `mnist`. It happens in the data
+    pipeline, so the attack of an adversarial training step crafts its
+    examples on the augmented batch.
 
     Args:
         name: Dataset name, one of `DATASETS`.
@@ -187,18 +188,55 @@ def load(
 
     if shuffle:
         ds = ds.shuffle(max(num_examples, 1), seed=seed, reshuffle_each_iteration=True)
+    augmenter = augmentation(name, seed=seed) if augment else None
+    if augmenter is not None:
+        # One example at a time (Keras' RandomCrop takes one window per
+        # call) and in order (the layers draw from their seeded generators,
+        # so a parallel map would hand the draws to examples in any order).
+        ds = ds.map(lambda image, label: (augmenter(image[None], training=True)[0], label))
     ds = ds.batch(batch_size, drop_remainder=drop_remainder)
-    crop, flip = _AUGMENTATIONS[name] if augment else (False, False)
-    if crop or flip:
-        seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2)
-        ds = tf.data.Dataset.zip((ds, seeds))
-        ds = ds.map(
-            lambda batch, batch_seed: _augment_batch(*batch, batch_seed, crop=crop, flip=flip),
-            num_parallel_calls=tf.data.AUTOTUNE,
-        )
-    else:
-        ds = ds.map(_to_float, num_parallel_calls=tf.data.AUTOTUNE)
-    return ds.prefetch(tf.data.AUTOTUNE)
+    return ds.map(_to_float, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
+
+
+def augmentation(name, seed=None):
+    """The training augmentation of a dataset, as Keras preprocessing layers.
+
+    - `cifar10`, `cifar100`: `ZeroPadding2D(4)`, `RandomCrop` back to 32x32
+      and a horizontal `RandomFlip` (as torchvision's
+      `RandomCrop(32, padding=4)` + `RandomHorizontalFlip()`).
+    - `svhn_cropped`: the same padded random crop, no flip (digits).
+    - `fashion_mnist`, `mnist`: none.
+
+    The layers work on batches `[B, H, W, C]` of pixels (uint8 or float) and
+    return float32 (whatever the global dtype policy). `RandomCrop` takes one
+    window per call, so call it on one image (`[1, H, W, C]`) at a time for
+    per-example crops, as `load(..., augment=True)` does. The randomness
+    comes from the layers' seeded generators: calls in the same order give
+    the same images, and each call draws afresh.
+
+    Args:
+        name: Dataset name, one of `DATASETS`.
+        seed: Seed of the random crops and flips, or None for fresh ones.
+
+    Returns:
+        A `keras.Sequential` of the augmentation layers, or None for a
+        dataset without augmentation.
+    """
+    _check_name(name)
+    crop, flip = _AUGMENTATIONS[name]
+    if not (crop or flip):
+        return None
+    height, width, _ = _INFOS[name].input_shape
+    crop_seed, flip_seed = (None, None) if seed is None else (seed, seed + 1)
+    layers = []
+    if crop:
+        layers += [
+            keras.layers.ZeroPadding2D(_CROP_PADDING, dtype="float32"),
+            keras.layers.RandomCrop(height, width, seed=crop_seed, dtype="float32"),
+        ]
+    if flip:
+        layers.append(keras.layers.RandomFlip("horizontal", seed=flip_seed, dtype="float32"))
+    return keras.Sequential(layers, name=f"{name}_augmentation")
 
 
 def _check_name(name):
@@ -215,45 +253,6 @@ def _check_positive_int(arg_name, value, allow_zero=False):
 
 
 def _to_float(images, labels):
-    """Converts a batch of `uint8` images to `float32` in `[0, 1]`."""
+    """Converts a batch of images (`uint8`, or augmented `float32` pixels) to `[0, 1]`."""
     images = tf.cast(images, tf.float32) / 255.0
     return images, tf.cast(labels, tf.int32)
-
-
-def _augment_batch(images, labels, seed, *, crop, flip):
-    """Converts and augments a batch with per-example random crops/flips.
-
-    Args:
-        images: `uint8` images `[B, H, W, C]`.
-        labels: Labels `[B]`.
-        seed: `int64` stateless seed of shape `[2]`.
-        crop: Whether to zero-pad by `_CROP_PADDING` and randomly crop back.
-        flip: Whether to randomly flip each image left-right.
-
-    Returns:
-        `(images, labels)` as `float32` in `[0, 1]` and `int32`.
-    """
-    images, labels = _to_float(images, labels)
-    crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, num=2))
-    if crop:
-        images = _random_crop(images, crop_seed, _CROP_PADDING)
-    if flip:
-        batch_size = tf.shape(images)[0]
-        flipped = tf.random.stateless_uniform([batch_size], flip_seed) < 0.5
-        images = tf.where(flipped[:, None, None, None], tf.reverse(images, axis=[2]), images)
-    return images, labels
-
-
-def _random_crop(images, seed, padding):
-    """Zero-pads a batch by `padding` and crops each image at random offsets."""
-    shape = tf.shape(images)
-    batch_size, height, width = shape[0], shape[1], shape[2]
-    padded = tf.pad(images, [[0, 0], [padding, padding], [padding, padding], [0, 0]])
-    offsets = tf.random.stateless_uniform(
-        [batch_size, 2], seed, minval=0, maxval=2 * padding + 1, dtype=tf.int32
-    )
-    rows = offsets[:, :1] + tf.range(height)[None, :]  # [B, H]
-    cols = offsets[:, 1:] + tf.range(width)[None, :]  # [B, W]
-    cropped = tf.gather(padded, rows, axis=1, batch_dims=1)
-    cropped = tf.gather(cropped, cols, axis=2, batch_dims=1)
-    return tf.ensure_shape(cropped, images.shape)
