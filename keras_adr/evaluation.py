@@ -609,6 +609,7 @@ def evaluate_robustness(
     apgd_targets=config_lib.APGD_TARGETS,
     clip_min=0.0,
     clip_max=1.0,
+    progress=None,
 ):
     """Evaluates a model against a suite of attacks; the worst case per example.
 
@@ -634,6 +635,10 @@ def evaluate_robustness(
         apgd_targets: Target classes of `apgd_dlr_t` (AutoAttack: 9).
         clip_min: Smallest valid pixel value.
         clip_max: Largest valid pixel value.
+        progress: None, or a callable `progress(done, total)` called after
+            each batch of the clean pass and of every attack, with the
+            number of batches done and to do (e.g. to drive a
+            `keras.utils.Progbar`).
 
     Returns:
         A `RobustnessResult`.
@@ -669,6 +674,7 @@ def evaluate_robustness(
         apgd_targets=apgd_targets,
         clip_min=clip_min,
         clip_max=clip_max,
+        progress=progress,
     )
 
 
@@ -686,12 +692,20 @@ def _evaluate_arrays(
     apgd_targets,
     clip_min,
     clip_max,
+    progress=None,
 ):
     if seed is not None:
         tf.random.set_seed(seed)
     rng = np.random.default_rng(seed)
     image_shape = tuple(x.shape[1:])
     starts = range(0, len(x), batch_size)
+    done, total = 0, len(starts) * (1 + len(specs))
+
+    def advance():
+        nonlocal done
+        done += 1
+        if progress is not None:
+            progress(done, total)
 
     clean_fn = tf.function(
         lambda images, labels: _correct(model_fn, images, labels),
@@ -712,9 +726,11 @@ def _evaluate_arrays(
             f"Labels must be in [0, {num_classes}) (the model's logits); they "
             f"span [{y.min()}, {y.max()}]."
         )
-    clean_correct = np.concatenate(
-        [clean_fn(x[i : i + batch_size], y[i : i + batch_size]).numpy() for i in starts]
-    )
+    clean_correct = []
+    for i in starts:
+        clean_correct.append(clean_fn(x[i : i + batch_size], y[i : i + batch_size]).numpy())
+        advance()
+    clean_correct = np.concatenate(clean_correct)
 
     attack_correct, attack_seconds = {}, {}
     for attack_index, spec in enumerate(specs):
@@ -734,6 +750,7 @@ def _evaluate_arrays(
         for batch_index, i in enumerate(starts):
             batch_seed = _batch_seed(seed, attack_index, batch_index, rng)
             correct.append(fn(x[i : i + batch_size], y[i : i + batch_size], batch_seed).numpy())
+            advance()
         attack_correct[spec.name] = np.concatenate(correct)
         attack_seconds[spec.name] = time.perf_counter() - start
         _log.info(

@@ -142,3 +142,52 @@ def test_default_guard_stops_the_measured_collapse():
     guard = DivergenceGuard()
     _, history = _fit([3.43, 2.56, 2.32, 10.68, 13.47], guard)
     assert guard.diverged and len(history.history["loss"]) == 4
+
+
+def test_robust_accuracy_progress_bar_follows_verbose_and_feeds_early_stopping(capsys):
+    import warnings
+
+    from conftest import blob_data, tiny_cnn
+
+    import keras_adr
+
+    keras.utils.set_random_seed(1)
+    x, y = blob_data(64)
+    model = keras_adr.ADRModel(tiny_cnn(), keras_adr.presets.get("pgd_at", attack_steps=1))
+    model.compile(optimizer="adam")
+    suite = dict(epsilon=0.1, attacks=("pgd2", "apgd_ce3"), batch_size=8)
+    # 16 held-out examples = 2 batches, for the clean pass and each of 2 attacks.
+    robust = keras_adr.callbacks.RobustAccuracy((x[:16], y[:16]), verbose=1, **suite)
+    early = keras.callbacks.EarlyStopping(monitor="val_robust_accuracy", mode="max", patience=5)
+    capsys.readouterr()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # EarlyStopping warns when its monitor is missing.
+        history = model.fit(x, y, batch_size=32, epochs=2, verbose=0, callbacks=[robust, early])
+    out = capsys.readouterr().out
+    assert out.count("val_robust_accuracy (pgd2, apgd_ce3, epsilon 0.1):") == 2
+    assert "6/6" in out and "7/6" not in out
+    values = history.history["val_robust_accuracy"]
+    assert len(values) == 2 and early.best == max(values)
+    # "auto" follows fit's verbose: silent here; 2 prints one line per evaluation.
+    for verbose, expected in (("auto", ""), (2, f"{robust.name} (pgd2, apgd_ce3")):
+        callback = keras_adr.callbacks.RobustAccuracy((x[:16], y[:16]), verbose=verbose, **suite)
+        model.fit(x, y, batch_size=32, epochs=1, verbose=0, callbacks=[callback])
+        out = capsys.readouterr().out
+        assert out.startswith(expected) and "/6" not in out
+    with pytest.raises(ValueError, match="verbose"):
+        keras_adr.callbacks.RobustAccuracy((x, y), verbose=3, **suite)
+
+
+def test_divergence_guard_config_round_trip():
+    guard = DivergenceGuard(factor=5, loss_floor=0.5, restore_best_weights=False, monitor="ce")
+    again = DivergenceGuard(**guard.get_config())
+    assert (
+        again.get_config()
+        == guard.get_config()
+        == {
+            "factor": 5.0,
+            "loss_floor": 0.5,
+            "restore_best_weights": False,
+            "monitor": "ce",
+        }
+    )
