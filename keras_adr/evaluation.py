@@ -262,13 +262,17 @@ def resolve_model_path(path):
     )
 
 
-def load_model(path):
+def load_model(path, precision="float32"):
     """Loads a model for evaluation as a callable images -> logits.
 
     Args:
         path: A `.keras` file (called with `training=False`), a SavedModel
             directory (its `serving_default` signature, output `logits`), or
             a TF Serving base directory (its highest version).
+        precision: The Keras dtype policy in which a `.keras` model's layers
+            compute, whatever it was trained in (`keras_adr.precision.POLICIES`;
+            default float32). A SavedModel computes in the precision it was
+            exported with (float32 for `adr-train`'s), so it takes only float32.
 
     Returns:
         A `LoadedModel`.
@@ -276,13 +280,21 @@ def load_model(path):
     Raises:
         FileNotFoundError: If nothing loadable is at `path`.
         ValueError: If a SavedModel has no `serving_default` signature with a
-            `logits` output.
+            `logits` output, or `precision` is not float32 for a SavedModel.
     """
+    from keras_adr import precision as precision_lib
+
+    if precision not in precision_lib.POLICIES:
+        raise ValueError(
+            f"`precision` must be one of {', '.join(precision_lib.POLICIES)}; got {precision!r}."
+        )
     kind, resolved = resolve_model_path(path)
     if kind == "keras":
         import keras_adr  # noqa: F401 - registers the custom objects.
 
-        model = keras.models.load_model(resolved, compile=False)
+        model = precision_lib.with_policy(
+            keras.models.load_model(resolved, compile=False), precision
+        )
         num_classes = model.outputs[0].shape[-1] if getattr(model, "outputs", None) else None
         return LoadedModel(
             lambda images: model(images, training=False),
@@ -290,6 +302,11 @@ def load_model(path):
             resolved,
             keep_alive=model,
             num_classes=num_classes,
+        )
+    if precision != "float32":
+        raise ValueError(
+            f"precision={precision} (--precision) applies to .keras models; the SavedModel "
+            f"{resolved} computes in the precision it was exported with. Drop --precision."
         )
     loaded = tf.saved_model.load(resolved)
     signatures = getattr(loaded, "signatures", {})

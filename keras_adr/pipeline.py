@@ -30,7 +30,7 @@ import keras
 from absl import logging
 
 from keras_adr import callbacks as adr_callbacks
-from keras_adr import data, distribute, evaluation, export, fileio, models, rundir
+from keras_adr import data, distribute, evaluation, export, fileio, models, precision, rundir
 from keras_adr.config import ADRConfig
 from keras_adr.training import ADRModel
 
@@ -76,6 +76,11 @@ class TrainOptions:
         divergence_factor: `DivergenceGuard` stops the run when the epoch
             loss's magnitude exceeds this multiple of its running minimum
             (0 = only non-finite losses stop it).
+        precision: The Keras dtype policy of training, one of
+            `keras_adr.precision.PRECISIONS` (`"auto"`: bfloat16 where the
+            hardware has it, see `keras_adr.precision.resolve`). The final
+            evaluation and the exported SavedModel compute in float32
+            whatever the training precision.
         verbose: Keras verbosity for `fit` (0, 1 or 2).
         command: The command line, recorded in the outputs.
     """
@@ -101,6 +106,8 @@ class TrainOptions:
     export: bool = True
     export_weights: str = "best"
     divergence_factor: float = adr_callbacks.DEFAULT_DIVERGENCE_FACTOR
+    # float32 until bfloat16 training is shown to keep robustness (issue 14).
+    precision: str = "float32"
     verbose: int = 1
     command: str = ""
 
@@ -115,6 +122,10 @@ class TrainOptions:
             )
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"Unknown optimizer {self.optimizer!r}; valid: {OPTIMIZERS}.")
+        if self.precision not in precision.PRECISIONS:
+            raise ValueError(
+                f"Unknown precision {self.precision!r}; valid: {', '.join(precision.PRECISIONS)}."
+            )
         for name in ("epochs", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"`{name}` must be >= 1; got {getattr(self, name)}.")
@@ -275,13 +286,18 @@ def _select_weights(model, options, out, monitor):
     return history["epoch"][values.index(max(values))] + 1
 
 
-def _run_config(options, adr_config):
-    """What defines a run: every option but the display ones, and the ADRConfig."""
-    skipped = ("verbose", "command", "output_dir")
-    return {
-        "options": {k: v for k, v in dataclasses.asdict(options).items() if k not in skipped},
-        "adr_config": adr_config.get_config(),
-    }
+def _run_config(options, adr_config, policy="float32"):
+    """What defines a run: every option but the display ones, and the ADRConfig.
+
+    The precision is the resolved policy (`"auto"` may mean another one on
+    another machine), left out when float32: runs from before `--precision`
+    computed in float32 and recorded none, and their directories still resume.
+    """
+    skipped = ("verbose", "command", "output_dir", "precision")
+    stored = {k: v for k, v in dataclasses.asdict(options).items() if k not in skipped}
+    if policy != "float32":
+        stored["precision"] = policy
+    return {"options": stored, "adr_config": adr_config.get_config()}
 
 
 def read_history(path):
@@ -336,13 +352,19 @@ def run(options, adr_config):
     # TensorFlow runs anything.
     strategy = distribute.get_strategy(options.strategy)
     out = distribute.work_dir(strategy, options.output_dir)
-    with rundir.RunDirectory(out, _run_config(options, adr_config)) as run_dir:
+    policy = precision.resolve(options.precision)
+    with rundir.RunDirectory(out, _run_config(options, adr_config, policy)) as run_dir:
         if run_dir.state.get("complete") and os.path.exists(run_dir.file("metrics.json")):
             return fileio.read_json(run_dir.file("metrics.json"))
-        return _run_stages(options, adr_config, strategy, run_dir)
+        logging.info("Training precision: %s (--precision=%s).", policy, options.precision)
+        precision.log_speed_warnings(policy)
+        # The model is built under the policy and keeps it; the global policy
+        # is restored afterwards.
+        with precision.policy_scope(policy):
+            return _run_stages(options, adr_config, strategy, run_dir, policy)
 
 
-def _run_stages(options, adr_config, strategy, run_dir):  # noqa: C901 - one stage after another
+def _run_stages(options, adr_config, strategy, run_dir, policy):  # noqa: C901 - stage by stage
     chief = distribute.is_chief(strategy)
     workers = distribute.num_workers(strategy)
     out = run_dir.path
@@ -413,7 +435,8 @@ def _run_stages(options, adr_config, strategy, run_dir):  # noqa: C901 - one sta
         )
         started = time.time()
         results = evaluation.evaluate_robustness(
-            model,
+            # Float32 whatever the training precision (the same weights).
+            precision.with_policy(model.backbone, "float32"),
             test_ds,
             epsilon=adr_config.attack.epsilon,
             norm=adr_config.attack.norm,
@@ -441,6 +464,7 @@ def _run_stages(options, adr_config, strategy, run_dir):  # noqa: C901 - one sta
         "robust_accuracy": results["robust_accuracy"],
         "export_weights": options.export_weights,
         "selected_epoch": best_epoch,
+        "precision": _precision_record(options, policy),
     }
     if workers > 1:
         metrics["worker_index"] = distribute.worker_index(strategy)
@@ -451,7 +475,7 @@ def _run_stages(options, adr_config, strategy, run_dir):  # noqa: C901 - one sta
         )
     if options.export:
         metrics["export_path"] = run_dir.state.get("export_path") or _export(
-            model, options, adr_config, info, results, best_epoch, run_dir
+            model, options, adr_config, info, results, best_epoch, run_dir, policy
         )
     if chief:
         fileio.write_json(run_dir.file("metrics.json"), metrics)
@@ -462,8 +486,22 @@ def _run_stages(options, adr_config, strategy, run_dir):  # noqa: C901 - one sta
     return metrics
 
 
-def _export(model, options, adr_config, info, results, best_epoch, run_dir):
-    """Exports once per run: a version this run already published is reused."""
+def _precision_record(options, policy):
+    """What metrics.json and the export metadata record about precision."""
+    return {
+        "requested": options.precision,
+        "training": policy,
+        "evaluation": "float32",
+        "export": "float32",
+    }
+
+
+def _export(model, options, adr_config, info, results, best_epoch, run_dir, policy):
+    """Exports once per run: a version this run already published is reused.
+
+    The SavedModel computes in float32 (a float32 copy of the weights): the
+    served model is the one the final evaluation measured.
+    """
     base = run_dir.file("saved_model")
     run_id = run_dir.config_id
     for version in export.list_versions(base) if os.path.isdir(base) else []:
@@ -483,9 +521,12 @@ def _export(model, options, adr_config, info, results, best_epoch, run_dir):
         "weights": {"selected": options.export_weights, "epoch": best_epoch},
         "attack_budget": {"norm": adr_config.attack.norm, "epsilon": adr_config.attack.epsilon},
         "robustness": results,
+        "precision": _precision_record(options, policy),
         "command": options.command,
     }
-    path = export.export_saved_model(model.backbone, base, metadata=metadata)
+    path = export.export_saved_model(
+        precision.with_policy(model.backbone, "float32"), base, metadata=metadata
+    )
     run_dir.update(export_path=path)
     return path
 

@@ -11,6 +11,7 @@ from keras_adr.attacks._common import (
     _validate,
     inference_fn,
 )
+from keras_adr.attacks._gradient import input_gradient
 
 APGD_LOSSES = ("ce", "dlr")
 # Momentum weight alpha of APGD (Croce & Hein 2020, Sec. 3.2).
@@ -182,14 +183,11 @@ def _apgd_run(
     window = tf.constant(window)
 
     def evaluate(x_adv):
-        with tf.GradientTape() as tape:
-            tape.watch(x_adv)
-            logits = model_fn(x_adv)
-            values = _apgd_objective(logits, y, target, loss, targeted)
-            total = tf.reduce_sum(values)
-        # A model may cut its input off the graph (stop_gradient, rounding):
-        # its gradient is then zero, not an error.
-        grad = tape.gradient(total, x_adv, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+        # The gradient up to a positive factor per example: APGD uses only
+        # its sign (L-inf) or direction (L2).
+        logits, values, grad = input_gradient(
+            model_fn, lambda logits: _apgd_objective(logits, y, target, loss, targeted), x_adv
+        )
         wrong = tf.not_equal(tf.argmax(logits, axis=-1, output_type=tf.int32), y)
         return values, grad, wrong
 

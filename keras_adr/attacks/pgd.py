@@ -10,27 +10,22 @@ from keras_adr.attacks._common import (
     _validate,
     inference_fn,
 )
+from keras_adr.attacks._gradient import input_gradient
 
 # TRADES starts its attack at x + 0.001 * N(0, 1) (Zhang et al. 2019).
 _TRADES_START_STD = 0.001
 
 
 def _loss_fn(model_fn, x, y, loss):
-    """Per-batch summed loss to maximise (sum: each example's gradient is its own)."""
+    """Per-example loss of the float32 logits, to maximise."""
     if loss == "ce":
         labels = tf.cast(y, tf.int32)
-
-        def ce(x_adv):
-            logits = tf.cast(model_fn(x_adv), tf.float32)
-            return tf.reduce_sum(tf.nn.sparse_softmax_cross_entropy_with_logits(labels, logits))
-
-        return ce
+        return lambda logits: tf.nn.sparse_softmax_cross_entropy_with_logits(labels, logits)
     clean_probs = tf.stop_gradient(tf.nn.softmax(tf.cast(model_fn(x), tf.float32)))
     clean_log_probs = tf.math.log(clean_probs + _TINY)
 
-    def kl(x_adv):
-        log_probs = tf.nn.log_softmax(tf.cast(model_fn(x_adv), tf.float32))
-        return tf.reduce_sum(clean_probs * (clean_log_probs - log_probs))
+    def kl(logits):
+        return tf.reduce_sum(clean_probs * (clean_log_probs - tf.nn.log_softmax(logits)), axis=-1)
 
     return kl
 
@@ -102,10 +97,8 @@ def pgd(
     x_adv = _project(x_adv, x, epsilon, norm, clip_min, clip_max)
 
     def step(i, x_adv):
-        with tf.GradientTape() as tape:
-            tape.watch(x_adv)
-            value = objective(x_adv)
-        grad = tape.gradient(value, x_adv)
+        # Up to a positive factor per example, which the step does not see.
+        _, _, grad = input_gradient(model_fn, objective, x_adv)
         x_adv = x_adv + step_size * _ascent_direction(grad, norm)
         return i + 1, _project(x_adv, x, epsilon, norm, clip_min, clip_max)
 

@@ -71,6 +71,15 @@ flags.DEFINE_enum(
     "version (APGD-CE, APGD-T, FAB-T, Square) at --epsilon, writing autoattack.json "
     "(RobustBench format) to --output_dir.",
 )
+flags.DEFINE_enum(
+    "precision",
+    "float32",
+    # keras_adr.precision.POLICIES, spelled out: --help must not wait for TensorFlow.
+    ["float32", "mixed_bfloat16", "mixed_float16"],
+    "Precision in which a .keras model computes during the evaluation, whatever it was "
+    "trained in (a SavedModel computes in the precision it was exported with: float32 "
+    "for adr-train's exports).",
+)
 flags.mark_flag_as_required("model_path")
 
 
@@ -126,7 +135,7 @@ def main(argv):
         if not os.access(FLAGS.output_dir, os.W_OK | os.X_OK):
             sys.exit(f"adr-evaluate: error: --output_dir {FLAGS.output_dir!r} is not writable.")
     try:
-        model = evaluation.load_model(FLAGS.model_path)
+        model = evaluation.load_model(FLAGS.model_path, precision=FLAGS.precision)
         dataset = data.load(
             FLAGS.dataset,
             FLAGS.split,
@@ -167,6 +176,7 @@ def main(argv):
         metadata = {
             "model_path": FLAGS.model_path,
             "model_kind": model.kind,
+            "precision": FLAGS.precision,
             "resolved_model_path": model.path,
             "dataset": FLAGS.dataset,
             "split": FLAGS.split,

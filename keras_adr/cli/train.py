@@ -16,7 +16,7 @@ import sys
 
 from absl import app, flags, logging
 
-from keras_adr import cli, data, distribute, models, pipeline, presets
+from keras_adr import cli, data, distribute, models, pipeline, precision, presets
 from keras_adr import config as config_lib
 
 FLAGS = flags.FLAGS
@@ -77,6 +77,14 @@ flags.DEFINE_float(
     _DEFAULTS.divergence_factor,
     "Stop (exit 1, best weights restored) when the epoch loss's magnitude exceeds "
     "this multiple of its running minimum; 0 = stop only on NaN/inf.",
+)
+flags.DEFINE_enum(
+    "precision",
+    _DEFAULTS.precision,
+    precision.PRECISIONS,
+    "Training precision (Keras dtype policy): auto = mixed_bfloat16 on CPUs with "
+    "AVX512_BF16 or AMX and on GPUs of compute capability >= 8.0, else float32. The "
+    "final evaluation and the export compute in float32 whatever this is.",
 )
 flags.DEFINE_integer("verbose", 1, "Keras verbosity: 0 silent, 1 progress bar, 2 one line/epoch.")
 
@@ -219,6 +227,7 @@ def options_from_flags():
         export=FLAGS.export,
         export_weights=FLAGS.export_weights,
         divergence_factor=FLAGS.divergence_factor,
+        precision=FLAGS.precision,
         verbose=FLAGS.verbose,
         command=" ".join(shlex.quote(a) for a in ["adr-train", *sys.argv[1:]]),
     )

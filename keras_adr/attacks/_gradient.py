@@ -1,0 +1,67 @@
+"""The input gradient of an attack loss, safe from low-precision underflow."""
+
+import numpy as np
+import tensorflow as tf
+
+# The largest float32 exponent a per-example gradient scale may take (2**126
+# stays finite and a normal number).
+_MAX_SCALE_EXPONENT = 126
+
+
+def power_of_two_scale(peak):
+    """Per-example `2**e` (an exact float32) with `peak * 2**e` in [0.5, 2); 1 where peak is 0."""
+    exponent = tf.math.floor(tf.math.log(peak) / np.log(2.0))
+    exponent = tf.where(
+        peak > 0, tf.clip_by_value(-exponent, -_MAX_SCALE_EXPONENT, _MAX_SCALE_EXPONENT), 0.0
+    )
+    # 2**e built from its bits, so that it is exact (tf.pow may round).
+    bits = tf.bitwise.left_shift(tf.cast(exponent, tf.int32) + 127, 23)
+    return tf.bitcast(bits, tf.float32)
+
+
+def input_gradient(model_fn, loss_fn, x):
+    """Per-example losses and their input gradient, safe from float16 underflow.
+
+    The logits are cast to float32 before `loss_fn`, and the gradient of
+    the loss with respect to them is rescaled per example by a power of two
+    that brings its largest entry into [0.5, 2) before it flows back through
+    the model. In float32 this is exact (a power of two commutes with every
+    rounding), so the result is the true gradient times a positive factor
+    per example, which the sign (L-inf) and normalised (L2) steps of the
+    attacks do not see. In a float16 model the unscaled gradient underflows:
+    a confident example's cross-entropy gradient is `softmax - onehot`,
+    about `exp(-margin)`, below float16's smallest value (6e-8) once the
+    logit margin passes 17, so its input gradient is exactly zero and PGD
+    does not move it. Scaling per example instead of one loss scale for the
+    batch cannot overflow either. Measured on `small_cnn` (issue 14; see the
+    commit "attacks: per-example power-of-two gradient scaling").
+
+    Args:
+        model_fn: Callable images -> logits (of any float dtype).
+        loss_fn: Callable float32 logits `[B, K]` -> per-example losses `[B]`.
+        x: Images `[B, ...]`.
+
+    Returns:
+        `(logits, losses, grad)`: float32 logits, the losses `[B]`, and the
+        input gradient of their sum up to a positive factor per example
+        (zero where the loss does not depend on the input).
+    """
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        logits = tf.cast(model_fn(x), tf.float32)
+    with tf.GradientTape() as head:
+        head.watch(logits)
+        losses = loss_fn(logits)
+        total = tf.reduce_sum(losses)
+    logit_grad = head.gradient(total, logits, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+    axes = list(range(1, len(logit_grad.shape)))
+    scale = power_of_two_scale(tf.reduce_max(tf.abs(logit_grad), axis=axes, keepdims=True))
+    grad = tape.gradient(
+        logits,
+        x,
+        output_gradients=logit_grad * scale,
+        # A model may cut its input off the graph (stop_gradient, rounding):
+        # its gradient is then zero, not an error.
+        unconnected_gradients=tf.UnconnectedGradients.ZERO,
+    )
+    return logits, losses, grad

@@ -1,0 +1,234 @@
+"""Mixed precision: which Keras dtype policy a run computes in.
+
+`adr-train --precision` (`pipeline.TrainOptions.precision`) takes one of
+`PRECISIONS`:
+
+* `"float32"` (the default of `adr-train`): everything in float32.
+* `"mixed_bfloat16"`: layers compute in bfloat16 and keep float32 weights.
+  bfloat16 has float32's exponent range, so nothing underflows; it is fast
+  only where the hardware multiplies bfloat16 (CPUs with AVX512_BF16 or AMX,
+  GPUs of compute capability 8.0 and newer).
+* `"mixed_float16"`: layers compute in float16 (GPUs). Keras wraps the
+  optimizer in a `LossScaleOptimizer` (the ADR step scales its loss); the
+  attacks rescale their gradients themselves (`keras_adr.attacks`).
+* `"auto"`: `"mixed_bfloat16"` where the hardware supports it (`resolve`),
+  else `"float32"`. Opt-in: whether bfloat16 training gives the same
+  robustness as float32 is not measured yet (issue 14).
+
+Whatever a model was trained in, `adr-train` and `adr-evaluate` evaluate it
+in float32 by default (`with_policy`), and the exported SavedModel computes
+in float32: the served model is the one whose robustness was measured.
+
+```python
+policy = keras_adr.precision.resolve("auto")
+with keras_adr.precision.policy_scope(policy):
+    model = keras_adr.ADRModel(keras_adr.models.small_cnn(), config)
+```
+"""
+
+import contextlib
+import os
+
+import keras
+from absl import logging
+
+POLICIES = ("float32", "mixed_bfloat16", "mixed_float16")
+PRECISIONS = ("auto",) + POLICIES
+# /proc/cpuinfo flags of CPUs that multiply bfloat16 in hardware (oneDNN's
+# avx512_core_bf16 and avx512_core_amx kernels).
+BFLOAT16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
+# NVIDIA GPUs multiply bfloat16 from Ampere (compute capability 8.0) on.
+BFLOAT16_GPU_CAPABILITY = (8, 0)
+CPUINFO = "/proc/cpuinfo"
+
+
+def cpu_flags(cpuinfo=CPUINFO):
+    """The CPU feature flags of the first processor in `cpuinfo` (Linux).
+
+    Args:
+        cpuinfo: Path of a file in the format of `/proc/cpuinfo`.
+
+    Returns:
+        A frozenset of flag names (empty if the file is missing or has no
+        `flags` line, e.g. on macOS).
+    """
+    try:
+        with open(cpuinfo, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "flags":
+                    return frozenset(value.split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def gpu_compute_capabilities():
+    """`[(major, minor), ...]` of the visible GPUs (empty without GPUs)."""
+    import tensorflow as tf
+
+    capabilities = []
+    for gpu in tf.config.list_physical_devices("GPU"):
+        details = tf.config.experimental.get_device_details(gpu)
+        capabilities.append(tuple(details.get("compute_capability", (0, 0))))
+    return capabilities
+
+
+def resolve(precision, *, cpuinfo=CPUINFO, gpu_capabilities=None):
+    """The Keras dtype policy name that `precision` means on this machine.
+
+    `"auto"` is `"mixed_bfloat16"` when every visible GPU has compute
+    capability >= 8.0, or when there is no GPU and the CPU has AVX512_BF16
+    or AMX; `"float32"` otherwise. Other values are returned as they are.
+
+    Args:
+        precision: One of `PRECISIONS`.
+        cpuinfo: Where to read the CPU flags (a fake file in tests).
+        gpu_capabilities: The GPUs' compute capabilities; None asks
+            TensorFlow (`gpu_compute_capabilities`).
+
+    Returns:
+        One of `POLICIES`.
+
+    Raises:
+        ValueError: If `precision` is not one of `PRECISIONS`.
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"`precision` must be one of {', '.join(PRECISIONS)}; got {precision!r}.")
+    if precision != "auto":
+        return precision
+    if gpu_capabilities is None:
+        gpu_capabilities = gpu_compute_capabilities()
+    if gpu_capabilities:
+        supported = all(tuple(c) >= BFLOAT16_GPU_CAPABILITY for c in gpu_capabilities)
+    else:
+        supported = any(flag in cpu_flags(cpuinfo) for flag in BFLOAT16_CPU_FLAGS)
+    return "mixed_bfloat16" if supported else "float32"
+
+
+@contextlib.contextmanager
+def policy_scope(policy):
+    """Sets Keras' global dtype policy to `policy` and restores the previous one on exit.
+
+    Layers take the global policy when they are built, so build the model
+    inside the scope; it keeps its policy afterwards (and in its saved config).
+    """
+    if policy not in POLICIES:
+        raise ValueError(f"`policy` must be one of {', '.join(POLICIES)}; got {policy!r}.")
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy(policy)
+    try:
+        yield
+    finally:
+        keras.config.set_dtype_policy(previous)
+
+
+def compute_dtype(model):
+    """The dtype in which the layers of a Keras model compute, e.g. `"bfloat16"`.
+
+    The model's own policy, or the first layer whose policy differs from
+    float32 (a model built in float32 may hold mixed-precision layers).
+    """
+    for layer in model._flatten_layers(include_self=True):
+        if layer.compute_dtype != "float32":
+            return layer.compute_dtype
+    return "float32"
+
+
+def _replace_policies(config, policy):
+    """`config` with every serialised dtype policy replaced by `policy`."""
+    if isinstance(config, dict):
+        if config.get("class_name") == "DTypePolicy" and config.get("module") == "keras":
+            return {**config, "config": {**config.get("config", {}), "name": policy}}
+        return {
+            key: (
+                # A mixed policy serialised as a bare name (an InputLayer's
+                # "dtype": "float32" is a tensor dtype and stays).
+                policy
+                if key == "dtype" and value in POLICIES[1:]
+                else _replace_policies(value, policy)
+            )
+            for key, value in config.items()
+        }
+    if isinstance(config, list):
+        return [_replace_policies(value, policy) for value in config]
+    return config
+
+
+def with_policy(model, policy="float32"):
+    """A copy of a Keras model whose layers compute in `policy`, with the same weights.
+
+    The weights of the mixed policies are float32, so nothing is rounded: a
+    model trained in bfloat16 evaluated by its float32 copy is the same
+    function computed without bfloat16's rounding. The copy is not compiled.
+
+    Args:
+        model: A serialisable Keras model (functional, Sequential, or a
+            registered subclass such as `ADRModel`).
+        policy: One of `POLICIES`.
+
+    Returns:
+        `model` itself if it already computes in `policy`, else a new model.
+    """
+    if policy not in POLICIES:
+        raise ValueError(f"`policy` must be one of {', '.join(POLICIES)}; got {policy!r}.")
+    if all(layer.dtype_policy.name == policy for layer in model._flatten_layers(include_self=True)):
+        return model
+    import keras_adr  # noqa: F401 - registers the custom objects.
+
+    config = keras.saving.serialize_keras_object(model)
+    config.pop("compile_config", None)
+    copy = keras.saving.deserialize_keras_object(_replace_policies(config, policy))
+    copy.set_weights(model.get_weights())
+    return copy
+
+
+def speed_warnings(policy, *, cpuinfo=CPUINFO, gpu_capabilities=None, environ=None):
+    """Known reasons why `policy` would run slowly here, as log lines (empty if none).
+
+    Checked: bfloat16 on a CPU without AVX512_BF16 / AMX (emulated, slower
+    than float32), bfloat16 with oneDNN switched off (`TF_ENABLE_ONEDNN_OPTS=0`:
+    Eigen's bfloat16 kernels), float16 without a GPU (emulated), and a CPU
+    busier than its cores (the speed of bfloat16 varied between processes on
+    a shared machine, issue 14; run `benchmarks/precision_speed.py`).
+    """
+    environ = os.environ if environ is None else environ
+    if gpu_capabilities is None:
+        gpu_capabilities = gpu_compute_capabilities()
+    warnings = []
+    if policy == "mixed_float16" and not gpu_capabilities:
+        warnings.append(
+            "--precision=mixed_float16 without a GPU: this CPU emulates float16 "
+            "(several times slower than float32); use mixed_bfloat16 or float32."
+        )
+    if policy == "mixed_bfloat16" and not gpu_capabilities:
+        flags = cpu_flags(cpuinfo)
+        if not any(flag in flags for flag in BFLOAT16_CPU_FLAGS):
+            warnings.append(
+                "--precision=mixed_bfloat16 on a CPU without AVX512_BF16 or AMX: bfloat16 "
+                "is emulated and slower than float32; use --precision=float32."
+            )
+        if environ.get("TF_ENABLE_ONEDNN_OPTS", "").strip() in ("0", "false", "False"):
+            warnings.append(
+                "TF_ENABLE_ONEDNN_OPTS=0 turns oneDNN off, and with it TensorFlow's fast "
+                "bfloat16 CPU kernels; unset it for --precision=mixed_bfloat16."
+            )
+        try:
+            load = os.getloadavg()[0]
+        except OSError:
+            load = 0.0
+        cores = os.cpu_count() or 1
+        if load > cores:
+            warnings.append(
+                f"Load average {load:.1f} on {cores} cores: bfloat16 step times vary between "
+                "processes on a busy CPU; time runs on a quiet machine."
+            )
+    return warnings
+
+
+def log_speed_warnings(policy, **kwargs):
+    """Logs `speed_warnings(policy)` as warnings; returns them."""
+    warnings = speed_warnings(policy, **kwargs)
+    for warning in warnings:
+        logging.warning("%s", warning)
+    return warnings
