@@ -1,0 +1,55 @@
+"""README.md's "Bring your own model" examples, run as written, block after block."""
+
+import os
+
+import keras
+import numpy as np
+
+import keras_adr
+
+_README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
+_SECTION = "Bring your own model"
+
+
+def _section_blocks():
+    """The fenced python blocks of the README section `_SECTION`, in order."""
+    blocks, heading, inside, lines = [], "", None, []
+    with open(_README) as f:
+        for line in f:
+            if inside is None and line.startswith("#"):
+                heading = line.strip("# \n")
+            elif line.startswith("```"):
+                if inside is None:
+                    inside, lines = line[3:].strip(), []
+                else:
+                    if heading == _SECTION:
+                        blocks.append((inside, "".join(lines)))
+                    inside = None
+            elif inside is not None:
+                lines.append(line)
+    return blocks
+
+
+def test_bring_your_own_model_examples_run(tmp_path, monkeypatch):
+    blocks = _section_blocks()
+    assert [language for language, _ in blocks] == ["python"] * 4
+    monkeypatch.chdir(tmp_path)  # ModelCheckpoint writes best.keras here.
+    namespace = {"__name__": "readme"}
+    for _, code in blocks:
+        exec(compile(code, f"README.md ({_SECTION})", "exec"), namespace)
+
+    functional, sequential, subclassed = (
+        namespace[name] for name in ("functional", "sequential", "subclassed")
+    )
+    assert isinstance(functional.backbone, keras.Model)
+    assert not isinstance(functional.backbone, keras.Sequential)
+    assert isinstance(sequential.backbone, keras.Sequential)
+    assert isinstance(subclassed, keras_adr.ADRMixin)
+    for model in (functional, sequential, subclassed):
+        # fit ran its steps with the ADR step and the callbacks logged into the history.
+        history = model.history.history
+        assert 0.0 <= history["val_robust_accuracy"][0] <= history["val_robust_accuracy_clean"][0]
+        assert np.isfinite(history["loss"]).all() and "local_compactness" in history
+    # The checkpoint that ModelCheckpoint wrote from val_robust_accuracy loads and predicts.
+    x = namespace["x"][:4]
+    assert namespace["best"].predict(x, verbose=0).shape == (4, 10)
