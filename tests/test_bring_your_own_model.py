@@ -1,37 +1,16 @@
 """README.md's "Bring your own model" examples, run as written, block after block."""
 
-import os
-
 import keras
 import numpy as np
+from test_readme import code_blocks
 
 import keras_adr
 
-_README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
-_SECTION = "Bring your own model"
-
-
-def _section_blocks():
-    """The fenced python blocks of the README section `_SECTION`, in order."""
-    blocks, heading, inside, lines = [], "", None, []
-    with open(_README) as f:
-        for line in f:
-            if inside is None and line.startswith("#"):
-                heading = line.strip("# \n")
-            elif line.startswith("```"):
-                if inside is None:
-                    inside, lines = line[3:].strip(), []
-                else:
-                    if heading == _SECTION:
-                        blocks.append((inside, "".join(lines)))
-                    inside = None
-            elif inside is not None:
-                lines.append(line)
-    return blocks
+_SECTION = "Bring your own model"  # test_readme.py leaves this section's blocks to this file.
 
 
 def test_bring_your_own_model_examples_run(tmp_path, monkeypatch):
-    blocks = _section_blocks()
+    blocks = [(lang, text) for heading, lang, text in code_blocks() if heading == _SECTION]
     assert [language for language, _ in blocks] == ["python"] * 4
     monkeypatch.chdir(tmp_path)  # ModelCheckpoint writes best.keras here.
     namespace = {"__name__": "readme"}
