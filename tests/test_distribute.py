@@ -2,6 +2,7 @@
 
 import json
 import os
+import shlex
 import socket
 import subprocess
 import sys
@@ -204,22 +205,41 @@ def _free_ports(count):
             s.close()
 
 
+def _readme_multi_worker_commands():
+    """`[(TF_CONFIG dict, adr-train arguments)]` of the README's multi-worker block."""
+    from test_readme import block
+
+    text = block("--strategy=multi_worker").replace("\\\n", " ")
+    text = "\n".join(line for line in text.splitlines() if not line.lstrip().startswith("#"))
+    commands = []
+    for token in shlex.split(text):
+        if token.startswith("TF_CONFIG="):
+            commands.append((json.loads(token.split("=", 1)[1]), []))
+        else:
+            commands[-1][1].append(token)
+    return commands
+
+
 def test_adr_train_multi_worker_two_processes(one_device_run, tmp_path):
+    """The README's two-host command, with the hosts on localhost and tiny settings."""
     try:
         ports = _free_ports(2)
     except OSError as error:
         pytest.skip(f"cannot bind localhost ports for the workers: {error}")
-    cluster = {"worker": [f"localhost:{port}" for port in ports]}
     out = tmp_path / "multi_worker"
+    commands = _readme_multi_worker_commands()
+    assert [config["task"]["index"] for config, _ in commands] == [0, 1]
+    hosts = commands[0][0]["cluster"]["worker"]
+    local = dict(zip(hosts, (f"localhost:{port}" for port in ports)))
     processes = []
-    for index in range(2):
-        env = dict(
-            _ENV,
-            TF_CONFIG=json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}}),
-        )
+    for config, args in commands:
+        assert args[0] == "adr-train" and config["cluster"]["worker"] == hosts
+        config["cluster"]["worker"] = [local[host] for host in hosts]
+        args = [a for a in args[1:] if not a.startswith("--output_dir=")]
+        env = dict(_ENV, TF_CONFIG=json.dumps(config))
         processes.append(
             subprocess.Popen(
-                _adr_train(out, "--strategy=multi_worker"),
+                _adr_train(out, *args),
                 cwd=_ROOT,
                 env=env,
                 stdout=subprocess.PIPE,
