@@ -265,6 +265,40 @@ def test_kill_during_evaluation_or_export_resumes_that_stage(tmp_path):
     assert metrics["epochs_run"] == 2 and metrics["export_path"].endswith("1")
 
 
+def test_sigkill_at_a_random_point_then_rerun_gives_one_run(tmp_path):
+    """A kill anywhere (start-up, an epoch, evaluation, export): the rerun completes one run.
+
+    The kill time is drawn at random over a whole run's duration, measured by
+    an uninterrupted run with the same flags; the seed is in the message.
+    """
+    import random
+
+    flags = ("--epochs=2", "--defense=pgd_at")
+    started = time.time()
+    assert _run(tmp_path / "timing", *flags).returncode == 0
+    duration = time.time() - started
+    seed = random.randrange(2**31)
+    delay = random.Random(seed).uniform(0.0, duration)
+    out = tmp_path / "killed"
+    process = subprocess.Popen(
+        _command(out, *flags),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        cwd=os.path.dirname(os.path.dirname(__file__)),
+    )
+    time.sleep(delay)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    where = f"killed after {delay:.1f} s of a {duration:.1f} s run (seed {seed})"
+    result = _run(out, *flags)
+    assert result.returncode == 0, f"{where}: {result.stderr[-3000:]}"
+    assert _epochs_logged(out) == [0, 1], where
+    assert [n for n in os.listdir(out / "saved_model") if not n.startswith(".")] == ["1"], where
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["epochs_run"] == 2 and metrics["export_path"].endswith("1"), where
+    assert len(metrics["history"]["loss"]) == 2, where
+
+
 def test_other_flags_never_mix_with_a_run(tmp_path):
     out = tmp_path / "run"
     flags = ("--epochs=1", "--defense=pgd_at")
