@@ -123,13 +123,20 @@ def policy_scope(policy):
         keras.config.set_dtype_policy(previous)
 
 
+def _layers(layer):
+    """`layer` and every layer inside it, through Keras' public `layers` attribute."""
+    yield layer
+    for sublayer in getattr(layer, "layers", None) or ():
+        yield from _layers(sublayer)
+
+
 def compute_dtype(model):
     """The dtype in which the layers of a Keras model compute, e.g. `"bfloat16"`.
 
     The model's own policy, or the first layer whose policy differs from
     float32 (a model built in float32 may hold mixed-precision layers).
     """
-    for layer in model._flatten_layers(include_self=True):
+    for layer in _layers(model):
         if layer.compute_dtype != "float32":
             return layer.compute_dtype
     return "float32"
@@ -172,7 +179,7 @@ def with_policy(model, policy="float32"):
     """
     if policy not in POLICIES:
         raise ValueError(f"`policy` must be one of {', '.join(POLICIES)}; got {policy!r}.")
-    if all(layer.dtype_policy.name == policy for layer in model._flatten_layers(include_self=True)):
+    if all(layer.dtype_policy.name == policy for layer in _layers(model)):
         return model
     import keras_adr  # noqa: F401 - registers the custom objects.
 

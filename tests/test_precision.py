@@ -163,6 +163,36 @@ def test_model_trained_one_step_exports_float32_signatures(tmp_path, policy):
     np.testing.assert_allclose(served["logits"], keras_logits, rtol=tolerance, atol=tolerance)
 
 
+def test_adr_export_serves_a_bfloat16_model_in_float32(tmp_path):
+    """`adr-export` of a .keras file trained in bfloat16 computes in float32."""
+    import subprocess
+    import sys
+
+    keras.utils.set_random_seed(0)
+    with precision.policy_scope("mixed_bfloat16"):
+        model = keras_adr.ADRModel(tiny_cnn(), keras_adr.presets.get("pgd_at"))
+    model.save(tmp_path / "bf16.keras")
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "keras_adr.cli.export",
+            f"--model_path={tmp_path / 'bf16.keras'}",
+            f"--export_dir={tmp_path / 'serving'}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    x, _ = blob_data(16)
+    served = tf.saved_model.load(result.stdout.strip().splitlines()[-1])
+    logits = served.signatures[export.SERVING_DEFAULT](images=tf.constant(x))["logits"]
+    float32 = precision.with_policy(model.backbone, "float32")
+    np.testing.assert_allclose(logits, float32(x), rtol=1e-5, atol=1e-5)
+    assert np.abs(np.asarray(model.backbone(x), np.float32) - logits).max() > 1e-5
+
+
 # --- Attacks ---------------------------------------------------------------
 
 

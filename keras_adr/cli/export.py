@@ -70,7 +70,11 @@ def _load(path):
         # What adr-train saves: serve the classifier it wraps, as adr-train's
         # own export does.
         model = model.backbone
-    return model
+    # Serve in float32 whatever the training precision: the same weights,
+    # computed without bfloat16/float16 rounding (adr-train exports the same).
+    from keras_adr import precision
+
+    return precision.with_policy(model, "float32")
 
 
 def main(argv):
