@@ -96,7 +96,7 @@ def main(argv):
     import tensorflow as tf
 
     from benchmarks import results_io
-    from keras_adr import attacks, autoattack, evaluation
+    from keras_adr import attacks, evaluation
 
     (x_train, y_train), (x, y) = _data(FLAGS.train_examples, FLAGS.num_examples)
     if FLAGS.model_path:
@@ -295,7 +295,7 @@ def main(argv):
     )
     results_io.write_results(FLAGS.output, results, markdown)
     print(markdown)
-    print(autoattack.format_summary(suite))
+    print(evaluation.format_summary(suite, evaluation.sanity_checks(suite)))
 
 
 if __name__ == "__main__":

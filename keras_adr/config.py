@@ -1,8 +1,9 @@
-"""Hyperparameters of an ADR run: the attack and the weighted objective.
+"""Hyperparameters of an ADR run (the attack and the weighted objective) and of an evaluation.
 
-`ADRConfig` is the single source of truth for every hyperparameter. Command
-line flags build one, `ADRModel` stores it in its Keras config, and exported
-models record it in their metadata.
+`ADRConfig` is the single source of truth for every training hyperparameter.
+Command line flags build one, `ADRModel` stores it in its Keras config, and
+exported models record it in their metadata. `EvalConfig` is the same for a
+robustness evaluation (`keras_adr.evaluation`, `adr-evaluate`).
 """
 
 import dataclasses
@@ -21,7 +22,7 @@ PAIRWISE_SCOPES = ("global", "replica")
 # 2.5 * epsilon / steps, so that it can walk across the ball and back.
 PGD_STEP_FACTOR = 2.5
 
-# Evaluation defaults, read by keras_adr.evaluation and adr-evaluate.
+# Evaluation defaults: those of EvalConfig (keras_adr.evaluation, adr-evaluate).
 EVAL_ATTACKS = ("fgsm", "pgd20", "pgd100", "apgd_ce", "apgd_dlr_t")
 EVAL_RESTARTS = 1
 EVAL_BATCH_SIZE = 128
@@ -274,6 +275,106 @@ class ADRConfig:
 
     def get_config(self):
         return dataclasses.asdict(self)
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(**config)
+
+
+def _plain(value):
+    """A numpy scalar as the Python number it holds; anything else unchanged."""
+    return value.item() if type(value).__module__ == "numpy" and hasattr(value, "item") else value
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+    """How a robustness evaluation runs: the threat model, the attack suite and its budget.
+
+    `keras_adr.evaluation.evaluate_robustness` and `epsilon_sweep` take one
+    (or build one from these names as keyword arguments); `adr-evaluate`
+    builds one from its flags, whose defaults are these.
+
+    Attributes:
+        epsilon: Radius of the threat model, >= 0 (0 runs the identity
+            attack). In an `epsilon_sweep`, the headline epsilon.
+        norm: `"linf"` or `"l2"`.
+        attacks: Attack names (see `keras_adr.evaluation.specs`): at least
+            one PGD and one APGD attack, e.g. `("pgd20", "apgd_ce")`. A list
+            is stored as a tuple. An `apgd_*` name without steps runs
+            `APGD_STEPS` steps.
+        restarts: Runs per randomized attack (PGD: fresh random starts; APGD:
+            restarts per target class). An example counts as robust only if
+            every run of every attack fails.
+        num_examples: Evaluate only the first `num_examples` examples; None:
+            all of them.
+        seed: Integer seed of the random starts, or None for fresh randomness.
+        batch_size: Examples per attack call.
+        apgd_targets: Target classes of `apgd_dlr_t` (AutoAttack: 9).
+        clip_min: Smallest valid pixel value.
+        clip_max: Largest valid pixel value.
+        precision: The Keras dtype policy in which a model given as a path
+            computes (`keras_adr.precision.POLICIES`; a SavedModel computes in
+            its exported precision, so only float32). A model object is
+            evaluated as it is.
+    """
+
+    epsilon: float = AttackConfig.epsilon
+    norm: str = "linf"
+    attacks: tuple = EVAL_ATTACKS
+    restarts: int = EVAL_RESTARTS
+    num_examples: int = None
+    seed: int = 0
+    batch_size: int = EVAL_BATCH_SIZE
+    apgd_targets: int = APGD_TARGETS
+    clip_min: float = 0.0
+    clip_max: float = 1.0
+    precision: str = "float32"
+
+    def __post_init__(self):
+        # Imported here: both import this module.
+        from keras_adr import precision as precision_lib
+        from keras_adr.evaluation import specs
+
+        for field in dataclasses.fields(self):
+            object.__setattr__(self, field.name, _plain(getattr(self, field.name)))
+        _check_number("epsilon", self.epsilon, minimum=0)
+        _check_choice("norm", self.norm, NORMS)
+        specs.parse_suite(self.attacks)
+        for name in ("restarts", "batch_size", "apgd_targets"):
+            _check_number(name, getattr(self, name), minimum=1, integer=True)
+        if self.num_examples is not None:
+            _check_number("num_examples", self.num_examples, minimum=1, integer=True)
+        if self.seed is not None:
+            _check_number("seed", self.seed, integer=True)
+        _check_number("clip_min", self.clip_min)
+        _check_number("clip_max", self.clip_max)
+        if self.clip_min >= self.clip_max:
+            raise ValueError(
+                f"`clip_min` ({self.clip_min}) must be smaller than `clip_max` ({self.clip_max})."
+            )
+        _check_choice("precision", self.precision, precision_lib.POLICIES)
+        object.__setattr__(self, "epsilon", float(self.epsilon))
+        object.__setattr__(self, "attacks", tuple(self.attacks))
+        for name in ("restarts", "batch_size", "apgd_targets", "num_examples", "seed"):
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, int(getattr(self, name)))
+        object.__setattr__(self, "clip_min", float(self.clip_min))
+        object.__setattr__(self, "clip_max", float(self.clip_max))
+
+    def replace(self, **overrides):
+        """A copy with some fields changed (validated again)."""
+        unknown = set(overrides) - {f.name for f in dataclasses.fields(self)}
+        if unknown:
+            raise ValueError(
+                f"Unknown EvalConfig field(s) {sorted(unknown)}; valid fields: "
+                f"{[f.name for f in dataclasses.fields(self)]}."
+            )
+        return dataclasses.replace(self, **overrides)
+
+    def get_config(self):
+        config = dataclasses.asdict(self)
+        config["attacks"] = list(self.attacks)  # JSON has no tuples.
+        return config
 
     @classmethod
     def from_config(cls, config):

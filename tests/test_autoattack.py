@@ -1,13 +1,13 @@
-"""Tests for keras_adr.autoattack (the AutoAttack suite, RobustBench-format results)."""
+"""Tests for keras_adr.evaluation.autoattack (the AutoAttack suite, RobustBench-format results)."""
 
 import json
 
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 from conftest import blob_data, tiny_cnn
 
-from keras_adr import autoattack as aa
 from keras_adr import evaluation
 
 _FAST = dict(steps=10, queries=60, batch_size=16, progress=False)
@@ -28,11 +28,11 @@ def four_classes():
 
 
 def test_robustbench_eps_is_written_as_robustbench_writes_it():
-    assert aa.robustbench_eps(8 / 255) == "8/255"
-    assert aa.robustbench_eps(4 / 255) == "4/255"
-    assert aa.robustbench_eps(0.1) == "0.1"
-    assert aa.robustbench_eps(0.3) == "0.3"
-    assert aa.robustbench_eps(0.5) == "0.5"
+    assert evaluation.robustbench_eps(8 / 255) == "8/255"
+    assert evaluation.robustbench_eps(4 / 255) == "4/255"
+    assert evaluation.robustbench_eps(0.1) == "0.1"
+    assert evaluation.robustbench_eps(0.3) == "0.3"
+    assert evaluation.robustbench_eps(0.5) == "0.5"
 
 
 def test_standard_suite_runs_in_order_on_robust_points_and_is_never_weaker(four_classes, tmp_path):
@@ -58,7 +58,9 @@ def test_standard_suite_runs_in_order_on_robust_points_and_is_never_weaker(four_
             model, x, y, epsilon=epsilon, version="custom", attacks=[name], seed=0, **_FAST
         )
         assert result.robust_accuracy <= alone.robust_accuracy + 1 / len(x)
-    path = aa.write_result(result, tmp_path, name="tiny", defense="standard", dataset="blobs")
+    path = evaluation.write_autoattack_result(
+        result, tmp_path, name="tiny", defense="standard", dataset="blobs"
+    )
     card = json.loads(open(path).read())
     assert card["autoattack_acc"] == f"{100 * result.robust_accuracy:.2f}"
     assert card["clean_acc"] == f"{100 * result.clean_accuracy:.2f}"
@@ -86,3 +88,47 @@ def test_autoattack_rejects_bad_arguments(trained_tiny, kwargs, match):
     args = {"epsilon": 0.1, **kwargs}
     with pytest.raises(ValueError, match=match):
         evaluation.autoattack(model, x[:4], y[:4], **args)
+
+
+def _gradient_blocked(model):
+    """`model` with the same outputs and an exactly zero input gradient (masked gradients)."""
+
+    @tf.custom_gradient
+    def blocked(images):
+        return tf.identity(images), lambda upstream: tf.zeros_like(upstream)
+
+    return lambda images: model(blocked(images), training=False)
+
+
+def test_autoattack_checks_join_the_sanity_checks(trained_tiny, tmp_path):
+    model, x, y = trained_tiny
+    # Square after APGD-CE; epsilon 0.3 erases the class patch, so Square finds what APGD-CE,
+    # blind without a gradient, cannot.
+    args = dict(epsilon=0.3, version="custom", attacks=["apgd-ce", "square"], seed=0)
+    args.update(_FAST, queries=200)
+    masked = evaluation.autoattack(_gradient_blocked(model), x[:24], y[:24], **args)
+    assert masked.checks["zero_gradient_fraction"] == 1.0
+    assert masked.checks["zero_gradient_examples"] == 16
+    checks = evaluation.sanity_checks(masked)
+    status = {c.name: c.status for c in checks}
+    assert status["no_zero_input_gradients"] == "failed"
+    assert masked.checks["square_after_white_box"] == np.sum(masked.broken_by == "square") > 1
+    assert status["square_not_stronger_than_white_box"] == "failed"
+    with pytest.raises(evaluation.SanityCheckError, match="no_zero_input_gradients"):
+        evaluation.sanity_checks(masked, raise_on_failure=True)
+    summary = evaluation.format_summary(masked, checks)
+    assert "[FAIL] no_zero_input_gradients" in summary and "SANITY CHECKS FAILED" in summary
+    path = evaluation.write_autoattack_result(masked, tmp_path, checks=checks, name="masked")
+    written = json.loads(open(path).read())["keras_adr"]
+    assert written["sanity_checks_passed"] is False
+    assert [c["name"] for c in written["sanity_checks"]] == [c.name for c in checks]
+
+    # The same model with its gradients: no zero gradient; Square alone is not checked.
+    plain = evaluation.autoattack(
+        model, x[:24], y[:24], **{**args, "attacks": ["square"], "queries": 20}
+    )
+    status = {c.name: c.status for c in evaluation.sanity_checks(plain)}
+    assert status == {
+        "no_zero_input_gradients": "passed",
+        "square_not_stronger_than_white_box": "skipped",
+    }

@@ -1,6 +1,7 @@
-"""ADRConfig / AttackConfig validation and serialisation; presets; model builders."""
+"""ADRConfig / AttackConfig / EvalConfig validation and serialisation; presets; model builders."""
 
 import dataclasses
+import json
 
 import numpy as np
 import pytest
@@ -76,6 +77,65 @@ def test_adr_config_validation(kwargs, match):
 def test_attack_config_validation(kwargs, match):
     with pytest.raises(ValueError, match=match):
         keras_adr.AttackConfig(**kwargs)
+
+
+def test_eval_config_defaults_and_round_trip():
+    config = config_lib.EvalConfig()
+    assert config.attacks == config_lib.EVAL_ATTACKS
+    assert config.restarts == config_lib.EVAL_RESTARTS
+    assert config.batch_size == config_lib.EVAL_BATCH_SIZE
+    assert config.apgd_targets == config_lib.APGD_TARGETS
+    assert config.epsilon == keras_adr.AttackConfig().epsilon and config.norm == "linf"
+    config = config_lib.EvalConfig(
+        epsilon=np.float32(0.25),
+        norm="l2",
+        attacks=["pgd10", "apgd_dlr_t50"],
+        restarts=np.int64(2),
+        num_examples=64,
+        seed=None,
+        batch_size=32,
+        apgd_targets=9,
+        clip_min=-1,
+        clip_max=1,
+        precision="mixed_bfloat16",
+    )
+    # Plain Python values (a list of attacks becomes a tuple): hashable and JSON-ready.
+    assert config.attacks == ("pgd10", "apgd_dlr_t50") and type(config.restarts) is int
+    assert config.epsilon == pytest.approx(0.25) and type(config.epsilon) is float
+    serialised = json.loads(json.dumps(config.get_config()))
+    assert config_lib.EvalConfig.from_config(serialised) == config
+    assert hash(config) == hash(config_lib.EvalConfig.from_config(serialised))
+    assert config.replace(epsilon=0.5).epsilon == 0.5 and config.epsilon == pytest.approx(0.25)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.epsilon = 0.3
+    with pytest.raises(ValueError, match="valid fields"):
+        config.replace(epsilons=0.3)
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(epsilon=-0.1), "epsilon"),
+        (dict(epsilon=float("inf")), "epsilon"),
+        (dict(epsilon=True), "epsilon"),
+        (dict(norm="l1"), "norm"),
+        (dict(attacks=("fgsm", "pgd20")), "too weak"),
+        (dict(attacks="pgd20,apgd_ce"), "list"),
+        (dict(attacks=("pgd20", "apgd_xx")), "Unknown attack"),
+        (dict(attacks=("pgd20", "pgd20", "apgd_ce")), "duplicate"),
+        (dict(restarts=0), "restarts"),
+        (dict(restarts=1.5), "restarts"),
+        (dict(num_examples=0), "num_examples"),
+        (dict(seed=0.5), "seed"),
+        (dict(batch_size=0), "batch_size"),
+        (dict(apgd_targets=0), "apgd_targets"),
+        (dict(clip_min=1.0, clip_max=0.0), "clip_min"),
+        (dict(precision="float16"), "precision"),
+    ],
+)
+def test_eval_config_validation(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        config_lib.EvalConfig(**kwargs)
 
 
 def test_presets():

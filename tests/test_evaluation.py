@@ -94,7 +94,8 @@ def test_evaluate_combines_attacks_per_example(monkeypatch):
 
         return correct
 
-    monkeypatch.setattr(evaluation, "_attack_fn", fake_attack_fn)
+    # The suite module's function: evaluate_robustness looks it up there.
+    monkeypatch.setattr(evaluation.suite, "_attack_fn", fake_attack_fn)
     x = np.full((5, 2, 2, 1), 0.5, np.float32)
     y = np.zeros(5, np.int32)
     model = lambda images: tf.tile(tf.constant([[1.0, 0.0]]), [tf.shape(images)[0], 1])
@@ -129,6 +130,44 @@ def test_an_example_is_robust_only_if_every_restart_fails(monkeypatch):
 
 
 # --- Arguments ---------------------------------------------------------------
+
+
+def _untimed(summary):
+    """A result's `to_dict` without its wall-clock times."""
+    if isinstance(summary, dict):
+        return {k: _untimed(v) for k, v in summary.items() if k != "attack_seconds"}
+    return [_untimed(v) for v in summary] if isinstance(summary, list) else summary
+
+
+def test_an_eval_config_and_keyword_arguments_make_the_same_call():
+    model = lambda images: tf.concat([0.5 - images[:, 0, 0], images[:, 0, 0] - 0.5], axis=1)
+    x = np.linspace(0.3, 0.9, 8, dtype=np.float32).reshape(8, 1, 1, 1)
+    y = np.ones(8, np.int32)
+    options = dict(epsilon=0.1, attacks=("pgd5", "apgd_ce5"), batch_size=3, seed=1)
+    config = evaluation.EvalConfig(**options)
+    from_config = _untimed(evaluation.evaluate_robustness(model, (x, y), config).to_dict())
+    keywords = evaluation.evaluate_robustness(model, (x, y), **options)
+    assert _untimed(keywords.to_dict()) == from_config
+    assert from_config["robust_accuracy"] == 0.5  # Pixels above 0.6 stay on the right side.
+    # Keyword arguments override the config's fields.
+    identity = evaluation.evaluate_robustness(model, (x, y), config, epsilon=0.0)
+    assert identity.epsilon == 0 and identity.robust_accuracy == identity.clean_accuracy == 0.625
+    with pytest.raises(TypeError, match="epsilon"):
+        evaluation.evaluate_robustness(model, (x, y), attacks=("pgd5", "apgd_ce5"))
+    with pytest.raises(TypeError, match="restart"):
+        evaluation.evaluate_robustness(model, (x, y), config, restart=2)
+    with pytest.raises(ValueError, match="EvalConfig"):
+        evaluation.evaluate_robustness(model, (x, y), {"epsilon": 0.1})
+    # In a sweep the config's epsilon is the headline.
+    sweep = evaluation.epsilon_sweep(model, (x, y), [0.2], config)
+    assert sweep.epsilons == [0.0, 0.1, 0.2, 0.5] and sweep.headline.epsilon == 0.1
+    assert _untimed(sweep.headline.to_dict()) == from_config
+    keywords = evaluation.epsilon_sweep(model, (x, y), [0.2], **options)
+    assert _untimed(keywords.to_dict()) == _untimed(sweep.to_dict())
+    # Without a config or an epsilon, the headline is the largest epsilon.
+    no_epsilon = {k: v for k, v in options.items() if k != "epsilon"}
+    sweep = evaluation.epsilon_sweep(model, (x, y), [0.05, 0.2], **no_epsilon)
+    assert sweep.epsilons == [0.0, 0.05, 0.2, 0.5] and sweep.headline.epsilon == 0.2
 
 
 def test_parse_attack():
@@ -449,3 +488,25 @@ def test_cli_fails_on_sanity_check_failure(masked_model, tmp_path):
 
     result = _run_cli(*args, "--attacks=fgsm")
     assert result.returncode != 0 and "too weak" in result.stderr
+
+
+def test_cli_autoattack_fails_on_its_sanity_checks(masked_model, tmp_path):
+    # Binarize gives every input a zero gradient: AutoAttack's zero-gradient check fails.
+    _export(masked_model, tmp_path / "serving" / "1")
+    args = [
+        f"--model_path={tmp_path / 'serving'}",
+        "--suite=autoattack",
+        "--num_examples=4",
+        "--batch_size=4",
+        "--epsilon=0.1",
+    ]
+    result = _run_cli(*args, f"--output_dir={tmp_path / 'eval'}")
+    assert result.returncode != 0
+    assert "sanity checks failed" in result.stderr and "no_zero_input_gradients" in result.stderr
+    assert "[FAIL] no_zero_input_gradients" in result.stdout
+    card = json.loads((tmp_path / "eval" / "autoattack.json").read_text())
+    assert card["keras_adr"]["checks"]["zero_gradient_fraction"] == 1.0
+    assert card["keras_adr"]["sanity_checks_passed"] is False
+
+    result = _run_cli(*args, "--allow_sanity_failures")
+    assert result.returncode == 0, result.stderr[-3000:]

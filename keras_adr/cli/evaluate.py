@@ -2,8 +2,10 @@
 
 Runs a suite of attacks (FGSM, PGD-20, PGD-100, APGD-CE, APGD-T by default)
 and reports the worst-case robust accuracy per example, an epsilon sweep and
-the gradient-masking sanity checks. Exits with a non-zero status if a sanity
-check fails, unless --allow_sanity_failures.
+the gradient-masking sanity checks; --suite=autoattack runs AutoAttack's
+standard version with AutoAttack's checks instead. The flags build one
+`keras_adr.config.EvalConfig` (their defaults are its defaults). Exits with a
+non-zero status if a sanity check fails, unless --allow_sanity_failures.
 
 Example:
 
@@ -31,23 +33,26 @@ flags.DEFINE_string(
 flags.DEFINE_string("dataset", "fashion_mnist", "Dataset name (see keras_adr.data.DATASETS).")
 flags.DEFINE_string("data_dir", None, "Directory of the dataset files or a TFDS data_dir.")
 flags.DEFINE_string("split", "test", "Split to evaluate, e.g. 'test' or 'test[:1000]'.")
-flags.DEFINE_integer("num_examples", None, "Evaluate only the first N examples of the split.")
-flags.DEFINE_integer("batch_size", config_lib.EVAL_BATCH_SIZE, "Examples per attack call.")
+# The defaults of the evaluation's flags are EvalConfig's; main builds one EvalConfig from them.
+_DEFAULTS = config_lib.EvalConfig
+
+flags.DEFINE_integer(
+    "num_examples", _DEFAULTS.num_examples, "Evaluate only the first N examples of the split."
+)
+flags.DEFINE_integer("batch_size", _DEFAULTS.batch_size, "Examples per attack call.")
 flags.DEFINE_float(
-    "epsilon", config_lib.AttackConfig.epsilon, "Radius of the threat model (the headline number)."
+    "epsilon", _DEFAULTS.epsilon, "Radius of the threat model (the headline number)."
 )
-flags.DEFINE_enum(
-    "norm", config_lib.AttackConfig.norm, config_lib.NORMS, "Norm of the threat model."
-)
+flags.DEFINE_enum("norm", _DEFAULTS.norm, config_lib.NORMS, "Norm of the threat model.")
 flags.DEFINE_list(
     "attacks",
-    list(config_lib.EVAL_ATTACKS),
+    list(_DEFAULTS.attacks),
     "Attacks: fgsm, pgd<steps>, apgd_ce, apgd_dlr, apgd_dlr_t (optionally "
     "with steps, e.g. apgd_ce50). Must include a PGD and an APGD attack.",
 )
-flags.DEFINE_integer("restarts", config_lib.EVAL_RESTARTS, "Random restarts per randomized attack.")
+flags.DEFINE_integer("restarts", _DEFAULTS.restarts, "Random restarts per randomized attack.")
 flags.DEFINE_integer(
-    "apgd_targets", config_lib.APGD_TARGETS, "Target classes of apgd_dlr_t (AutoAttack: 9)."
+    "apgd_targets", _DEFAULTS.apgd_targets, "Target classes of apgd_dlr_t (AutoAttack: 9)."
 )
 flags.DEFINE_list("epsilons", [], "Extra epsilons of the sweep, e.g. 0.05,0.2.")
 flags.DEFINE_bool(
@@ -59,21 +64,24 @@ flags.DEFINE_bool(
 flags.DEFINE_string(
     "output_dir", None, "Where to write results.json, results.md and the plot; none if unset."
 )
-flags.DEFINE_integer("seed", 0, "Seed of the random starts.")
+flags.DEFINE_integer("seed", _DEFAULTS.seed, "Seed of the random starts.")
 flags.DEFINE_bool(
-    "allow_sanity_failures", False, "Exit with status 0 even if a sanity check fails."
+    "allow_sanity_failures",
+    False,
+    "Exit with status 0 even if a sanity check fails (either suite's checks).",
 )
 flags.DEFINE_enum(
     "suite",
     "default",
     ["default", "autoattack"],
     "default: --attacks with the sweep and sanity checks; autoattack: AutoAttack's standard "
-    "version (APGD-CE, APGD-T, FAB-T, Square) at --epsilon, writing autoattack.json "
+    "version (APGD-CE, APGD-T, FAB-T, Square) at --epsilon with AutoAttack's checks (zero "
+    "input gradients, Square succeeding after the white-box attacks), writing autoattack.json "
     "(RobustBench format) to --output_dir.",
 )
 flags.DEFINE_enum(
     "precision",
-    "float32",
+    _DEFAULTS.precision,
     # keras_adr.precision.POLICIES, spelled out: --help must not wait for TensorFlow.
     ["float32", "mixed_bfloat16", "mixed_float16"],
     "Precision in which a .keras model computes during the evaluation, whatever it was "
@@ -83,24 +91,42 @@ flags.DEFINE_enum(
 flags.mark_flag_as_required("model_path")
 
 
-def _run_autoattack(evaluation, model, dataset):
-    from keras_adr import autoattack
-
-    result = evaluation.autoattack(
-        model,
-        dataset,
+def _config():
+    """The EvalConfig of the flags."""
+    return config_lib.EvalConfig(
         epsilon=FLAGS.epsilon,
         norm=FLAGS.norm,
+        attacks=FLAGS.attacks,
+        restarts=FLAGS.restarts,
         num_examples=FLAGS.num_examples,
         seed=FLAGS.seed,
         batch_size=FLAGS.batch_size,
+        apgd_targets=FLAGS.apgd_targets,
+        precision=FLAGS.precision,
     )
-    print(autoattack.format_summary(result))
+
+
+def _run_autoattack(evaluation, model, dataset, config):
+    """AutoAttack's standard version; returns its result and its sanity checks."""
+    result = evaluation.autoattack(
+        model,
+        dataset,
+        epsilon=config.epsilon,
+        norm=config.norm,
+        num_examples=config.num_examples,
+        seed=config.seed,
+        batch_size=config.batch_size,
+        clip_min=config.clip_min,
+        clip_max=config.clip_max,
+    )
+    checks = evaluation.sanity_checks(result)
+    print(evaluation.format_summary(result, checks))
     if FLAGS.output_dir:
-        path = autoattack.write_result(
-            result, FLAGS.output_dir, name=FLAGS.model_path, dataset=FLAGS.dataset
+        path = evaluation.write_autoattack_result(
+            result, FLAGS.output_dir, checks=checks, name=FLAGS.model_path, dataset=FLAGS.dataset
         )
         logging.info("Wrote %s", path)
+    return checks
 
 
 def _epsilons(values):
@@ -119,6 +145,10 @@ def main(argv):
     epsilons = _epsilons(FLAGS.epsilons)
     if FLAGS.num_examples is not None and FLAGS.num_examples < 1:
         sys.exit(f"adr-evaluate: error: --num_examples must be >= 1; got {FLAGS.num_examples}.")
+    try:
+        config = _config()
+    except ValueError as e:
+        sys.exit(f"adr-evaluate: error: {e}")
     if FLAGS.output_dir:
         # Before the evaluation, not after it: a bad directory must not cost an hour.
         import os
@@ -135,54 +165,47 @@ def main(argv):
         if not os.access(FLAGS.output_dir, os.W_OK | os.X_OK):
             sys.exit(f"adr-evaluate: error: --output_dir {FLAGS.output_dir!r} is not writable.")
     try:
-        model = evaluation.load_model(FLAGS.model_path, precision=FLAGS.precision)
+        model = evaluation.load_model(FLAGS.model_path, precision=config.precision)
         dataset = data.load(
             FLAGS.dataset,
             FLAGS.split,
-            batch_size=FLAGS.batch_size,
+            batch_size=config.batch_size,
             data_dir=FLAGS.data_dir,
-            take=FLAGS.num_examples,
+            take=config.num_examples,
         )
         if FLAGS.suite == "autoattack":
-            return _run_autoattack(evaluation, model, dataset)
-        options = dict(
-            norm=FLAGS.norm,
-            attacks=FLAGS.attacks,
-            restarts=FLAGS.restarts,
-            num_examples=FLAGS.num_examples,
-            seed=FLAGS.seed,
-            batch_size=FLAGS.batch_size,
-            apgd_targets=FLAGS.apgd_targets,
-        )
-        if epsilons or FLAGS.sanity_sweep:
+            checks = _run_autoattack(evaluation, model, dataset, config)
+        elif epsilons or FLAGS.sanity_sweep:
             results = evaluation.epsilon_sweep(
                 model,
                 dataset,
                 epsilons,
-                headline_epsilon=FLAGS.epsilon,
+                config,
+                headline_epsilon=config.epsilon,
                 include_sanity_epsilons=FLAGS.sanity_sweep,
-                **options,
             )
         else:
-            results = evaluation.evaluate_robustness(
-                model, dataset, epsilon=FLAGS.epsilon, **options
-            )
+            results = evaluation.evaluate_robustness(model, dataset, config)
     except (ValueError, FileNotFoundError, data.DatasetNotFoundError) as e:
         sys.exit(f"adr-evaluate: error: {e}")
 
-    checks = evaluation.sanity_checks(results)
-    print(evaluation.format_summary(results, checks))
-    if FLAGS.output_dir:
-        metadata = {
-            "model_path": FLAGS.model_path,
-            "model_kind": model.kind,
-            "precision": FLAGS.precision,
-            "resolved_model_path": model.path,
-            "dataset": FLAGS.dataset,
-            "split": FLAGS.split,
-        }
-        paths = evaluation.write_report(results, FLAGS.output_dir, checks=checks, metadata=metadata)
-        logging.info("Wrote %s", ", ".join(paths.values()))
+    if FLAGS.suite != "autoattack":
+        checks = evaluation.sanity_checks(results)
+        print(evaluation.format_summary(results, checks))
+        if FLAGS.output_dir:
+            metadata = {
+                "model_path": FLAGS.model_path,
+                "model_kind": model.kind,
+                "precision": config.precision,
+                "resolved_model_path": model.path,
+                "dataset": FLAGS.dataset,
+                "split": FLAGS.split,
+                "eval_config": config.get_config(),
+            }
+            paths = evaluation.write_report(
+                results, FLAGS.output_dir, checks=checks, metadata=metadata
+            )
+            logging.info("Wrote %s", ", ".join(paths.values()))
     failed = [c.name for c in checks if c.failed]
     if failed and not FLAGS.allow_sanity_failures:
         sys.exit(

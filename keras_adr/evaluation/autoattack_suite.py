@@ -14,17 +14,18 @@ if it is classified correctly clean and survives every attack. Versions:
   this version is weaker than AutoAttack's on a randomized model (a warning).
 - `"custom"`: the attacks named in `attacks`, in that order.
 
-`keras_adr.evaluation.autoattack` is this module's `autoattack`.
+`keras_adr.evaluation.autoattack` is this module's `autoattack`; its result
+is a `keras_adr.evaluation.AutoAttackResult`.
 
-AutoAttack's own checks on the model join the result: the fraction of
-points whose input gradient is exactly zero (a sign of gradient masking), and
-how many points Square broke after the white-box attacks had failed on them
-(black-box success where white-box attacks fail also points to masking).
+AutoAttack's own checks on the model join the result (`checks`): the fraction
+of the first batch's points whose input gradient is exactly zero (a sign of
+gradient masking), and how many points Square broke after the white-box
+attacks had failed on them (black-box success where white-box attacks fail
+also points to masking). `keras_adr.evaluation.sanity_checks` of the result
+turns them into pass / fail checks, as for the default suite.
 """
 
-import dataclasses
 import logging
-import math
 import time
 import warnings
 
@@ -33,6 +34,8 @@ import numpy as np
 import tensorflow as tf
 
 from keras_adr import attacks as attacks_lib
+from keras_adr.evaluation import loading
+from keras_adr.evaluation.results import AutoAttackResult
 
 VERSIONS = ("standard", "rand", "custom")
 ATTACKS = ("apgd-ce", "apgd-dlr", "apgd-t", "fab-t", "square")
@@ -42,105 +45,9 @@ RAND_ATTACKS = ("apgd-ce", "apgd-dlr")
 STEPS = 100
 TARGETS = 9
 SQUARE_QUERIES = attacks_lib.SQUARE_DEFAULT_QUERIES
-ROBUSTBENCH_JSON = "autoattack.json"
 _WHITE_BOX = ("apgd-ce", "apgd-dlr", "apgd-t", "fab-t")
 
 _log = logging.getLogger(__name__)
-
-
-def robustbench_eps(epsilon):
-    """Epsilon as RobustBench writes it: `"8/255"` for multiples of 1/255, else the decimal.
-
-    A value with at most four decimals (`0.1`, `0.3`, `0.5`) keeps its decimal
-    form; others that are k/255 for an integer k are written as a fraction.
-    """
-    epsilon = float(epsilon)
-    if round(epsilon, 4) == epsilon:
-        return f"{epsilon:g}"
-    k = round(epsilon * 255)
-    if math.isclose(epsilon * 255, k, rel_tol=0, abs_tol=1e-6):
-        return f"{k}/255"
-    return repr(epsilon)
-
-
-@dataclasses.dataclass
-class AutoAttackResult:
-    """The outcome of `autoattack`.
-
-    Attributes:
-        epsilon: Radius of the threat model.
-        norm: `"linf"` or `"l2"`.
-        version: `"standard"`, `"rand"` or `"custom"`.
-        attacks: The attacks run, in order.
-        clean_correct: Boolean `[N]`.
-        robust_correct: Boolean `[N]`: correct clean and under every attack.
-        broken_by: `[N]` strings: `"clean"` (misclassified clean), the name
-            of the first attack that broke the point, or `""` (robust).
-        accuracy_after: `{attack: robust accuracy after it}` (cumulative).
-        attack_seconds: `{attack: wall-clock seconds}`.
-        x_adv: Float `[N, ...]`: the adversarial example of each broken point,
-            the clean image of the others.
-        checks: AutoAttack's checks (`zero_gradient_fraction`,
-            `square_after_white_box`).
-        seed: The seed used.
-    """
-
-    epsilon: float
-    norm: str
-    version: str
-    attacks: tuple
-    clean_correct: np.ndarray
-    robust_correct: np.ndarray
-    broken_by: np.ndarray
-    accuracy_after: dict
-    attack_seconds: dict
-    x_adv: np.ndarray
-    checks: dict
-    seed: int = None
-
-    @property
-    def num_examples(self):
-        return len(self.clean_correct)
-
-    @property
-    def clean_accuracy(self):
-        return float(np.mean(self.clean_correct))
-
-    @property
-    def robust_accuracy(self):
-        return float(np.mean(self.robust_correct))
-
-    def robustbench(self, *, name=None, defense=None, dataset=None):
-        """The result in RobustBench's model-card format (accuracies in percent, as strings)."""
-        return {
-            "name": name,
-            "defense": defense,
-            "dataset": dataset,
-            "clean_acc": f"{100 * self.clean_accuracy:.2f}",
-            "autoattack_acc": f"{100 * self.robust_accuracy:.2f}",
-            "eps": robustbench_eps(self.epsilon),
-            "n_examples": self.num_examples,
-            "norm": {"linf": "Linf", "l2": "L2"}[self.norm],
-            "threat_model": {"linf": "Linf", "l2": "L2"}[self.norm],
-            "version": self.version,
-        }
-
-    def to_dict(self):
-        """A JSON-serialisable summary, with the per-example outcome (`broken_by`)."""
-        return {
-            "epsilon": self.epsilon,
-            "norm": self.norm,
-            "version": self.version,
-            "attacks": list(self.attacks),
-            "num_examples": self.num_examples,
-            "clean_accuracy": self.clean_accuracy,
-            "robust_accuracy": self.robust_accuracy,
-            "accuracy_after": dict(self.accuracy_after),
-            "attack_seconds": {k: round(v, 3) for k, v in self.attack_seconds.items()},
-            "checks": dict(self.checks),
-            "seed": self.seed,
-            "broken_by": [str(b) for b in self.broken_by],
-        }
 
 
 def _attack_fn(
@@ -295,8 +202,6 @@ def autoattack(
     Raises:
         ValueError: For an invalid argument or data.
     """
-    from keras_adr import evaluation  # The loading and data helpers live there.
-
     if (
         isinstance(epsilon, bool)
         or not isinstance(epsilon, (int, float, np.number))
@@ -316,9 +221,9 @@ def autoattack(
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer))):
         raise ValueError(f"`seed` must be None or an integer; got {seed!r}.")
     names = _suite(version, attacks, norm)
-    model_fn = evaluation._as_model_fn(model_fn)
+    model_fn = loading.as_model_fn(model_fn)
     data = x if y is None else (x, y)
-    x, y = evaluation._materialise(data, num_examples, clip_min, clip_max)
+    x, y = loading.materialise(data, num_examples, clip_min, clip_max)
     num_classes = int(np.asarray(model_fn(tf.constant(x[:1]))).shape[-1])
     if y.min() < 0 or y.max() >= num_classes:
         raise ValueError(
@@ -340,7 +245,8 @@ def autoattack(
     x_adv = x.copy()
     accuracy_after, attack_seconds = {}, {}
     checks = {
-        "zero_gradient_fraction": _zero_gradient_fraction(model_fn, x[:batch_size], y[:batch_size])
+        "zero_gradient_fraction": _zero_gradient_fraction(model_fn, x[:batch_size], y[:batch_size]),
+        "zero_gradient_examples": min(batch_size, len(x)),
     }
     if checks["zero_gradient_fraction"] > 0:
         _log.warning(
@@ -416,39 +322,3 @@ def autoattack(
         checks=checks,
         seed=seed,
     )
-
-
-def format_summary(result):
-    """Readable console text of an `AutoAttackResult`."""
-    lines = [
-        f"AutoAttack ({result.version}, {result.norm}, epsilon "
-        f"{robustbench_eps(result.epsilon)}, {result.num_examples} examples)",
-        f"  clean accuracy:       {100 * result.clean_accuracy:.2f}%",
-    ]
-    for name in result.attacks:
-        lines.append(
-            f"  after {name:<14} {100 * result.accuracy_after[name]:.2f}%  "
-            f"({result.attack_seconds[name]:.1f}s)"
-        )
-    lines.append(f"  AutoAttack accuracy:  {100 * result.robust_accuracy:.2f}%")
-    for key, value in result.checks.items():
-        lines.append(f"  check {key}: {value}")
-    return "\n".join(lines)
-
-
-def write_result(result, output_dir, **robustbench_fields):
-    """Writes `autoattack.json`: RobustBench's fields and ours (with `broken_by`).
-
-    Returns:
-        The path written.
-    """
-    import json
-    import os
-
-    os.makedirs(output_dir, exist_ok=True)
-    path = os.path.join(output_dir, ROBUSTBENCH_JSON)
-    payload = {**result.robustbench(**robustbench_fields), "keras_adr": result.to_dict()}
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(payload, f, indent=2)
-        f.write("\n")
-    return path
