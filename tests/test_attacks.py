@@ -185,3 +185,30 @@ def test_linf_epsilon_above_half_the_range_warns(trained_tiny):
     model, x, y = trained_tiny
     with pytest.warns(UserWarning, match="pixel units"):
         attacks.pgd(model, x[:2], y[:2], epsilon=8.0, step_size=1.0, steps=1)
+
+
+def test_per_example_uses_the_static_rank_and_never_builds_a_negative_fill():
+    from keras_adr.attacks._common import _per_example
+
+    mask = tf.constant([1.0, 2.0])
+
+    @tf.function(input_signature=[tf.TensorSpec([None]), tf.TensorSpec([None, 8, 8, 1])])
+    def static(mask, like):
+        out = _per_example(mask, like)
+        assert out.shape.as_list() == [None, 1, 1, 1]
+        return out
+
+    @tf.function(input_signature=[tf.TensorSpec([None]), tf.TensorSpec(None)])
+    def unknown_rank(mask, like):
+        return _per_example(mask, like)
+
+    assert static(mask, tf.zeros([2, 8, 8, 1])).shape == (2, 1, 1, 1)
+    assert unknown_rank(mask, tf.zeros([2, 3])).shape == (2, 1)
+    assert unknown_rank(mask[:1], tf.zeros([])).shape == (1,)  # No tf.ones([-1]) at run time.
+    # A scalar `like` inside tf.cond (as in the attacks) used to fail tracing with
+    # "Fill dimensions must be >= 0" for the node cond/ones.
+    in_cond = tf.function(
+        lambda m: tf.cond(tf.size(m) > 0, lambda: _per_example(m, tf.reduce_sum(m)), lambda: m)
+    )
+    with pytest.raises(ValueError, match="must have a batch axis"):
+        in_cond(mask)

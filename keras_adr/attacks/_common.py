@@ -88,9 +88,25 @@ def _ascent_direction(grad, norm):
 
 
 def _per_example(mask, like):
-    """Reshapes a `[B]` tensor to `[B, 1, ..., 1]` to broadcast against `like`."""
-    shape = tf.concat([tf.shape(mask)[:1], tf.ones([tf.rank(like) - 1], tf.int32)], 0)
-    return tf.reshape(mask, shape)
+    """Reshapes a `[B]` tensor to `[B, 1, ..., 1]` to broadcast against `like`.
+
+    The ones come from the static rank of `like` when it is known (so the
+    result has a static shape); only a `like` of unknown rank has its rank
+    read at run time. `like` must have a batch axis: a scalar raises
+    `ValueError` instead of tracing `tf.ones([-1])`, which fails inside a
+    graph with "Fill dimensions must be >= 0".
+    """
+    rank = tf.TensorShape(like.shape).rank
+    if rank is None:
+        ones = tf.ones(tf.maximum(tf.rank(like) - 1, 0)[None], tf.int32)
+    elif rank < 1:
+        raise ValueError(
+            f"`like` must have a batch axis [B, ...] to broadcast a per-example `[B]` tensor "
+            f"against; got shape {like.shape}."
+        )
+    else:
+        ones = tf.constant([1] * (rank - 1), tf.int32)
+    return tf.reshape(mask, tf.concat([tf.shape(mask)[:1], ones], 0))
 
 
 def _check_count(name, value, minimum=1):
