@@ -92,6 +92,95 @@ def test_fab_matches_the_exact_minimal_linf_distance_of_a_linear_model():
     assert np.all(one >= distance * (1 - 1e-4))
 
 
+def _l2_box_step(g, x, c, lo=0.0, hi=1.0):
+    """Smallest L2 box step d with g . d = c, by bisection on the multiplier (numpy).
+
+    d_i = sign(g_i) min(lam |g_i|, room_i) for the lam with g . d = |c| (c's sign folded
+    into g); None if the box does not reach the hyperplane.
+    """
+    g, c = (g, c) if c >= 0 else (-g, -c)
+    room = np.where(g > 0, hi - x, np.where(g < 0, x - lo, 0.0))
+    step = lambda lam: np.sign(g) * np.minimum(lam * np.abs(g), room)
+    if np.dot(g, step(1e12)) < c:
+        return None
+    low, high = 0.0, 1e12
+    for _ in range(200):
+        mid = (low + high) / 2
+        low, high = (mid, high) if np.dot(g, step(mid)) < c else (low, mid)
+    return step(high)
+
+
+def test_l2_hyperplane_projection_is_the_smallest_box_step():
+    rng = np.random.default_rng(2)
+    points = rng.uniform(size=(7, 30)).astype(np.float32)
+    points[:, :5] = 1.0  # Pixels on the faces of the box,
+    points[5] = rng.uniform(0.3, 0.7, size=30)  # except in the row where the box does not bind.
+    w = rng.normal(size=(7, 30)).astype(np.float32)
+    w[:, 5:8] = 0.0
+    # The box binds for the large ones, not for 0.05; 0 needs no step; 40 is unreachable.
+    c = np.array([0.5, -0.8, 2.0, 0.0, -3.0, 0.05, 40.0], np.float32)
+    d = attacks.project_to_hyperplane_l2(tf.constant(points), tf.constant(w), tf.constant(c))
+    d = d.numpy().astype(np.float64)
+    assert np.all(points + d >= -1e-6) and np.all(points + d <= 1 + 1e-6)
+    assert np.all(d[:, 5:8] == 0)
+    for i in range(6):
+        np.testing.assert_allclose(np.dot(w[i], d[i]), c[i], atol=1e-4)
+        exact = _l2_box_step(w[i].astype(np.float64), points[i].astype(np.float64), c[i])
+        np.testing.assert_allclose(d[i], exact, atol=1e-5)
+    # Where the box does not bind: the plain projection c w / |w|^2.
+    np.testing.assert_allclose(d[5], c[5] * w[5] / np.dot(w[5], w[5]), rtol=1e-4, atol=1e-7)
+    np.testing.assert_array_equal(d[3], 0.0)
+    # Unreachable: every coordinate that helps goes to its face.
+    assert _l2_box_step(w[6].astype(np.float64), points[6].astype(np.float64), c[6]) is None
+    faces = np.where(w[6] > 0, 1.0 - points[6], np.where(w[6] < 0, -points[6], 0.0))
+    np.testing.assert_allclose(d[6], faces, atol=1e-6)
+
+
+def test_fab_l2_matches_the_closed_form_minimal_l2_distance_of_a_linear_model():
+    rng = np.random.default_rng(3)
+    w = (0.3 * rng.normal(size=(_DIMS, _CLASSES))).astype(np.float32)
+    b = rng.normal(size=_CLASSES).astype(np.float32)
+    x = rng.uniform(0.3, 0.7, size=(24, 8, 8, 1)).astype(np.float32)
+
+    def model(images):
+        return tf.matmul(tf.reshape(images, [-1, _DIMS]), w) + b
+
+    y = np.argmax(model(x).numpy(), -1).astype(np.int32)
+    flat = x.reshape(len(x), -1).astype(np.float64)
+    # |w . x + b| / |w| over the hyperplanes z_t = z_y; the projection of x onto the
+    # closest one lies inside the box (checked), so the box does not change the minimum.
+    exact = np.full(len(x), np.inf)
+    for i, (xi, yi) in enumerate(zip(flat, y)):
+        for t in range(_CLASSES):
+            if t != yi:
+                g, c = w[:, t] - w[:, yi], b[t] - b[yi]
+                margin = np.dot(g, xi) + c
+                if -margin / np.linalg.norm(g) < exact[i]:
+                    exact[i] = -margin / np.linalg.norm(g)
+                    nearest = xi - margin * g / np.dot(g, g)
+        assert nearest.min() > 0.0 and nearest.max() < 1.0
+    out = attacks.fab_min_norm(model, x, y, norm="l2", num_targets=_CLASSES - 1, steps=100, seed=0)
+    distance, x_adv = out["distance"].numpy(), out["x_adv"].numpy()
+    # Never below the minimum (the points are truly adversarial), and within 2% of it.
+    assert np.all(distance >= exact * (1 - 1e-4))
+    assert np.all(distance <= exact * 1.02)
+    assert np.all(np.argmax(model(x_adv).numpy(), -1) != y)
+    assert x_adv.min() >= 0.0 and x_adv.max() <= 1.0
+    np.testing.assert_allclose(
+        np.linalg.norm((x_adv - x).reshape(len(x), -1), axis=1), distance, rtol=1e-5
+    )
+    # Within a radius: points in the L2 ball and the box, fooling exactly where FAB's fit.
+    epsilon = float(np.median(exact))
+    x_eps = attacks.fab(
+        model, x, y, epsilon=epsilon, norm="l2", num_targets=_CLASSES - 1, steps=100, seed=0
+    ).numpy()
+    assert x_eps.min() >= 0.0 and x_eps.max() <= 1.0
+    assert np.linalg.norm((x_eps - x).reshape(len(x), -1), axis=1).max() <= epsilon * (1 + 1e-6)
+    fooled = np.argmax(model(x_eps).numpy(), -1) != y
+    np.testing.assert_array_equal(fooled, distance <= epsilon)
+    assert fooled.any() and not fooled.all()
+
+
 def test_fab_within_epsilon_returns_points_in_the_ball_that_fool_when_reported(trained_tiny):
     model, x, y = trained_tiny
     x, y = x[:16], y[:16]
@@ -133,7 +222,7 @@ def test_fab_skips_misclassified_points_and_empty_batches(trained_tiny):
         (dict(alpha_max=2.0), "alpha_max"),
         (dict(eta=0.5), "eta"),
         (dict(beta=-1.0), "beta"),
-        (dict(norm="l2"), "norm"),
+        (dict(norm="l1"), "norm"),
         (dict(epsilon=None), "epsilon"),
         (dict(epsilon=0.0), "epsilon"),
         (dict(seed=1.5), "seed"),

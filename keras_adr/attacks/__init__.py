@@ -2,7 +2,7 @@
 
 - `pgd`: `pgd` (Madry et al. 2018; also the TRADES KL attack) and `fgsm`.
 - `apgd`: Auto-PGD (Croce & Hein 2020): `apgd`, `apgd_dlr_targeted`.
-- `fab`: targeted FAB (Croce & Hein 2020), minimal L-inf perturbations:
+- `fab`: targeted FAB (Croce & Hein 2020), minimal L-inf or L2 perturbations:
   `fab`, `fab_min_norm`.
 - `square`: the Square Attack (Andriushchenko et al. 2020), score-based
   (no gradients): `square`, `square_details`.
@@ -19,6 +19,7 @@ flowing back to `x`.
 """
 
 from keras_adr.attacks._common import ATTACK_LOSSES, inference_fn
+from keras_adr.attacks._hyperplane import project_to_hyperplane_l2, project_to_hyperplane_linf
 from keras_adr.attacks.apgd import (
     APGD_DEFAULT_TARGETS,
     APGD_LOSSES,
@@ -33,7 +34,6 @@ from keras_adr.attacks.fab import (
     FAB_DEFAULT_TARGETS,
     fab,
     fab_min_norm,
-    project_to_hyperplane_linf,
 )
 from keras_adr.attacks.pgd import fgsm, pgd
 from keras_adr.attacks.square import (
@@ -64,5 +64,6 @@ __all__ = [
     "FAB_DEFAULT_TARGETS",
     "fab",
     "fab_min_norm",
+    "project_to_hyperplane_l2",
     "project_to_hyperplane_linf",
 ]

@@ -4,12 +4,12 @@ FAB looks for the smallest perturbation that changes the decision. At each
 step it linearises the difference of logits `f = z_t - z_y` between a target
 class `t` and the label `y` at the current iterate `x_k`, projects both
 `x_k` and the clean image `x` onto the hyperplane `f = 0` of that
-linearisation (the smallest L-inf step that reaches it inside the pixel
-box), and moves to a convex combination of the two projections, extrapolated
-by `eta`:
+linearisation (the smallest step in the attack's norm, L-inf or L2, that
+reaches it inside the pixel box), and moves to a convex combination of the
+two projections, extrapolated by `eta`:
 
     x_{k+1} = clip((1 - a) (x_k + eta d_k) + a (x + eta d_0)),
-    a = min(|d_k| / (|d_k| + |d_0|), alpha_max).
+    a = min(|d_k| / (|d_k| + |d_0|), alpha_max)   (|.| the attack's norm).
 
 Whenever `x_{k+1}` is misclassified it is recorded (if closer to `x` than the
 best so far) and pulled back towards `x`: `x_{k+1} <- x + beta (x_{k+1} - x)`.
@@ -17,7 +17,8 @@ The targeted version runs this once per target class: the classes of the
 2nd, 3rd, ... largest clean logits (AutoAttack's FAB-T: 9 targets, 100
 steps, one run each, alpha_max 0.1, eta 1.05, beta 0.9).
 
-Only L-inf is implemented.
+L-inf and L2 are implemented (`project_to_hyperplane_linf`,
+`project_to_hyperplane_l2`); AutoAttack's L1 FAB is not.
 """
 
 import numpy as np
@@ -29,9 +30,11 @@ from keras_adr.attacks._common import (
     _check_seed,
     _compile_if_eager,
     _per_example,
+    _project,
     _validate,
     inference_fn,
 )
+from keras_adr.attacks._hyperplane import project_to_hyperplane_l2, project_to_hyperplane_linf
 
 # AutoAttack's standard FAB-T parameters.
 FAB_DEFAULT_TARGETS = 9
@@ -45,57 +48,24 @@ _FAB_TINY = 1e-8
 _FAB_START_FRACTION = 0.5
 
 
-def project_to_hyperplane_linf(points, w, c, clip_min=0.0, clip_max=1.0):
-    """Smallest L-inf step `d` with `w . d = c` that keeps `points + d` in the box.
-
-    Solves, per row, `min ||d||_inf` subject to `w . d = c` and
-    `clip_min <= points + d <= clip_max`. For a radius `r` the largest
-    reachable `|w . d|` is `F(r) = sum_i |w_i| min(r, room_i)`, where `room_i`
-    is the distance from `points_i` to the box face in the direction that
-    helps; `F` is piecewise linear and non-decreasing, so the optimal radius
-    solves `F(r) = |c|` on the segment found by sorting the rooms, and
-    `d_i = sign * min(r, room_i)`. When no step inside the box reaches the
-    hyperplane, the step goes as far as the box allows (`r` = largest room).
-
-    Args:
-        points: `[B, D]` points inside the box.
-        w: `[B, D]` hyperplane normals.
-        c: `[B]` required changes of `w . x`.
-        clip_min: Lower face of the box.
-        clip_max: Upper face of the box.
-
-    Returns:
-        `[B, D]` steps.
-    """
-    direction = tf.where(c < 0, -1.0, 1.0)[:, None]
-    w = w * direction
-    target = tf.abs(c)
-    room = tf.where(w > 0, clip_max - points, tf.where(w < 0, points - clip_min, 0.0))
-    weight = tf.abs(w)
-    order = tf.argsort(room, axis=1)
-    room_sorted = tf.gather(room, order, batch_dims=1)
-    weight_sorted = tf.gather(weight, order, batch_dims=1)
-    total = tf.reduce_sum(weight, axis=1, keepdims=True)
-    below = tf.cumsum(weight_sorted * room_sorted, axis=1)  # Saturated coordinates.
-    remaining = total - tf.cumsum(weight_sorted, axis=1)  # Weight of the unsaturated ones.
-    reach = below + room_sorted * remaining  # F at each sorted room.
-    k = tf.reduce_sum(tf.cast(reach < target[:, None], tf.int32), axis=1)
-    dims = tf.shape(points)[1]
-    previous = tf.maximum(k - 1, 0)
-    below_prev = tf.where(k > 0, tf.gather(below, previous, batch_dims=1), 0.0)
-    remaining_prev = tf.where(k > 0, tf.gather(remaining, previous, batch_dims=1), total[:, 0])
-    radius = (target - below_prev) / tf.maximum(remaining_prev, 1e-30)
-    radius = tf.where(k >= dims, room_sorted[:, -1], radius)
-    radius = tf.maximum(radius, 0.0)
-    return tf.sign(w) * tf.minimum(radius[:, None], room)
-
-
 def _linf(t):
     return tf.reduce_max(tf.abs(tf.reshape(t, [tf.shape(t)[0], -1])), axis=1)
 
 
-def _fab_run(model_fn, x, y, target, *, steps, alpha_max, eta, beta, clip_min, clip_max, start):
+def _l2(t):
+    return tf.norm(tf.reshape(t, [tf.shape(t)[0], -1]), axis=1)
+
+
+# Per norm: the projection onto the linearised boundary and the size of a [B, ...] step.
+_PROJECTIONS = {"linf": project_to_hyperplane_linf, "l2": project_to_hyperplane_l2}
+_SIZES = {"linf": _linf, "l2": _l2}
+
+
+def _fab_run(
+    model_fn, x, y, target, *, norm, steps, alpha_max, eta, beta, clip_min, clip_max, start
+):
     """One FAB-T run on a batch towards `target`; returns `(x_best, best_distance)`."""
+    project, size = _PROJECTIONS[norm], _SIZES[norm]
     batch = tf.shape(x)[0]
     flat = lambda t: tf.reshape(t, [batch, -1])
     x0 = flat(x)
@@ -109,19 +79,17 @@ def _fab_run(model_fn, x, y, target, *, steps, alpha_max, eta, beta, clip_min, c
         grad = flat(tape.gradient(total, x_k, unconnected_gradients=tf.UnconnectedGradients.ZERO))
         xk = flat(x_k)
         # The linearised boundary {v : diff + grad . (v - x_k) = 0}.
-        d_k = project_to_hyperplane_linf(xk, grad, -diff, clip_min, clip_max)
-        d_0 = project_to_hyperplane_linf(
-            x0, grad, -diff - tf.reduce_sum(grad * (x0 - xk), axis=1), clip_min, clip_max
-        )
-        a_k = tf.maximum(tf.reduce_max(tf.abs(d_k), axis=1), _FAB_TINY)
-        a_0 = tf.maximum(tf.reduce_max(tf.abs(d_0), axis=1), _FAB_TINY)
+        d_k = project(xk, grad, -diff, clip_min, clip_max)
+        d_0 = project(x0, grad, -diff - tf.reduce_sum(grad * (x0 - xk), axis=1), clip_min, clip_max)
+        a_k = tf.maximum(size(d_k), _FAB_TINY)
+        a_0 = tf.maximum(size(d_0), _FAB_TINY)
         alpha = tf.clip_by_value(a_k / (a_k + a_0), 0.0, alpha_max)[:, None]
         x_new = tf.clip_by_value(
             (xk + eta * d_k) * (1.0 - alpha) + (x0 + eta * d_0) * alpha, clip_min, clip_max
         )
         x_new = tf.reshape(x_new, tf.shape(x))
         wrong = tf.not_equal(tf.argmax(model_fn(x_new), axis=-1, output_type=tf.int32), y)
-        distance = _linf(x_new - x)
+        distance = size(x_new - x)
         closer = tf.logical_and(wrong, distance < best)
         x_best = tf.where(_per_example(closer, x), x_new, x_best)
         best = tf.where(closer, distance, best)
@@ -159,10 +127,8 @@ def _validate_fab(
     clip_max,
     seed,
 ):
-    if norm != "linf":
-        raise ValueError(
-            f"`norm` must be 'linf' for FAB (the only norm implemented); got {norm!r}."
-        )
+    if norm not in _PROJECTIONS:
+        raise ValueError(f"`norm` must be one of {tuple(_PROJECTIONS)} for FAB; got {norm!r}.")
     _check_count("steps", steps)
     _check_count("num_targets", num_targets)
     _check_count("restarts", restarts)
@@ -227,12 +193,12 @@ def fab_min_norm(
             (AutoAttack: 9).
         steps: Iterations per target class and restart (AutoAttack: 100).
         restarts: Runs per target class, >= 1; the first starts at `x`, the
-            others at a random point at L-inf distance `epsilon / 2`
+            others at a random point at distance `epsilon / 2` in `norm`
             (AutoAttack's FAB-T: 1).
         alpha_max: Largest weight of the step from `x`, in [0, 1].
         eta: Overshoot of the projections, in [1, 10].
         beta: Backward step towards `x` after a success, in [0, 1].
-        norm: `"linf"` (the only norm implemented).
+        norm: `"linf"` or `"l2"`: the norm that FAB minimises.
         clip_min: Smallest valid pixel value.
         clip_max: Largest valid pixel value.
         seed: None or an integer; seeds the random starts.
@@ -240,7 +206,7 @@ def fab_min_norm(
     Returns:
         A dict: `x_adv` `[B, ...]`, per example the closest misclassified
         point found (`x` itself if `x` is misclassified, or if none was
-        found), and `distance` `[B]`, its L-inf distance to `x` (0 where `x`
+        found), and `distance` `[B]`, its distance to `x` in `norm` (0 where `x`
         is misclassified, inf where nothing was found).
 
     Raises:
@@ -268,6 +234,7 @@ def fab_min_norm(
     skip_within = -np.inf if epsilon is None else float(epsilon)
     start_radius = _FAB_START_FRACTION * (1.0 if epsilon is None else float(epsilon))
     params = dict(
+        norm=norm,
         steps=steps,
         alpha_max=float(alpha_max),
         eta=float(eta),
@@ -295,8 +262,11 @@ def fab_min_norm(
                     start = x_run
                     if restart > 0:
                         key = tf.stack([seed, tf.cast(rank * 1000 + restart, tf.int64)])
-                        noise = tf.random.stateless_uniform(tf.shape(x_run), key, -1.0, 1.0)
-                        noise /= _per_example(tf.maximum(_linf(noise), 1e-12), noise)
+                        if norm == "linf":
+                            noise = tf.random.stateless_uniform(tf.shape(x_run), key, -1.0, 1.0)
+                        else:  # A uniform direction (AutoAttack's L2 start).
+                            noise = tf.random.stateless_normal(tf.shape(x_run), key)
+                        noise /= _per_example(tf.maximum(_SIZES[norm](noise), 1e-12), noise)
                         start = tf.clip_by_value(x_run + start_radius * noise, clip_min, clip_max)
                     return _fab_run(
                         model_fn,
@@ -375,5 +345,8 @@ def fab(
     within = out["distance"] <= epsilon
     x_adv = tf.where(_per_example(within, x), out["x_adv"], x)
     # Float rounding must not leave the ball.
-    x_adv = tf.clip_by_value(tf.clip_by_value(x_adv, x - epsilon, x + epsilon), clip_min, clip_max)
-    return tf.stop_gradient(x_adv)
+    if norm == "linf":
+        x_adv = tf.clip_by_value(x_adv, x - epsilon, x + epsilon)
+    else:
+        x_adv = _project(x_adv, x, epsilon, norm, clip_min, clip_max)
+    return tf.stop_gradient(tf.clip_by_value(x_adv, clip_min, clip_max))
