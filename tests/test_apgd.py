@@ -7,6 +7,7 @@ import tensorflow as tf
 from conftest import fashion_arrays
 
 from keras_adr import attacks
+from keras_adr.attacks._gradient import eot_input_gradient
 
 _EPSILON = 0.05
 _NUM_EXAMPLES = 200
@@ -177,6 +178,8 @@ def _linear_model(num_classes):
         (dict(seed=1.5), "seed"),
         (dict(clip_min=1.0, clip_max=0.0), "clip_min"),
         (dict(targeted="yes"), "targeted"),
+        (dict(eot_iterations=0), "eot_iterations"),
+        (dict(eot_iterations=2.0), "eot_iterations"),
     ],
 )
 def test_bad_arguments_raise(kwargs, message):
@@ -213,3 +216,76 @@ def test_too_few_classes_raise():
     attacks.apgd(
         _linear_model(2), x, y, epsilon=0.1, steps=2, loss="ce", targeted=True, num_targets=1
     )
+
+
+class _NoisyAtInference(keras.layers.GaussianNoise):
+    """GaussianNoise that stays on at inference: a randomized defense."""
+
+    def call(self, inputs, training=False):
+        return super().call(inputs, training=True)
+
+
+def _noisy_linear_model(dims=16, classes=3, stddev=0.5):
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential(
+        [keras.Input((dims,)), _NoisyAtInference(stddev, seed=1), keras.layers.Dense(classes)]
+    )
+    w, b = (v.numpy().astype(np.float64) for v in model.layers[-1].weights)
+    model.layers[-1].set_weights([(3 * w).astype(np.float32), b.astype(np.float32)])
+    return model, 3 * w, b
+
+
+def _cosine_error(estimate, truth):
+    estimate, truth = np.asarray(estimate, np.float64), np.asarray(truth, np.float64)
+    cos = (
+        np.sum(estimate * truth, 1)
+        / np.linalg.norm(estimate, axis=1)
+        / np.linalg.norm(truth, axis=1)
+    )
+    return 1.0 - cos
+
+
+def test_eot_gradients_are_closer_to_the_expected_gradient_than_one_sample():
+    stddev = 0.5
+    model, w, b = _noisy_linear_model(stddev=stddev)
+    rng = np.random.default_rng(0)
+    x = rng.uniform(size=(8, 16)).astype(np.float32)
+    y = np.arange(8, dtype=np.int32) % 3
+    # The expected cross-entropy input gradient, E_n[W (softmax((x + n) W + b) - onehot(y))],
+    # from 100,000 noise samples per example in numpy.
+    truth = []
+    for xi, yi in zip(x.astype(np.float64), y):
+        z = (xi + stddev * rng.normal(size=(100_000, 16))) @ w + b
+        p = np.exp(z - z.max(1, keepdims=True))
+        p /= p.sum(1, keepdims=True)
+        p[:, yi] -= 1.0
+        truth.append(w @ p.mean(0))
+    ce = lambda logits: tf.nn.sparse_softmax_cross_entropy_with_logits(y, logits)
+    gradient = tf.function(
+        lambda images, n: eot_input_gradient(model, ce, images, n)[2], reduce_retracing=True
+    )
+    single = [_cosine_error(gradient(x, 1), truth) for _ in range(5)]
+    averaged = [_cosine_error(gradient(x, 20), truth) for _ in range(5)]
+    # One sample's direction misses the expected one; 20 samples' average is far closer
+    # (its variance is 20 times smaller), for most examples and draws and on the whole.
+    assert np.mean(averaged) < 0.25 * np.mean(single)
+    assert np.mean(np.asarray(averaged) < np.asarray(single)) > 0.8
+
+
+def test_eot_on_a_deterministic_model_is_plain_apgd_and_stays_valid_on_a_random_one(trained):
+    model, x, y = trained
+    x, y = x[:32], y[:32]
+    run = lambda **kwargs: attacks.apgd(
+        model, x, y, epsilon=_EPSILON, steps=10, seed=2, **kwargs
+    ).numpy()
+    # Four identical gradients average to the same gradient, exactly (powers of two).
+    np.testing.assert_array_equal(run(eot_iterations=4), run())
+    np.testing.assert_array_equal(run(eot_iterations=1), run())
+    noisy, _, _ = _noisy_linear_model()
+    x = np.random.default_rng(1).uniform(size=(6, 16)).astype(np.float32)
+    y = np.arange(6, dtype=np.int32) % 3
+    for norm, epsilon in (("linf", 0.1), ("l2", 0.5)):
+        x_adv = attacks.apgd(
+            noisy, x, y, epsilon=epsilon, norm=norm, steps=5, eot_iterations=20, seed=0
+        )
+        _assert_valid(x_adv, x, epsilon, norm)

@@ -1,6 +1,7 @@
 """Tests for keras_adr.evaluation.autoattack (the AutoAttack suite, RobustBench-format results)."""
 
 import json
+import warnings
 
 import keras
 import numpy as np
@@ -8,7 +9,7 @@ import pytest
 import tensorflow as tf
 from conftest import blob_data, tiny_cnn
 
-from keras_adr import evaluation
+from keras_adr import attacks, evaluation
 
 _FAST = dict(steps=10, queries=60, batch_size=16, progress=False)
 
@@ -66,6 +67,31 @@ def test_standard_suite_runs_in_order_on_robust_points_and_is_never_weaker(four_
     assert card["clean_acc"] == f"{100 * result.clean_accuracy:.2f}"
     assert card["eps"] == "0.25" and card["norm"] == "Linf" and card["n_examples"] == 24
     assert len(card["keras_adr"]["broken_by"]) == 24
+
+
+def test_l2_standard_suite_runs_fab_t_and_rand_suite_averages_20_gradients(
+    four_classes, monkeypatch
+):
+    model, x, y = four_classes
+    calls = []
+    apgd = attacks.apgd
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs.get("eot_iterations", 1))
+        return apgd(*args, **kwargs)
+
+    monkeypatch.setattr(attacks, "apgd", spy)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        l2 = evaluation.autoattack(model, x, y, epsilon=1.0, norm="l2", seed=0, **_FAST)
+        assert calls == [1, 1]  # APGD-CE and APGD-T, one gradient per step.
+        rand = evaluation.autoattack(model, x, y, epsilon=0.25, version="rand", seed=0, **_FAST)
+    assert not [w for w in caught if "FAB" in str(w.message) or "EOT" in str(w.message)]
+    assert l2.attacks == ("apgd-ce", "apgd-t", "fab-t", "square")
+    assert l2.robust_accuracy < l2.clean_accuracy
+    sizes = np.linalg.norm((l2.x_adv - x).reshape(len(x), -1), axis=1)
+    assert sizes.max() <= 1.0 * (1 + 1e-5) and l2.x_adv.min() >= 0 and l2.x_adv.max() <= 1
+    assert rand.attacks == ("apgd-ce", "apgd-dlr") and calls[2:] == [20, 20]
 
 
 @pytest.mark.parametrize(

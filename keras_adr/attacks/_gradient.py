@@ -55,6 +55,12 @@ def input_gradient(model_fn, loss_fn, x):
         input gradient of their sum up to a positive factor per example
         (zero where the loss does not depend on the input).
     """
+    logits, losses, grad, _ = _scaled_input_gradient(model_fn, loss_fn, x)
+    return logits, losses, grad
+
+
+def _scaled_input_gradient(model_fn, loss_fn, x):
+    """`input_gradient` and its per-example power-of-two scale `[B, 1]` (grad / scale is exact)."""
     with tf.GradientTape() as tape:
         tape.watch(x)
         logits = tf.cast(model_fn(x), tf.float32)
@@ -73,4 +79,49 @@ def input_gradient(model_fn, loss_fn, x):
         # its gradient is then zero, not an error.
         unconnected_gradients=tf.UnconnectedGradients.ZERO,
     )
-    return logits, losses, grad
+    return logits, losses, grad, scale
+
+
+def eot_input_gradient(model_fn, loss_fn, x, iterations):
+    """`input_gradient` averaged over `iterations` calls of a randomized `model_fn` (EOT).
+
+    Expectation over Transformation (Athalye et al., 2018), as in
+    AutoAttack's rand version: each call samples the model's randomness
+    anew; the gradients are averaged (each with its power-of-two scale
+    divided back out, exact in float32, so that every sample counts the
+    same), and so are the logits and the losses (AutoAttack keeps the last
+    sample's). The average is rescaled by a power of two per example, so
+    that its largest entry is in [0.5, 2) and the normalised L2 step is as
+    accurate as with one sample. With `iterations=1` this is
+    `input_gradient` itself.
+
+    Args:
+        model_fn: Callable images -> logits, possibly random.
+        loss_fn: Callable float32 logits `[B, K]` -> per-example losses `[B]`.
+        x: Images `[B, ...]`.
+        iterations: Number of samples, an integer >= 1.
+
+    Returns:
+        `(logits, losses, grad)` as `input_gradient`, averaged over the
+        samples; `grad` up to a positive factor per example.
+    """
+    if iterations == 1:
+        return input_gradient(model_fn, loss_fn, x)
+
+    def sample():
+        logits, losses, grad, scale = _scaled_input_gradient(model_fn, loss_fn, x)
+        # `scale` is `[B, 1]`: the gradient itself, so that one sample weighs as much as another.
+        return logits, losses, grad / tf.reshape(scale, [-1] + [1] * (len(grad.shape) - 1))
+
+    def body(i, logits_sum, losses_sum, grad_sum):
+        logits, losses, grad = sample()
+        return i + 1, logits_sum + logits, losses_sum + losses, grad_sum + grad
+
+    _, logits_sum, losses_sum, grad_sum = tf.while_loop(
+        lambda i, *_: i < iterations, body, (tf.constant(1), *sample()), parallel_iterations=1
+    )
+    count = float(iterations)
+    grad = grad_sum / count
+    axes = list(range(1, len(grad.shape)))
+    grad *= power_of_two_scale(tf.reduce_max(tf.abs(grad), axis=axes, keepdims=True))
+    return logits_sum / count, losses_sum / count, grad

@@ -11,7 +11,7 @@ from keras_adr.attacks._common import (
     _validate,
     inference_fn,
 )
-from keras_adr.attacks._gradient import input_gradient
+from keras_adr.attacks._gradient import eot_input_gradient
 
 APGD_LOSSES = ("ce", "dlr")
 # Momentum weight alpha of APGD (Croce & Hein 2020, Sec. 3.2).
@@ -105,6 +105,7 @@ def _validate_apgd(
     num_targets,
     restarts,
     rho,
+    eot_iterations,
     clip_min,
     clip_max,
     seed,
@@ -113,7 +114,11 @@ def _validate_apgd(
         raise ValueError(f"`loss` must be one of {APGD_LOSSES} for APGD; got {loss!r}.")
     if not isinstance(targeted, (bool, np.bool_)):
         raise ValueError(f"`targeted` must be a bool; got {targeted!r}.")
-    for name, value in (("restarts", restarts), ("num_targets", num_targets)):
+    for name, value in (
+        ("restarts", restarts),
+        ("num_targets", num_targets),
+        ("eot_iterations", eot_iterations),
+    ):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
             raise ValueError(f"`{name}` must be an integer >= 1; got {value!r}.")
     if isinstance(rho, bool) or not isinstance(rho, (int, float, np.number)) or not 0 < rho <= 1:
@@ -162,7 +167,21 @@ def _check_num_classes(num_classes, loss, targeted, num_targets):
 
 
 def _apgd_run(
-    model_fn, x, y, target, *, epsilon, steps, norm, loss, targeted, rho, clip_min, clip_max, seed
+    model_fn,
+    x,
+    y,
+    target,
+    *,
+    epsilon,
+    steps,
+    norm,
+    loss,
+    targeted,
+    rho,
+    eot_iterations,
+    clip_min,
+    clip_max,
+    seed,
 ):
     """One APGD run from a random start on a batch.
 
@@ -185,8 +204,11 @@ def _apgd_run(
     def evaluate(x_adv):
         # The gradient up to a positive factor per example: APGD uses only
         # its sign (L-inf) or direction (L2).
-        logits, values, grad = input_gradient(
-            model_fn, lambda logits: _apgd_objective(logits, y, target, loss, targeted), x_adv
+        logits, values, grad = eot_input_gradient(
+            model_fn,
+            lambda logits: _apgd_objective(logits, y, target, loss, targeted),
+            x_adv,
+            eot_iterations,
         )
         wrong = tf.not_equal(tf.argmax(logits, axis=-1, output_type=tf.int32), y)
         return values, grad, wrong
@@ -298,6 +320,7 @@ def apgd(
     num_targets=APGD_DEFAULT_TARGETS,
     restarts=1,
     rho=0.75,
+    eot_iterations=1,
     clip_min=0.0,
     clip_max=1.0,
     seed=None,
@@ -342,6 +365,11 @@ def apgd(
         restarts: Random restarts (per target class when targeted), >= 1.
         rho: Fraction of loss-increasing steps below which the step size is
             halved at a checkpoint, in (0, 1].
+        eot_iterations: Calls of `model_fn` per step, >= 1 (Expectation over
+            Transformation, for randomized defenses: AutoAttack's rand
+            version uses 20). The step follows their average gradient, and
+            the loss and the decision are those of the average logits and
+            losses. 1 (the default) is plain APGD.
         clip_min: Smallest valid pixel value.
         clip_max: Largest valid pixel value.
         seed: None (stateful random ops, seeded by `tf.random.set_seed`) or
@@ -367,6 +395,7 @@ def apgd(
         num_targets=num_targets,
         restarts=restarts,
         rho=rho,
+        eot_iterations=eot_iterations,
         clip_min=clip_min,
         clip_max=clip_max,
         seed=seed,
@@ -406,6 +435,7 @@ def apgd(
                 loss=loss,
                 targeted=targeted,
                 rho=rho,
+                eot_iterations=int(eot_iterations),
                 clip_min=clip_min,
                 clip_max=clip_max,
                 seed=run_seed,
@@ -448,6 +478,7 @@ def apgd_dlr_targeted(
     num_targets=APGD_DEFAULT_TARGETS,
     restarts=1,
     rho=0.75,
+    eot_iterations=1,
     clip_min=0.0,
     clip_max=1.0,
     seed=None,
@@ -469,6 +500,7 @@ def apgd_dlr_targeted(
         num_targets=num_targets,
         restarts=restarts,
         rho=rho,
+        eot_iterations=eot_iterations,
         clip_min=clip_min,
         clip_max=clip_max,
         seed=seed,

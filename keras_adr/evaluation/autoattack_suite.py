@@ -6,12 +6,11 @@ if it is classified correctly clean and survives every attack. Versions:
 
 - `"standard"`: APGD-CE (100 steps, 1 run), APGD-T (targeted DLR, 9 target
   classes, 100 steps), FAB-T (9 target classes, 100 steps) and Square (5,000
-  queries, p_init 0.8). The target counts are capped at the number of classes
-  minus one. FAB-T is implemented for L-inf only; with `norm="l2"` the suite
-  runs without it and says so (a warning, and the result's `attacks`).
-- `"rand"`: APGD-CE and APGD-DLR, for randomized defenses. AutoAttack
-  averages 20 gradients per step there (EOT); keras-adr's APGD takes one, so
-  this version is weaker than AutoAttack's on a randomized model (a warning).
+  queries, p_init 0.8), in the threat model's norm (L-inf or L2). The target
+  counts are capped at the number of classes minus one.
+- `"rand"`: APGD-CE and APGD-DLR, for randomized defenses, each step on the
+  gradient averaged over 20 samples of the model (EOT, `eot_iterations=20`
+  of `attacks.apgd`), as AutoAttack's rand version.
 - `"custom"`: the attacks named in `attacks`, in that order.
 
 `keras_adr.evaluation.autoattack` is this module's `autoattack`; its result
@@ -27,7 +26,6 @@ turns them into pass / fail checks, as for the default suite.
 
 import logging
 import time
-import warnings
 
 import keras
 import numpy as np
@@ -44,6 +42,8 @@ RAND_ATTACKS = ("apgd-ce", "apgd-dlr")
 # AutoAttack's standard version: 100 iterations, 9 target classes, 5,000 queries.
 STEPS = 100
 TARGETS = 9
+# AutoAttack's rand version: APGD's gradient averaged over 20 samples of the model (EOT).
+RAND_EOT_ITERATIONS = 20
 SQUARE_QUERIES = attacks_lib.SQUARE_DEFAULT_QUERIES
 _WHITE_BOX = ("apgd-ce", "apgd-dlr", "apgd-t", "fab-t")
 
@@ -51,27 +51,38 @@ _log = logging.getLogger(__name__)
 
 
 def _attack_fn(
-    model_fn, name, *, epsilon, norm, steps, targets, queries, clip_min, clip_max, image_shape
+    model_fn,
+    name,
+    *,
+    epsilon,
+    norm,
+    steps,
+    targets,
+    queries,
+    eot_iterations,
+    clip_min,
+    clip_max,
+    image_shape,
 ):
     """A `tf.function` (x, y, seed) -> x_adv running one attack of the suite."""
     common = dict(epsilon=epsilon, norm=norm, clip_min=clip_min, clip_max=clip_max)
+    apgd_args = dict(steps=steps, eot_iterations=eot_iterations, **common)
 
     def run(x, y, seed):
         if name == "apgd-ce":
-            return attacks_lib.apgd(model_fn, x, y, steps=steps, loss="ce", seed=seed, **common)
+            return attacks_lib.apgd(model_fn, x, y, loss="ce", seed=seed, **apgd_args)
         if name == "apgd-dlr":
-            return attacks_lib.apgd(model_fn, x, y, steps=steps, loss="dlr", seed=seed, **common)
+            return attacks_lib.apgd(model_fn, x, y, loss="dlr", seed=seed, **apgd_args)
         if name == "apgd-t":
             return attacks_lib.apgd(
                 model_fn,
                 x,
                 y,
-                steps=steps,
                 loss="dlr",
                 targeted=True,
                 num_targets=targets,
                 seed=seed,
-                **common,
+                **apgd_args,
             )
         if name == "fab-t":
             return attacks_lib.fab(
@@ -112,7 +123,7 @@ def _zero_gradient_fraction(model_fn, x, y):
     return float(fraction(tf.constant(x), tf.constant(y)))
 
 
-def _suite(version, attacks, norm):
+def _suite(version, attacks):
     if version not in VERSIONS:
         raise ValueError(f"`version` must be one of {VERSIONS}; got {version!r}.")
     if version != "custom":
@@ -133,21 +144,6 @@ def _suite(version, attacks, norm):
         if len(set(attacks)) != len(attacks):
             raise ValueError(f"`attacks` has duplicate names: {list(attacks)}.")
         names = tuple(attacks)
-    if version == "rand":
-        warnings.warn(
-            "version='rand' runs APGD-CE and APGD-DLR without AutoAttack's 20-sample "
-            "EOT gradients: weaker than AutoAttack on a randomized model.",
-            stacklevel=3,
-        )
-    if norm != "linf" and "fab-t" in names:
-        if version == "custom":
-            raise ValueError("'fab-t' is implemented for norm='linf' only.")
-        warnings.warn(
-            "FAB-T is implemented for L-inf only: the L2 standard suite runs "
-            "APGD-CE, APGD-T and Square.",
-            stacklevel=3,
-        )
-        names = tuple(n for n in names if n != "fab-t")
     return names
 
 
@@ -220,7 +216,7 @@ def autoattack(
             raise ValueError(f"`{name}` must be an integer >= 1; got {value!r}.")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer))):
         raise ValueError(f"`seed` must be None or an integer; got {seed!r}.")
-    names = _suite(version, attacks, norm)
+    names = _suite(version, attacks)
     model_fn = loading.as_model_fn(model_fn)
     data = x if y is None else (x, y)
     x, y = loading.materialise(data, num_examples, clip_min, clip_max)
@@ -265,6 +261,7 @@ def autoattack(
             steps=steps,
             targets=targets,
             queries=queries,
+            eot_iterations=RAND_EOT_ITERATIONS if version == "rand" else 1,
             clip_min=clip_min,
             clip_max=clip_max,
             image_shape=x.shape[1:],
