@@ -80,7 +80,7 @@ def _check_number(
         raise ValueError(f"`{name}` must be < {exclusive_maximum}; got {value!r}.")
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, repr=False)
 class AttackConfig:
     """The threat model used to craft training (and validation) adversaries.
 
@@ -125,6 +125,17 @@ class AttackConfig:
                 f"`clip_min` ({self.clip_min}) must be smaller than `clip_max` ({self.clip_max})."
             )
         object.__setattr__(self, "steps", int(self.steps))
+
+    def __repr__(self):
+        fields = []
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            text = repr(value)
+            if field.name == "step_size" and value is None:
+                # Show the step a run takes, not only the rule's marker.
+                text = f"None (2.5 * epsilon / steps = {self.resolved_step_size:g})"
+            fields.append(f"{field.name}={text}")
+        return f"AttackConfig({', '.join(fields)})"
 
     @property
     def resolved_step_size(self):
