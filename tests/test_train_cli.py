@@ -3,6 +3,7 @@
 import csv
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -121,6 +122,7 @@ def test_killed_run_resumes_from_last_epoch(tmp_path):
     deadline = time.time() + 240
     while not _epochs_logged(out) and time.time() < deadline and process.poll() is None:
         time.sleep(0.05)
+    time.sleep(_kill_random.uniform(0.0, _KILL_JITTER_SECONDS))
     process.send_signal(signal.SIGKILL)
     process.wait()
     first = _epochs_logged(out)
@@ -214,8 +216,18 @@ def test_evaluation_and_export_use_the_selected_weights(tmp_path, choice):
     np.testing.assert_allclose(exported, expected, rtol=1e-4, atol=1e-4)
 
 
+# Kills land at a random point shortly after a stage starts (each stage of a
+# tiny run lasts well over this); the seed is printed by pytest on failure.
+_KILL_JITTER_SECONDS = 0.5
+_KILL_SEED = random.randrange(2**31)
+_kill_random = random.Random(_KILL_SEED)
+
+
 def _kill_when(out, flags, ready, timeout=240):
-    """Starts adr-train, SIGKILLs it as soon as `ready()` holds; returns whether it did."""
+    """Starts adr-train, SIGKILLs it at a random moment after `ready()` holds.
+
+    Returns whether the process was still running when killed.
+    """
     process = subprocess.Popen(
         _command(out, *flags),
         stdout=subprocess.DEVNULL,
@@ -225,6 +237,7 @@ def _kill_when(out, flags, ready, timeout=240):
     deadline = time.time() + timeout
     while time.time() < deadline and process.poll() is None and not ready():
         time.sleep(0.01)
+    time.sleep(_kill_random.uniform(0.0, _KILL_JITTER_SECONDS))
     killed = process.poll() is None
     process.send_signal(signal.SIGKILL)
     process.wait()
@@ -242,7 +255,7 @@ def test_kill_during_evaluation_or_export_resumes_that_stage(tmp_path):
     out = tmp_path / "stages"
     flags = ("--epochs=2", "--defense=pgd_at")
     # Killed during the evaluation: training is recorded as finished.
-    assert _kill_when(out, flags, lambda: _state(out).get("trained"))
+    assert _kill_when(out, flags, lambda: _state(out).get("trained")), f"seed {_KILL_SEED}"
     assert not _state(out).get("evaluation")
     result = _run(out, *flags)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -256,7 +269,7 @@ def test_kill_during_evaluation_or_export_resumes_that_stage(tmp_path):
         (out2 / "saved_model").is_dir()
         and any(name.startswith(".tmp-export") for name in os.listdir(out2 / "saved_model"))
     )
-    assert _kill_when(out2, flags, exporting)
+    assert _kill_when(out2, flags, exporting), f"seed {_KILL_SEED}"
     result = _run(out2, *flags)
     assert result.returncode == 0, result.stderr[-3000:]
     assert _epochs_logged(out2) == [0, 1]
