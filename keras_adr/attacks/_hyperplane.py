@@ -13,6 +13,20 @@ import numpy as np
 import tensorflow as tf
 
 
+def _oriented_room(points, w, c, clip_min, clip_max):
+    """What both projections start from, with the problem turned so that `c >= 0`.
+
+    Returns:
+        `(direction, target, room, weight)`: `[B, 1]` signs of `c`, `[B]`
+        `|c|`, `[B, D]` distances from `points` to the box face in the
+        direction that raises `w . x`, and `[B, D]` `|w|`.
+    """
+    direction = tf.where(c < 0, -1.0, 1.0)[:, None]
+    w = w * direction
+    room = tf.where(w > 0, clip_max - points, tf.where(w < 0, points - clip_min, 0.0))
+    return direction, tf.abs(c), room, tf.abs(w)
+
+
 def project_to_hyperplane_linf(points, w, c, clip_min=0.0, clip_max=1.0):
     """Smallest L-inf step `d` with `w . d = c` that keeps `points + d` in the box.
 
@@ -35,11 +49,7 @@ def project_to_hyperplane_linf(points, w, c, clip_min=0.0, clip_max=1.0):
     Returns:
         `[B, D]` steps.
     """
-    direction = tf.where(c < 0, -1.0, 1.0)[:, None]
-    w = w * direction
-    target = tf.abs(c)
-    room = tf.where(w > 0, clip_max - points, tf.where(w < 0, points - clip_min, 0.0))
-    weight = tf.abs(w)
+    direction, target, room, weight = _oriented_room(points, w, c, clip_min, clip_max)
     order = tf.argsort(room, axis=1)
     room_sorted = tf.gather(room, order, batch_dims=1)
     weight_sorted = tf.gather(weight, order, batch_dims=1)
@@ -55,7 +65,7 @@ def project_to_hyperplane_linf(points, w, c, clip_min=0.0, clip_max=1.0):
     radius = (target - below_prev) / tf.maximum(remaining_prev, 1e-30)
     radius = tf.where(k >= dims, room_sorted[:, -1], radius)
     radius = tf.maximum(radius, 0.0)
-    return tf.sign(w) * tf.minimum(radius[:, None], room)
+    return tf.sign(w) * direction * tf.minimum(radius[:, None], room)
 
 
 def project_to_hyperplane_l2(points, w, c, clip_min=0.0, clip_max=1.0):
@@ -86,11 +96,7 @@ def project_to_hyperplane_l2(points, w, c, clip_min=0.0, clip_max=1.0):
     Returns:
         `[B, D]` steps.
     """
-    direction = tf.where(c < 0, -1.0, 1.0)[:, None]
-    w = w * direction
-    target = tf.abs(c)
-    room = tf.where(w > 0, clip_max - points, tf.where(w < 0, points - clip_min, 0.0))
-    weight = tf.abs(w)
+    direction, target, room, weight = _oriented_room(points, w, c, clip_min, clip_max)
     active = weight > 0
     knee = tf.where(active, room / tf.where(active, weight, 1.0), np.float32(np.inf))
     order = tf.argsort(knee, axis=1)
@@ -114,4 +120,4 @@ def project_to_hyperplane_l2(points, w, c, clip_min=0.0, clip_max=1.0):
     lam = tf.maximum((target - below_prev) / tf.maximum(slope_prev, 1e-30), 0.0)
     step = tf.where(active, tf.minimum(lam[:, None] * weight, room), 0.0)
     step = tf.where((k >= dims)[:, None], room, step)  # The box binds: go to the faces.
-    return tf.sign(w) * step
+    return tf.sign(w) * direction * step
