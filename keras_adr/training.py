@@ -266,12 +266,16 @@ class ADRMixin:
         ):
             return None
         gather = lambda t: context.all_gather(tf.stop_gradient(t), axis=0)
+        reference = adr_losses.Reference(
+            labels=gather(batch.labels), z=gather(batch.z), logits=gather(batch.logits)
+        )
+        if "label_propagation" not in self._term_weights:
+            return reference
+        # Only the propagation graph needs the adversarial codes and where this
+        # replica's rows sit in it: two collectives the other terms skip.
         sizes = context.all_gather(tf.shape(batch.labels)[:1], axis=0)
-        return adr_losses.Reference(
-            labels=gather(batch.labels),
-            z=gather(batch.z),
-            logits=gather(batch.logits),
-            z_adv=gather(batch.z_adv) if "label_propagation" in self._term_weights else None,
+        return reference._replace(
+            z_adv=gather(batch.z_adv),
             offset=tf.reduce_sum(sizes[: context.replica_id_in_sync_group]),
         )
 
