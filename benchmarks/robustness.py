@@ -12,7 +12,12 @@ Rows:
   * seeds: `pgd_at` and `adr_pgd` again with seeds 1 and 2 (the headline
     comparison is their mean over 3 seeds);
   * ablation: `adr_pgd` with each ADR term switched off in turn, and with
-    label propagation on at weight 0.5 and 1.0.
+    label propagation on at weight 0.5 and 1.0;
+  * precision (a preset with more than one training precision, e.g.
+    `precision`): every row once per Keras dtype policy, named
+    `<row>_<policy>` (`pgd_at_mixed_bfloat16`, `adr_pgd_seed1_float32`), and
+    every model evaluated in float32; the summary compares each policy with
+    the first, per defense and seed, per example.
 
 The model evaluated is the checkpoint `pipeline.run` keeps as `best.keras`
 (best PGD accuracy on the validation examples held out from the end of the
@@ -33,6 +38,7 @@ Usage (from the repository root; `python benchmarks/robustness.py` works too):
     python -m benchmarks.robustness --preset=paper_cifar10 --data_dir=~/tensorflow_datasets
     python -m benchmarks.robustness --preset=cpu --list       # the rows, nothing run
     python -m benchmarks.robustness --preset=cpu --report_only  # rewrite the summary
+    python -m benchmarks.robustness --preset=precision --threads=1  # bfloat16 vs float32
 """
 
 import base64
@@ -58,7 +64,10 @@ _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 FLAGS = flags.FLAGS
 flags.DEFINE_enum(
-    "preset", "cpu", ["cpu", "fmnist", "paper_mnist", "paper_cifar10"], "Benchmark preset."
+    "preset",
+    "cpu",
+    ["cpu", "fmnist", "precision", "paper_mnist", "paper_cifar10"],
+    "Benchmark preset.",
 )
 flags.DEFINE_string(
     "stability_workdir",
@@ -92,6 +101,7 @@ flags.DEFINE_bool("report_only", False, "Only rewrite the summary from the finis
 # use them with another --results_dir.
 flags.DEFINE_integer("train_examples", None, "Override the preset's training subset.")
 flags.DEFINE_integer("epochs", None, "Override the preset's epochs.")
+flags.DEFINE_integer("validation_examples", None, "Override the preset's validation examples.")
 flags.DEFINE_integer("test_examples", None, "Override the preset's test examples.")
 flags.DEFINE_integer("restarts", None, "Override the preset's evaluation restarts.")
 flags.DEFINE_list("eval_attacks", None, "Override the preset's evaluation attacks.")
@@ -110,6 +120,10 @@ LABEL_PROPAGATION_WEIGHTS = (0.5, 1.0)
 # model; recorded as a cross-check of the loaded checkpoint).
 PIPELINE_CHECK_EXAMPLES = 128
 PIPELINE_CHECK_ATTACKS = ("pgd20", "apgd_ce")
+# The training precision of every row before rows had one: rows in it keep
+# their names and fingerprints. Every model is evaluated in it too, whatever
+# it was trained in (what adr-evaluate does by default).
+BASE_PRECISION = "float32"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,10 +156,22 @@ class Preset:
     ablation: bool = True
     # Evaluate the models benchmarks/stability.py trained with the same recipe.
     reuse_stability: bool = False
+    # Keras dtype policies of training (`keras_adr.precision.POLICIES`); every
+    # row runs once in each, the first is the reference of the comparison.
+    precisions: tuple = (BASE_PRECISION,)
 
 
-# Fields that choose rows or where a model comes from, not what a row computes.
-_NOT_FINGERPRINTED = ("description", "budget", "seeds", "defenses", "ablation", "reuse_stability")
+# Fields that choose rows or where a model comes from, not what a row computes
+# (a row's precision is in the row).
+_NOT_FINGERPRINTED = (
+    "description",
+    "budget",
+    "seeds",
+    "defenses",
+    "ablation",
+    "reuse_stability",
+    "precisions",
+)
 
 
 PRESETS = {
@@ -261,11 +287,29 @@ PRESETS = {
         budget="GPU: roughly 16 rows x 100 epochs of PGD-10 ResNet-18 training",
     ),
 }
+# Issue 14: does training in bfloat16 cost robustness? The fmnist recipe for
+# 1 epoch (454 steps), each model trained in float32 and in mixed bfloat16
+# and evaluated in float32 on 2,000 test images. Estimated from the fmnist
+# rows: per row about 5 min of training and 10 min of evaluation on one core,
+# so about an hour with two single-thread processes.
+PRESETS["precision"] = dataclasses.replace(
+    PRESETS["fmnist"],
+    description="Fashion-MNIST, small CNN, L-inf epsilon 0.1, PGD-5 training (step 0.05), "
+    "Adam 1e-3 with x0.1 decay at 50%/75% of training, batch 128, 1 epoch on 58,000 "
+    "training images, in float32 and in mixed bfloat16",
+    epochs=1,
+    test_examples=2000,
+    budget="8 rows x (about 5 min training + 10 min evaluation) of one core here",
+    defenses=HEADLINE,
+    seeds=(0, 1),
+    reuse_stability=False,
+    precisions=(BASE_PRECISION, "mixed_bfloat16"),
+)
 
 
 @dataclasses.dataclass(frozen=True)
 class Row:
-    """One trained model: a defense, its ADR overrides and a seed."""
+    """One trained model: a defense, its ADR overrides, a seed and a training precision."""
 
     name: str
     group: str  # "main", "seeds" or "ablation"
@@ -273,10 +317,42 @@ class Row:
     seed: int = 0
     overrides: tuple = ()  # ((ADRConfig field, value), ...)
     label: str = ""
+    precision: str = BASE_PRECISION  # Keras dtype policy of training
+
+
+def _tagged(name, precision, preset):
+    """`name` of a row (or a defense) trained in `precision`, in `preset`.
+
+    Presets of float32 only keep the names of before the precision axis.
+    """
+    return name if preset.precisions == (BASE_PRECISION,) else f"{name}_{precision}"
+
+
+def _precision_of(result):
+    # Row files from before the precision axis trained in float32 and say nothing.
+    return result.get("precision", BASE_PRECISION)
 
 
 def rows_of(preset):
-    """The rows of a preset, headline rows first (so a cut-short run has them)."""
+    """The rows of a preset, headline rows first (so a cut-short run has them).
+
+    With several precisions, every row once per precision, next to each other
+    (so a cut-short run has complete pairs).
+    """
+    rows = _base_rows(preset)
+    if preset.precisions == (BASE_PRECISION,):
+        return rows
+    return [
+        dataclasses.replace(
+            row, name=_tagged(row.name, p, preset), label=f"{row.label}, {p}", precision=p
+        )
+        for row in rows
+        for p in preset.precisions
+    ]
+
+
+def _base_rows(preset):
+    """The rows of a preset, each in the base precision, named as before precisions."""
     first, *others = preset.seeds
     rows = [Row(d, "main", d, first, label=d) for d in preset.defenses]
     rows += [
@@ -308,7 +384,7 @@ def effective_preset(name):
     preset = PRESETS[name]
     overrides = {
         k: getattr(FLAGS, k)
-        for k in ("train_examples", "epochs", "test_examples", "restarts")
+        for k in ("train_examples", "epochs", "validation_examples", "test_examples", "restarts")
         if getattr(FLAGS, k) is not None
     }
     if FLAGS.eval_attacks:
@@ -330,11 +406,14 @@ def adr_config(preset, row):
 
 def fingerprint(preset, row):
     """A hash of everything that determines a row's result (not its description)."""
+    row_fields = dataclasses.asdict(row)
+    if row.precision == BASE_PRECISION:  # Rows from before the field: still done.
+        del row_fields["precision"]
     payload = {
         "preset": {
             k: v for k, v in dataclasses.asdict(preset).items() if k not in _NOT_FINGERPRINTED
         },
-        "row": dataclasses.asdict(row),
+        "row": row_fields,
         "adr_config": adr_config(preset, row).get_config(),
     }
     text = json.dumps(payload, sort_keys=True, default=str)
@@ -348,11 +427,16 @@ def _bits(correct):
 def stability_model(preset, row, config):
     """`(metrics, checkpoint)` of the same model trained by benchmarks/stability.py, or None.
 
-    Only for seed-0 rows without overrides, and only if the stability run
-    used exactly this row's `ADRConfig` and training recipe and finished all
-    of the preset's epochs.
+    Only for seed-0 float32 rows without overrides, and only if the stability
+    run used exactly this row's `ADRConfig` and training recipe and finished
+    all of the preset's epochs.
     """
-    if not preset.reuse_stability or row.seed != 0 or row.overrides:
+    if (
+        not preset.reuse_stability
+        or row.seed != 0
+        or row.overrides
+        or row.precision != BASE_PRECISION  # stability.py trains in float32
+    ):
         return None
     r = results_io.read_json(
         os.path.join(FLAGS.results_dir, "stability_rows", f"{row.defense}.json")
@@ -443,6 +527,7 @@ def run_row(preset, row, row_path, workdir):
         data_dir=FLAGS.data_dir,
         export=False,
         verbose=FLAGS.verbose,
+        precision=row.precision,
         # A benchmark measures what a defense does: a runaway objective (the
         # paper's ADR) trains to the end, and its best checkpoint is evaluated.
         divergence_factor=0.0,
@@ -462,11 +547,12 @@ def run_row(preset, row, row_path, workdir):
         metrics = trained["metrics"]
     else:
         logging.info(
-            "%s: training %s (seed %d, overrides %s)",
+            "%s: training %s (seed %d, overrides %s, precision %s)",
             row.name,
             row.defense,
             row.seed,
             dict(row.overrides) or "none",
+            row.precision,
         )
         try:
             metrics = pipeline.run(options, config)
@@ -511,6 +597,9 @@ def run_row(preset, row, row_path, workdir):
         restarts=preset.restarts,
         seed=preset.eval_seed,
         apgd_targets=preset.apgd_targets,
+        # A float32 copy of the weights, whatever the row trained in: the
+        # precisions are compared on the same footing.
+        precision=BASE_PRECISION,
     )
     eval_seconds = time.time() - eval_started
     checks = evaluation.sanity_checks(result)
@@ -523,6 +612,10 @@ def run_row(preset, row, row_path, workdir):
         "defense": row.defense,
         "seed": row.seed,
         "overrides": dict(row.overrides),
+        "precision": row.precision,
+        # The pipeline's record (requested, training, evaluation, export policies).
+        "precision_record": metrics.get("precision"),
+        "evaluation_precision": BASE_PRECISION,
         "fingerprint": fp,
         "preset": FLAGS.preset,
         "adr_config": config.get_config(),
@@ -584,10 +677,17 @@ def _stats(values):
 
 
 def seed_summary(results, preset):
-    """Mean, sample std and min-max over seeds of the headline defenses."""
+    """Mean, sample std and min-max over seeds of the headline defenses, per precision.
+
+    Keyed by defense, tagged with the precision as the rows' names are.
+    """
     summary = {}
-    for defense in HEADLINE:
-        runs = [r for r in results if r["defense"] == defense and not r["overrides"]]
+    for defense, precision_ in ((d, p) for d in HEADLINE for p in preset.precisions):
+        runs = [
+            r
+            for r in results
+            if r["defense"] == defense and not r["overrides"] and _precision_of(r) == precision_
+        ]
         if not runs:
             continue
         entry = {
@@ -598,7 +698,7 @@ def seed_summary(results, preset):
         }
         for attack in preset.eval_attacks:
             entry[attack] = _stats([r["attack_accuracy"].get(attack) for r in runs])
-        summary[defense] = entry
+        summary[_tagged(defense, precision_, preset)] = entry
     return summary
 
 
@@ -615,27 +715,126 @@ def _sign_test(b, c):
     return min(1.0, 2 * tail)
 
 
+def _discordant(a, b):
+    """`{"clean"|"worst case": [correct only in a, correct only in b]}` of two rows
+    evaluated on the same examples, or None without their per-example bits."""
+    n = a["evaluation"]["num_examples"]
+    counts = {}
+    for what, key in (("clean", "clean_correct_bits"), ("worst case", "robust_correct_bits")):
+        if key not in a or key not in b:
+            return None
+        x, y = _unbits(a[key], n), _unbits(b[key], n)
+        counts[what] = [int(np.sum(x & ~y)), int(np.sum(~x & y))]
+    return counts
+
+
 def paired_comparison(results):
-    """Per-example discordance of adr_pgd vs pgd_at over seed-matched runs."""
-    runs = {(r["defense"], r["seed"]): r for r in results if not r["overrides"]}
+    """Per-example discordance of adr_pgd vs pgd_at over seed- and precision-matched runs."""
+    runs = {(r["defense"], r["seed"], _precision_of(r)): r for r in results if not r["overrides"]}
     counts = {"clean": [0, 0], "worst case": [0, 0]}
-    for (defense, seed), a in runs.items():
-        b = runs.get(("pgd_at", seed))
+    for (defense, seed, precision_), a in runs.items():
+        b = runs.get(("pgd_at", seed, precision_))
         if defense != "adr_pgd" or b is None:
             continue
-        n = a["evaluation"]["num_examples"]
-        for what, key in (("clean", "clean_correct_bits"), ("worst case", "robust_correct_bits")):
-            if key not in a or key not in b:
-                return None
-            x, y = _unbits(a[key], n), _unbits(b[key], n)
-            counts[what][0] += int(np.sum(x & ~y))
-            counts[what][1] += int(np.sum(~x & y))
+        pair = _discordant(a, b)
+        if pair is None:
+            return None
+        for what, (a_only, b_only) in pair.items():
+            counts[what][0] += a_only
+            counts[what][1] += b_only
     if not any(sum(c) for c in counts.values()):
         return None
     return {
         what: {"adr_only": c[0], "pgd_at_only": c[1], "p_value": _sign_test(*c)}
         for what, c in counts.items()
     }
+
+
+def _pair_stats(a, b, reference, other):
+    """`{reference: a, other: b, "difference": b - a}`, or None if either is missing."""
+    if a is None or b is None:
+        return None
+    return {reference: a, other: b, "difference": b - a}
+
+
+def _sign_tested(counts, reference, other):
+    """Discordant counts `{what: [reference only, other only]}` with their sign tests."""
+    return {
+        what: {f"{reference}_only": c[0], f"{other}_only": c[1], "p_value": _sign_test(*c)}
+        for what, c in counts.items()
+    }
+
+
+def precision_comparison(results, preset):
+    """Each training precision against the first, per defense and seed, and over seeds.
+
+    Pairs are rows of the same defense and seed without overrides, all
+    evaluated in float32 on the same examples. Differences are other minus
+    reference; `paired` counts the test examples correct with only one model
+    of a pair (pooled over seeds in `mean`), with the exact two-sided sign test.
+
+    Returns:
+        `{"reference": ..., "comparisons": {precision: {defense: {"seeds":
+        [per seed], "mean": {over seeds}}}}}`, or None for a preset of one
+        precision.
+    """
+    if len(preset.precisions) < 2:
+        return None
+    reference, *others = preset.precisions
+    runs = {(r["defense"], r["seed"], _precision_of(r)): r for r in results if not r["overrides"]}
+    defenses = dict.fromkeys(defense for defense, _, _ in runs)
+    seeds = sorted({seed for _, seed, _ in runs})
+    keys = ("clean_accuracy", "robust_accuracy", "train_seconds")
+    comparisons = {}
+    for other in others:
+        by_defense = {}
+        for defense in defenses:
+            pairs = [
+                (runs[(defense, seed, reference)], runs[(defense, seed, other)])
+                for seed in seeds
+                if (defense, seed, reference) in runs and (defense, seed, other) in runs
+            ]
+            if not pairs:
+                continue
+            per_seed, pooled = [], {"clean": [0, 0], "worst case": [0, 0]}
+            for a, b in pairs:
+                entry = {"seed": a["seed"]}
+                for key in keys:
+                    entry[key] = _pair_stats(a.get(key), b.get(key), reference, other)
+                entry["attack_accuracy"] = {
+                    attack: _pair_stats(
+                        a["attack_accuracy"].get(attack),
+                        b["attack_accuracy"].get(attack),
+                        reference,
+                        other,
+                    )
+                    for attack in preset.eval_attacks
+                }
+                counts = _discordant(a, b)
+                entry["paired"] = counts and _sign_tested(counts, reference, other)
+                for what, (a_only, b_only) in (counts or {}).items():
+                    pooled[what][0] += a_only
+                    pooled[what][1] += b_only
+                per_seed.append(entry)
+            mean = {"seeds": [e["seed"] for e in per_seed]}
+            for key in keys:
+                values = [e[key] for e in per_seed]
+                mean[key] = (
+                    None
+                    if None in values
+                    else _pair_stats(
+                        float(np.mean([v[reference] for v in values])),
+                        float(np.mean([v[other] for v in values])),
+                        reference,
+                        other,
+                    )
+                )
+            # Pooled only over seeds that all have per-example bits.
+            complete = all(e["paired"] for e in per_seed)
+            mean["paired"] = _sign_tested(pooled, reference, other) if complete else None
+            by_defense[defense] = {"seeds": per_seed, "mean": mean}
+        comparisons[other] = by_defense
+    return {"reference": reference, "comparisons": comparisons}
 
 
 def verdict(seeds, expected_seeds, results=()):
@@ -661,7 +860,7 @@ def verdict(seeds, expected_seeds, results=()):
     }
 
 
-def markdown(preset_name, preset, rows, results, seeds, verdict_, total_seconds):
+def markdown(preset_name, preset, rows, results, seeds, verdict_, total_seconds, comparison=None):
     by_name = {r["name"]: r for r in results}
     attacks = list(preset.eval_attacks)
     first = results[0] if results else {}
@@ -684,6 +883,13 @@ def markdown(preset_name, preset, rows, results, seeds, verdict_, total_seconds)
         f"- Rows finished: {len(results)}/{len(rows)}; total wall time of the finished rows "
         f"(training + evaluation + overhead): {total_seconds / 60:.1f} min.",
     ]
+    if preset.precisions != (BASE_PRECISION,):
+        lines.append(
+            f"- Training precision: every row in each of {', '.join(preset.precisions)} (Keras "
+            "dtype policies; the mixed ones compute in 16 bits and keep float32 weights), named "
+            f"after it; every model evaluated in {BASE_PRECISION} (a {BASE_PRECISION} copy of "
+            "its weights)."
+        )
     if first.get("machine"):
         m = first["machine"]
         lines.append(
@@ -774,6 +980,8 @@ def markdown(preset_name, preset, rows, results, seeds, verdict_, total_seconds)
                 )
                 + ".",
             ]
+    if comparison:
+        lines += _precision_markdown(comparison, n_test)
     base = by_name.get("adr_pgd")
     ablations = [row for row in rows if row.group == "ablation" and row.name in by_name]
     if base and ablations:
@@ -811,6 +1019,73 @@ def markdown(preset_name, preset, rows, results, seeds, verdict_, total_seconds)
         ),
     ]
     return "\n".join(lines) + "\n"
+
+
+def _precision_markdown(comparison, n_test):
+    """The section of `precision_comparison`: a table per compared precision."""
+    reference = comparison["reference"]
+    points = lambda st: "-" if st is None else f"{100 * st['difference']:+.1f}"
+
+    def discordant(paired, what, other):
+        if not paired:
+            return "-"
+        p = paired[what]
+        return f"{p[f'{reference}_only']} / {p[f'{other}_only']} (p = {p['p_value']:.2f})"
+
+    lines = []
+    for other, by_defense in comparison["comparisons"].items():
+        table = []
+        for defense, c in by_defense.items():
+            for label, e in [(str(e["seed"]), e) for e in c["seeds"]] + [
+                (f"**mean** ({', '.join(map(str, c['mean']['seeds']))})", c["mean"])
+            ]:
+                clean, robust, train = (
+                    e[k] for k in ("clean_accuracy", "robust_accuracy", "train_seconds")
+                )
+                table.append(
+                    [
+                        defense,
+                        label,
+                        _pct(clean and clean[reference]),
+                        _pct(clean and clean[other]),
+                        points(clean),
+                        _pct(robust and robust[reference]),
+                        _pct(robust and robust[other]),
+                        f"**{points(robust)}**",
+                        discordant(e["paired"], "clean", other),
+                        discordant(e["paired"], "worst case", other),
+                        "-" if train is None else f"{train[reference]:.0f} / {train[other]:.0f}",
+                    ]
+                )
+        lines += [
+            "",
+            f"## Training precision: {other} against {reference}",
+            "",
+            f"Every model evaluated in {BASE_PRECISION} on the same {n_test} test examples with "
+            f"the same attacks. Δ = {other} − {reference}, in points. Discordant: test examples "
+            f"correct (clean, or under every attack) with only the {reference} / only the "
+            f"{other} model of a pair (pooled over seeds in the mean rows); p: exact two-sided "
+            "sign test on them.",
+            "",
+            *results_io.markdown_table(
+                [
+                    "defense",
+                    "seed",
+                    f"clean {reference}",
+                    f"clean {other}",
+                    "Δ clean",
+                    f"worst case {reference}",
+                    f"worst case {other}",
+                    "Δ worst case",
+                    f"clean: only {reference} / only {other}",
+                    f"worst case: only {reference} / only {other}",
+                    f"train s {reference} / {other}",
+                ],
+                table,
+                align="llrrrrrrrrr",
+            ),
+        ]
+    return lines
 
 
 def plot(preset_name, rows, results, seeds, path):
@@ -868,24 +1143,26 @@ def write_summary(preset_name, preset, rows, rows_dir):
             results.append(r)
     seeds = seed_summary(results, preset)
     verdict_ = verdict(seeds, len(preset.seeds), results)
+    comparison = precision_comparison(results, preset)
     total = sum(r["row_seconds"] for r in results)
     base = os.path.join(FLAGS.results_dir, preset_name)
     compact = [{k: v for k, v in r.items() if not k.endswith("_bits")} for r in results]
-    results_io.write_json_atomic(
-        f"{base}.json",
-        {
-            "preset": preset_name,
-            "settings": dataclasses.asdict(preset),
-            "rows_expected": [row.name for row in rows],
-            "rows": compact,
-            "seed_summary": seeds,
-            "spread": "sample std (ddof=1) and min-max over seeds",
-            "verdict": verdict_,
-            "total_row_seconds": round(total, 1),
-        },
-    )
+    summary = {
+        "preset": preset_name,
+        "settings": dataclasses.asdict(preset),
+        "rows_expected": [row.name for row in rows],
+        "rows": compact,
+        "seed_summary": seeds,
+        "spread": "sample std (ddof=1) and min-max over seeds",
+        "verdict": verdict_,
+        "total_row_seconds": round(total, 1),
+    }
+    if comparison:  # Presets of one precision keep their summary as it was.
+        summary["precision_comparison"] = comparison
+    results_io.write_json_atomic(f"{base}.json", summary)
     results_io.write_text(
-        f"{base}.md", markdown(preset_name, preset, rows, results, seeds, verdict_, total)
+        f"{base}.md",
+        markdown(preset_name, preset, rows, results, seeds, verdict_, total, comparison),
     )
     try:
         plot(preset_name, rows, results, seeds, f"{base}.png")
@@ -915,7 +1192,7 @@ def main(argv):
     if FLAGS.list:
         for row in rows:
             print(
-                f"{row.name:32s} {row.group:9s} seed={row.seed} "
+                f"{row.name:32s} {row.group:9s} seed={row.seed} {row.precision:14s} "
                 f"{'done' if done(row) else 'pending'}  {dict(row.overrides) or ''}"
             )
         return
