@@ -292,11 +292,11 @@ def train_run(run, row_path):
         verbose=FLAGS.verbose,
         shuffle=False,
         callbacks=[
-            keras.callbacks.BackupAndRestore(os.path.join(out, "backup")),
+            adr_callbacks.AtomicBackupAndRestore(os.path.join(out, "backup")),
             adr_callbacks.EpochSeconds(),
             keras.callbacks.TerminateOnNaN(),
             collapse,
-            keras.callbacks.ModelCheckpoint(
+            adr_callbacks.AtomicModelCheckpoint(
                 os.path.join(out, "best.keras"),
                 monitor="val_adv_accuracy",
                 mode="max",

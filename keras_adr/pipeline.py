@@ -4,7 +4,8 @@
 machinery: `fit` with its progress bar, `BackupAndRestore` (a killed run
 started again with the same output directory resumes from its last finished
 epoch), `ModelCheckpoint` of the best robust validation accuracy (whose
-weights are evaluated and exported by default), `TensorBoard`, `CSVLogger`,
+weights are evaluated and exported by default), both in keras-adr's atomic
+form (a kill while saving leaves the previous file), `TensorBoard`, `CSVLogger`,
 and keras-adr's `DivergenceGuard` (a runaway or non-finite loss stops the run
 with `TrainingDivergedError`).
 
@@ -224,12 +225,9 @@ def _checkpoint_monitor(has_validation, uses_adversary):
 def _callbacks(out, monitor, guard):
     history_path = os.path.join(out, "history.csv")
     return [
-        # Kept until the run records its training as finished: a kill between
-        # the end of `fit` and that record resumes at the end, not epoch 1.
-        keras.callbacks.BackupAndRestore(os.path.join(out, "backup"), delete_checkpoint=False),
         adr_callbacks.EpochSeconds(),
         guard,
-        keras.callbacks.ModelCheckpoint(
+        adr_callbacks.AtomicModelCheckpoint(
             os.path.join(out, "best.keras"),
             monitor=monitor,
             mode="max",
@@ -238,6 +236,12 @@ def _callbacks(out, monitor, guard):
         ),
         keras.callbacks.CSVLogger(history_path, append=True),
         keras.callbacks.TensorBoard(os.path.join(out, "tensorboard")),
+        # Last: an epoch counts as done only once logged and checkpointed, so
+        # a kill before its backup reruns it (`read_history` keeps the rerun's
+        # row) instead of leaving it out of `history.csv`. Kept until the run
+        # records its training as finished: a kill between the end of `fit`
+        # and that record resumes at the end, not epoch 1.
+        adr_callbacks.AtomicBackupAndRestore(os.path.join(out, "backup"), delete_checkpoint=False),
     ]
 
 

@@ -110,6 +110,16 @@ def test_named_data_dir_is_used_or_rejected(tmp_path):
     assert not (tmp_path / "run" / "metrics.json").exists()
 
 
+def _backed_up_epoch(out):
+    """The epoch a rerun resumes at (the backup's), or None before the first backup."""
+    try:
+        return json.loads((out / "backup" / "latest" / "training_metadata.json").read_text())[
+            "epoch"
+        ]
+    except (OSError, ValueError):
+        return None
+
+
 def test_killed_run_resumes_from_last_epoch(tmp_path):
     out = tmp_path / "resume"
     flags = ("--epochs=4", "--defense=pgd_at", "--export=false")
@@ -120,20 +130,23 @@ def test_killed_run_resumes_from_last_epoch(tmp_path):
         cwd=os.path.dirname(os.path.dirname(__file__)),
     )
     deadline = time.time() + 240
-    while not _epochs_logged(out) and time.time() < deadline and process.poll() is None:
+    while _backed_up_epoch(out) is None and time.time() < deadline and process.poll() is None:
         time.sleep(0.05)
+    # The kill may land anywhere, also while a backup or a log row is written.
     time.sleep(_kill_random.uniform(0.0, _KILL_JITTER_SECONDS))
     process.send_signal(signal.SIGKILL)
     process.wait()
+    backed_up = _backed_up_epoch(out)
     first = _epochs_logged(out)
-    assert first and max(first) < 3, f"the run was not killed mid-way: {first}"
+    assert backed_up is not None and 1 <= backed_up < 4, f"not killed mid-way: {backed_up}, {first}"
 
     result = _run(out, *flags)
     assert result.returncode == 0, result.stderr[-3000:]
     epochs = _epochs_logged(out)
     resumed = epochs[len(first) :]
-    # The second run starts after the last finished epoch instead of from 0.
-    assert resumed and resumed[0] == max(first) + 1 and resumed[-1] == 3, epochs
+    # The second run starts at the last backed-up epoch instead of from 0; an
+    # epoch logged after that backup is run again, and its rerun's row counts.
+    assert resumed and resumed[0] == backed_up and resumed[-1] == 3, (backed_up, epochs)
     # metrics.json describes the whole run, not only its resumed part.
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["epochs_run"] == 4 and len(metrics["history"]["loss"]) == 4

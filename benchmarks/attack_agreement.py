@@ -22,8 +22,8 @@ same attack, and the suite is never above the worst of ART's attacks.
 Example (a short run):
 
 ```
-nice -n 5 python -m benchmarks.autoattack_agreement --num_examples=100 --square_queries=1000 \
-    --output=/tmp/autoattack_agreement.json
+nice -n 5 python -m benchmarks.attack_agreement --num_examples=100 --square_queries=1000 \
+    --output=/tmp/attack_agreement.json
 ```
 """
 
@@ -48,7 +48,7 @@ flags.DEFINE_string("model_path", None, "Evaluate this model instead of training
 flags.DEFINE_integer("seed", 0, "Seed.")
 flags.DEFINE_string(
     "output",
-    "benchmarks/results/autoattack_agreement.json",
+    "benchmarks/results/attack_agreement.json",
     "Result JSON (a .md table is written beside it).",
 )
 
