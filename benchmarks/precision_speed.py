@@ -24,8 +24,17 @@ and what might explain a slow process:
   would change with it; `--no_aslr` runs the children under `setarch -R`).
 
 Rows go to `<output_dir>/rows/` as they finish (a rerun skips finished
-rows); the summary is `<output_dir>/summary.md`. The target of issue 14:
-every bfloat16 process at least 1.7x faster than float32 for both defenses.
+rows); the summary is `<output_dir>/summary.md`: per (defense, policy) the
+median, minimum and maximum over processes of the per-process median step
+time, the speed-up over float32, `adr_pgd` / `pgd_at` per policy, and the
+targets of issue 14 marked met or not: every bfloat16 process at least 1.7x
+faster than float32's median, for both defenses, and `adr_pgd` at most
+1.05 x `pgd_at` in each policy.
+
+`benchmarks/speed.py` runs the same measurement as its `precision` section
+(it imports `run_rounds`, `analyse` and the markdown helpers from here; the
+default policies and defenses are this module's `DEFAULT_POLICIES` and
+`DEFAULT_DEFENSES`).
 
 Usage (a quiet machine: nothing else running; about 1 minute per run):
     python -m benchmarks.precision_speed --runs=8 \\
@@ -36,6 +45,7 @@ Smoke test:
 """
 
 import collections
+import dataclasses
 import json
 import os
 import re
@@ -53,23 +63,67 @@ from benchmarks import results_io  # noqa: E402
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-FLAGS = flags.FLAGS
-flags.DEFINE_list("policies", ["float32", "mixed_bfloat16"], "Keras dtype policies to time.")
-flags.DEFINE_list("defenses", ["pgd_at", "adr_pgd"], "Defenses to time.")
-flags.DEFINE_integer("runs", 8, "Processes per (policy, defense).")
-flags.DEFINE_integer("steps", 16, "Timed training steps per process.")
-flags.DEFINE_integer("warmup", 3, "Untimed steps first (tracing, oneDNN primitive creation).")
-flags.DEFINE_integer("batch_size", 128, "Batch size.")
-flags.DEFINE_integer("attack_steps", 10, "PGD steps of the training attack.")
-flags.DEFINE_integer("threads", 0, "TensorFlow intra/inter-op threads (0 = TensorFlow's choice).")
-flags.DEFINE_bool("no_aslr", False, "Run the children under `setarch -R` (no ASLR).")
-flags.DEFINE_string("output_dir", None, "Where rows/ and summary.md go.")
-flags.DEFINE_string("child", None, "Internal: run one measurement and print its row as JSON.")
+# The defaults of this script and of `speed.py`'s precision section.
+DEFAULT_POLICIES = ("float32", "mixed_bfloat16")
+DEFAULT_DEFENSES = ("pgd_at", "adr_pgd")
+DEFAULT_PROCESSES = 8
+# Issue 14's targets: every process of TARGET_POLICY at least MIN_SPEEDUP
+# times faster than the median process of BASE_POLICY, for every defense;
+# and, in every policy, `adr_pgd`'s median at most MAX_ADR_RATIO x `pgd_at`'s.
+BASE_POLICY = "float32"
+TARGET_POLICY = "mixed_bfloat16"
+MIN_SPEEDUP = 1.7
+MAX_ADR_RATIO = 1.05
 
 _ROW_MARK = "PRECISION_SPEED_ROW "
 # oneDNN v3 verbose line of a created primitive:
 # onednn_verbose,v1,primitive,create:cache_miss,cpu,convolution,brg_conv_fwd:avx10_1_512_amx,...
 _ONEDNN_CREATE = re.compile(r"onednn_verbose,(?:v\d+,)?primitive,create[^,]*,cpu,([^,]+),([^,]+),")
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """How every process measures (the same for every configuration)."""
+
+    steps: int = 16  # timed training steps per process
+    warmup: int = 3  # untimed steps first (tracing, oneDNN primitive creation)
+    batch_size: int = 128
+    attack_steps: int = 10  # PGD steps of the training attack
+    threads: int = 0  # TensorFlow intra/inter-op threads (0 = TensorFlow's choice)
+    no_aslr: bool = False  # run the children under `setarch -R`
+
+
+def define_flags():
+    """The command line of this script (not defined on import: `speed.py` imports
+    this module and has flags of the same names)."""
+    defaults = Settings()
+    flags.DEFINE_list("policies", list(DEFAULT_POLICIES), "Keras dtype policies to time.")
+    flags.DEFINE_list("defenses", list(DEFAULT_DEFENSES), "Defenses to time.")
+    flags.DEFINE_integer("runs", DEFAULT_PROCESSES, "Processes per (policy, defense).")
+    flags.DEFINE_integer("steps", defaults.steps, "Timed training steps per process.")
+    flags.DEFINE_integer(
+        "warmup", defaults.warmup, "Untimed steps first (tracing, oneDNN primitive creation)."
+    )
+    flags.DEFINE_integer("batch_size", defaults.batch_size, "Batch size.")
+    flags.DEFINE_integer("attack_steps", defaults.attack_steps, "PGD steps of the training attack.")
+    flags.DEFINE_integer(
+        "threads", defaults.threads, "TensorFlow intra/inter-op threads (0 = TensorFlow's choice)."
+    )
+    flags.DEFINE_bool("no_aslr", defaults.no_aslr, "Run the children under `setarch -R` (no ASLR).")
+    flags.DEFINE_string("output_dir", None, "Where rows/ and summary.md go.")
+    flags.DEFINE_string("child", None, "Internal: run one measurement and print its row as JSON.")
+
+
+def _settings_from_flags():
+    f = flags.FLAGS
+    return Settings(
+        steps=f.steps,
+        warmup=f.warmup,
+        batch_size=f.batch_size,
+        attack_steps=f.attack_steps,
+        threads=f.threads,
+        no_aslr=f.no_aslr,
+    )
 
 
 def _row_name(policy, defense, run):
@@ -80,7 +134,10 @@ def _cpu_model():
     return results_io.cpu_info()[0]
 
 
-def _status(policy, defense):
+# --- One process ------------------------------------------------------------------
+
+
+def _status(policy, defense, settings):
     """What the child knows about its process before timing."""
     import tensorflow as tf
 
@@ -100,34 +157,34 @@ def _status(policy, defense):
         "intra_op_threads": tf.config.threading.get_intra_op_parallelism_threads(),
         "inter_op_threads": tf.config.threading.get_inter_op_parallelism_threads(),
         "aslr": aslr,
-        "personality_no_aslr": bool(FLAGS.no_aslr),
+        "personality_no_aslr": bool(settings.no_aslr),
         "tf_enable_onednn_opts": os.environ.get("TF_ENABLE_ONEDNN_OPTS"),
         "load_before": os.getloadavg(),
     }
 
 
-def _measure(policy, defense):
+def measure(policy, defense, settings):
     """One run in this process: the row (without the oneDNN kernels)."""
-    results_io.set_threads(FLAGS.threads)
+    results_io.set_threads(settings.threads)
     import keras
     import numpy as np
 
     import keras_adr
     from keras_adr import data, precision
 
-    row = _status(policy, defense)
+    row = _status(policy, defense, settings)
     keras.utils.set_random_seed(0)
     with precision.policy_scope(policy):
         model = keras_adr.ADRModel(
             keras_adr.models.small_cnn(),
-            keras_adr.presets.get(defense, attack_steps=FLAGS.attack_steps),
+            keras_adr.presets.get(defense, attack_steps=settings.attack_steps),
         )
         model.compile(optimizer=keras.optimizers.SGD(0.01, momentum=0.9))
     batches = (
         data.load(
             "fashion_mnist",
-            f"train[:{FLAGS.batch_size * 20}]",
-            batch_size=FLAGS.batch_size,
+            f"train[:{settings.batch_size * 20}]",
+            batch_size=settings.batch_size,
             drop_remainder=True,
         )
         .cache()
@@ -140,10 +197,10 @@ def _measure(policy, defense):
         logs = model.train_function(iterator)
         float(np.asarray(next(iter(logs.values()))))  # Waits for the step.
 
-    for _ in range(FLAGS.warmup):
+    for _ in range(settings.warmup):
         step()
     times = []
-    for _ in range(FLAGS.steps):
+    for _ in range(settings.steps):
         started = time.perf_counter()
         step()
         times.append(time.perf_counter() - started)
@@ -156,25 +213,25 @@ def _measure(policy, defense):
 
 
 def _child_main():
-    policy, defense = FLAGS.child.split(":")
-    print(_ROW_MARK + json.dumps(_measure(policy, defense)), flush=True)
+    policy, defense = flags.FLAGS.child.split(":")
+    print(_ROW_MARK + json.dumps(measure(policy, defense, _settings_from_flags())), flush=True)
 
 
-def _run_child(policy, defense):
+def run_child(policy, defense, settings):
     """Runs one measurement in a new process; returns its row with the oneDNN kernels."""
     command = [
         sys.executable,
         "-m",
         "benchmarks.precision_speed",
         f"--child={policy}:{defense}",
-        f"--steps={FLAGS.steps}",
-        f"--warmup={FLAGS.warmup}",
-        f"--batch_size={FLAGS.batch_size}",
-        f"--attack_steps={FLAGS.attack_steps}",
-        f"--threads={FLAGS.threads}",
-        f"--no_aslr={FLAGS.no_aslr}",
+        f"--steps={settings.steps}",
+        f"--warmup={settings.warmup}",
+        f"--batch_size={settings.batch_size}",
+        f"--attack_steps={settings.attack_steps}",
+        f"--threads={settings.threads}",
+        f"--no_aslr={settings.no_aslr}",
     ]
-    if FLAGS.no_aslr:
+    if settings.no_aslr:
         command = ["setarch", os.uname().machine, "-R", *command]
     env = dict(os.environ, ONEDNN_VERBOSE="profile_create")
     result = subprocess.run(command, capture_output=True, text=True, cwd=_REPO, env=env)
@@ -194,94 +251,234 @@ def _run_child(policy, defense):
     return row
 
 
-def _summary(rows):
-    """Markdown: per (policy, defense) the process medians; per run the kernels."""
+# --- Every configuration ----------------------------------------------------------
+
+
+def run_rounds(policies, defenses, processes, settings, rows_dir=None, log=print):
+    """`processes` rows per (policy, defense), one new process each, round by round.
+
+    Every round runs every configuration once, so that a change of machine
+    load hits them alike.
+
+    Args:
+        policies: Keras dtype policies.
+        defenses: Preset names.
+        processes: Processes (runs) per configuration.
+        settings: A `Settings`.
+        rows_dir: If given, every row is written there as it finishes, and a
+            row found there is taken instead of measured again (a rerun
+            resumes; rows of other settings must not be in it).
+        log: Called with one line per finished row.
+
+    Returns:
+        The rows, in the order they were measured.
+    """
+    if rows_dir:
+        os.makedirs(rows_dir, exist_ok=True)
+    rows = []
+    for run in range(processes):
+        for defense in defenses:
+            for policy in policies:
+                path = rows_dir and os.path.join(
+                    rows_dir, _row_name(policy, defense, run) + ".json"
+                )
+                row = results_io.read_json(path) if path else None
+                if row is None:
+                    row = run_child(policy, defense, settings)
+                    row.update(
+                        run=run,
+                        batch_size=settings.batch_size,
+                        attack_steps=settings.attack_steps,
+                        steps=settings.steps,
+                        warmup=settings.warmup,
+                    )
+                    if path:
+                        results_io.write_json_atomic(path, row)
+                log(
+                    f"{policy:15s} {defense:8s} run {run}: {row['median_step_seconds']:.3f} s/step "
+                    f"{row['onednn_kernels']}"
+                )
+                rows.append(row)
+    return rows
+
+
+def analyse(rows):
+    """Per (defense, policy) statistics over processes, speed-ups and issue 14's targets.
+
+    Each process counts with the median of its timed steps. JSON-serialisable:
+    `configurations` (one entry per (defense, policy), defenses and policies
+    in the order of the rows), `adr_pgd_over_pgd_at` (per policy, ratio of
+    the medians over processes) and `targets` (each with its `value`, the
+    `limit` and whether it is `met`).
+    """
     by_config = collections.defaultdict(list)
     for row in rows:
-        by_config[(row["policy"], row["defense"])].append(row)
-    float32 = {
-        d: statistics.median(r["median_step_seconds"] for r in rs)
-        for (p, d), rs in by_config.items()
-        if p == "float32"
+        by_config[(row["defense"], row["policy"])].append(row["median_step_seconds"])
+    defenses = list(dict.fromkeys(row["defense"] for row in rows))
+    policies = list(dict.fromkeys(row["policy"] for row in rows))
+    median = {key: statistics.median(values) for key, values in by_config.items()}
+    configurations = []
+    for defense in defenses:
+        base = median.get((defense, BASE_POLICY))
+        for policy in policies:
+            values = sorted(by_config.get((defense, policy), []))
+            if not values:
+                continue
+            configurations.append(
+                {
+                    "defense": defense,
+                    "policy": policy,
+                    "processes": len(values),
+                    "median_step_seconds": median[(defense, policy)],
+                    "min_step_seconds": values[0],
+                    "max_step_seconds": values[-1],
+                    "process_median_step_seconds": values,
+                    # float32's median over this median, and over the slowest process.
+                    "speedup_over_float32": base / median[(defense, policy)] if base else None,
+                    "slowest_process_speedup_over_float32": base / values[-1] if base else None,
+                }
+            )
+    ratios = {
+        policy: median[("adr_pgd", policy)] / median[("pgd_at", policy)]
+        for policy in policies
+        if ("adr_pgd", policy) in median and ("pgd_at", policy) in median
     }
-    table = []
-    for (policy, defense), runs in sorted(by_config.items()):
-        medians = sorted(r["median_step_seconds"] for r in runs)
-        base = float32.get(defense)
-        table.append(
-            [
-                policy,
-                defense,
-                str(len(runs)),
-                f"{statistics.median(medians):.3f}",
-                f"{medians[0]:.3f}–{medians[-1]:.3f}",
-                f"{base / medians[-1]:.2f}" if base else "",
-                ", ".join(f"{m:.3f}" for m in medians),
-            ]
+    targets = []
+    for entry in configurations:
+        if entry["policy"] == TARGET_POLICY and entry["slowest_process_speedup_over_float32"]:
+            value = entry["slowest_process_speedup_over_float32"]
+            targets.append(
+                {
+                    "target": f"every {TARGET_POLICY} process of {entry['defense']} at least "
+                    f"{MIN_SPEEDUP}x faster than {BASE_POLICY}'s median",
+                    "value": value,
+                    "limit": MIN_SPEEDUP,
+                    "met": value >= MIN_SPEEDUP,
+                }
+            )
+    for policy, value in ratios.items():
+        targets.append(
+            {
+                "target": f"adr_pgd <= {MAX_ADR_RATIO} x pgd_at in {policy} "
+                "(medians over processes)",
+                "value": value,
+                "limit": MAX_ADR_RATIO,
+                "met": value <= MAX_ADR_RATIO,
+            }
         )
-    lines = [
-        "# Training-step time per precision, one process per run",
-        "",
-        "`python -m benchmarks.precision_speed` (see its docstring). `small_cnn`, batch "
-        f"{rows[0].get('batch_size', FLAGS.batch_size)}, PGD-{FLAGS.attack_steps} training "
-        "attack; per process the median of its timed steps.",
-        "",
-        *results_io.markdown_table(
+    return {
+        "base_policy": BASE_POLICY,
+        "configurations": configurations,
+        "adr_pgd_over_pgd_at": ratios,
+        "targets": targets,
+    }
+
+
+# --- Markdown ---------------------------------------------------------------------
+
+
+def markdown_lines(analysis):
+    """The tables and the targets of `analyse(rows)`, as markdown lines."""
+    fmt = lambda value, spec: "-" if value is None else format(value, spec)
+    lines = results_io.markdown_table(
+        [
+            "defense",
+            "precision",
+            "processes",
+            "median s/step",
+            "min",
+            "max",
+            f"speed-up over {analysis['base_policy']} (medians)",
+            "speed-up of the slowest process",
+            "every process (s/step)",
+        ],
+        [
             [
-                "policy",
-                "defense",
-                "processes",
-                "median s/step",
-                "range over processes",
-                "float32 / slowest",
-                "every process",
-            ],
-            table,
-        ),
+                c["defense"],
+                c["policy"],
+                c["processes"],
+                f"{c['median_step_seconds']:.3f}",
+                f"{c['min_step_seconds']:.3f}",
+                f"{c['max_step_seconds']:.3f}",
+                fmt(c["speedup_over_float32"], ".2f"),
+                fmt(c["slowest_process_speedup_over_float32"], ".2f"),
+                ", ".join(f"{v:.3f}" for v in c["process_median_step_seconds"]),
+            ]
+            for c in analysis["configurations"]
+        ],
+        align="llrrrrrrl",
+    )
+    lines += [
         "",
-        "## oneDNN implementations per process (created primitives)",
-        "",
+        "Per process the median of its timed steps; median, min and max over the "
+        f"processes of each configuration. Speed-up: {analysis['base_policy']}'s median "
+        "over this configuration's median, and over its slowest process.",
     ]
+    if analysis["adr_pgd_over_pgd_at"]:
+        lines += [""]
+        lines += results_io.markdown_table(
+            ["precision", "adr_pgd / pgd_at (medians)"],
+            [[p, f"{r:.3f}"] for p, r in analysis["adr_pgd_over_pgd_at"].items()],
+        )
+    if analysis["targets"]:
+        lines += ["", "Targets of issue 14:", ""]
+        lines += [
+            f"- {t['target']}: {t['value']:.3f} -> **{'met' if t['met'] else 'not met'}**"
+            for t in analysis["targets"]
+        ]
+    return lines
+
+
+def kernel_lines(rows):
+    """Markdown list: per policy and set of oneDNN implementations, the processes' times."""
     kernel_sets = collections.defaultdict(list)
     for row in rows:
         key = ", ".join(sorted(k for k in row["onednn_kernels"] if not k.startswith("reorder")))
         kernel_sets[(row["policy"], key)].append(f"{row['median_step_seconds']:.3f}")
-    for (policy, key), times in sorted(kernel_sets.items()):
-        lines.append(f"- {policy}: {key or '(none)'} -> {', '.join(times)} s/step")
+    return [
+        f"- {policy}: {key or '(none)'} -> {', '.join(times)} s/step"
+        for (policy, key), times in sorted(kernel_sets.items())
+    ]
+
+
+def summary(rows):
+    """Markdown: per (defense, policy) the process medians and targets; per run the kernels."""
+    lines = [
+        "# Training-step time per precision, one process per run",
+        "",
+        "`python -m benchmarks.precision_speed` (see its docstring). `small_cnn`, batch "
+        f"{rows[0].get('batch_size')}, PGD-{rows[0].get('attack_steps')} training "
+        "attack; per process the median of its timed steps.",
+        "",
+        *markdown_lines(analyse(rows)),
+        "",
+        "## oneDNN implementations per process (created primitives)",
+        "",
+        *kernel_lines(rows),
+    ]
     return "\n".join(lines) + "\n"
 
 
 def main(argv):
     del argv
-    if FLAGS.child:
+    f = flags.FLAGS
+    if f.child:
         return _child_main()
-    if not FLAGS.output_dir:
+    if not f.output_dir:
         raise app.UsageError("--output_dir is required (rows are written as they finish).")
-    rows_dir = os.path.join(FLAGS.output_dir, "rows")
-    os.makedirs(rows_dir, exist_ok=True)
-    rows = []
-    # Round by round, every configuration once per round.
-    for run in range(FLAGS.runs):
-        for defense in FLAGS.defenses:
-            for policy in FLAGS.policies:
-                path = os.path.join(rows_dir, _row_name(policy, defense, run) + ".json")
-                row = results_io.read_json(path)
-                if row is None:
-                    row = _run_child(policy, defense)
-                    row.update(
-                        run=run, batch_size=FLAGS.batch_size, attack_steps=FLAGS.attack_steps
-                    )
-                    results_io.write_json_atomic(path, row)
-                print(
-                    f"{policy:15s} {defense:8s} run {run}: {row['median_step_seconds']:.3f} s/step "
-                    f"{row['onednn_kernels']}",
-                    flush=True,
-                )
-                rows.append(row)
-    summary = _summary(rows)
-    results_io.write_text(os.path.join(FLAGS.output_dir, "summary.md"), summary)
-    print(summary)
+    rows = run_rounds(
+        f.policies,
+        f.defenses,
+        f.runs,
+        _settings_from_flags(),
+        rows_dir=os.path.join(f.output_dir, "rows"),
+        log=lambda line: print(line, flush=True),
+    )
+    text = summary(rows)
+    results_io.write_text(os.path.join(f.output_dir, "summary.md"), text)
+    print(text)
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

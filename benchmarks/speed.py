@@ -1,8 +1,9 @@
 """Training-step, attack and loss-term speed of keras-adr on this machine.
 
-Everything is measured in one process with alternating runs (every variant
-runs once per round, in an order that rotates from round to round), so
-machine noise hits every variant alike; the numbers are medians.
+Sections 1-4 are measured in one process with alternating runs (every
+variant runs once per round, in an order that rotates from round to round),
+so machine noise hits every variant alike; the numbers are medians.
+Section 5 (precision) runs every measurement in its own process.
 
 1. Training step (`model.train_function`, the compiled Keras `train_step`) on
    `small_cnn`, batch 128, `--attack_steps` PGD steps, for each defense;
@@ -18,9 +19,22 @@ machine noise hits every variant alike; the numbers are medians.
    XLA (`model.compile(jit_compile=True)`), and one fused forward pass over
    `concat([x, x_adv])` instead of two (a local subclass below; only valid
    without BatchNorm, whose batch statistics would mix clean and adversarial
-   examples). Mixed precision is for GPUs and is not tried on CPU.
+   examples). Mixed precision is section 5.
 4. Forward + backward time of the global compactness term, exact sorted form
    versus the naive `[B, B, k]` tensor.
+5. Training step per precision (`--precisions`, by default
+   `benchmarks.precision_speed.DEFAULT_POLICIES`: float32 and mixed_bfloat16)
+   for `--precision_defenses` (`pgd_at`, `adr_pgd`), `--precision_processes`
+   processes per (defense, precision), one new process per run, the runs
+   interleaved round by round: the per-process timing of
+   `benchmarks/precision_speed.py` (imported, not copied; issue 14 found
+   that whether bfloat16 is fast is decided per process, so one process
+   would tell nothing). Reported per (defense, precision): median, min and
+   max over processes of the per-process median step time; the speed-up
+   over float32 per defense; `adr_pgd` / `pgd_at` per precision; issue 14's
+   targets (every mixed_bfloat16 process at least 1.7x faster than
+   float32's median, for both defenses; `adr_pgd` <= 1.05 x `pgd_at` in each
+   precision) marked met or not; and each process's oneDNN kernels.
 
 Training steps run on real Fashion-MNIST batches, and every training
 variant is timed over `--instances` separately built models: on this
@@ -28,13 +42,18 @@ machine two identical models can differ by ~15% in step time, which one
 instance per variant would report as a difference between defenses.
 
 Usage (from the repository root; nothing else heavy should run meanwhile;
-about 10 minutes on a 2-core CPU; `python benchmarks/speed.py` works too):
+about 10 minutes on a 2-core CPU for sections 1-4, plus up to about a
+minute per process of section 5: 2 precisions x 2 defenses x 8 processes =
+32 processes; `python benchmarks/speed.py` works too):
     nice -n 10 python -m benchmarks.speed --repeats=10 --attack_repeats=7 \\
         --steps_per_sample=2 --instances=4 --xla_repeats=3 \\
+        --precisions=float32,mixed_bfloat16 --precision_processes=8 \\
         --output=benchmarks/results/speed_cpu.json
     python -m benchmarks.speed --render_only=benchmarks/results/speed_cpu.json
+    python -m benchmarks.speed --sections=precision --output=/tmp/precision.json
 """
 
+import dataclasses
 import json
 import os
 import sys
@@ -49,7 +68,7 @@ if not __package__:  # `python benchmarks/speed.py`: import as `python -m` would
 import keras
 
 import keras_adr
-from benchmarks import results_io  # noqa: E402
+from benchmarks import precision_speed, results_io  # noqa: E402
 from keras_adr import attacks, data, losses, presets
 from keras_adr import config as config_lib
 
@@ -79,7 +98,40 @@ flags.DEFINE_string(
     "A trained .keras small_cnn for the attack comparison (so that the attacks' "
     "success rates can be compared); a fresh small_cnn if it does not exist.",
 )
-flags.DEFINE_list("sections", ["train", "attacks", "experiments", "terms"], "What to measure.")
+flags.DEFINE_list(
+    "precisions",
+    list(precision_speed.DEFAULT_POLICIES),
+    "Keras dtype policies of the precision section.",
+)
+flags.DEFINE_list(
+    "precision_defenses",
+    list(precision_speed.DEFAULT_DEFENSES),
+    "Defenses of the precision section.",
+)
+flags.DEFINE_integer(
+    "precision_processes",
+    precision_speed.DEFAULT_PROCESSES,
+    "Processes (one run each) per (defense, precision) in the precision section.",
+)
+flags.DEFINE_integer(
+    "precision_steps",
+    precision_speed.Settings.steps,
+    "Timed training steps per process in the precision section.",
+)
+flags.DEFINE_integer(
+    "precision_warmup",
+    precision_speed.Settings.warmup,
+    "Untimed steps per process first in the precision section.",
+)
+flags.DEFINE_string(
+    "precision_rows_dir",
+    None,
+    "Optional: write the precision section's rows there as they finish and take "
+    "finished ones from there (a rerun resumes; only for the same settings).",
+)
+flags.DEFINE_list(
+    "sections", ["train", "attacks", "experiments", "terms", "precision"], "What to measure."
+)
 flags.DEFINE_string("output", None, "JSON file for the results (a .md is written beside it).")
 flags.DEFINE_string(
     "render_only",
@@ -475,7 +527,27 @@ def _global_compactness_functions(batch_size, features=1024, classes=10):
     return functions
 
 
+# --- 5: precision, one process per run ---------------------------------------------
+
+
+def measure_precision(policies, defenses, processes, settings, rows_dir=None):
+    """`benchmarks.precision_speed`'s per-process timing of every (defense, policy)."""
+    rows = precision_speed.run_rounds(
+        policies, defenses, processes, settings, rows_dir=rows_dir, log=logging.info
+    )
+    return {
+        "policies": list(policies),
+        "defenses": list(defenses),
+        "processes_per_configuration": processes,
+        "settings": dataclasses.asdict(settings),
+        "analysis": precision_speed.analyse(rows),
+        "rows": rows,
+    }
+
+
 # --- Report -----------------------------------------------------------------------
+
+_TERMS = "global_compactness_fwd_bwd_ms"
 
 
 def _derive(results):
@@ -484,8 +556,12 @@ def _derive(results):
     Instances of one model fall into a fast and a slow group here (see the
     module docstring); the median over all samples then depends on how many
     fast instances a variant drew. Comparing fastest with fastest and slowest
-    with slowest instance removes that draw.
+    with slowest instance removes that draw. Also recomputes the precision
+    section's analysis from its rows.
     """
+    precision = results.get("precision")
+    if precision and precision.get("rows"):  # `--render_only` applies the current analysis
+        precision["analysis"] = precision_speed.analyse(precision["rows"])
     train = results.get("train")
     if not train or "pgd_at" not in train.get("instance_median_step_seconds", {}):
         return results
@@ -505,13 +581,16 @@ def markdown(results):
         f"TensorFlow {m['tensorflow']}, Keras {m['keras']}, NumPy {m['numpy']}; load "
         f"average {m['load_average_at_start']} at start, "
         f"{results.get('load_average_at_end')} at end (a shared machine).",
-        "- Medians of alternating rounds in one process, in rotating order: "
-        f"training steps: {results['instances']} separately built models per variant x "
-        f"{results['repeats']} rounds x {results['steps_per_sample']} steps (instances "
-        "of one model differ by up to ~15% here); attacks: "
-        f"{results.get('attack_repeats')} rounds. Training batches: real Fashion-MNIST.",
-        "",
     ]
+    if any(k in results for k in ("train", "attacks", "experiments", _TERMS)):
+        lines.append(
+            "- Medians of alternating rounds in one process, in rotating order: "
+            f"training steps: {results['instances']} separately built models per variant x "
+            f"{results['repeats']} rounds x {results['steps_per_sample']} steps (instances "
+            "of one model differ by up to ~15% here); attacks: "
+            f"{results.get('attack_repeats')} rounds. Training batches: real Fashion-MNIST."
+        )
+    lines.append("")
     train = results.get("train")
     if train:
         lines += [
@@ -552,6 +631,27 @@ def markdown(results):
             "the slowest instances are shown too.",
         ]
         lines.append("")
+    precision = results.get("precision")
+    if precision:
+        settings = precision["settings"]
+        lines += [
+            f"## Training step per precision: small_cnn, batch {settings['batch_size']}, PGD-"
+            f"{settings['attack_steps']}, one process per run",
+            "",
+            "Processes per (defense, precision): "
+            f"{precision['processes_per_configuration']}, one new process per run, the "
+            "runs interleaved round by round; each builds the model in the policy, then "
+            f"runs untimed warm-up steps ({settings['warmup']}) and timed steps "
+            f"({settings['steps']}) on real Fashion-MNIST batches (the timing of "
+            "`benchmarks/precision_speed.py`).",
+            "",
+            *precision_speed.markdown_lines(precision["analysis"]),
+            "",
+            "oneDNN implementations per process (created primitives, reorders left out):",
+            "",
+            *precision_speed.kernel_lines(precision["rows"]),
+            "",
+        ]
     attack = results.get("attacks")
     if attack:
         lines += [
@@ -633,11 +733,15 @@ def markdown(results):
                 for d, v in exp["fused_equivalence"].items()
             )
             + ". XLA drops the attacks' pixel-range `tf.debugging` asserts (TF logs "
-            '"Ignoring Assert operator"). Mixed precision: not measured (a GPU '
-            "experiment, see `benchmarks/gpu_resnet18.py`).",
+            '"Ignoring Assert operator"). Mixed precision: '
+            + (
+                "the training step per precision above (one process per run)."
+                if precision
+                else "not measured in this run (section `precision`)."
+            ),
             "",
         ]
-    terms = results.get("global_compactness_fwd_bwd_ms")
+    terms = results.get(_TERMS)
     if terms:
         lines += ["## Global compactness, B = 128, k = 1024, forward + backward", ""]
         lines += results_io.markdown_table(
@@ -661,7 +765,11 @@ def main(argv):
         "steps_per_sample": FLAGS.steps_per_sample,
         "instances": FLAGS.instances,
         "attack_repeats": FLAGS.attack_repeats,
-        "mixed_precision": "not measured: CPU only (a GPU-only speed-up)",
+        "mixed_precision": (
+            "measured: see `precision` (one process per run)"
+            if "precision" in FLAGS.sections
+            else "not measured (section `precision` not run)"
+        ),
     }
     if "train" in FLAGS.sections:
         logging.info("timing the training steps")
@@ -699,7 +807,21 @@ def main(argv):
             FLAGS.repeats * 3,
             lambda fn: [t.numpy() for t in fn[0](fn[1])],
         )
-        results["global_compactness_fwd_bwd_ms"] = {k: 1000 * v for k, v in terms.items()}
+        results[_TERMS] = {k: 1000 * v for k, v in terms.items()}
+    if "precision" in FLAGS.sections:
+        logging.info("timing the training step per precision, one process per run")
+        results["precision"] = measure_precision(
+            FLAGS.precisions,
+            FLAGS.precision_defenses,
+            FLAGS.precision_processes,
+            precision_speed.Settings(
+                steps=FLAGS.precision_steps,
+                warmup=FLAGS.precision_warmup,
+                batch_size=FLAGS.batch_size,
+                attack_steps=FLAGS.attack_steps,
+            ),
+            rows_dir=FLAGS.precision_rows_dir,
+        )
     results["load_average_at_end"] = [round(v, 2) for v in os.getloadavg()]
     _derive(results)
     text = markdown(results)

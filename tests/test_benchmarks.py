@@ -132,3 +132,138 @@ def test_precision_preset_trains_each_precision_and_compares_them(tmp_path):
     assert "## Training precision: mixed_bfloat16 against float32" in (
         (tmp_path / "results" / "precision.md").read_text()
     )
+
+
+def _speed_row(policy, defense, seconds):
+    return {"policy": policy, "defense": defense, "median_step_seconds": seconds}
+
+
+def test_precision_analysis_marks_issue_14_targets():
+    from benchmarks import precision_speed
+
+    rows = [
+        _speed_row("float32", "pgd_at", 0.30),
+        _speed_row("float32", "pgd_at", 0.32),
+        _speed_row("float32", "pgd_at", 0.34),
+        _speed_row("mixed_bfloat16", "pgd_at", 0.15),
+        _speed_row("mixed_bfloat16", "pgd_at", 0.17),  # 0.32 / 0.17 = 1.88: met
+        _speed_row("float32", "adr_pgd", 0.33),
+        _speed_row("mixed_bfloat16", "adr_pgd", 0.16),
+        _speed_row("mixed_bfloat16", "adr_pgd", 0.25),  # 0.33 / 0.25 = 1.32: not met
+    ]
+    analysis = precision_speed.analyse(rows)
+    by_key = {(c["defense"], c["policy"]): c for c in analysis["configurations"]}
+    pgd_bf16 = by_key[("pgd_at", "mixed_bfloat16")]
+    assert pgd_bf16["processes"] == 2
+    assert pgd_bf16["median_step_seconds"] == pytest.approx(0.16)
+    assert (pgd_bf16["min_step_seconds"], pgd_bf16["max_step_seconds"]) == (0.15, 0.17)
+    assert pgd_bf16["speedup_over_float32"] == pytest.approx(0.32 / 0.16)
+    assert by_key[("pgd_at", "float32")]["speedup_over_float32"] == 1
+    ratios = analysis["adr_pgd_over_pgd_at"]
+    assert ratios["float32"] == pytest.approx(0.33 / 0.32)
+    assert ratios["mixed_bfloat16"] == pytest.approx(0.205 / 0.16)
+    met = {t["target"]: t["met"] for t in analysis["targets"]}
+    assert met == {
+        "every mixed_bfloat16 process of pgd_at at least 1.7x faster than float32's median": True,
+        "every mixed_bfloat16 process of adr_pgd at least 1.7x faster than float32's median": False,
+        "adr_pgd <= 1.05 x pgd_at in float32 (medians over processes)": True,
+        "adr_pgd <= 1.05 x pgd_at in mixed_bfloat16 (medians over processes)": False,
+    }
+    text = "\n".join(precision_speed.markdown_lines(analysis))
+    assert "| adr_pgd | mixed_bfloat16 | 2 | 0.205 | 0.160 | 0.250 | 1.61 | 1.32 |" in text
+    assert "**not met**" in text and "**met**" in text
+
+
+def _require_fashion_mnist():
+    from keras_adr import data
+
+    try:
+        data.load("fashion_mnist", "test", batch_size=8, take=8)
+    except data.DatasetNotFoundError as error:
+        pytest.skip(f"Fashion-MNIST is not installed: {error}")
+
+
+def test_speed_precision_section_writes_the_precision_table(tmp_path):
+    # One process per (defense, precision), 2 timed steps: checks the plumbing, not speed.
+    _require_fashion_mnist()
+    output = tmp_path / "speed.json"
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "benchmarks.speed",
+            "--sections=precision",
+            "--precisions=float32,mixed_bfloat16",
+            "--precision_defenses=pgd_at,adr_pgd",
+            "--precision_processes=1",
+            "--precision_steps=2",
+            "--precision_warmup=1",
+            "--attack_steps=1",
+            "--batch_size=32",
+            f"--output={output}",
+        ],
+        cwd=_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"),
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    precision = json.loads(output.read_text())["precision"]
+    assert [
+        (c["defense"], c["policy"], c["processes"]) for c in precision["analysis"]["configurations"]
+    ] == [
+        ("pgd_at", "float32", 1),
+        ("pgd_at", "mixed_bfloat16", 1),
+        ("adr_pgd", "float32", 1),
+        ("adr_pgd", "mixed_bfloat16", 1),
+    ]
+    assert len(precision["rows"]) == 4
+    assert all(len(row["step_seconds"]) == 2 for row in precision["rows"])
+    assert set(precision["analysis"]["adr_pgd_over_pgd_at"]) == {"float32", "mixed_bfloat16"}
+    assert len(precision["analysis"]["targets"]) == 4
+    assert all(isinstance(t["met"], bool) for t in precision["analysis"]["targets"])
+    text = (tmp_path / "speed.md").read_text()
+    assert "## Training step per precision" in text
+    assert "| defense | precision | processes | median s/step | min | max |" in text
+    assert "| precision | adr_pgd / pgd_at (medians) |" in text
+    assert "Targets of issue 14:" in text
+    # --render_only keeps the table (the analysis is recomputed from the rows).
+    rendered = subprocess.run(
+        [sys.executable, "-m", "benchmarks.speed", f"--render_only={output}"],
+        cwd=_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"),
+    )
+    assert rendered.returncode == 0, rendered.stderr[-2000:]
+    assert (tmp_path / "speed.md").read_text() == text
+
+
+def test_precision_speed_keeps_its_command_line(tmp_path):
+    _require_fashion_mnist()
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "benchmarks.precision_speed",
+            "--runs=1",
+            "--steps=2",
+            "--warmup=1",
+            "--attack_steps=1",
+            "--batch_size=32",
+            "--policies=float32",
+            "--defenses=pgd_at",
+            f"--output_dir={tmp_path}",
+        ],
+        cwd=_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"),
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    row = json.loads((tmp_path / "rows" / "float32_pgd_at_run0.json").read_text())
+    assert (row["steps"], row["warmup"], len(row["step_seconds"])) == (2, 1, 2)
+    assert "| pgd_at | float32 | 1 |" in (tmp_path / "summary.md").read_text()
