@@ -1,0 +1,310 @@
+"""The robustness benchmark's presets and rows, and the fingerprint of a row.
+
+A preset (`PRESETS`) is everything that is the same for every row of a
+benchmark; `rows_of` lists its rows (`Row`: a defense, ADR overrides, a seed
+and a training precision). `fingerprint` hashes what determines a row's
+result: a finished row file counts as done only while its fingerprint is
+today's, so names and fingerprints of existing rows must not change.
+"""
+
+import dataclasses
+import hashlib
+import json
+
+DEFENSES = ("standard", "pgd_at", "trades", "adr_pgd", "adr_trades")
+HEADLINE = ("pgd_at", "adr_pgd")
+ABLATED_TERMS = (
+    "local_compactness",
+    "local_smoothness",
+    "global_compactness",
+    "global_smoothness",
+    "conditional_entropy",
+)
+LABEL_PROPAGATION_WEIGHTS = (0.5, 1.0)
+# The training precision of every row before rows had one: rows in it keep
+# their names and fingerprints. Every model is evaluated in it too, whatever
+# it was trained in (what adr-evaluate does by default).
+BASE_PRECISION = "float32"
+
+
+@dataclasses.dataclass(frozen=True)
+class Preset:
+    """Everything that is the same for every row of a benchmark."""
+
+    description: str
+    dataset: str
+    model: str
+    epsilon: float
+    attack_steps: int
+    step_size: float
+    epochs: int
+    train_examples: int  # None = the whole training split
+    validation_examples: int
+    batch_size: int
+    optimizer: str
+    learning_rate: float
+    lr_decay_fractions: tuple
+    weight_decay: float
+    test_examples: int  # None = the whole test split
+    eval_attacks: tuple
+    restarts: int
+    apgd_targets: int
+    eval_seed: int = 0
+    seeds: tuple = (0, 1, 2)
+    budget: str = ""
+    # Rows: the seed-0 defenses, and whether the ablation rows run.
+    defenses: tuple = DEFENSES
+    ablation: bool = True
+    # Evaluate the models benchmarks/stability.py trained with the same recipe.
+    reuse_stability: bool = False
+    # Keras dtype policies of training (`keras_adr.precision.POLICIES`); every
+    # row runs once in each, the first is the reference of the comparison.
+    precisions: tuple = (BASE_PRECISION,)
+
+
+# Fields that choose rows or where a model comes from, not what a row computes
+# (a row's precision is in the row).
+_NOT_FINGERPRINTED = (
+    "description",
+    "budget",
+    "seeds",
+    "defenses",
+    "ablation",
+    "reuse_stability",
+    "precisions",
+)
+
+
+PRESETS = {
+    # The issue-9 benchmark: a real training budget. 10 epochs of the whole
+    # training split minus 2,000 validation images (4,540 steps), the training
+    # recipe of benchmarks/stability.py, all 10,000 test images. On the
+    # 2-core machines here one row takes about 50 min of training (one thread
+    # per process, two processes) and 30 min of evaluation.
+    "fmnist": Preset(
+        description="Fashion-MNIST, small CNN, L-inf epsilon 0.1, PGD-5 training (step 0.05), "
+        "Adam 1e-3 with x0.1 decay at 50%/75% of training, batch 128, 10 epochs on "
+        "58,000 training images",
+        dataset="fashion_mnist",
+        model="small_cnn",
+        epsilon=0.1,
+        attack_steps=5,
+        step_size=0.05,
+        epochs=10,
+        train_examples=None,
+        validation_examples=2000,
+        batch_size=128,
+        optimizer="adam",
+        learning_rate=1e-3,
+        lr_decay_fractions=(0.5, 0.75),
+        weight_decay=0.0,
+        test_examples=None,
+        eval_attacks=("pgd20", "apgd_ce", "apgd_dlr_t"),
+        restarts=1,
+        apgd_targets=3,
+        budget="9 rows x (about 50 min training + 30 min evaluation) of one core here",
+        defenses=("pgd_at", "adr_pgd", "trades", "adr_trades", "adr_pgd_paper"),
+        ablation=False,
+        reuse_stability=True,
+    ),
+    # Sized by measurement on a 2-core AMD EPYC (AVX-512) machine shared with
+    # other jobs: the 16 rows took 17.4 minutes there (1,712 CPU-seconds; see
+    # benchmarks/README.md), so that a 2-core machine 4-5x slower (the one of
+    # /work/shared/FACTS.md) still finishes within 100 minutes.
+    "cpu": Preset(
+        description="Fashion-MNIST, small CNN, L-inf epsilon 0.1, PGD-5 training (step 0.05), "
+        "Adam 1e-3 with x0.1 decay at 50%/75% of training, batch 128, 1 epoch on a "
+        "training subset",
+        dataset="fashion_mnist",
+        model="small_cnn",
+        epsilon=0.1,
+        attack_steps=5,
+        step_size=0.05,
+        epochs=1,
+        train_examples=15_500,
+        validation_examples=500,
+        batch_size=128,
+        optimizer="adam",
+        learning_rate=1e-3,
+        lr_decay_fractions=(0.5, 0.75),
+        weight_decay=0.0,
+        test_examples=256,
+        eval_attacks=("pgd20", "pgd100", "apgd_ce", "apgd_dlr_t"),
+        restarts=2,
+        apgd_targets=3,
+        budget="all 16 rows <= 100 min on a 2-core CPU machine 4-5x slower than the "
+        "reference one (17.4 min on the reference machine)",
+    ),
+    # MNIST as in Madry et al. / TRADES / ADR: epsilon 0.3, 40-step PGD of
+    # step 0.01, SGD momentum 0.9 lr 0.01, 100 epochs (decay at 55/75/90 as
+    # TRADES' MNIST schedule), AutoAttack-strength evaluation on the whole
+    # test set. For one GPU.
+    "paper_mnist": Preset(
+        description="MNIST, small CNN, L-inf epsilon 0.3, PGD-40 training (step 0.01), SGD "
+        "momentum 0.9 lr 0.01 with x0.1 decay at 55%/75%/90%, batch 128, 100 epochs",
+        dataset="mnist",
+        model="small_cnn",
+        epsilon=0.3,
+        attack_steps=40,
+        step_size=0.01,
+        epochs=100,
+        train_examples=None,
+        validation_examples=1000,
+        batch_size=128,
+        optimizer="sgd",
+        learning_rate=0.01,
+        lr_decay_fractions=(0.55, 0.75, 0.9),
+        weight_decay=0.0,
+        test_examples=None,
+        eval_attacks=("pgd20", "pgd100", "apgd_ce", "apgd_dlr_t"),
+        restarts=5,
+        apgd_targets=9,
+        budget="GPU: roughly 16 rows x 100 epochs of PGD-40 training",
+    ),
+    # CIFAR-10, PreAct ResNet-18: epsilon 8/255, 10-step PGD of step 2/255,
+    # SGD momentum 0.9 lr 0.1, weight decay 5e-4, 100 epochs with decay at
+    # 75/90 (TRADES' schedule), crop + flip augmentation. For one GPU.
+    "paper_cifar10": Preset(
+        description="CIFAR-10, PreAct ResNet-18, L-inf epsilon 8/255, PGD-10 training (step "
+        "2/255), SGD momentum 0.9 lr 0.1 with x0.1 decay at 75%/90%, weight decay "
+        "5e-4, batch 128, 100 epochs",
+        dataset="cifar10",
+        model="resnet18",
+        epsilon=8 / 255,
+        attack_steps=10,
+        step_size=2 / 255,
+        epochs=100,
+        train_examples=None,
+        validation_examples=1000,
+        batch_size=128,
+        optimizer="sgd",
+        learning_rate=0.1,
+        lr_decay_fractions=(0.75, 0.9),
+        weight_decay=5e-4,
+        test_examples=None,
+        eval_attacks=("pgd20", "pgd100", "apgd_ce", "apgd_dlr_t"),
+        restarts=5,
+        apgd_targets=9,
+        budget="GPU: roughly 16 rows x 100 epochs of PGD-10 ResNet-18 training",
+    ),
+}
+# Issue 14: does training in bfloat16 cost robustness? The fmnist recipe for
+# 1 epoch (454 steps), each model trained in float32 and in mixed bfloat16
+# and evaluated in float32 on 2,000 test images. Estimated from the fmnist
+# rows: per row about 5 min of training and 10 min of evaluation on one core,
+# so about an hour with two single-thread processes.
+PRESETS["precision"] = dataclasses.replace(
+    PRESETS["fmnist"],
+    description="Fashion-MNIST, small CNN, L-inf epsilon 0.1, PGD-5 training (step 0.05), "
+    "Adam 1e-3 with x0.1 decay at 50%/75% of training, batch 128, 1 epoch on 58,000 "
+    "training images, in float32 and in mixed bfloat16",
+    epochs=1,
+    test_examples=2000,
+    budget="8 rows x (about 5 min training + 10 min evaluation) of one core here",
+    defenses=HEADLINE,
+    seeds=(0, 1),
+    reuse_stability=False,
+    precisions=(BASE_PRECISION, "mixed_bfloat16"),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+    """One trained model: a defense, its ADR overrides, a seed and a training precision."""
+
+    name: str
+    group: str  # "main", "seeds" or "ablation"
+    defense: str
+    seed: int = 0
+    overrides: tuple = ()  # ((ADRConfig field, value), ...)
+    label: str = ""
+    precision: str = BASE_PRECISION  # Keras dtype policy of training
+
+
+def tagged(name, precision, preset):
+    """`name` of a row (or a defense) trained in `precision`, in `preset`.
+
+    Presets of float32 only keep the names of before the precision axis.
+    """
+    return name if preset.precisions == (BASE_PRECISION,) else f"{name}_{precision}"
+
+
+def precision_of(result):
+    """The training precision of a finished row's result."""
+    # Row files from before the precision axis trained in float32 and say nothing.
+    return result.get("precision", BASE_PRECISION)
+
+
+def rows_of(preset):
+    """The rows of a preset, headline rows first (so a cut-short run has them).
+
+    With several precisions, every row once per precision, next to each other
+    (so a cut-short run has complete pairs).
+    """
+    rows = _base_rows(preset)
+    if preset.precisions == (BASE_PRECISION,):
+        return rows
+    return [
+        dataclasses.replace(
+            row, name=tagged(row.name, p, preset), label=f"{row.label}, {p}", precision=p
+        )
+        for row in rows
+        for p in preset.precisions
+    ]
+
+
+def _base_rows(preset):
+    """The rows of a preset, each in the base precision, named as before precisions."""
+    first, *others = preset.seeds
+    rows = [Row(d, "main", d, first, label=d) for d in preset.defenses]
+    rows += [
+        Row(f"{d}_seed{s}", "seeds", d, s, label=f"{d} (seed {s})")
+        for d in HEADLINE
+        for s in others
+    ]
+    if not preset.ablation:
+        return rows
+    rows += [
+        Row(f"adr_pgd_no_{t}", "ablation", "adr_pgd", first, ((t, 0.0),), label=f"adr_pgd - {t}")
+        for t in ABLATED_TERMS
+    ]
+    rows += [
+        Row(
+            f"adr_pgd_lp{w:g}".replace(".", "p"),
+            "ablation",
+            "adr_pgd",
+            first,
+            (("label_propagation", w),),
+            label=f"adr_pgd + label_propagation {w:g}",
+        )
+        for w in LABEL_PROPAGATION_WEIGHTS
+    ]
+    return rows
+
+
+def adr_config(preset, row):
+    from keras_adr import presets
+
+    return presets.get(
+        row.defense,
+        attack_epsilon=preset.epsilon,
+        attack_steps=preset.attack_steps,
+        attack_step_size=preset.step_size,
+        **dict(row.overrides),
+    )
+
+
+def fingerprint(preset, row):
+    """A hash of everything that determines a row's result (not its description)."""
+    row_fields = dataclasses.asdict(row)
+    if row.precision == BASE_PRECISION:  # Rows from before the field: still done.
+        del row_fields["precision"]
+    payload = {
+        "preset": {
+            k: v for k, v in dataclasses.asdict(preset).items() if k not in _NOT_FINGERPRINTED
+        },
+        "row": row_fields,
+        "adr_config": adr_config(preset, row).get_config(),
+    }
+    text = json.dumps(payload, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
