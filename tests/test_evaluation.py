@@ -493,6 +493,10 @@ def test_cli_fails_on_sanity_check_failure(masked_model, tmp_path):
 def test_cli_autoattack_fails_on_its_sanity_checks(masked_model, tmp_path):
     # Binarize gives every input a zero gradient: AutoAttack's zero-gradient check fails.
     _export(masked_model, tmp_path / "serving" / "1")
+    # The defense of the model card comes from the export metadata.
+    metadata_dir = tmp_path / "serving" / "1" / "assets.extra"
+    metadata_dir.mkdir()
+    (metadata_dir / "keras_adr_metadata.json").write_text(json.dumps({"defense": "binarized"}))
     args = [
         f"--model_path={tmp_path / 'serving'}",
         "--suite=autoattack",
@@ -506,6 +510,7 @@ def test_cli_autoattack_fails_on_its_sanity_checks(masked_model, tmp_path):
     assert "[FAIL] no_zero_input_gradients" in result.stdout
     card = json.loads((tmp_path / "eval" / "autoattack.json").read_text())
     assert card["keras_adr"]["checks"]["zero_gradient_fraction"] == 1.0
+    assert card["defense"] == "binarized" and card["name"] == str(tmp_path / "serving")
     assert card["keras_adr"]["sanity_checks_passed"] is False
 
     result = _run_cli(*args, "--allow_sanity_failures")

@@ -123,10 +123,35 @@ def _run_autoattack(evaluation, model, dataset, config):
     print(evaluation.format_summary(result, checks))
     if FLAGS.output_dir:
         path = evaluation.write_autoattack_result(
-            result, FLAGS.output_dir, checks=checks, name=FLAGS.model_path, dataset=FLAGS.dataset
+            result,
+            FLAGS.output_dir,
+            checks=checks,
+            name=FLAGS.model_path,
+            defense=_defense_of(model),
+            dataset=FLAGS.dataset,
         )
         logging.info("Wrote %s", path)
     return checks
+
+
+def _defense_of(model):
+    """The defense a model was trained with, as its files record it, or None.
+
+    A SavedModel of `adr-export`/`adr-train` records it in its export
+    metadata; a `.keras` file of `adr-train` in the run's `metrics.json` beside it.
+    """
+    import json
+    import os
+
+    from keras_adr import export
+
+    try:
+        if model.kind == "saved_model":
+            return export.read_metadata(model.path).get("defense")
+        with open(os.path.join(os.path.dirname(model.path), "metrics.json"), encoding="utf-8") as f:
+            return json.load(f)["options"]["defense"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def _epsilons(values):
