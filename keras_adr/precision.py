@@ -12,8 +12,9 @@
   optimizer in a `LossScaleOptimizer` (the ADR step scales its loss); the
   attacks rescale their gradients themselves (`keras_adr.attacks`).
 * `"auto"`: `"mixed_bfloat16"` where the hardware supports it (`resolve`),
-  else `"float32"`. Opt-in: whether bfloat16 training gives the same
-  robustness as float32 is not measured yet (issue 14).
+  else `"float32"`. Opt-in: bfloat16 training measured no robustness cost
+  (`benchmarks/results/precision.md`), but its speed-up still varies from
+  process to process (issue 14).
 
 Whatever a model was trained in, `adr-train` and `adr-evaluate` evaluate it
 in float32 by default (`with_policy`), and the exported SavedModel computes
