@@ -61,10 +61,10 @@ def test_scripts_run_as_modules_and_as_files(tmp_path):
         assert "pgd_at" in result.stdout and "pending" in result.stdout
 
 
-def _robustness(*flags, timeout=120):
-    """Runs benchmarks/robustness.py with `flags`; returns its stdout."""
+def _benchmark(module, *flags, timeout=120):
+    """Runs `python -m benchmarks.<module>` with `flags`; returns its stdout."""
     result = subprocess.run(
-        [sys.executable, "-m", "benchmarks.robustness", *flags],
+        [sys.executable, "-m", f"benchmarks.{module}", *flags],
         cwd=_ROOT,
         capture_output=True,
         text=True,
@@ -73,6 +73,10 @@ def _robustness(*flags, timeout=120):
     )
     assert result.returncode == 0, result.stderr[-2000:]
     return result.stdout
+
+
+def _robustness(*flags, timeout=120):
+    return _benchmark("robustness", *flags, timeout=timeout)
 
 
 def test_precision_axis_keeps_the_finished_fmnist_rows(tmp_path):
@@ -187,28 +191,19 @@ def test_speed_precision_section_writes_the_precision_table(tmp_path):
     # One process per (defense, precision), 2 timed steps: checks the plumbing, not speed.
     _require_fashion_mnist()
     output = tmp_path / "speed.json"
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "benchmarks.speed",
-            "--sections=precision",
-            "--precisions=float32,mixed_bfloat16",
-            "--precision_defenses=pgd_at,adr_pgd",
-            "--precision_processes=1",
-            "--precision_steps=2",
-            "--precision_warmup=1",
-            "--attack_steps=1",
-            "--batch_size=32",
-            f"--output={output}",
-        ],
-        cwd=_ROOT,
-        capture_output=True,
-        text=True,
+    _benchmark(
+        "speed",
+        "--sections=precision",
+        "--precisions=float32,mixed_bfloat16",
+        "--precision_defenses=pgd_at,adr_pgd",
+        "--precision_processes=1",
+        "--precision_steps=2",
+        "--precision_warmup=1",
+        "--attack_steps=1",
+        "--batch_size=32",
+        f"--output={output}",
         timeout=240,
-        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"),
     )
-    assert result.returncode == 0, result.stderr[-2000:]
     precision = json.loads(output.read_text())["precision"]
     assert [
         (c["defense"], c["policy"], c["processes"]) for c in precision["analysis"]["configurations"]
@@ -229,41 +224,23 @@ def test_speed_precision_section_writes_the_precision_table(tmp_path):
     assert "| precision | adr_pgd / pgd_at (medians) |" in text
     assert "Targets of issue 14:" in text
     # --render_only keeps the table (the analysis is recomputed from the rows).
-    rendered = subprocess.run(
-        [sys.executable, "-m", "benchmarks.speed", f"--render_only={output}"],
-        cwd=_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"),
-    )
-    assert rendered.returncode == 0, rendered.stderr[-2000:]
+    _benchmark("speed", f"--render_only={output}")
     assert (tmp_path / "speed.md").read_text() == text
 
 
 def test_precision_speed_keeps_its_command_line(tmp_path):
     _require_fashion_mnist()
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "benchmarks.precision_speed",
-            "--runs=1",
-            "--steps=2",
-            "--warmup=1",
-            "--attack_steps=1",
-            "--batch_size=32",
-            "--policies=float32",
-            "--defenses=pgd_at",
-            f"--output_dir={tmp_path}",
-        ],
-        cwd=_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"),
+    _benchmark(
+        "precision_speed",
+        "--runs=1",
+        "--steps=2",
+        "--warmup=1",
+        "--attack_steps=1",
+        "--batch_size=32",
+        "--policies=float32",
+        "--defenses=pgd_at",
+        f"--output_dir={tmp_path}",
     )
-    assert result.returncode == 0, result.stderr[-2000:]
     row = json.loads((tmp_path / "rows" / "float32_pgd_at_run0.json").read_text())
     assert (row["steps"], row["warmup"], len(row["step_seconds"])) == (2, 1, 2)
     assert "| pgd_at | float32 | 1 |" in (tmp_path / "summary.md").read_text()
