@@ -345,9 +345,20 @@ class AtomicModelCheckpoint(keras.callbacks.ModelCheckpoint):
 
     The checkpoint is written beside its final path (a hidden name with the
     same suffix, which `Model.save` requires) and renamed over it, so a kill
-    while saving leaves the previous checkpoint intact. Same arguments as
-    `keras.callbacks.ModelCheckpoint`.
+    while saving leaves the previous checkpoint intact; the temporary file a
+    kill leaves behind is deleted when training starts again. Same arguments
+    as `keras.callbacks.ModelCheckpoint`.
     """
+
+    def on_train_begin(self, logs=None):
+        super().on_train_begin(logs)
+        if "{" in self.filepath:  # A formatted name: its temporaries are not known.
+            return
+        directory, name = os.path.split(os.path.abspath(self.filepath))
+        if os.path.isdir(directory):
+            for other in os.listdir(directory):
+                if other.startswith(f".{name}.tmp-"):
+                    fileio.remove_quietly(os.path.join(directory, other))
 
     def _save_model(self, epoch, batch, logs):
         final_path = self._get_file_path(epoch, batch, logs)

@@ -139,6 +139,14 @@ def test_kill_while_saving_the_checkpoint_keeps_the_previous_file(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["best.keras"]
     for expected, got in zip(weights_before, keras.saving.load_model(path).get_weights()):
         np.testing.assert_array_equal(got, expected)
+    # A SIGKILL would have left the torn temporary; the next run deletes it.
+    leftover = tmp_path / ".best.keras.tmp-1-0.keras"
+    leftover.write_bytes(b"torn")
+    del model.save
+    model.fit(x, y, epochs=1, verbose=0, callbacks=[AtomicModelCheckpoint(str(path))])
+    assert [p.name for p in tmp_path.iterdir()] == ["best.keras"]
+    for expected, got in zip(model.get_weights(), keras.saving.load_model(path).get_weights()):
+        np.testing.assert_array_equal(got, expected)
 
 
 def test_checkpoint_keeps_save_best_only_and_weights_files(tmp_path):
