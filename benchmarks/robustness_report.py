@@ -8,7 +8,12 @@ from absl import logging
 
 from benchmarks import results_io
 from benchmarks.robustness_presets import BASE_PRECISION, fingerprint
-from benchmarks.robustness_stats import precision_comparison, seed_summary, verdict
+from benchmarks.robustness_stats import (
+    precision_comparison,
+    row_pairs,
+    seed_summary,
+    verdict,
+)
 
 
 def _pct(value):
@@ -135,6 +140,9 @@ def markdown(preset_name, preset, rows, results, seeds, verdict_, total_seconds,
                 )
                 + ".",
             ]
+    pairs = row_pairs(results)
+    if pairs:
+        lines += _pairs_markdown(pairs)
     if comparison:
         lines += _precision_markdown(comparison, n_test)
     base = by_name.get("adr_pgd")
@@ -174,6 +182,36 @@ def markdown(preset_name, preset, rows, results, seeds, verdict_, total_seconds,
         ),
     ]
     return "\n".join(lines) + "\n"
+
+
+def _pairs_markdown(pairs):
+    """The section of `row_pairs`: one line per pair of finished rows."""
+    table = []
+    for p in pairs:
+        paired = p["paired"] or {}
+        tested = [
+            f"{what}: {c['row_only']} vs {c['reference_only']}, p = {c['p_value']:.2f}"
+            for what, c in paired.items()
+        ]
+        table.append(
+            [
+                f"{p['row']} − {p['reference']}",
+                f"{100 * p['clean_difference']:+.1f}",
+                f"{100 * p['robust_difference']:+.1f}",
+                "; ".join(tested) or "-",
+            ]
+        )
+    return [
+        "",
+        "## Pairs of rows (same test examples)",
+        "",
+        "Differences in points; discordant examples (correct only with the first row vs "
+        "only with the second) and the exact two-sided sign test.",
+        "",
+        *results_io.markdown_table(
+            ["pair", "Δ clean", "Δ worst case", "discordant examples"], table, align="lrrl"
+        ),
+    ]
 
 
 def _precision_markdown(comparison, n_test):
@@ -316,6 +354,9 @@ def write_summary(preset_name, preset, rows, rows_dir, results_dir):
         "verdict": verdict_,
         "total_row_seconds": round(total, 1),
     }
+    pairs = row_pairs(results)
+    if pairs:
+        summary["row_pairs"] = pairs
     if comparison:  # Presets of one precision keep their summary as it was.
         summary["precision_comparison"] = comparison
     results_io.write_json_atomic(f"{base}.json", summary)

@@ -107,6 +107,43 @@ def paired_comparison(results):
     }
 
 
+# Seed-0 pairs reported next to the headline, (row, reference row): ADR against
+# each baseline it claims to beat, and the bounded form against the authors'.
+ROW_PAIRS = (
+    ("adr_pgd", "trades"),
+    ("adr_trades", "trades"),
+    ("adr_trades", "pgd_at"),
+    ("adr_pgd", "adr_pgd_paper"),
+)
+
+
+def row_pairs(results, pairs=ROW_PAIRS):
+    """Differences and per-example sign tests of the `pairs` whose rows are both finished.
+
+    Returns `[{"row", "reference", "clean_difference", "robust_difference",
+    "paired": {"clean"|"worst case": {"row_only", "reference_only", "p_value"}}}]`
+    (differences are row minus reference, as fractions; `paired` is None when
+    a row has no per-example outcomes).
+    """
+    by_name = {r["name"]: r for r in results}
+    out = []
+    for name, reference in pairs:
+        a, b = by_name.get(name), by_name.get(reference)
+        if a is None or b is None:
+            continue
+        counts = _discordant(a, b)
+        out.append(
+            {
+                "row": name,
+                "reference": reference,
+                "clean_difference": a["clean_accuracy"] - b["clean_accuracy"],
+                "robust_difference": a["robust_accuracy"] - b["robust_accuracy"],
+                "paired": None if counts is None else _sign_tested(counts, "row", "reference"),
+            }
+        )
+    return out
+
+
 def _pair_stats(a, b, reference, other):
     """`{reference: a, other: b, "difference": b - a}`, or None if either is missing."""
     if a is None or b is None:

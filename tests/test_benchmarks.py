@@ -244,3 +244,25 @@ def test_precision_speed_keeps_its_command_line(tmp_path):
     row = json.loads((tmp_path / "rows" / "float32_pgd_at_run0.json").read_text())
     assert (row["steps"], row["warmup"], len(row["step_seconds"])) == (2, 1, 2)
     assert "| pgd_at | float32 | 1 |" in (tmp_path / "summary.md").read_text()
+
+
+def test_row_pairs_count_discordant_examples_of_finished_pairs():
+    from benchmarks.robustness_stats import bits, row_pairs
+
+    def row(name, clean, robust):
+        return {
+            "name": name,
+            "evaluation": {"num_examples": len(clean)},
+            "clean_accuracy": sum(clean) / len(clean),
+            "robust_accuracy": sum(robust) / len(robust),
+            "clean_correct_bits": bits(clean),
+            "robust_correct_bits": bits(robust),
+        }
+
+    adr = row("adr_pgd", [1, 1, 1, 0, 1], [1, 1, 0, 0, 1])
+    trades = row("trades", [1, 1, 0, 1, 1], [1, 0, 0, 0, 0])
+    (pair,) = row_pairs([adr, trades])  # adr_trades and adr_pgd_paper are not finished
+    assert (pair["row"], pair["reference"]) == ("adr_pgd", "trades")
+    assert pair["robust_difference"] == 0.6 - 0.2
+    assert pair["paired"]["worst case"] == {"row_only": 2, "reference_only": 0, "p_value": 0.5}
+    assert pair["paired"]["clean"]["row_only"] == pair["paired"]["clean"]["reference_only"] == 1
