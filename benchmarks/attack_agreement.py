@@ -100,12 +100,22 @@ def main(argv):
 
     (x_train, y_train), (x, y) = _data(FLAGS.train_examples, FLAGS.num_examples)
     if FLAGS.model_path:
-        model = evaluation.load_model(FLAGS.model_path)
+        # ART's TensorFlowV2Classifier wraps a Keras model, so check before the
+        # (long) runs of our attacks that there is one to give it.
+        kind, resolved = evaluation.resolve_model_path(FLAGS.model_path)
+        if kind != "keras":
+            sys.exit(
+                f"--model_path={FLAGS.model_path} is a SavedModel; the ART comparison needs a "
+                ".keras file (for example the run's best.keras)."
+            )
+        import keras_adr  # noqa: F401 - registers the custom objects.
+
+        model = keras.models.load_model(resolved, compile=False)
         model_name = FLAGS.model_path
     else:
         model = _tiny_model(x_train, y_train, FLAGS.seed)
         model_name = f"tiny CNN, {FLAGS.train_examples} training images, 3 epochs"
-    model_fn = attacks.inference_fn(model) if isinstance(model, keras.layers.Layer) else model
+    model_fn = attacks.inference_fn(model)
     eps, bs = FLAGS.epsilon, FLAGS.batch_size
     num_classes = int(np.asarray(model_fn(x[:1])).shape[-1])
     targets = min(FLAGS.targets, num_classes - 1)
@@ -163,11 +173,8 @@ def main(argv):
         from art.estimators.classification import TensorFlowV2Classifier
     except ImportError as e:
         sys.exit(f"ART is not installed ({e}): pip install adversarial-robustness-toolbox==1.20.1")
-    keras_model = model if isinstance(model, keras.layers.Layer) else None
-    if keras_model is None:
-        sys.exit("The ART comparison needs a Keras model (not a SavedModel).")
     classifier = TensorFlowV2Classifier(
-        model=keras_model,
+        model=model,
         nb_classes=num_classes,
         input_shape=x.shape[1:],
         clip_values=(0.0, 1.0),

@@ -266,3 +266,22 @@ def test_row_pairs_count_discordant_examples_of_finished_pairs():
     assert pair["robust_difference"] == 0.6 - 0.2
     assert pair["paired"]["worst case"] == {"row_only": 2, "reference_only": 0, "p_value": 0.5}
     assert pair["paired"]["clean"]["row_only"] == pair["paired"]["clean"]["reference_only"] == 1
+
+
+def test_attack_agreement_refuses_a_saved_model_before_attacking():
+    # ART needs a Keras model: a SavedModel must be refused at once, not after
+    # the minutes our own attacks take.
+    saved_model = os.path.join(_ROOT, "saved_models", "fashion_mnist_adr")
+    result = subprocess.run(
+        [sys.executable, "-m", "benchmarks.attack_agreement", f"--model_path={saved_model}"],
+        cwd=_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"),
+    )
+    if "Fashion-MNIST" in result.stderr and "not installed" in result.stderr:
+        pytest.skip("Fashion-MNIST is not installed")
+    assert result.returncode != 0
+    assert "is a SavedModel; the ART comparison needs a .keras file" in result.stderr
+    assert "apgd-ce" not in result.stdout  # no attack ran
