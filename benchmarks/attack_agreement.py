@@ -102,15 +102,12 @@ def main(argv):
     if FLAGS.model_path:
         # ART's TensorFlowV2Classifier wraps a Keras model, so check before the
         # (long) runs of our attacks that there is one to give it.
-        kind, resolved = evaluation.resolve_model_path(FLAGS.model_path)
-        if kind != "keras":
+        model = evaluation.load_model(FLAGS.model_path).keras_model
+        if model is None:
             sys.exit(
                 f"--model_path={FLAGS.model_path} is a SavedModel; the ART comparison needs a "
                 ".keras file (for example the run's best.keras)."
             )
-        import keras_adr  # noqa: F401 - registers the custom objects.
-
-        model = keras.models.load_model(resolved, compile=False)
         model_name = FLAGS.model_path
     else:
         model = _tiny_model(x_train, y_train, FLAGS.seed)

@@ -20,7 +20,9 @@ def _pct(value):
     return "-" if value is None else f"{100 * value:.1f}"
 
 
-def markdown(preset_name, preset, rows, results, seeds, verdict_, total_seconds, comparison=None):
+def markdown(
+    preset_name, preset, rows, results, seeds, verdict_, total_seconds, comparison=None, pairs=()
+):
     by_name = {r["name"]: r for r in results}
     attacks = list(preset.eval_attacks)
     first = results[0] if results else {}
@@ -140,7 +142,6 @@ def markdown(preset_name, preset, rows, results, seeds, verdict_, total_seconds,
                 )
                 + ".",
             ]
-    pairs = row_pairs(results)
     if pairs:
         lines += _pairs_markdown(pairs)
     if comparison:
@@ -362,7 +363,7 @@ def write_summary(preset_name, preset, rows, rows_dir, results_dir):
     results_io.write_json_atomic(f"{base}.json", summary)
     results_io.write_text(
         f"{base}.md",
-        markdown(preset_name, preset, rows, results, seeds, verdict_, total, comparison),
+        markdown(preset_name, preset, rows, results, seeds, verdict_, total, comparison, pairs),
     )
     try:
         plot(preset_name, rows, results, seeds, f"{base}.png")

@@ -101,10 +101,7 @@ def paired_comparison(results):
             counts[what][1] += b_only
     if not any(sum(c) for c in counts.values()):
         return None
-    return {
-        what: {"adr_only": c[0], "pgd_at_only": c[1], "p_value": _sign_test(*c)}
-        for what, c in counts.items()
-    }
+    return _sign_tested(counts, "adr", "pgd_at")
 
 
 # Seed-0 pairs reported next to the headline, (row, reference row): ADR against

@@ -340,6 +340,11 @@ class AtomicBackupAndRestore(keras.callbacks.BackupAndRestore):
                 fileio.remove_quietly(path)
 
 
+def _temp_prefix(name):
+    """Prefix of the temporaries `AtomicModelCheckpoint` writes beside `name`."""
+    return f".{name}.tmp-"
+
+
 class AtomicModelCheckpoint(keras.callbacks.ModelCheckpoint):
     """`keras.callbacks.ModelCheckpoint` whose file is replaced atomically.
 
@@ -357,7 +362,7 @@ class AtomicModelCheckpoint(keras.callbacks.ModelCheckpoint):
         directory, name = os.path.split(os.path.abspath(self.filepath))
         if os.path.isdir(directory):
             for other in os.listdir(directory):
-                if other.startswith(f".{name}.tmp-"):
+                if other.startswith(_temp_prefix(name)):
                     fileio.remove_quietly(os.path.join(directory, other))
 
     def _save_model(self, epoch, batch, logs):
@@ -368,7 +373,7 @@ class AtomicModelCheckpoint(keras.callbacks.ModelCheckpoint):
         directory, name = os.path.split(os.path.abspath(final_path))
         os.makedirs(directory, exist_ok=True)
         suffix = ".weights.h5" if name.endswith(".weights.h5") else os.path.splitext(name)[1]
-        temp_path = fileio.unique_temp_path(directory, f".{name}.tmp-") + suffix
+        temp_path = fileio.unique_temp_path(directory, _temp_prefix(name)) + suffix
         try:
             if self.save_weights_only:
                 self.model.save_weights(temp_path, overwrite=True)

@@ -61,9 +61,9 @@ def test_scripts_run_as_modules_and_as_files(tmp_path):
         assert "pgd_at" in result.stdout and "pending" in result.stdout
 
 
-def _benchmark(module, *flags, timeout=120):
-    """Runs `python -m benchmarks.<module>` with `flags`; returns its stdout."""
-    result = subprocess.run(
+def _run(module, *flags, timeout=120):
+    """Runs `python -m benchmarks.<module>` with `flags`; returns the completed process."""
+    return subprocess.run(
         [sys.executable, "-m", f"benchmarks.{module}", *flags],
         cwd=_ROOT,
         capture_output=True,
@@ -71,6 +71,11 @@ def _benchmark(module, *flags, timeout=120):
         timeout=timeout,
         env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"),
     )
+
+
+def _benchmark(module, *flags, timeout=120):
+    """Runs `python -m benchmarks.<module>` with `flags`; returns its stdout."""
+    result = _run(module, *flags, timeout=timeout)
     assert result.returncode == 0, result.stderr[-2000:]
     return result.stdout
 
@@ -272,14 +277,7 @@ def test_attack_agreement_refuses_a_saved_model_before_attacking():
     # ART needs a Keras model: a SavedModel must be refused at once, not after
     # the minutes our own attacks take.
     saved_model = os.path.join(_ROOT, "saved_models", "fashion_mnist_adr")
-    result = subprocess.run(
-        [sys.executable, "-m", "benchmarks.attack_agreement", f"--model_path={saved_model}"],
-        cwd=_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"),
-    )
+    result = _run("attack_agreement", f"--model_path={saved_model}")
     if "Fashion-MNIST" in result.stderr and "not installed" in result.stderr:
         pytest.skip("Fashion-MNIST is not installed")
     assert result.returncode != 0

@@ -26,6 +26,7 @@ class LoadedModel:
         kind: `"keras"` or `"saved_model"`.
         path: Where it was loaded from (None for an in-memory model).
         num_classes: Number of logits, when known.
+        keras_model: The loaded Keras model (`kind == "keras"`), else None.
     """
 
     def __init__(self, fn, kind, path=None, keep_alive=None, num_classes=None):
@@ -36,6 +37,10 @@ class LoadedModel:
         # A SavedModel's signature needs its loaded object (and variables)
         # alive for as long as it is called.
         self._keep_alive = keep_alive
+
+    @property
+    def keras_model(self):
+        return self._keep_alive if self.kind == "keras" else None
 
     def __call__(self, images):
         return self._fn(images)
