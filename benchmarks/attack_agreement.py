@@ -19,6 +19,11 @@ CNN trained for a few seconds on Fashion-MNIST (or `--model_path`). The
 target of issue 13: ours is never more than 0.5 points above ART's for the
 same attack, and the suite is never above the worst of ART's attacks.
 
+Each finished attack (ours or ART's) is written at once to a rows file beside
+`--output` (`<output>.rows.json`), so a killed run resumes where it stopped;
+the rows file records its configuration, and a run with another one is
+refused rather than mixed with it.
+
 Example (a short run):
 
 ```
@@ -46,6 +51,7 @@ flags.DEFINE_integer("batch_size", 250, "Examples per attack call.")
 flags.DEFINE_integer("train_examples", 3000, "Training images of the tiny model.")
 flags.DEFINE_string("model_path", None, "Evaluate this model instead of training a tiny one.")
 flags.DEFINE_integer("seed", 0, "Seed.")
+flags.DEFINE_integer("threads", 0, "TensorFlow threads (0 = TensorFlow's choice).")
 flags.DEFINE_string(
     "output",
     "benchmarks/results/attack_agreement.json",
@@ -83,93 +89,42 @@ def _data(train_examples, test_examples):
     )
 
 
+_ART_ATTACKS = ("apgd-ce", "apgd-t", "square")  # ART has no FAB
+
+
+def _rows_path(output):
+    return os.path.splitext(output)[0] + ".rows.json"
+
+
+def _finished_rows(path, configuration):
+    """The rows a previous run with the same configuration finished, else {}."""
+    from benchmarks import results_io
+
+    if not os.path.exists(path):
+        return {}
+    state = results_io.read_json(path)
+    if state is None or state.get("configuration") != configuration:
+        sys.exit(
+            f"{path} holds rows of another configuration (or is unreadable); delete it or "
+            "choose another --output."
+        )
+    return state["rows"]
+
+
 def _timed(fn):
     start = time.perf_counter()
     out = fn()
     return out, time.perf_counter() - start
 
 
-def main(argv):
-    del argv
+def _art_rows(rows, save, model, model_fn, x, y, clean, accuracy, num_classes, targets):
+    """Runs ART's attacks missing from `rows` and `save`s each row as it finishes."""
     import keras
     import numpy as np
-    import tensorflow as tf
+    from art.attacks.evasion import AutoProjectedGradientDescent, SquareAttack
+    from art.estimators.classification import TensorFlowV2Classifier
 
-    from benchmarks import results_io
-    from keras_adr import attacks, evaluation
-
-    (x_train, y_train), (x, y) = _data(FLAGS.train_examples, FLAGS.num_examples)
-    if FLAGS.model_path:
-        # ART's TensorFlowV2Classifier wraps a Keras model, so check before the
-        # (long) runs of our attacks that there is one to give it.
-        model = evaluation.load_model(FLAGS.model_path).keras_model
-        if model is None:
-            sys.exit(
-                f"--model_path={FLAGS.model_path} is a SavedModel; the ART comparison needs a "
-                ".keras file (for example the run's best.keras)."
-            )
-        model_name = FLAGS.model_path
-    else:
-        model = _tiny_model(x_train, y_train, FLAGS.seed)
-        model_name = f"tiny CNN, {FLAGS.train_examples} training images, 3 epochs"
-    model_fn = attacks.inference_fn(model)
     eps, bs = FLAGS.epsilon, FLAGS.batch_size
-    num_classes = int(np.asarray(model_fn(x[:1])).shape[-1])
-    targets = min(FLAGS.targets, num_classes - 1)
-
-    def accuracy(images):
-        predictions = np.concatenate(
-            [
-                np.argmax(np.asarray(model_fn(images[i : i + bs])), -1)
-                for i in range(0, len(images), bs)
-            ]
-        )
-        return predictions == y
-
-    def ours(attack):
-        fn = tf.function(attack)
-        return lambda: np.concatenate(
-            [fn(x[i : i + bs], y[i : i + bs]).numpy() for i in range(0, len(x), bs)]
-        )
-
-    rows = {}
-    clean = accuracy(x)
-    ours_fns = {
-        "apgd-ce": ours(
-            lambda a, b: attacks.apgd(
-                model_fn, a, b, epsilon=eps, steps=FLAGS.steps, seed=FLAGS.seed
-            )
-        ),
-        "apgd-t": ours(
-            lambda a, b: attacks.apgd_dlr_targeted(
-                model_fn, a, b, epsilon=eps, steps=FLAGS.steps, num_targets=targets, seed=FLAGS.seed
-            )
-        ),
-        "fab-t": ours(
-            lambda a, b: attacks.fab(
-                model_fn, a, b, epsilon=eps, steps=FLAGS.steps, num_targets=targets, seed=FLAGS.seed
-            )
-        ),
-        "square": ours(
-            lambda a, b: attacks.square(
-                model_fn, a, b, epsilon=eps, queries=FLAGS.square_queries, seed=FLAGS.seed
-            )
-        ),
-    }
-    for name, fn in ours_fns.items():
-        x_adv, seconds = _timed(fn)
-        rows[name] = {
-            "ours_accuracy": float(np.mean(accuracy(x_adv) & clean)),
-            "ours_seconds": round(seconds, 2),
-        }
-        print(name, rows[name], flush=True)
-
-    try:
-        import art
-        from art.attacks.evasion import AutoProjectedGradientDescent, SquareAttack
-        from art.estimators.classification import TensorFlowV2Classifier
-    except ImportError as e:
-        sys.exit(f"ART is not installed ({e}): pip install adversarial-robustness-toolbox==1.20.1")
     classifier = TensorFlowV2Classifier(
         model=model,
         nb_classes=num_classes,
@@ -218,15 +173,139 @@ def main(argv):
         ),
     }
     for name, fn in art_fns.items():
+        if "art_accuracy" in rows[name]:
+            continue
         correct, seconds = _timed(fn)
-        rows[name].update(
-            art_accuracy=float(np.mean(correct & clean)), art_seconds=round(seconds, 2)
+        art_accuracy = float(np.mean(correct & clean))
+        save(
+            name,
+            {
+                "art_accuracy": art_accuracy,
+                "art_seconds": round(seconds, 2),
+                "art_threads": FLAGS.threads,
+                "art_version": _art_version(),
+                "ours_minus_art_points": round(
+                    100 * (rows[name]["ours_accuracy"] - art_accuracy), 2
+                ),
+                "speedup": round(seconds / max(rows[name]["ours_seconds"], 1e-9), 2),
+            },
         )
-        rows[name]["ours_minus_art_points"] = round(
-            100 * (rows[name]["ours_accuracy"] - rows[name]["art_accuracy"]), 2
+
+
+def _art_version():
+    """ART's installed version, or None."""
+    from importlib import metadata
+
+    try:
+        return metadata.version("adversarial-robustness-toolbox")
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def main(argv):
+    del argv
+    import numpy as np
+    import tensorflow as tf
+
+    from benchmarks import results_io
+    from keras_adr import attacks, evaluation
+
+    results_io.set_threads(FLAGS.threads)
+    (x_train, y_train), (x, y) = _data(FLAGS.train_examples, FLAGS.num_examples)
+    if FLAGS.model_path:
+        # ART's TensorFlowV2Classifier wraps a Keras model, so check before the
+        # (long) runs of our attacks that there is one to give it.
+        model = evaluation.load_model(FLAGS.model_path).keras_model
+        if model is None:
+            sys.exit(
+                f"--model_path={FLAGS.model_path} is a SavedModel; the ART comparison needs a "
+                ".keras file (for example the run's best.keras)."
+            )
+        model_name = FLAGS.model_path
+    else:
+        model = _tiny_model(x_train, y_train, FLAGS.seed)
+        model_name = f"tiny CNN, {FLAGS.train_examples} training images, 3 epochs"
+    model_fn = attacks.inference_fn(model)
+    eps, bs = FLAGS.epsilon, FLAGS.batch_size
+    num_classes = int(np.asarray(model_fn(x[:1])).shape[-1])
+    targets = min(FLAGS.targets, num_classes - 1)
+
+    def accuracy(images):
+        predictions = np.concatenate(
+            [
+                np.argmax(np.asarray(model_fn(images[i : i + bs])), -1)
+                for i in range(0, len(images), bs)
+            ]
         )
-        rows[name]["speedup"] = round(seconds / max(rows[name]["ours_seconds"], 1e-9), 2)
+        return predictions == y
+
+    def ours(attack):
+        fn = tf.function(attack)
+        return lambda: np.concatenate(
+            [fn(x[i : i + bs], y[i : i + bs]).numpy() for i in range(0, len(x), bs)]
+        )
+
+    configuration = {
+        "model": model_name,
+        "num_examples": len(x),
+        "epsilon": eps,
+        "steps": FLAGS.steps,
+        "targets": targets,
+        "square_queries": FLAGS.square_queries,
+        "batch_size": bs,
+        "seed": FLAGS.seed,
+        "train_examples": None if FLAGS.model_path else FLAGS.train_examples,
+    }
+    rows_path = _rows_path(FLAGS.output)
+    rows = _finished_rows(rows_path, configuration)
+
+    def save(name, row):
+        rows.setdefault(name, {}).update(row)
+        results_io.write_json_atomic(rows_path, {"configuration": configuration, "rows": rows})
         print(name, rows[name], flush=True)
+
+    art_missing = any("art_accuracy" not in rows.get(name, {}) for name in _ART_ATTACKS)
+    if art_missing and _art_version() is None:
+        # Checked before our attacks run, which take minutes.
+        sys.exit("ART is not installed: pip install adversarial-robustness-toolbox==1.20.1")
+    clean = accuracy(x)
+    ours_fns = {
+        "apgd-ce": ours(
+            lambda a, b: attacks.apgd(
+                model_fn, a, b, epsilon=eps, steps=FLAGS.steps, seed=FLAGS.seed
+            )
+        ),
+        "apgd-t": ours(
+            lambda a, b: attacks.apgd_dlr_targeted(
+                model_fn, a, b, epsilon=eps, steps=FLAGS.steps, num_targets=targets, seed=FLAGS.seed
+            )
+        ),
+        "fab-t": ours(
+            lambda a, b: attacks.fab(
+                model_fn, a, b, epsilon=eps, steps=FLAGS.steps, num_targets=targets, seed=FLAGS.seed
+            )
+        ),
+        "square": ours(
+            lambda a, b: attacks.square(
+                model_fn, a, b, epsilon=eps, queries=FLAGS.square_queries, seed=FLAGS.seed
+            )
+        ),
+    }
+    for name, fn in ours_fns.items():
+        if "ours_accuracy" in rows.get(name, {}):
+            continue
+        x_adv, seconds = _timed(fn)
+        save(
+            name,
+            {
+                "ours_accuracy": float(np.mean(accuracy(x_adv) & clean)),
+                "ours_seconds": round(seconds, 2),
+                "ours_threads": FLAGS.threads,
+            },
+        )
+
+    if art_missing:
+        _art_rows(rows, save, model, model_fn, x, y, clean, accuracy, num_classes, targets)
 
     suite, seconds = _timed(
         lambda: evaluation.autoattack(
@@ -251,7 +330,8 @@ def main(argv):
         "steps": FLAGS.steps,
         "targets": targets,
         "square_queries": FLAGS.square_queries,
-        "art_version": art.__version__,
+        "art_version": ", ".join(sorted({rows[n]["art_version"] for n in _ART_ATTACKS})),
+        "threads": FLAGS.threads,
         "attacks": rows,
         "suite": {
             **suite.robustbench(name=model_name, dataset="fashion_mnist"),
@@ -287,7 +367,7 @@ def main(argv):
     )
     markdown = "\n".join(
         [
-            f"# AutoAttack agreement: keras-adr vs ART {art.__version__}",
+            f"# AutoAttack agreement: keras-adr vs ART {results['art_version']}",
             "",
             f"{model_name}; {len(x)} Fashion-MNIST test images; L-inf epsilon {eps}; clean "
             f"{100 * clean.mean():.1f}%; {FLAGS.steps} steps, {targets} targets, "
