@@ -283,3 +283,45 @@ def test_attack_agreement_refuses_a_saved_model_before_attacking():
     assert result.returncode != 0
     assert "is a SavedModel; the ART comparison needs a .keras file" in result.stderr
     assert "apgd-ce" not in result.stdout  # no attack ran
+
+
+def test_attack_agreement_resumes_from_finished_rows(tmp_path):
+    # A killed 1,000-image run must keep what finished: rows already in
+    # <output>.rows.json are not run again (so ART is not needed here), and a
+    # rows file of another configuration is refused rather than mixed in.
+    flags = ["--num_examples=20", "--steps=2", "--targets=1", "--square_queries=10"]
+    flags += ["--train_examples=300", f"--output={tmp_path / 'agreement.json'}"]
+    configuration = {
+        "model": "tiny CNN, 300 training images, 3 epochs",
+        "num_examples": 20,
+        "epsilon": 0.1,
+        "steps": 2,
+        "targets": 1,
+        "square_queries": 10,
+        "batch_size": 250,
+        "seed": 0,
+        "train_examples": 300,
+    }
+    planted = {"ours_accuracy": 0.55, "ours_seconds": 1.0, "ours_threads": 0}
+    art = {"art_accuracy": 0.5, "art_seconds": 3.0, "art_threads": 0, "art_version": "planted"}
+    rows = {name: dict(planted) for name in ("apgd-ce", "apgd-t", "fab-t", "square")}
+    for name in ("apgd-ce", "apgd-t", "square"):
+        rows[name].update(art, ours_minus_art_points=5.0, speedup=3.0)
+    rows_path = tmp_path / "agreement.rows.json"
+
+    results_io.write_json_atomic(rows_path, {"configuration": configuration, "rows": rows})
+    result = _run("attack_agreement", *flags, "--steps=3")
+    if "Fashion-MNIST" in result.stderr and "not installed" in result.stderr:
+        pytest.skip("Fashion-MNIST is not installed")
+    assert result.returncode != 0
+    assert "holds rows of another configuration" in result.stderr
+    assert json.loads(rows_path.read_text())["rows"] == rows  # untouched
+
+    _benchmark("attack_agreement", *flags)
+    results = json.loads((tmp_path / "agreement.json").read_text())
+    assert results["attacks"] == rows  # nothing ran again
+    assert results["art_version"] == "planted"
+    suite = results["suite"]  # the suite itself always runs
+    robust, clean = float(suite["autoattack_acc"]), float(suite["clean_acc"])  # RobustBench: "%.2f"
+    assert suite["n_examples"] == 20 and 0 <= robust <= clean
+    assert results["suite_minus_worst_art_points"] == pytest.approx(robust - 50, abs=0.01)
