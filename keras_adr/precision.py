@@ -41,6 +41,9 @@ BFLOAT16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
 # NVIDIA GPUs multiply bfloat16 from Ampere (compute capability 8.0) on.
 BFLOAT16_GPU_CAPABILITY = (8, 0)
 CPUINFO = "/proc/cpuinfo"
+# `probe_bfloat16_speedup`: below this float32/bfloat16 time ratio the
+# process is on a slow bfloat16 path (fast processes measured 2.2x and more).
+PROBE_MIN_SPEEDUP = 1.5
 
 
 def cpu_flags(cpuinfo=CPUINFO):
@@ -234,9 +237,82 @@ def speed_warnings(policy, *, cpuinfo=CPUINFO, gpu_capabilities=None, environ=No
     return warnings
 
 
-def log_speed_warnings(policy, **kwargs):
-    """Logs `speed_warnings(policy)` as warnings; returns them."""
+def probe_bfloat16_speedup(repeats=7, timer=None):
+    """Float32 time over bfloat16 time of a convolution step, measured in this process.
+
+    Issue 14 saw some processes on a CPU with AVX512_BF16 run bfloat16 at
+    float32's speed while others of the same program ran it twice as fast;
+    the cause is not found, and it is fixed per process. So the process
+    times what the training step is made of (a 3x3 convolution of a batch,
+    forward and both gradients, about 0.1 s in all) in both dtypes.
+
+    Args:
+        repeats: Timed calls per dtype after a warm-up call; the median counts.
+        timer: A `time.perf_counter`-like callable (a test's fake clock).
+
+    Returns:
+        float32's median time divided by bfloat16's.
+    """
+    import statistics
+    import time
+
+    import tensorflow as tf
+
+    timer = timer or time.perf_counter
+    images = tf.random.stateless_uniform([32, 28, 28, 32], seed=[0, 0])
+    kernel = tf.random.stateless_normal([3, 3, 32, 64], seed=[0, 1])
+
+    def median_seconds(dtype):
+        x, w = tf.cast(images, dtype), tf.cast(kernel, dtype)
+
+        @tf.function
+        def step():
+            with tf.GradientTape() as tape:
+                tape.watch([x, w])
+                loss = tf.reduce_sum(tf.cast(tf.nn.conv2d(x, w, 1, "SAME"), tf.float32))
+            return tape.gradient(loss, [x, w])
+
+        step()  # Traces and creates the oneDNN primitives.
+        times = []
+        for _ in range(repeats):
+            started = timer()
+            [g.numpy() for g in step()]
+            times.append(timer() - started)
+        return statistics.median(times)
+
+    float32_seconds = median_seconds(tf.float32)
+    return float32_seconds / max(median_seconds(tf.bfloat16), 1e-12)
+
+
+def log_speed_warnings(policy, *, probe=None, **kwargs):
+    """Logs `speed_warnings(policy)` as warnings, and for CPU bfloat16 the probe's result.
+
+    Args:
+        policy: The resolved policy.
+        probe: The speed-up probe, `probe_bfloat16_speedup` by default; run
+            only for `mixed_bfloat16` on a CPU that has bfloat16 instructions.
+        **kwargs: Passed to `speed_warnings`.
+
+    Returns:
+        The warnings logged.
+    """
     warnings = speed_warnings(policy, **kwargs)
+    gpus = kwargs.get("gpu_capabilities")
+    gpus = gpu_compute_capabilities() if gpus is None else gpus
+    flags = cpu_flags(kwargs.get("cpuinfo", CPUINFO))
+    if (
+        policy == "mixed_bfloat16"
+        and not gpus
+        and any(flag in flags for flag in BFLOAT16_CPU_FLAGS)
+    ):
+        speedup = (probe or probe_bfloat16_speedup)()
+        logging.info("bfloat16 probe: a convolution step runs %.2fx float32's speed.", speedup)
+        if speedup < PROBE_MIN_SPEEDUP:
+            warnings.append(
+                f"This process runs bfloat16 convolutions at only {speedup:.2f}x float32's "
+                f"speed (fast processes on such CPUs: 2x and more; issue 14): restart the "
+                "run, or use --precision=float32."
+            )
     for warning in warnings:
         logging.warning("%s", warning)
     return warnings

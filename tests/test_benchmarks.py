@@ -325,3 +325,29 @@ def test_attack_agreement_resumes_from_finished_rows(tmp_path):
     robust, clean = float(suite["autoattack_acc"]), float(suite["clean_acc"])  # RobustBench: "%.2f"
     assert suite["n_examples"] == 20 and 0 <= robust <= clean
     assert results["suite_minus_worst_art_points"] == pytest.approx(robust - 50, abs=0.01)
+
+
+def test_adr_term_cost_switches_off_one_term_at_a_time():
+    from absl import flags
+
+    from benchmarks import adr_term_cost
+
+    flags.FLAGS(["adr_term_cost", "--attack_steps=3"])
+    try:
+        configs = adr_term_cost.configurations()
+    finally:
+        flags.FLAGS.unparse_flags()  # Other tests see absl's flags unparsed.
+    full = configs["adr_pgd"]
+    assert configs["pgd_at"].enabled_terms == () and full.attack.steps == 3
+    ablations = {name: c for name, c in configs.items() if "without" in name}
+    assert len(ablations) == len(full.enabled_terms) > 0
+    for term in full.enabled_terms:
+        config = ablations[f"adr_pgd without {term}"]
+        assert set(full.enabled_terms) - set(config.enabled_terms) == {term}
+        assert config.replace(**{term: getattr(full, term)}) == full  # nothing else changed
+
+    medians = {"pgd_at": 0.1, "adr_pgd": 0.13, "adr_pgd without global_compactness": 0.1}
+    row = {"policy": "p", "median_step_seconds": medians, "rounds": 2}
+    report = adr_term_cost.markdown([dict(row, batch_size=8, attack_steps=3)])
+    assert "| adr_pgd | 0.1300 | 1.300 |  |" in report
+    assert "| adr_pgd without global_compactness | 0.1000 | 1.000 | +30.0 |" in report

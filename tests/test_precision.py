@@ -99,6 +99,31 @@ def test_speed_warnings_name_the_known_slow_paths(tmp_path):
     assert precision.speed_warnings("mixed_float16", gpu_capabilities=[(8, 0)]) == []
 
 
+def test_bfloat16_probe_is_float32_time_over_bfloat16_time():
+    # A fake clock: each float32 step (timed first) takes 2 s, each bfloat16 step 0.5 s.
+    ticks = iter([0, 2, 2, 4, 4, 6, 10, 10.5, 10.5, 11, 11, 11.5])
+    assert precision.probe_bfloat16_speedup(repeats=3, timer=lambda: next(ticks)) == 4.0
+
+
+def test_slow_bfloat16_process_is_reported_at_start(tmp_path):
+    fast_cpu = _cpuinfo(tmp_path, ["avx512_bf16"])
+    calls = []
+
+    def probe(speedup):
+        return lambda: calls.append(speedup) or speedup
+
+    check = lambda policy, speedup, cpu=fast_cpu: precision.log_speed_warnings(
+        policy, probe=probe(speedup), cpuinfo=cpu, gpu_capabilities=[], environ={}
+    )
+    (warning,) = [w for w in check("mixed_bfloat16", 1.1) if "x float32's speed" in w]
+    assert "only 1.10x" in warning and "--precision=float32" in warning
+    assert not [w for w in check("mixed_bfloat16", 2.4) if "x float32's speed" in w]
+    assert calls == [1.1, 2.4]
+    check("float32", 1.1)
+    check("mixed_bfloat16", 1.1, cpu=_cpuinfo(tmp_path, ["avx2"]))  # emulated: warned otherwise
+    assert calls == [1.1, 2.4]  # the probe ran only for bfloat16 on a bfloat16 CPU
+
+
 # --- Float32 copies and export ---------------------------------------------
 
 

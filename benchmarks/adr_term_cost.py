@@ -1,0 +1,165 @@
+"""What each ADR term costs in a training step, per precision (issue 14).
+
+`benchmarks/precision_speed.py` found `adr_pgd` at 0.99 x `pgd_at`'s step
+time in float32 but 1.13 x in mixed_bfloat16 (Intel AMX). This script
+finds where the difference goes: in one process (so only ratios measured
+together are compared), it builds `small_cnn` with `pgd_at`, `adr_pgd`, and
+`adr_pgd` with one ADR term switched off at a time, and times their
+compiled training steps round by round (one step of each configuration per
+round, in a rotated order), so that a change of machine load hits every
+configuration alike. A term's cost is `adr_pgd`'s median step time minus
+the median without that term.
+
+Rows go to `<output_dir>/<policy>.json` as each policy finishes (a rerun
+skips finished policies); the report is `<output_dir>/summary.md`.
+
+Usage (about 2 minutes per policy on 2 idle cores):
+    python -m benchmarks.adr_term_cost --output_dir=benchmarks/results/adr_term_cost
+Smoke test:
+    python -m benchmarks.adr_term_cost --rounds=2 --warmup=1 --attack_steps=1 \\
+        --policies=float32 --output_dir=/tmp/atc
+"""
+
+import os
+import statistics
+import sys
+import time
+
+from absl import app, flags
+
+if not __package__:  # `python benchmarks/adr_term_cost.py`: import as `python -m` would.
+    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+from benchmarks import results_io  # noqa: E402
+
+flags.DEFINE_list("policies", ["float32", "mixed_bfloat16"], "Keras dtype policies.")
+flags.DEFINE_integer("rounds", 16, "Timed steps per configuration.")
+flags.DEFINE_integer("warmup", 3, "Untimed steps per configuration first.")
+flags.DEFINE_integer("batch_size", 128, "Training batch size.")
+flags.DEFINE_integer("attack_steps", 10, "PGD steps of the training attack.")
+flags.DEFINE_integer("threads", 0, "TensorFlow threads (0 = TensorFlow's choice).")
+flags.DEFINE_string("output_dir", "benchmarks/results/adr_term_cost", "Where rows and report go.")
+FLAGS = flags.FLAGS
+
+BASELINE, FULL = "pgd_at", "adr_pgd"
+
+
+def configurations():
+    """`{name: ADRConfig}`: the baseline, full ADR, and ADR without each of its terms."""
+    from keras_adr import presets
+
+    full = presets.get(FULL, attack_steps=FLAGS.attack_steps)
+    configs = {
+        BASELINE: presets.get(BASELINE, attack_steps=FLAGS.attack_steps),
+        FULL: full,
+    }
+    for term in full.enabled_terms:
+        configs[f"{FULL} without {term}"] = full.replace(**{term: 0.0})
+    return configs
+
+
+def measure(policy):
+    """Median step seconds per configuration, all timed in this process."""
+    import keras
+    import numpy as np
+
+    import keras_adr
+    from keras_adr import data, precision
+
+    batches = (
+        data.load(
+            "fashion_mnist",
+            f"train[:{FLAGS.batch_size * 8}]",
+            batch_size=FLAGS.batch_size,
+            drop_remainder=True,
+        )
+        .cache()
+        .repeat()
+    )
+    steps = {}
+    for name, config in configurations().items():
+        keras.utils.set_random_seed(0)
+        with precision.policy_scope(policy):
+            model = keras_adr.ADRModel(keras_adr.models.small_cnn(), config)
+            model.compile(optimizer=keras.optimizers.SGD(0.01, momentum=0.9))
+        model.make_train_function()
+        iterator = iter(batches)
+
+        def step(model=model, iterator=iterator):
+            logs = model.train_function(iterator)
+            float(np.asarray(next(iter(logs.values()))))  # Waits for the step.
+
+        for _ in range(FLAGS.warmup):
+            step()
+        steps[name] = step
+    times = {name: [] for name in steps}
+    names = list(steps)
+    for round_ in range(FLAGS.rounds):
+        for name in names[round_ % len(names) :] + names[: round_ % len(names)]:
+            started = time.perf_counter()
+            steps[name]()
+            times[name].append(time.perf_counter() - started)
+    return {
+        "policy": policy,
+        "median_step_seconds": {name: statistics.median(t) for name, t in times.items()},
+        "step_seconds": {name: [round(s, 5) for s in t] for name, t in times.items()},
+        "rounds": FLAGS.rounds,
+        "batch_size": FLAGS.batch_size,
+        "attack_steps": FLAGS.attack_steps,
+        "threads": FLAGS.threads,
+        "machine": results_io.machine_info(load=os.getloadavg()),
+    }
+
+
+def markdown(rows):
+    lines = [
+        "# Cost of each ADR term per training step",
+        "",
+        "`small_cnn`, batch {batch_size}, PGD-{attack_steps} training attack; every "
+        "configuration of a policy timed in one process, interleaved, median of "
+        "{rounds} steps. Command: `python -m benchmarks.adr_term_cost`.".format(**rows[0]),
+        "",
+    ]
+    for row in rows:
+        medians = row["median_step_seconds"]
+        full, base = medians[FULL], medians[BASELINE]
+        table = [
+            [
+                name,
+                f"{seconds:.4f}",
+                f"{seconds / base:.3f}",
+                "" if name in (FULL, BASELINE) else f"{1000 * (full - seconds):+.1f}",
+            ]
+            for name, seconds in medians.items()
+        ]
+        lines += [
+            f"## {row['policy']}",
+            "",
+            *results_io.markdown_table(
+                ["configuration", "s/step", f"/ {BASELINE}", f"term's cost (ms): {FULL} - row"],
+                table,
+            ),
+            "",
+        ]
+    return "\n".join(lines)
+
+
+def main(argv):
+    del argv
+    results_io.set_threads(FLAGS.threads)
+    rows = []
+    for policy in FLAGS.policies:
+        path = os.path.join(FLAGS.output_dir, f"{policy}.json")
+        row = results_io.read_json(path)
+        if row is None:
+            row = measure(policy)
+            results_io.write_json_atomic(path, row)
+        rows.append(row)
+        print(policy, row["median_step_seconds"], flush=True)
+    report = markdown(rows)
+    results_io.write_text(os.path.join(FLAGS.output_dir, "summary.md"), report)
+    print(report)
+
+
+if __name__ == "__main__":
+    app.run(main)
