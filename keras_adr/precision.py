@@ -241,10 +241,10 @@ def probe_bfloat16_speedup(repeats=7, timer=None):
     """Float32 time over bfloat16 time of a convolution step, measured in this process.
 
     Issue 14 saw some processes on a CPU with AVX512_BF16 run bfloat16 at
-    float32's speed while others of the same program ran it twice as fast;
-    the cause is not found, and it is fixed per process. So the process
-    times what the training step is made of (a 3x3 convolution of a batch,
-    forward and both gradients, about 0.1 s in all) in both dtypes.
+    float32's speed while others of the same program ran it twice as fast.
+    The cause is not found, but the speed is decided per process, so the
+    process times what its training step is made of (a 3x3 convolution of a
+    batch, forward and both gradients) in both dtypes: about 0.3 s in all.
 
     Args:
         repeats: Timed calls per dtype after a warm-up call; the median counts.
@@ -310,7 +310,7 @@ def log_speed_warnings(policy, *, probe=None, **kwargs):
         if speedup < PROBE_MIN_SPEEDUP:
             warnings.append(
                 f"This process runs bfloat16 convolutions at only {speedup:.2f}x float32's "
-                f"speed (fast processes on such CPUs: 2x and more; issue 14): restart the "
+                "speed (fast processes on such CPUs: 2x and more; issue 14): restart the "
                 "run, or use --precision=float32."
             )
     for warning in warnings:
