@@ -194,7 +194,7 @@ def with_policy(model, policy="float32"):
     return copy
 
 
-def speed_warnings(policy, *, cpuinfo=CPUINFO, gpu_capabilities=None, environ=None):
+def speed_warnings(policy, *, cpuinfo=CPUINFO, gpu_capabilities=None, environ=None, probe=None):
     """Known reasons why `policy` would run slowly here, as log lines (empty if none).
 
     Checked: bfloat16 on a CPU without AVX512_BF16 / AMX (emulated, slower
@@ -202,6 +202,9 @@ def speed_warnings(policy, *, cpuinfo=CPUINFO, gpu_capabilities=None, environ=No
     Eigen's bfloat16 kernels), float16 without a GPU (emulated), and a CPU
     busier than its cores (the speed of bfloat16 varied between processes on
     a shared machine, issue 14; run `benchmarks/precision_speed.py`).
+    With a `probe` (e.g. `probe_bfloat16_speedup`), bfloat16 on a CPU that
+    has bfloat16 instructions is also timed in this process (logged), and a
+    speed-up below `PROBE_MIN_SPEEDUP` is a warning.
     """
     environ = os.environ if environ is None else environ
     if gpu_capabilities is None:
@@ -219,6 +222,15 @@ def speed_warnings(policy, *, cpuinfo=CPUINFO, gpu_capabilities=None, environ=No
                 "--precision=mixed_bfloat16 on a CPU without AVX512_BF16 or AMX: bfloat16 "
                 "is emulated and slower than float32; use --precision=float32."
             )
+        elif probe is not None:
+            speedup = probe()
+            logging.info("bfloat16 probe: a convolution step runs %.2fx float32's speed.", speedup)
+            if speedup < PROBE_MIN_SPEEDUP:
+                warnings.append(
+                    f"This process runs bfloat16 convolutions at only {speedup:.2f}x float32's "
+                    "speed (fast processes on such CPUs: 2x and more; issue 14): restart the "
+                    "run, or use --precision=float32."
+                )
         if environ.get("TF_ENABLE_ONEDNN_OPTS", "").strip() in ("0", "false", "False"):
             warnings.append(
                 "TF_ENABLE_ONEDNN_OPTS=0 turns oneDNN off, and with it TensorFlow's fast "
@@ -284,35 +296,9 @@ def probe_bfloat16_speedup(repeats=7, timer=None):
     return float32_seconds / max(median_seconds(tf.bfloat16), 1e-12)
 
 
-def log_speed_warnings(policy, *, probe=None, **kwargs):
-    """Logs `speed_warnings(policy)` as warnings, and for CPU bfloat16 the probe's result.
-
-    Args:
-        policy: The resolved policy.
-        probe: The speed-up probe, `probe_bfloat16_speedup` by default; run
-            only for `mixed_bfloat16` on a CPU that has bfloat16 instructions.
-        **kwargs: Passed to `speed_warnings`.
-
-    Returns:
-        The warnings logged.
-    """
-    warnings = speed_warnings(policy, **kwargs)
-    gpus = kwargs.get("gpu_capabilities")
-    gpus = gpu_compute_capabilities() if gpus is None else gpus
-    flags = cpu_flags(kwargs.get("cpuinfo", CPUINFO))
-    if (
-        policy == "mixed_bfloat16"
-        and not gpus
-        and any(flag in flags for flag in BFLOAT16_CPU_FLAGS)
-    ):
-        speedup = (probe or probe_bfloat16_speedup)()
-        logging.info("bfloat16 probe: a convolution step runs %.2fx float32's speed.", speedup)
-        if speedup < PROBE_MIN_SPEEDUP:
-            warnings.append(
-                f"This process runs bfloat16 convolutions at only {speedup:.2f}x float32's "
-                "speed (fast processes on such CPUs: 2x and more; issue 14): restart the "
-                "run, or use --precision=float32."
-            )
+def log_speed_warnings(policy, *, probe=probe_bfloat16_speedup, **kwargs):
+    """Logs `speed_warnings(policy, probe=probe)` as warnings; returns them."""
+    warnings = speed_warnings(policy, probe=probe, **kwargs)
     for warning in warnings:
         logging.warning("%s", warning)
     return warnings
