@@ -21,9 +21,7 @@ Smoke test:
 """
 
 import os
-import statistics
 import sys
-import time
 
 from absl import app, flags
 
@@ -58,51 +56,34 @@ def configurations():
     return configs
 
 
-def measure(policy):
-    """Median step seconds per configuration, all timed in this process."""
+def _build(config, policy):
     import keras
-    import numpy as np
 
     import keras_adr
-    from keras_adr import data, precision
+    from keras_adr import precision
 
-    batches = (
-        data.load(
-            "fashion_mnist",
-            f"train[:{FLAGS.batch_size * 8}]",
-            batch_size=FLAGS.batch_size,
-            drop_remainder=True,
-        )
-        .cache()
-        .repeat()
+    keras.utils.set_random_seed(0)
+    with precision.policy_scope(policy):
+        model = keras_adr.ADRModel(keras_adr.models.small_cnn(), config)
+        model.compile(optimizer=keras.optimizers.SGD(0.01, momentum=0.9))
+    return model
+
+
+def measure(policy):
+    """Median step seconds per configuration, all timed in this process."""
+    from benchmarks import step_timing
+
+    variants = {name: dict(config=c, policy=policy) for name, c in configurations().items()}
+    functions = step_timing.train_functions(
+        variants, _build, FLAGS.batch_size, instances=1, warmup=FLAGS.warmup
     )
-    steps = {}
-    for name, config in configurations().items():
-        keras.utils.set_random_seed(0)
-        with precision.policy_scope(policy):
-            model = keras_adr.ADRModel(keras_adr.models.small_cnn(), config)
-            model.compile(optimizer=keras.optimizers.SGD(0.01, momentum=0.9))
-        model.make_train_function()
-        iterator = iter(batches)
-
-        def step(model=model, iterator=iterator):
-            logs = model.train_function(iterator)
-            float(np.asarray(next(iter(logs.values()))))  # Waits for the step.
-
-        for _ in range(FLAGS.warmup):
-            step()
-        steps[name] = step
-    times = {name: [] for name in steps}
-    names = list(steps)
-    for round_ in range(FLAGS.rounds):
-        for name in names[round_ % len(names) :] + names[: round_ % len(names)]:
-            started = time.perf_counter()
-            steps[name]()
-            times[name].append(time.perf_counter() - started)
+    medians, samples = step_timing.alternate(
+        functions, FLAGS.rounds, lambda fn: step_timing.run_steps(fn, 1)
+    )
     return {
         "policy": policy,
-        "median_step_seconds": {name: statistics.median(t) for name, t in times.items()},
-        "step_seconds": {name: [round(s, 5) for s in t] for name, t in times.items()},
+        "median_step_seconds": medians,
+        "step_seconds": {name: per_instance[0] for name, per_instance in samples.items()},
         "rounds": FLAGS.rounds,
         "batch_size": FLAGS.batch_size,
         "attack_steps": FLAGS.attack_steps,

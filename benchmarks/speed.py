@@ -57,7 +57,6 @@ import dataclasses
 import json
 import os
 import sys
-import time
 
 import numpy as np
 import tensorflow as tf
@@ -68,7 +67,7 @@ if not __package__:  # `python benchmarks/speed.py`: import as `python -m` would
 import keras
 
 import keras_adr
-from benchmarks import precision_speed, results_io  # noqa: E402
+from benchmarks import precision_speed, results_io, step_timing  # noqa: E402
 from keras_adr import attacks, data, losses, presets
 from keras_adr import config as config_lib
 
@@ -154,37 +153,6 @@ def machine_info():
     )
 
 
-def _alternate(functions, repeats, call):
-    """Median seconds of `call(fn)` per variant over `repeats` alternating rounds.
-
-    `functions` maps a variant to one callable or to a list of instances of
-    it (e.g. separately built models). Every round runs every instance once;
-    the order rotates from round to round so that no instance always follows
-    the same one. A variant's time is the median over all its instances and
-    rounds; the samples are returned per instance.
-    """
-    entries = [
-        (name, i, fn)
-        for name, fns in functions.items()
-        for i, fn in enumerate(fns if isinstance(fns, list) else [fns])
-    ]
-    samples = {name: {} for name in functions}
-    for round_index in range(repeats):
-        shift = round_index % len(entries)
-        for name, i, fn in entries[shift:] + entries[:shift]:
-            start = time.perf_counter()
-            call(fn)
-            samples[name].setdefault(i, []).append(time.perf_counter() - start)
-    medians = {
-        name: float(np.median([t for ts in per.values() for t in ts]))
-        for name, per in samples.items()
-    }
-    rounded = {
-        name: [[round(t, 4) for t in per[i]] for i in sorted(per)] for name, per in samples.items()
-    }
-    return medians, rounded
-
-
 def _batch(batch_size, seed=0):
     rng = np.random.default_rng(seed)
     x = rng.uniform(size=(batch_size, 28, 28, 1)).astype(np.float32)
@@ -220,49 +188,6 @@ def _train_model(defense, attack_steps, *, jit_compile=False, fused=False, seed=
     return model
 
 
-def _train_batches(batch_size, num_batches=50):
-    """Real Fashion-MNIST batches, cached, cycling (the first 50 batches of train)."""
-    return (
-        data.load(
-            "fashion_mnist",
-            f"train[:{batch_size * num_batches}]",
-            batch_size=batch_size,
-            drop_remainder=True,
-        )
-        .cache()
-        .repeat()
-    )
-
-
-def _train_functions(variants, batch_size, instances, warmup=5):
-    """`{name: [(train_function, iterator), ...]}`: `instances` models per variant.
-
-    Separately built instances of the same model can differ in speed by ~15%
-    on this machine (allocation, not arithmetic), so every variant is
-    timed over several instances.
-    """
-    batches = _train_batches(batch_size)
-    functions = {}
-    for name, kwargs in variants.items():
-        functions[name] = []
-        for _ in range(instances):
-            model = _train_model(**kwargs)
-            model.make_train_function()
-            iterator = iter(batches)
-            for _ in range(warmup):  # trace and warm up
-                model.train_function(iterator)
-            functions[name].append((model.train_function, iterator))
-    return functions
-
-
-def _run_steps(fn, steps):
-    train_function, iterator = fn
-    for _ in range(steps):
-        logs = train_function(iterator)
-    # Wait for the step: read one value.
-    float(np.asarray(next(iter(logs.values()))))
-
-
 def check_fused_loss(defense, batch_size, attack_steps):
     """The fused pass gives the same loss and gradients as the library (same x_adv)."""
     x, y = _batch(batch_size, seed=3)
@@ -290,8 +215,10 @@ def check_fused_loss(defense, batch_size, attack_steps):
 
 def measure_training(batch_size, attack_steps, defenses, repeats, steps_per_sample, instances):
     variants = {d: dict(defense=d, attack_steps=attack_steps) for d in defenses}
-    functions = _train_functions(variants, batch_size, instances)
-    seconds, samples = _alternate(functions, repeats, lambda fn: _run_steps(fn, steps_per_sample))
+    functions = step_timing.train_functions(variants, _train_model, batch_size, instances)
+    seconds, samples = step_timing.alternate(
+        functions, repeats, lambda fn: step_timing.run_steps(fn, steps_per_sample)
+    )
     seconds = {k: v / steps_per_sample for k, v in seconds.items()}
     baseline = seconds.get("pgd_at")
     return {
@@ -312,11 +239,15 @@ def _time_variants(variants, batch_size, repeats, steps_per_sample, instances):
     functions, errors = {}, {}
     for name, kwargs in variants.items():
         try:
-            functions.update(_train_functions({name: kwargs}, batch_size, instances))
+            functions.update(
+                step_timing.train_functions({name: kwargs}, _train_model, batch_size, instances)
+            )
         except Exception as e:  # noqa: BLE001 - report what does not compile
             logging.exception("variant %s failed", name)
             errors[name] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
-    seconds, samples = _alternate(functions, repeats, lambda fn: _run_steps(fn, steps_per_sample))
+    seconds, samples = step_timing.alternate(
+        functions, repeats, lambda fn: step_timing.run_steps(fn, steps_per_sample)
+    )
     return {k: v / steps_per_sample for k, v in seconds.items()}, samples, errors
 
 
@@ -485,7 +416,7 @@ def measure_attacks(batch_size, epsilon, steps, repeats):
         except Exception as e:  # noqa: BLE001 - a broken peer is reported, not fatal
             logging.exception("attack %s failed", name)
             skipped[name] = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:300]}"
-    seconds, samples = _alternate(working, repeats, lambda fn: np.asarray(fn()))
+    seconds, samples = step_timing.alternate(working, repeats, lambda fn: np.asarray(fn()))
     ours = seconds["keras_adr"]
     return {
         "model": source,
@@ -802,7 +733,7 @@ def main(argv):
             FLAGS.xla_repeats,
         )
     if "terms" in FLAGS.sections:
-        terms, _ = _alternate(
+        terms, _ = step_timing.alternate(
             _global_compactness_functions(FLAGS.batch_size),
             FLAGS.repeats * 3,
             lambda fn: [t.numpy() for t in fn[0](fn[1])],
