@@ -71,12 +71,7 @@ from benchmarks.robustness_stats import bits  # noqa: E402
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 FLAGS = flags.FLAGS
-flags.DEFINE_enum(
-    "preset",
-    "cpu",
-    ["cpu", "fmnist", "precision", "paper_mnist", "paper_cifar10"],
-    "Benchmark preset.",
-)
+flags.DEFINE_enum("preset", "cpu", list(PRESETS), "Benchmark preset.")
 flags.DEFINE_string(
     "stability_workdir",
     os.path.join(_REPO, "runs", "benchmarks", "stability"),

@@ -180,6 +180,12 @@ class ADRConfig:
         local_compactness: Weight of the local compactness term.
         local_smoothness: Weight of the local smoothness term.
         global_compactness: Weight of the label-weighted pairwise compactness.
+        global_compactness_features: Share in (0, 1] of the latent features
+            that global compactness compares in a step: 1 (default) compares
+            all, the paper's term; below 1, a uniform random subset drawn
+            afresh each step (the same on every replica), an unbiased
+            estimate of the term at about that share of its cost (its sorts
+            and searches dominate an ADR step's overhead on CPUs).
         global_smoothness: Weight of the label-weighted pairwise smoothness.
         conditional_entropy: Weight of the adversarial prediction entropy.
         label_propagation: Weight of the label-propagation term.
@@ -209,6 +215,7 @@ class ADRConfig:
     local_compactness: float = 1.0
     local_smoothness: float = 1.0
     global_compactness: float = 1.0
+    global_compactness_features: float = 1.0
     global_smoothness: float = 1.0
     conditional_entropy: float = 1.0
     label_propagation: float = 0.0
@@ -233,6 +240,12 @@ class ADRConfig:
         for name in ("natural_weight", "adversarial_weight", "trades_beta") + ADR_TERMS:
             _check_number(name, getattr(self, name), minimum=0)
         _check_number("label_scale", self.label_scale, exclusive_minimum=0, exclusive_maximum=1)
+        _check_number(
+            "global_compactness_features",
+            self.global_compactness_features,
+            exclusive_minimum=0,
+            maximum=1,
+        )
         _check_number(
             "propagation_alpha", self.propagation_alpha, exclusive_minimum=0, exclusive_maximum=1
         )

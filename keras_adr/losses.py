@@ -197,8 +197,34 @@ def _pairwise_l1_sums_sorted(z_ref, y_ref, z_query, y_query, num_classes):
     return all_sums, same_sums
 
 
+def sample_features(num_features, fraction, seed):
+    """Sorted indices of a uniform random subset of `round(fraction * num_features)` features.
+
+    Args:
+        num_features: Scalar: how many features there are.
+        fraction: Python float in (0, 1]: the share to keep (at least one).
+        seed: `[2]` int seed of `tf.random.experimental.stateless_shuffle`:
+            the same seed gives the same subset (on every replica).
+
+    Returns:
+        `[k']` int32, increasing.
+    """
+    num_features = tf.cast(num_features, tf.int32)
+    kept = tf.maximum(1, tf.cast(tf.round(fraction * tf.cast(num_features, tf.float32)), tf.int32))
+    shuffled = tf.random.experimental.stateless_shuffle(tf.range(num_features), seed)
+    return tf.sort(shuffled[:kept])
+
+
 def global_compactness_per_example(
-    y, z, z_adv, scale=DEFAULT_LABEL_SCALE, *, reference=None, method="sorted", normalization="none"
+    y,
+    z,
+    z_adv,
+    scale=DEFAULT_LABEL_SCALE,
+    *,
+    reference=None,
+    method="sorted",
+    normalization="none",
+    features=None,
 ):
     """`mean_j W_ij mean_d |sg(z)_j,d - z_adv_i,d|` for each adversarial example i.
 
@@ -214,6 +240,10 @@ def global_compactness_per_example(
         normalization: `"none"` (the paper) or `"rms"`: codes divided by
             their RMS first, which bounds the term below (see
             `LATENT_NORMALIZATIONS`).
+        features: Optional `[k']` int indices of the features d to average
+            over (after normalization) instead of all of them: with a uniform
+            random subset (`sample_features`) the result is an unbiased
+            estimate of the full term at about `k'/k` of its cost.
 
     Returns:
         `[M]` float32.
@@ -223,12 +253,15 @@ def global_compactness_per_example(
     y_ref = tf.cast(tf.reshape(y_ref, [-1]), tf.int32)
     z_ref = tf.stop_gradient(normalize_latent(z_ref, normalization))
     z_query = normalize_latent(z_adv, normalization)
+    if features is not None:
+        z_ref = tf.gather(z_ref, features, axis=1)
+        z_query = tf.gather(z_query, features, axis=1)
     n_ref = tf.cast(tf.shape(z_ref)[0], tf.float32)
-    features = tf.cast(tf.shape(z_ref)[1], tf.float32)
+    width = tf.cast(tf.shape(z_ref)[1], tf.float32)
     if method == "naive":
         weights = pair_weights(y_query, y_ref, scale)
         return tf.reduce_sum(weights * _pairwise_l1_sums_naive(z_ref, z_query), axis=1) / (
-            n_ref * features
+            n_ref * width
         )
     if method != "sorted":
         raise ValueError(f"`method` must be 'sorted' or 'naive'; got {method!r}.")
@@ -237,7 +270,7 @@ def global_compactness_per_example(
     num_classes = tf.maximum(tf.reduce_max(y_ref), tf.reduce_max(y_query)) + 1
     all_sums, same_sums = _pairwise_l1_sums_sorted(z_ref, y_ref, z_query, y_query, num_classes)
     weighted = (1.0 - 1.0 / scale) * all_sums + (1.0 / scale) * same_sums
-    return tf.reduce_sum(weighted, axis=0) / (n_ref * features)
+    return tf.reduce_sum(weighted, axis=0) / (n_ref * width)
 
 
 def global_smoothness_per_example(
@@ -340,12 +373,12 @@ def local_smoothness(logits, logits_adv):
 
 
 def global_compactness(
-    y, z, z_adv, scale=DEFAULT_LABEL_SCALE, method="sorted", normalization="none"
+    y, z, z_adv, scale=DEFAULT_LABEL_SCALE, method="sorted", normalization="none", features=None
 ):
-    """Mean over all pairs (i, j) of `W_ij mean_d |sg(z)_j,d - z_adv_i,d|`."""
+    """Mean over all pairs (i, j) of `W_ij mean_d |sg(z)_j,d - z_adv_i,d|` (d in `features`)."""
     return tf.reduce_mean(
         global_compactness_per_example(
-            y, z, z_adv, scale, method=method, normalization=normalization
+            y, z, z_adv, scale, method=method, normalization=normalization, features=features
         )
     )
 
@@ -416,6 +449,9 @@ class ADRBatch(NamedTuple):
         z_adv: `[M, ...]` adversarial latent codes (None likewise).
         reference: The `Reference` of the pairwise terms; None means the
             batch itself (see `resolved_reference`).
+        seed: `[2]` int seed of the step's random choices (the features of a
+            sampled global compactness), the same on every replica; None
+            where no term samples.
     """
 
     labels: tf.Tensor
@@ -424,6 +460,7 @@ class ADRBatch(NamedTuple):
     logits_adv: tf.Tensor = None
     z_adv: tf.Tensor = None
     reference: Reference = None
+    seed: tf.Tensor = None
 
     @property
     def resolved_reference(self):
@@ -439,6 +476,15 @@ def _cross_entropy(logits, labels):
 
 def _global_compactness_term(batch, config):
     ref = batch.resolved_reference
+    features = None
+    if config.global_compactness_features < 1:
+        if batch.seed is None:
+            raise ValueError(
+                "global_compactness_features < 1 samples features each step: the ADRBatch "
+                "needs a `seed` (ADRMixin passes one), or set global_compactness_features=1."
+            )
+        num_features = tf.shape(graph.flatten_batch(batch.z_adv))[1]
+        features = sample_features(num_features, config.global_compactness_features, batch.seed)
     return global_compactness_per_example(
         batch.labels,
         None,
@@ -446,6 +492,7 @@ def _global_compactness_term(batch, config):
         config.label_scale,
         reference=(ref.labels, ref.z),
         normalization=config.latent_normalization,
+        features=features,
     )
 
 

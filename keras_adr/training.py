@@ -16,6 +16,7 @@ one device would.
 import warnings
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 from keras_adr import attacks, graph
@@ -126,6 +127,9 @@ class ADRMixin:
         # Scale diagnostics of the clean batch: a runaway objective shows as
         # growing latent codes or logits before accuracy falls.
         self._norm_trackers = [keras.metrics.Mean(name=name) for name in DIAGNOSTICS]
+        # With `keras.utils.set_random_seed`, the same for the same seed: with
+        # the optimizer's step, the seed of the step's sampled features.
+        self._sampling_salt = int(np.random.randint(2**31 - 1))
 
     @staticmethod
     def _objective_weights(config):
@@ -287,6 +291,16 @@ class ADRMixin:
             for name in self._term_weights
         }
 
+    def _step_seed(self):
+        """`[2]` int64 seed of this step's random choices: the same on every replica.
+
+        The optimizer's step counter (0 before `compile`) and a salt drawn when
+        the model was built, so that runs of other seeds sample otherwise.
+        """
+        optimizer = getattr(self, "optimizer", None)
+        step = tf.cast(optimizer.iterations, tf.int64) if optimizer is not None else 0
+        return tf.stack([tf.constant(self._sampling_salt, tf.int64), step])
+
     def _global_batch_size(self, local_batch_size):
         context = tf.distribute.get_replica_context()
         if context is None or context.num_replicas_in_sync == 1:
@@ -322,6 +336,7 @@ class ADRMixin:
             z=z,
             logits_adv=logits_adv,
             z_adv=z_adv,
+            seed=self._step_seed() if self.adr_config.global_compactness_features < 1 else None,
         )
         sums = self._term_sums(batch)
         norm_sum = lambda t: tf.reduce_sum(

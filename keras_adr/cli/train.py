@@ -135,7 +135,7 @@ def _preset_values(field):
 _FLOAT_FIELDS = (
     ("natural_weight", "adversarial_weight", "trades_beta")
     + config_lib.ADR_TERMS
-    + ("label_scale", "propagation_alpha")
+    + ("global_compactness_features", "label_scale", "propagation_alpha")
 )
 for _name in _FLOAT_FIELDS:
     flags.DEFINE_float(
