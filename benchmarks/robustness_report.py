@@ -9,9 +9,11 @@ from absl import logging
 from benchmarks import results_io
 from benchmarks.robustness_presets import BASE_PRECISION, fingerprint
 from benchmarks.robustness_stats import (
+    pooled_pair,
     precision_comparison,
     row_pairs,
     seed_summary,
+    variant_pairs,
     verdict,
 )
 
@@ -356,6 +358,12 @@ def write_summary(preset_name, preset, rows, rows_dir, results_dir):
         "total_row_seconds": round(total, 1),
     }
     pairs = row_pairs(results)
+    for suffix, _, overrides in preset.variants:
+        matched = variant_pairs(rows, overrides)
+        pairs += row_pairs(results, matched)
+        pooled = pooled_pair(results, matched, f"adr_pgd_{suffix}", "adr_pgd")
+        if pooled:
+            pairs.append(pooled)
     if pairs:
         summary["row_pairs"] = pairs
     if comparison:  # Presets of one precision keep their summary as it was.

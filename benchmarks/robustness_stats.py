@@ -34,29 +34,41 @@ def _stats(values):
 
 
 def seed_summary(results, preset):
-    """Mean, sample std and min-max over seeds of the headline defenses, per precision.
+    """Mean, sample std and min-max over seeds of the headline defenses and the
+    variants of adr_pgd, per precision.
 
-    Keyed by defense, tagged with the precision as the rows' names are.
+    Keyed by defense (variants: `adr_pgd_<suffix>`), tagged with the precision
+    as the rows' names are.
     """
     summary = {}
-    for defense, precision_ in ((d, p) for d in HEADLINE for p in preset.precisions):
-        runs = [
-            r
-            for r in results
-            if r["defense"] == defense and not r["overrides"] and precision_of(r) == precision_
+    for precision_ in preset.precisions:
+        groups = [
+            (defense, lambda r, d=defense: r["defense"] == d and not r["overrides"])
+            for defense in HEADLINE
+        ] + [
+            (
+                f"adr_pgd_{suffix}",
+                lambda r, o=dict(overrides): r.get("group") == "variant" and r["overrides"] == o,
+            )
+            for suffix, _, overrides in preset.variants
         ]
-        if not runs:
-            continue
-        entry = {
-            "seeds": sorted(r["seed"] for r in runs),
-            "clean_accuracy": _stats([r["clean_accuracy"] for r in runs]),
-            "robust_accuracy": _stats([r["robust_accuracy"] for r in runs]),
-            "train_seconds": _stats([r["train_seconds"] for r in runs]),
-        }
-        for attack in preset.eval_attacks:
-            entry[attack] = _stats([r["attack_accuracy"].get(attack) for r in runs])
-        summary[tagged(defense, precision_, preset)] = entry
+        for name, member in groups:
+            runs = [r for r in results if member(r) and precision_of(r) == precision_]
+            if runs:
+                summary[tagged(name, precision_, preset)] = _seed_entry(runs, preset)
     return summary
+
+
+def _seed_entry(runs, preset):
+    entry = {
+        "seeds": sorted(r["seed"] for r in runs),
+        "clean_accuracy": _stats([r["clean_accuracy"] for r in runs]),
+        "robust_accuracy": _stats([r["robust_accuracy"] for r in runs]),
+        "train_seconds": _stats([r["train_seconds"] for r in runs]),
+    }
+    for attack in preset.eval_attacks:
+        entry[attack] = _stats([r["attack_accuracy"].get(attack) for r in runs])
+    return entry
 
 
 def _unbits(text, n):
@@ -139,6 +151,53 @@ def row_pairs(results, pairs=ROW_PAIRS):
             }
         )
     return out
+
+
+def variant_pairs(rows, overrides):
+    """`((variant row, its reference row), ...)`: the variant rows with these
+    `overrides`, each with the row without overrides of its defense, seed and
+    precision."""
+    plain = {(r.defense, r.seed, r.precision): r.name for r in rows if not r.overrides}
+    return tuple(
+        (r.name, plain[(r.defense, r.seed, r.precision)])
+        for r in rows
+        if r.group == "variant"
+        and dict(r.overrides) == dict(overrides)
+        and (r.defense, r.seed, r.precision) in plain
+    )
+
+
+def pooled_pair(results, pairs, name, reference):
+    """The `pairs` whose rows are both finished, as one entry of `row_pairs`' format.
+
+    Differences are means over the pairs; discordant examples are summed over
+    them (the same test examples in every pair) before the sign test. None
+    with fewer than two finished pairs.
+    """
+    by_name = {r["name"]: r for r in results}
+    done = [(by_name[a], by_name[b]) for a, b in pairs if a in by_name and b in by_name]
+    if len(done) < 2:
+        return None
+    counts = {"clean": [0, 0], "worst case": [0, 0]}
+    for a, b in done:
+        pair = _discordant(a, b)
+        if pair is None:
+            counts = None
+            break
+        for what, (a_only, b_only) in pair.items():
+            counts[what][0] += a_only
+            counts[what][1] += b_only
+    return {
+        "row": f"{name} (seeds {', '.join(str(a['seed']) for a, _ in done)})",
+        "reference": reference,
+        "clean_difference": float(
+            np.mean([a["clean_accuracy"] - b["clean_accuracy"] for a, b in done])
+        ),
+        "robust_difference": float(
+            np.mean([a["robust_accuracy"] - b["robust_accuracy"] for a, b in done])
+        ),
+        "paired": None if counts is None else _sign_tested(counts, "row", "reference"),
+    }
 
 
 def _pair_stats(a, b, reference, other):

@@ -273,6 +273,77 @@ def test_row_pairs_count_discordant_examples_of_finished_pairs():
     assert pair["paired"]["clean"]["row_only"] == pair["paired"]["clean"]["reference_only"] == 1
 
 
+def test_compactness_sampling_pairs_each_variant_row_with_its_seed(tmp_path):
+    from benchmarks import robustness_presets as rp
+    from benchmarks import robustness_report
+    from benchmarks.robustness_stats import bits, variant_pairs
+
+    preset = rp.PRESETS["compactness_sampling"]
+    rows = rp.rows_of(preset)
+    overrides = (("global_compactness_features", 0.25),)
+    pairs = variant_pairs(rows, overrides)
+    assert pairs == tuple(
+        (f"adr_pgd_gc_quarter{s}_mixed_bfloat16", f"adr_pgd{s}_mixed_bfloat16")
+        for s in ("", "_seed1", "_seed2", "_seed3")
+    )
+    by_name = {row.name: row for row in rows}
+    assert dict(by_name[pairs[2][0]].overrides) == dict(overrides)
+    assert by_name[pairs[2][0]].seed == by_name[pairs[2][1]].seed == 2
+    # The precision preset's rows of the same recipe count here too.
+    precision = rp.PRESETS["precision"]
+    for row in rp.rows_of(precision):
+        if row.name in by_name:
+            assert rp.fingerprint(precision, row) == rp.fingerprint(preset, by_name[row.name])
+    assert rp.fingerprint(preset, by_name[pairs[0][0]]) != rp.fingerprint(
+        preset, by_name[pairs[0][1]]
+    )
+
+    def result(row, clean, robust):
+        return {
+            "name": row.name,
+            "defense": row.defense,
+            "seed": row.seed,
+            "group": row.group,
+            "overrides": dict(row.overrides),
+            "precision": row.precision,
+            "evaluation": {"num_examples": 4},
+            "clean_accuracy": sum(clean) / 4,
+            "robust_accuracy": sum(robust) / 4,
+            "attack_accuracy": {a: sum(robust) / 4 for a in preset.eval_attacks},
+            "clean_correct_bits": bits(clean),
+            "robust_correct_bits": bits(robust),
+            "train_seconds": 1.0,
+            "eval_seconds": 1.0,
+            "row_seconds": 2.0,
+            "fingerprint": rp.fingerprint(preset, row),
+        }
+
+    rows_dir = tmp_path / "compactness_sampling_rows"
+    rows_dir.mkdir()
+    outcomes = {  # (clean, worst case) per example; the variant loses example 3 twice
+        pairs[0][1]: ([1, 1, 1, 1], [1, 1, 1, 0]),
+        pairs[0][0]: ([1, 1, 1, 1], [1, 1, 0, 0]),
+        pairs[1][1]: ([1, 1, 1, 0], [1, 0, 1, 0]),
+        pairs[1][0]: ([1, 1, 1, 0], [1, 0, 0, 0]),
+    }
+    for name, (clean, robust) in outcomes.items():
+        (rows_dir / f"{name}.json").write_text(json.dumps(result(by_name[name], clean, robust)))
+    robustness_report.write_summary(
+        "compactness_sampling", preset, rows, str(rows_dir), str(tmp_path)
+    )
+    summary = json.loads((tmp_path / "compactness_sampling.json").read_text())
+    seeds = summary["seed_summary"]["adr_pgd_gc_quarter_mixed_bfloat16"]
+    assert seeds["seeds"] == [0, 1] and seeds["robust_accuracy"]["mean"] == (0.5 + 0.25) / 2
+    *per_seed, pooled = summary["row_pairs"]
+    assert [(p["row"], p["reference"]) for p in per_seed] == list(pairs[:2])
+    assert pooled["row"] == "adr_pgd_gc_quarter (seeds 0, 1)"
+    assert pooled["robust_difference"] == -0.25
+    assert pooled["paired"]["worst case"] == {"row_only": 0, "reference_only": 2, "p_value": 0.5}
+    assert "adr_pgd_gc_quarter (seeds 0, 1) − adr_pgd" in (
+        (tmp_path / "compactness_sampling.md").read_text()
+    )
+
+
 def test_attack_agreement_refuses_a_saved_model_before_attacking():
     # ART needs a Keras model: a SavedModel must be refused at once, not after
     # the minutes our own attacks take.

@@ -45,6 +45,8 @@ def test_round_trip():
         (dict(label_scale=0.0), "label_scale"),
         (dict(label_scale=1.0), "label_scale"),
         (dict(label_scale=1.5), "label_scale"),
+        (dict(global_compactness_features=0.0), "global_compactness_features"),
+        (dict(global_compactness_features=1.5), "global_compactness_features"),
         (dict(trades_beta=-6.0), "trades_beta"),
         (dict(compactness_distance="cos"), "compactness_distance"),
         (dict(pairwise_scope="node"), "pairwise_scope"),

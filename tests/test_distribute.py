@@ -115,6 +115,16 @@ def test_two_replicas_equal_one_device_with_global_pairwise_scope():
         )
 
 
+def test_two_replicas_sample_the_same_global_compactness_features():
+    # Each replica draws the step's features from the same seed, so a sampled
+    # global compactness still equals one device's.
+    out = _run_script("mirrored_step.py", "global", "0.5")
+    single_weights, single_metrics = out["single"]
+    assert _max_difference(single_weights, out["mirrored"][0]) < 1e-5
+    for name, value in single_metrics.items():
+        np.testing.assert_allclose(out["mirrored"][1][name], value, rtol=1e-5, atol=1e-6)
+
+
 def test_replica_pairwise_scope_differs():
     # Per-replica pairwise terms see half the batch: a different (cheaper) objective.
     out = _run_script("mirrored_step.py", "replica")

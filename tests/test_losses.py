@@ -500,3 +500,83 @@ def test_bounded_options_validate_and_serialize():
         losses.LocalCompactness(normalization="batch")
     with pytest.raises(ValueError, match="normalization"):
         losses.global_compactness([0, 1], np.ones((2, 2)), np.ones((2, 2)), normalization="l1")
+
+
+# ---------------------------------------------------------------------------
+# Global compactness on sampled features (ADRConfig.global_compactness_features)
+# ---------------------------------------------------------------------------
+
+
+def test_sample_features_draws_a_seeded_uniform_subset():
+    subset = losses.sample_features(10, 0.3, [1, 2]).numpy()
+    assert subset.dtype == np.int32 and len(subset) == 3
+    assert np.all(np.diff(subset) > 0) and subset.min() >= 0 and subset.max() < 10
+    np.testing.assert_array_equal(losses.sample_features(10, 0.3, [1, 2]), subset)
+    np.testing.assert_array_equal(losses.sample_features(7, 1.0, [5, 5]), np.arange(7))
+    assert len(losses.sample_features(7, 0.01, [0, 0])) == 1  # at least one feature
+    # Uniform: over many steps every feature is kept about `fraction` of the time.
+    counts = np.zeros(10)
+    for step in range(2000):
+        counts[losses.sample_features(10, 0.3, [7, step]).numpy()] += 1
+    np.testing.assert_allclose(counts / 2000, 0.3, atol=0.04)
+
+
+def test_global_compactness_on_features_matches_numpy(batch):
+    y, z, za = batch["y"], batch["z"], batch["z_adv"]
+    features = np.array([0, 2, 5])
+    value = losses.global_compactness_per_example(
+        y, z, za, SCALE, features=features, normalization="rms"
+    )
+    # Independently: normalise over all features, then compare the kept ones.
+    rms = lambda a: a / np.sqrt((a.astype(np.float64) ** 2).mean(1, keepdims=True) + 1e-6)
+    zn, zan = rms(z)[:, features], rms(za)[:, features]
+    distances = np.abs(zan[:, None, :] - zn[None]).mean(-1)
+    np.testing.assert_allclose(value, (_np_weights(y, y) * distances).mean(1), **TOL)
+
+
+def test_global_compactness_on_features_is_unbiased(batch):
+    # Why sampling is allowed: the term is a mean over features, so the mean of
+    # its estimates over the blocks of any partition into equal blocks (and
+    # hence over uniform random subsets) is the full term, value and gradient.
+    y, z = batch["y"], batch["z"]
+    za = tf.Variable(batch["z_adv"])
+    k = z.shape[1]
+    blocks = np.random.default_rng(4).permutation(k).reshape(3, k // 3)
+
+    def value_and_gradient(features):
+        with tf.GradientTape() as tape:
+            value = losses.global_compactness(
+                y, z, za, SCALE, normalization="rms", features=features
+            )
+        return value.numpy(), tape.gradient(value, za).numpy()
+
+    full_value, full_gradient = value_and_gradient(None)
+    estimates = [value_and_gradient(np.sort(block)) for block in blocks]
+    np.testing.assert_allclose(np.mean([v for v, _ in estimates]), full_value, **TOL)
+    np.testing.assert_allclose(np.mean([g for _, g in estimates], 0), full_gradient, **TOL)
+    assert not np.allclose(estimates[0][0], full_value)  # each block alone differs
+
+
+def test_sampled_global_compactness_term_needs_and_uses_the_step_seed(batch):
+    from keras_adr import presets
+
+    config = presets.get("adr_pgd", global_compactness_features=0.5)
+    adr_batch = losses.ADRBatch(
+        labels=tf.constant(batch["y"], tf.int32),
+        logits=batch["logits"],
+        z=batch["z"],
+        logits_adv=batch["logits_adv"],
+        z_adv=batch["z_adv"],
+    )
+    with pytest.raises(ValueError, match="global_compactness_features"):
+        losses.TERMS["global_compactness"](adr_batch, config)
+    seed = tf.constant([3, 11], tf.int64)
+    value = losses.TERMS["global_compactness"](adr_batch._replace(seed=seed), config)
+    features = losses.sample_features(batch["z"].shape[1], 0.5, seed)
+    assert len(features) == batch["z"].shape[1] // 2
+    expected = losses.global_compactness_per_example(
+        batch["y"], batch["z"], batch["z_adv"], SCALE, normalization="rms", features=features
+    )
+    np.testing.assert_allclose(value, expected, **TOL)
+    other = losses.TERMS["global_compactness"](adr_batch._replace(seed=seed + 1), config)
+    assert not np.allclose(value, other)

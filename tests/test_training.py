@@ -99,6 +99,33 @@ def test_default_adr_step_equals_functional_terms(preset):
     np.testing.assert_allclose(loss, sum(weights[n] * expected[n] for n in expected), rtol=1e-5)
 
 
+def test_sampled_global_compactness_draws_new_features_each_step():
+    keras.utils.set_random_seed(3)
+    x, y = blob_data(24)
+    x_adv = np.clip(x + 0.05, 0, 1).astype(np.float32)
+    config = presets.get("adr_pgd", global_compactness_features=0.25)
+    model = keras_adr.ADRModel(tiny_cnn(), config)
+    model.compile(optimizer=keras.optimizers.SGD(0.0))  # steps that change no weight
+    latent = keras.Model(model.backbone.input, model.backbone.get_layer("latent").output)
+    z, z_adv = latent(x, training=True), latent(x_adv, training=True)
+
+    def sampled_term():
+        seed = model._step_seed()
+        features = losses.sample_features(z.shape[1], 0.25, seed)
+        assert len(features) == round(0.25 * z.shape[1])
+        expected = losses.global_compactness(y, z, z_adv, normalization="rms", features=features)
+        got = model.compute_adr_loss(x, y, x_adv)[2]["global_compactness"] / len(x)
+        np.testing.assert_allclose(got, expected, rtol=1e-5)
+        return seed.numpy()
+
+    first = sampled_term()
+    model.fit(x, y, batch_size=len(x), epochs=1, verbose=0)
+    assert not np.array_equal(sampled_term(), first)  # the optimizer's step moved the seed
+    keras.utils.set_random_seed(3)
+    again = keras_adr.ADRModel(tiny_cnn(), config)
+    assert again._sampling_salt == model._sampling_salt  # reproducible with the seed
+
+
 def test_trades_objective():
     keras.utils.set_random_seed(4)
     x, y = blob_data(16)

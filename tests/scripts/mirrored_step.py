@@ -1,7 +1,7 @@
 """One ADR train step on 1 device and on 2 logical CPU replicas; prints JSON.
 
 Run as a subprocess: the CPU must be split before TensorFlow initialises.
-Usage: python mirrored_step.py <pairwise_scope>
+Usage: python mirrored_step.py <pairwise_scope> [<global_compactness_features>]
 """
 
 import json
@@ -25,10 +25,15 @@ def deterministic_adversary(x, y, loss=None):
     return tf.clip_by_value(x + 0.05 * tf.sin(37.0 * x + 1.0), 0.0, 1.0)
 
 
-def one_step(strategy, weights, x, y, scope):
+def one_step(strategy, weights, x, y, scope, features):
     config = presets.get(
-        "adr_pgd", label_propagation=0.5, propagation_neighbors=5, pairwise_scope=scope
+        "adr_pgd",
+        label_propagation=0.5,
+        propagation_neighbors=5,
+        pairwise_scope=scope,
+        global_compactness_features=features,
     )
+    keras.utils.set_random_seed(1)  # the same sampling salt in both models
     with strategy.scope():
         inputs = keras.Input((8, 8, 1))
         h = keras.layers.Conv2D(4, 3, padding="same", activation="relu")(inputs)
@@ -48,6 +53,7 @@ def one_step(strategy, weights, x, y, scope):
 
 def main():
     scope = sys.argv[1]
+    features = float(sys.argv[2]) if len(sys.argv) > 2 else 1.0
     rng = np.random.default_rng(0)
     x = rng.uniform(size=(16, 8, 8, 1)).astype(np.float32)
     y = rng.integers(0, 3, 16).astype(np.int32)
@@ -58,10 +64,10 @@ def main():
     h = keras.layers.Dense(16, activation="relu")(h)
     weights = keras.Model(inputs, keras.layers.Dense(3)(h)).get_weights()
 
-    single = one_step(tf.distribute.OneDeviceStrategy("/cpu:0"), weights, x, y, scope)
+    single = one_step(tf.distribute.OneDeviceStrategy("/cpu:0"), weights, x, y, scope, features)
     mirrored_strategy = distribute.get_strategy("mirrored")
     assert mirrored_strategy.num_replicas_in_sync == 2, mirrored_strategy.num_replicas_in_sync
-    mirrored = one_step(mirrored_strategy, weights, x, y, scope)
+    mirrored = one_step(mirrored_strategy, weights, x, y, scope, features)
     initial = [w.tolist() for w in weights]
     print(json.dumps({"initial": initial, "single": single, "mirrored": mirrored}))
 
