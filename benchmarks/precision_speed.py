@@ -91,6 +91,8 @@ class Settings:
     attack_steps: int = 10  # PGD steps of the training attack
     threads: int = 0  # TensorFlow intra/inter-op threads (0 = TensorFlow's choice)
     no_aslr: bool = False  # run the children under `setarch -R`
+    # ADRConfig.global_compactness_features of every defense (1 = the exact term)
+    global_compactness_features: float = 1.0
 
 
 def define_flags():
@@ -110,6 +112,11 @@ def define_flags():
         "threads", defaults.threads, "TensorFlow intra/inter-op threads (0 = TensorFlow's choice)."
     )
     flags.DEFINE_bool("no_aslr", defaults.no_aslr, "Run the children under `setarch -R` (no ASLR).")
+    flags.DEFINE_float(
+        "global_compactness_features",
+        defaults.global_compactness_features,
+        "ADRConfig.global_compactness_features of every defense (1 = the exact term).",
+    )
     flags.DEFINE_string("output_dir", None, "Where rows/ and summary.md go.")
     flags.DEFINE_string("child", None, "Internal: run one measurement and print its row as JSON.")
 
@@ -123,6 +130,7 @@ def _settings_from_flags():
         attack_steps=f.attack_steps,
         threads=f.threads,
         no_aslr=f.no_aslr,
+        global_compactness_features=f.global_compactness_features,
     )
 
 
@@ -173,11 +181,16 @@ def measure(policy, defense, settings):
     from keras_adr import data, precision
 
     row = _status(policy, defense, settings)
+    row["global_compactness_features"] = settings.global_compactness_features
     keras.utils.set_random_seed(0)
     with precision.policy_scope(policy):
         model = keras_adr.ADRModel(
             keras_adr.models.small_cnn(),
-            keras_adr.presets.get(defense, attack_steps=settings.attack_steps),
+            keras_adr.presets.get(
+                defense,
+                attack_steps=settings.attack_steps,
+                global_compactness_features=settings.global_compactness_features,
+            ),
         )
         model.compile(optimizer=keras.optimizers.SGD(0.01, momentum=0.9))
     batches = (
@@ -230,6 +243,7 @@ def run_child(policy, defense, settings):
         f"--attack_steps={settings.attack_steps}",
         f"--threads={settings.threads}",
         f"--no_aslr={settings.no_aslr}",
+        f"--global_compactness_features={settings.global_compactness_features}",
     ]
     if settings.no_aslr:
         command = ["setarch", os.uname().machine, "-R", *command]
@@ -441,6 +455,15 @@ def kernel_lines(rows):
     ]
 
 
+def _sampling_note(features):
+    if features == 1.0:
+        return ""
+    return (
+        f" Every ADR defense with `global_compactness_features={features:g}` (global "
+        "compactness on that share of the latent features, drawn each step)."
+    )
+
+
 def summary(rows):
     """Markdown: per (defense, policy) the process medians and targets; per run the kernels."""
     lines = [
@@ -448,7 +471,8 @@ def summary(rows):
         "",
         "`python -m benchmarks.precision_speed` (see its docstring). `small_cnn`, batch "
         f"{rows[0].get('batch_size')}, PGD-{rows[0].get('attack_steps')} training "
-        "attack; per process the median of its timed steps.",
+        "attack; per process the median of its timed steps."
+        + _sampling_note(rows[0].get("global_compactness_features", 1.0)),
         "",
         *markdown_lines(analyse(rows)),
         "",

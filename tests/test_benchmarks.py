@@ -243,12 +243,16 @@ def test_precision_speed_keeps_its_command_line(tmp_path):
         "--attack_steps=1",
         "--batch_size=32",
         "--policies=float32",
-        "--defenses=pgd_at",
+        "--defenses=adr_pgd",
+        "--global_compactness_features=0.5",
         f"--output_dir={tmp_path}",
     )
-    row = json.loads((tmp_path / "rows" / "float32_pgd_at_run0.json").read_text())
+    row = json.loads((tmp_path / "rows" / "float32_adr_pgd_run0.json").read_text())
     assert (row["steps"], row["warmup"], len(row["step_seconds"])) == (2, 1, 2)
-    assert "| pgd_at | float32 | 1 |" in (tmp_path / "summary.md").read_text()
+    assert row["global_compactness_features"] == 0.5  # the child process got the flag
+    report = (tmp_path / "summary.md").read_text()
+    assert "| adr_pgd | float32 | 1 |" in report
+    assert "`global_compactness_features=0.5`" in report
 
 
 def test_row_pairs_count_discordant_examples_of_finished_pairs():
