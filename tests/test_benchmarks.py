@@ -407,7 +407,7 @@ def test_adr_term_cost_switches_off_one_term_at_a_time():
 
     from benchmarks import adr_term_cost
 
-    flags.FLAGS(["adr_term_cost", "--attack_steps=3"])
+    flags.FLAGS(["adr_term_cost", "--attack_steps=3", "--sampled_fractions=0.25"])
     try:
         configs = adr_term_cost.configurations()
     finally:
@@ -420,6 +420,8 @@ def test_adr_term_cost_switches_off_one_term_at_a_time():
         config = ablations[f"adr_pgd without {term}"]
         assert set(full.enabled_terms) - set(config.enabled_terms) == {term}
         assert config.replace(**{term: getattr(full, term)}) == full  # nothing else changed
+    sampled = configs["adr_pgd, global compactness on 0.25 of features"]
+    assert sampled == full.replace(global_compactness_features=0.25)
 
     medians = {"pgd_at": 0.1, "adr_pgd": 0.13, "adr_pgd without global_compactness": 0.1}
     row = {"policy": "p", "median_step_seconds": medians, "rounds": 2}
