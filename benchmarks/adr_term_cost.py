@@ -13,8 +13,10 @@ the median without that term.
 Rows go to `<output_dir>/<policy>.json` as each policy finishes (a rerun
 skips finished policies); the report is `<output_dir>/summary.md`.
 
-Usage (about 2 minutes per policy on 2 idle cores):
+Usage (about 2 minutes per policy and instance on 2 idle cores):
     python -m benchmarks.adr_term_cost --output_dir=benchmarks/results/adr_term_cost
+    python -m benchmarks.adr_term_cost --rounds=16 --instances=3 --policies=mixed_bfloat16 \\
+        --sampled_fractions=0.25,0.125 --output_dir=benchmarks/results/adr_term_cost_sampled
 Smoke test:
     python -m benchmarks.adr_term_cost --rounds=2 --warmup=1 --attack_steps=1 \\
         --policies=float32 --output_dir=/tmp/atc
@@ -32,6 +34,12 @@ from benchmarks import results_io  # noqa: E402
 
 flags.DEFINE_list("policies", ["float32", "mixed_bfloat16"], "Keras dtype policies.")
 flags.DEFINE_integer("rounds", 16, "Timed steps per configuration.")
+flags.DEFINE_integer(
+    "instances",
+    1,
+    "Separately built models per configuration, timed alike (instances of one model can "
+    "differ in speed by ~15%; a configuration's time is the median over all).",
+)
 flags.DEFINE_integer("warmup", 3, "Untimed steps per configuration first.")
 flags.DEFINE_integer("batch_size", 128, "Training batch size.")
 flags.DEFINE_integer("attack_steps", 10, "PGD steps of the training attack.")
@@ -85,7 +93,7 @@ def measure(policy):
 
     variants = {name: dict(config=c, policy=policy) for name, c in configurations().items()}
     functions = step_timing.train_functions(
-        variants, _build, FLAGS.batch_size, instances=1, warmup=FLAGS.warmup
+        variants, _build, FLAGS.batch_size, instances=FLAGS.instances, warmup=FLAGS.warmup
     )
     medians, samples = step_timing.alternate(
         functions, FLAGS.rounds, lambda fn: step_timing.run_steps(fn, 1)
@@ -93,8 +101,11 @@ def measure(policy):
     return {
         "policy": policy,
         "median_step_seconds": medians,
-        "step_seconds": {name: per_instance[0] for name, per_instance in samples.items()},
+        "step_seconds": samples
+        if FLAGS.instances > 1
+        else {name: per_instance[0] for name, per_instance in samples.items()},
         "rounds": FLAGS.rounds,
+        "instances": FLAGS.instances,
         "batch_size": FLAGS.batch_size,
         "attack_steps": FLAGS.attack_steps,
         "threads": FLAGS.threads,
@@ -108,7 +119,8 @@ def markdown(rows):
         "",
         "`small_cnn`, batch {batch_size}, PGD-{attack_steps} training attack; every "
         "configuration of a policy timed in one process, interleaved, median of "
-        "{rounds} steps. Command: `python -m benchmarks.adr_term_cost`.".format(**rows[0]),
+        "{rounds} steps of each of {instances} separately built model(s). Command: "
+        "`python -m benchmarks.adr_term_cost`.".format(**{"instances": 1, **rows[0]}),
         "",
     ]
     for row in rows:
