@@ -203,16 +203,17 @@ def sample_features(num_features, fraction, seed):
     Args:
         num_features: Scalar: how many features there are.
         fraction: Python float in (0, 1]: the share to keep (at least one).
-        seed: `[2]` int seed of `tf.random.experimental.stateless_shuffle`:
-            the same seed gives the same subset (on every replica).
+        seed: `[2]` int stateless seed: the same seed gives the same subset
+            (on every replica and device).
 
     Returns:
         `[k']` int32, increasing.
     """
     num_features = tf.cast(num_features, tf.int32)
     kept = tf.maximum(1, tf.cast(tf.round(fraction * tf.cast(num_features, tf.float32)), tf.int32))
-    shuffled = tf.random.experimental.stateless_shuffle(tf.range(num_features), seed)
-    return tf.sort(shuffled[:kept])
+    # The ranks of i.i.d. uniform keys are a uniform random permutation.
+    keys = tf.random.stateless_uniform([num_features], seed)
+    return tf.sort(tf.argsort(keys)[:kept])
 
 
 def global_compactness_per_example(

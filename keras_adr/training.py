@@ -127,9 +127,12 @@ class ADRMixin:
         # Scale diagnostics of the clean batch: a runaway objective shows as
         # growing latent codes or logits before accuracy falls.
         self._norm_trackers = [keras.metrics.Mean(name=name) for name in DIAGNOSTICS]
-        # With `keras.utils.set_random_seed`, the same for the same seed: with
-        # the optimizer's step, the seed of the step's sampled features.
-        self._sampling_salt = int(np.random.randint(2**31 - 1))
+        # With the optimizer's step, the seed of the step's sampled features;
+        # the same for the same `keras.utils.set_random_seed`. Drawn only when
+        # sampling, so that other runs consume the same random numbers as before.
+        self._sampling_salt = (
+            int(np.random.randint(2**31 - 1)) if config.global_compactness_features < 1 else 0
+        )
 
     @staticmethod
     def _objective_weights(config):

@@ -578,5 +578,11 @@ def test_sampled_global_compactness_term_needs_and_uses_the_step_seed(batch):
         batch["y"], batch["z"], batch["z_adv"], SCALE, normalization="rms", features=features
     )
     np.testing.assert_allclose(value, expected, **TOL)
-    other = losses.TERMS["global_compactness"](adr_batch._replace(seed=seed + 1), config)
+    # Another seed with another subset gives another value.
+    other_seed = next(
+        seed + s
+        for s in range(1, 50)
+        if not np.array_equal(losses.sample_features(6, 0.5, seed + s), features)
+    )
+    other = losses.TERMS["global_compactness"](adr_batch._replace(seed=other_seed), config)
     assert not np.allclose(value, other)

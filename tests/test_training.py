@@ -124,6 +124,13 @@ def test_sampled_global_compactness_draws_new_features_each_step():
     keras.utils.set_random_seed(3)
     again = keras_adr.ADRModel(tiny_cnn(), config)
     assert again._sampling_salt == model._sampling_salt  # reproducible with the seed
+    # The exact term draws no salt: a run's other random numbers stay as they were.
+    keras.utils.set_random_seed(3)
+    keras_adr.ADRModel(tiny_cnn(), presets.get("adr_pgd"))
+    after_model = np.random.random()
+    keras.utils.set_random_seed(3)
+    tiny_cnn()
+    assert np.random.random() == after_model
 
 
 def test_trades_objective():
