@@ -101,9 +101,7 @@ def measure(policy):
     return {
         "policy": policy,
         "median_step_seconds": medians,
-        "step_seconds": samples
-        if FLAGS.instances > 1
-        else {name: per_instance[0] for name, per_instance in samples.items()},
+        "step_seconds": samples,  # per configuration, per instance
         "rounds": FLAGS.rounds,
         "instances": FLAGS.instances,
         "batch_size": FLAGS.batch_size,

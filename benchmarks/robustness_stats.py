@@ -40,20 +40,21 @@ def seed_summary(results, preset):
     Keyed by defense (variants: `adr_pgd_<suffix>`), tagged with the precision
     as the rows' names are.
     """
+    # (name, defense, overrides): the headline defenses as they are, and the variants.
+    groups = [(d, d, {}) for d in HEADLINE] + [
+        (f"adr_pgd_{suffix}", "adr_pgd", dict(overrides))
+        for suffix, _, overrides in preset.variants
+    ]
     summary = {}
-    for precision_ in preset.precisions:
-        groups = [
-            (defense, lambda r, d=defense: r["defense"] == d and not r["overrides"])
-            for defense in HEADLINE
-        ] + [
-            (
-                f"adr_pgd_{suffix}",
-                lambda r, o=dict(overrides): r.get("group") == "variant" and r["overrides"] == o,
-            )
-            for suffix, _, overrides in preset.variants
-        ]
-        for name, member in groups:
-            runs = [r for r in results if member(r) and precision_of(r) == precision_]
+    for name, defense, overrides in groups:
+        for precision_ in preset.precisions:
+            runs = [
+                r
+                for r in results
+                if r["defense"] == defense
+                and r["overrides"] == overrides
+                and precision_of(r) == precision_
+            ]
             if runs:
                 summary[tagged(name, precision_, preset)] = _seed_entry(runs, preset)
     return summary
@@ -97,21 +98,29 @@ def _discordant(a, b):
     return counts
 
 
-def paired_comparison(results):
-    """Per-example discordance of adr_pgd vs pgd_at over seed- and precision-matched runs."""
-    runs = {(r["defense"], r["seed"], precision_of(r)): r for r in results if not r["overrides"]}
+def _summed_discordant(pairs):
+    """`_discordant` summed over `(a, b)` row pairs on the same examples, or None
+    if a row lacks its per-example bits."""
     counts = {"clean": [0, 0], "worst case": [0, 0]}
-    for (defense, seed, precision_), a in runs.items():
-        b = runs.get(("pgd_at", seed, precision_))
-        if defense != "adr_pgd" or b is None:
-            continue
+    for a, b in pairs:
         pair = _discordant(a, b)
         if pair is None:
             return None
         for what, (a_only, b_only) in pair.items():
             counts[what][0] += a_only
             counts[what][1] += b_only
-    if not any(sum(c) for c in counts.values()):
+    return counts
+
+
+def paired_comparison(results):
+    """Per-example discordance of adr_pgd vs pgd_at over seed- and precision-matched runs."""
+    runs = {(r["defense"], r["seed"], precision_of(r)): r for r in results if not r["overrides"]}
+    counts = _summed_discordant(
+        (a, runs[("pgd_at", seed, precision_)])
+        for (defense, seed, precision_), a in runs.items()
+        if defense == "adr_pgd" and ("pgd_at", seed, precision_) in runs
+    )
+    if counts is None or not any(sum(c) for c in counts.values()):
         return None
     return _sign_tested(counts, "adr", "pgd_at")
 
@@ -178,15 +187,7 @@ def pooled_pair(results, pairs, name, reference):
     done = [(by_name[a], by_name[b]) for a, b in pairs if a in by_name and b in by_name]
     if len(done) < 2:
         return None
-    counts = {"clean": [0, 0], "worst case": [0, 0]}
-    for a, b in done:
-        pair = _discordant(a, b)
-        if pair is None:
-            counts = None
-            break
-        for what, (a_only, b_only) in pair.items():
-            counts[what][0] += a_only
-            counts[what][1] += b_only
+    counts = _summed_discordant(done)
     return {
         "row": f"{name} (seeds {', '.join(str(a['seed']) for a, _ in done)})",
         "reference": reference,

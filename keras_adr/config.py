@@ -264,6 +264,11 @@ class ADRConfig:
         return tuple(name for name in ADR_TERMS if getattr(self, name) > 0)
 
     @property
+    def samples_features(self):
+        """Whether global compactness draws random latent features each step (needs a seed)."""
+        return self.global_compactness > 0 and self.global_compactness_features < 1
+
+    @property
     def uses_adversary(self):
         return self.objective != "standard"
 

@@ -478,7 +478,7 @@ def _cross_entropy(logits, labels):
 def _global_compactness_term(batch, config):
     ref = batch.resolved_reference
     features = None
-    if config.global_compactness_features < 1:
+    if config.samples_features:
         if batch.seed is None:
             raise ValueError(
                 "global_compactness_features < 1 samples features each step: the ADRBatch "

@@ -130,9 +130,7 @@ class ADRMixin:
         # With the optimizer's step, the seed of the step's sampled features;
         # the same for the same `keras.utils.set_random_seed`. Drawn only when
         # sampling, so that other runs consume the same random numbers as before.
-        self._sampling_salt = (
-            int(np.random.randint(2**31 - 1)) if config.global_compactness_features < 1 else 0
-        )
+        self._sampling_salt = int(np.random.randint(2**31 - 1)) if config.samples_features else 0
 
     @staticmethod
     def _objective_weights(config):
@@ -339,7 +337,7 @@ class ADRMixin:
             z=z,
             logits_adv=logits_adv,
             z_adv=z_adv,
-            seed=self._step_seed() if self.adr_config.global_compactness_features < 1 else None,
+            seed=self._step_seed() if self.adr_config.samples_features else None,
         )
         sums = self._term_sums(batch)
         norm_sum = lambda t: tf.reduce_sum(
