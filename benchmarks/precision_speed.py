@@ -22,6 +22,14 @@ and what might explain a slow process:
   run on, TensorFlow's thread settings, the load average before and after,
   whether address-space randomisation was on (alignment-dependent speed
   would change with it; `--no_aslr` runs the children under `setarch -R`).
+* the process's user and system CPU seconds, page faults and context
+  switches per timed step (`resource.getrusage`);
+* after the timed steps, the parts of a step, each compiled and timed on its
+  own: the training attack, the objective with its gradients for fixed
+  adversarial images, inference, and global compactness with its gradient
+  alone. A slow process is then slow in every part (the process or the
+  machine) or in one (a kernel); and `adr_pgd`'s extra time shows where it
+  goes.
 
 Rows go to `<output_dir>/rows/` as they finish (a rerun skips finished
 rows); the summary is `<output_dir>/summary.md`: per (defense, policy) the
@@ -49,6 +57,7 @@ import dataclasses
 import json
 import os
 import re
+import resource
 import statistics
 import subprocess
 import sys
@@ -213,6 +222,7 @@ def measure(policy, defense, settings):
     for _ in range(settings.warmup):
         step()
     times = []
+    usage_before = resource.getrusage(resource.RUSAGE_SELF)
     for _ in range(settings.steps):
         started = time.perf_counter()
         step()
@@ -220,9 +230,87 @@ def measure(policy, defense, settings):
     row.update(
         step_seconds=[round(t, 5) for t in times],
         median_step_seconds=statistics.median(times),
+        per_step=_usage_per_step(
+            usage_before, resource.getrusage(resource.RUSAGE_SELF), len(times)
+        ),
         load_after=os.getloadavg(),
     )
+    row["part_seconds"] = _part_seconds(model, next(iterator), settings.steps)
     return row
+
+
+def _part_seconds(model, batch, repeats):
+    """Median seconds of the parts of a step, each compiled on its own.
+
+    Timed after the steps, so that a slow process can be told apart: every
+    part slower (the process or the machine) or one part (a kernel).
+    """
+    import tensorflow as tf
+
+    from keras_adr import graph, losses
+
+    x, y = batch
+    x_adv = model.adversarial_examples(x, y)
+
+    def objective_gradients(x, y, x_adv):
+        with tf.GradientTape() as tape:
+            loss = model.compute_adr_loss(x, y, x_adv)[0]
+        return tape.gradient(loss, model.trainable_variables)
+
+    def global_compactness_gradient(y, z, z_adv):
+        with tf.GradientTape() as tape:
+            tape.watch(z_adv)
+            term = tf.reduce_sum(losses.global_compactness_per_example(y, z, z_adv))
+        return tape.gradient(term, z_adv)
+
+    (_, z), (_, z_adv) = model.clean_and_adversarial_outputs(x, x_adv)
+    z, z_adv = (tf.cast(graph.flatten_batch(t), tf.float32) for t in (z, z_adv))
+    parts = {
+        "attack": (tf.function(model.adversarial_examples), (x, y)),
+        "objective_and_gradients": (tf.function(objective_gradients), (x, y, x_adv)),
+        "inference_forward": (tf.function(lambda x: model(x, training=False)), (x,)),
+        "global_compactness_and_gradient": (
+            tf.function(global_compactness_gradient),
+            (tf.cast(y, tf.int32), z, z_adv),
+        ),
+    }
+    return {
+        name: round(_median_call_seconds(function, args, repeats), 5)
+        for name, (function, args) in parts.items()
+    }
+
+
+def _median_call_seconds(function, args, repeats):
+    """Median wall seconds of `function(*args)` until its outputs are on the host."""
+    import numpy as np
+    import tensorflow as tf
+
+    call = lambda: [np.asarray(t) for t in tf.nest.flatten(function(*args))]
+    call()  # Traces.
+    call()
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+def _usage_per_step(before, after, steps):
+    """What the timed steps cost the process beyond wall time, per step.
+
+    A process that spends its time in the kernel (system CPU seconds, page
+    faults from memory the allocator returned to the system and maps again)
+    or waits (context switches) shows it here, not in the kernels it runs.
+    """
+    delta = lambda name: (getattr(after, name) - getattr(before, name)) / steps
+    return {
+        "user_cpu_seconds": round(delta("ru_utime"), 5),
+        "system_cpu_seconds": round(delta("ru_stime"), 5),
+        "minor_page_faults": round(delta("ru_minflt"), 1),
+        "voluntary_context_switches": round(delta("ru_nvcsw"), 1),
+        "involuntary_context_switches": round(delta("ru_nivcsw"), 1),
+    }
 
 
 def _child_main():
@@ -455,6 +543,47 @@ def kernel_lines(rows):
     ]
 
 
+_PARTS = ("attack", "objective_and_gradients", "global_compactness_and_gradient")
+
+
+def part_lines(rows):
+    """Markdown table: per process, its step time beside its parts' times and CPU use.
+
+    Rows measured before the parts were timed (no `part_seconds`) are left out;
+    no rows with parts give no lines.
+    """
+    timed = [row for row in rows if "part_seconds" in row]
+    if not timed:
+        return []
+    order = {
+        key: i for i, key in enumerate(dict.fromkeys((r["defense"], r["policy"]) for r in timed))
+    }
+    timed.sort(key=lambda r: (order[(r["defense"], r["policy"])], r["median_step_seconds"]))
+    ms = lambda seconds: f"{1000 * seconds:.1f}"
+    return results_io.markdown_table(
+        [
+            "defense",
+            "precision",
+            "step (ms)",
+            *(f"{part} (ms)" for part in _PARTS),
+            "user CPU s/step",
+            "system CPU s/step",
+        ],
+        [
+            [
+                r["defense"],
+                r["policy"],
+                ms(r["median_step_seconds"]),
+                *(ms(r["part_seconds"][part]) for part in _PARTS),
+                f"{r['per_step']['user_cpu_seconds']:.3f}",
+                f"{r['per_step']['system_cpu_seconds']:.3f}",
+            ]
+            for r in timed
+        ],
+        align="llrrrrrr",
+    )
+
+
 def _sampling_note(features):
     if features == 1.0:
         return ""
@@ -480,6 +609,20 @@ def summary(rows):
         "",
         *kernel_lines(rows),
     ]
+    parts = part_lines(rows)
+    if parts:
+        lines += [
+            "",
+            "## Where each process spends a step",
+            "",
+            "After its timed steps each process times parts of a step, each compiled on "
+            "its own (median of as many calls as timed steps): the training attack, the "
+            "objective with its gradients for fixed adversarial images, and global "
+            "compactness with its gradient alone (float32, the latent codes of one batch). "
+            "CPU seconds are the process's over its timed steps, per step.",
+            "",
+            *parts,
+        ]
     return "\n".join(lines) + "\n"
 
 
