@@ -223,6 +223,7 @@ def measure(policy, defense, settings):
         step()
     times = []
     usage_before = resource.getrusage(resource.RUSAGE_SELF)
+    machine_before = _machine_cpu_seconds()
     for _ in range(settings.steps):
         started = time.perf_counter()
         step()
@@ -230,6 +231,7 @@ def measure(policy, defense, settings):
     row.update(
         step_seconds=[round(t, 5) for t in times],
         median_step_seconds=statistics.median(times),
+        machine_per_step=_machine_per_step(machine_before, _machine_cpu_seconds(), len(times)),
         per_step=_usage_per_step(
             usage_before, resource.getrusage(resource.RUSAGE_SELF), len(times)
         ),
@@ -294,6 +296,34 @@ def _median_call_seconds(function, args, repeats):
         call()
         times.append(time.perf_counter() - started)
     return statistics.median(times)
+
+
+# The first fields of the `cpu` line of /proc/stat, in clock ticks (proc(5)).
+_PROC_STAT_FIELDS = ("user", "nice", "system", "idle", "iowait", "irq", "softirq", "steal")
+
+
+def _machine_cpu_seconds(path="/proc/stat"):
+    """Seconds every CPU of the machine spent in each state since boot, or None.
+
+    `steal` is time the hypervisor gave this VM's CPUs to someone else: a
+    process that gets less than its cores then shows it here.
+    """
+    try:
+        with open(path) as f:
+            fields = f.readline().split()
+    except OSError:
+        return None
+    if not fields or fields[0] != "cpu":
+        return None
+    ticks = os.sysconf("SC_CLK_TCK")
+    return {name: int(value) / ticks for name, value in zip(_PROC_STAT_FIELDS, fields[1:])}
+
+
+def _machine_per_step(before, after, steps):
+    """Machine-wide CPU seconds per timed step in each state (all CPUs together)."""
+    if before is None or after is None:
+        return None
+    return {name: round((after[name] - before[name]) / steps, 4) for name in before}
 
 
 def _usage_per_step(before, after, steps):
@@ -568,6 +598,9 @@ def part_lines(rows):
             *(f"{part} (ms)" for part in _PARTS),
             "user CPU s/step",
             "system CPU s/step",
+            "machine idle s/step",
+            "steal s/step",
+            "other processes s/step",
         ],
         [
             [
@@ -577,11 +610,23 @@ def part_lines(rows):
                 *(ms(r["part_seconds"][part]) for part in _PARTS),
                 f"{r['per_step']['user_cpu_seconds']:.3f}",
                 f"{r['per_step']['system_cpu_seconds']:.3f}",
+                *_machine_columns(r),
             ]
             for r in timed
         ],
-        align="llrrrrrr",
+        align="llrrrrrrrrr",
     )
+
+
+def _machine_columns(row):
+    """Machine idle and steal seconds per step, and the CPU seconds of other processes."""
+    machine = row.get("machine_per_step")
+    if not machine:
+        return ["-", "-", "-"]
+    busy = machine["user"] + machine["nice"] + machine["system"]
+    own = row["per_step"]["user_cpu_seconds"] + row["per_step"]["system_cpu_seconds"]
+    # Tick counts are coarse (10 ms): a small negative difference is rounding.
+    return [f"{machine['idle']:.3f}", f"{machine['steal']:.3f}", f"{max(busy - own, 0.0):.3f}"]
 
 
 def _sampling_note(features):
@@ -619,7 +664,9 @@ def summary(rows):
             "its own (median of as many calls as timed steps): the training attack, the "
             "objective with its gradients for fixed adversarial images, and global "
             "compactness with its gradient alone (float32, the latent codes of one batch). "
-            "CPU seconds are the process's over its timed steps, per step.",
+            "CPU seconds are the process's over its timed steps, per step; machine idle "
+            "and steal (CPU time the hypervisor gave to other VMs) are over all CPUs, and "
+            "other processes is the machine's busy time less this process's.",
             "",
             *parts,
         ]

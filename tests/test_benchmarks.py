@@ -250,9 +250,94 @@ def test_precision_speed_keeps_its_command_line(tmp_path):
     row = json.loads((tmp_path / "rows" / "float32_adr_pgd_run0.json").read_text())
     assert (row["steps"], row["warmup"], len(row["step_seconds"])) == (2, 1, 2)
     assert row["global_compactness_features"] == 0.5  # the child process got the flag
+    assert set(row["part_seconds"]) == {
+        "attack",
+        "objective_and_gradients",
+        "inference_forward",
+        "global_compactness_and_gradient",
+    }
+    assert all(seconds > 0 for seconds in row["part_seconds"].values())
+    # The attack alone is part of a step, so it takes less than a whole step.
+    assert row["part_seconds"]["attack"] < max(row["step_seconds"]) * 1.5
+    assert row["per_step"]["user_cpu_seconds"] > 0
+    assert set(row["machine_per_step"]) >= {"user", "system", "idle", "steal"}
     report = (tmp_path / "summary.md").read_text()
     assert "| adr_pgd | float32 | 1 |" in report
     assert "`global_compactness_features=0.5`" in report
+    assert "## Where each process spends a step" in report
+
+
+def test_usage_per_step_divides_the_change_by_the_steps():
+    import resource
+
+    from benchmarks.precision_speed import _usage_per_step
+
+    before = resource.struct_rusage((1.0, 0.5) + (0,) * 4 + (100, 0) + (0,) * 6 + (10, 2))
+    after = resource.struct_rusage((3.0, 0.9) + (0,) * 4 + (140, 0) + (0,) * 6 + (30, 10))
+    assert _usage_per_step(before, after, 4) == {
+        "user_cpu_seconds": 0.5,
+        "system_cpu_seconds": 0.1,
+        "minor_page_faults": 10.0,
+        "voluntary_context_switches": 5.0,
+        "involuntary_context_switches": 2.0,
+    }
+
+
+def test_machine_cpu_seconds_reads_the_cpu_line_of_proc_stat(tmp_path):
+    import os
+
+    from benchmarks.precision_speed import _machine_cpu_seconds, _machine_per_step
+
+    stat = tmp_path / "stat"
+    stat.write_text("cpu  100 20 30 400 5 0 1 7 0 0\ncpu0 50 10 15 200 2 0 0 3 0 0\n")
+    tick = 1 / os.sysconf("SC_CLK_TCK")
+    before = _machine_cpu_seconds(str(stat))
+    assert before["user"] == pytest.approx(100 * tick)
+    assert before["steal"] == pytest.approx(7 * tick)
+    stat.write_text("cpu  300 20 30 400 5 0 1 47 0 0\n")
+    per_step = _machine_per_step(before, _machine_cpu_seconds(str(stat)), 2)
+    assert per_step["user"] == pytest.approx(round(100 * tick, 4))
+    assert per_step["steal"] == pytest.approx(round(20 * tick, 4))
+    assert per_step["idle"] == 0
+    assert _machine_cpu_seconds(str(tmp_path / "missing")) is None
+    assert _machine_per_step(None, before, 2) is None
+
+
+def test_part_lines_sort_processes_and_skip_rows_without_parts():
+    from benchmarks.precision_speed import part_lines
+
+    def row(defense, step, attack):
+        return {
+            "defense": defense,
+            "policy": "mixed_bfloat16",
+            "median_step_seconds": step,
+            "part_seconds": {
+                "attack": attack,
+                "objective_and_gradients": 0.03,
+                "global_compactness_and_gradient": 0.0075,
+            },
+            "per_step": {"user_cpu_seconds": 0.2, "system_cpu_seconds": 0.01},
+        }
+
+    old_row = {"defense": "pgd_at", "policy": "float32", "median_step_seconds": 0.3}
+    assert part_lines([old_row]) == []
+    slow = row("pgd_at", 0.12, 0.09)
+    slow["machine_per_step"] = {
+        "user": 0.0,
+        "nice": 0.2,
+        "system": 0.06,
+        "idle": 0.002,
+        "iowait": 0.0,
+        "irq": 0.0,
+        "softirq": 0.0,
+        "steal": 0.1,
+    }
+    lines = part_lines([slow, old_row, row("pgd_at", 0.11, 0.08)])
+    assert lines[2:] == [
+        "| pgd_at | mixed_bfloat16 | 110.0 | 80.0 | 30.0 | 7.5 | 0.200 | 0.010 | - | - | - |",
+        "| pgd_at | mixed_bfloat16 | 120.0 | 90.0 | 30.0 | 7.5 | 0.200 | 0.010 "
+        "| 0.002 | 0.100 | 0.050 |",
+    ]
 
 
 def test_row_pairs_count_discordant_examples_of_finished_pairs():

@@ -105,6 +105,26 @@ def test_global_compactness_sorted_matches_naive_with_ties_and_reference():
     np.testing.assert_allclose(grads["sorted"][untied], grads["naive"][untied], **TOL)
 
 
+def test_global_compactness_sorted_is_exact_for_codes_outside_the_clean_range():
+    # The (label, value) sort keys must keep classes apart whatever the codes:
+    # adversarial codes far outside the clean codes' range, on both sides and
+    # in every class, still give the exact value and gradient.
+    rng = np.random.default_rng(5)
+    z_ref = rng.uniform(-1.0, 1.0, size=(10, 6)).astype(np.float32)
+    y = np.arange(10) % 3
+    z_adv = (z_ref * rng.choice([-50.0, 0.5, 80.0], size=z_ref.shape)).astype(np.float32)
+    z_adv_var = tf.Variable(z_adv)
+    with tf.GradientTape() as tape:
+        value = losses.global_compactness_per_example(y, z_ref, z_adv_var, SCALE)
+        total = tf.reduce_sum(value)
+    gradient = tape.gradient(total, z_adv_var).numpy()
+    weights = _np_weights(y, y)
+    differences = z_adv[:, None, :].astype(np.float64) - z_ref[None]  # [i, j, d]
+    np.testing.assert_allclose(value, (weights * np.abs(differences).mean(-1)).mean(1), **TOL)
+    expected_gradient = (weights[:, :, None] * np.sign(differences)).sum(1) / z_ref.size
+    np.testing.assert_allclose(gradient, expected_gradient, **TOL)
+
+
 def test_global_compactness_gradient_matches_numpy(batch):
     y, z, za = batch["y"], batch["z"], batch["z_adv"]
     b, k = z.shape
