@@ -169,6 +169,7 @@ def test_precision_analysis_marks_issue_14_targets():
     assert pgd_bf16["speedup_over_float32"] == pytest.approx(0.32 / 0.16)
     assert by_key[("pgd_at", "float32")]["speedup_over_float32"] == 1
     ratios = analysis["adr_pgd_over_pgd_at"]
+    assert analysis["adr_pgd_over_pgd_at_per_round"] == {}  # these rows have no rounds
     assert ratios["float32"] == pytest.approx(0.33 / 0.32)
     assert ratios["mixed_bfloat16"] == pytest.approx(0.205 / 0.16)
     met = {t["target"]: t["met"] for t in analysis["targets"]}
@@ -181,6 +182,32 @@ def test_precision_analysis_marks_issue_14_targets():
     text = "\n".join(precision_speed.markdown_lines(analysis))
     assert "| adr_pgd | mixed_bfloat16 | 2 | 0.205 | 0.160 | 0.250 | 1.61 | 1.32 |" in text
     assert "**not met**" in text and "**met**" in text
+
+
+def test_precision_analysis_pairs_the_defenses_round_by_round():
+    from benchmarks import precision_speed
+
+    def row(defense, run, seconds):
+        return dict(_speed_row("mixed_bfloat16", defense, seconds), run=run)
+
+    rows = [
+        row("pgd_at", 0, 0.10),
+        row("adr_pgd", 0, 0.11),  # 1.10
+        row("pgd_at", 1, 0.20),
+        row("adr_pgd", 1, 0.21),  # 1.05
+        row("pgd_at", 2, 0.10),
+        row("adr_pgd", 2, 0.20),  # 2.00
+        row("pgd_at", 3, 0.10),  # no adr_pgd process in this round
+    ]
+    analysis = precision_speed.analyse(rows)
+    per_round = analysis["adr_pgd_over_pgd_at_per_round"]["mixed_bfloat16"]
+    assert per_round == {"rounds": 3, "median": pytest.approx(1.10)}
+    # The ratio of medians over processes mixes rounds: 0.20 / 0.10.
+    assert analysis["adr_pgd_over_pgd_at"]["mixed_bfloat16"] == pytest.approx(
+        1.1 / 1.0 * 0.2 / 0.11
+    )
+    text = "\n".join(precision_speed.markdown_lines(analysis))
+    assert "| mixed_bfloat16 | 2.000 | 1.100 (3) |" in text
 
 
 def _require_fashion_mnist():
