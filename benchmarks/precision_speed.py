@@ -24,7 +24,9 @@ and what might explain a slow process:
   would change with it; `--no_aslr` runs the children under `setarch -R`).
 * the process's user and system CPU seconds, page faults and context
   switches per timed step (`resource.getrusage`);
-* after the timed steps, the parts of a step, each compiled and timed on its
+* after the timed steps, the median step time of the same steps with the
+  training step compiled anew (`make_train_function(force=True)`);
+* then the parts of a step, each compiled and timed on its
   own: the training attack, the objective with its gradients for fixed
   adversarial images, inference, and global compactness (the exact term)
   with its gradient alone. A slow process is then slow in every part (the process or the
@@ -237,6 +239,17 @@ def measure(policy, defense, settings):
         ),
         load_after=os.getloadavg(),
     )
+    # The same steps again with the step compiled anew: a slow process whose
+    # fresh compilation is fast was slow in its compiled step, not as a whole.
+    model.make_train_function(force=True)
+    for _ in range(settings.warmup):
+        step()
+    retraced = []
+    for _ in range(settings.steps):
+        started = time.perf_counter()
+        step()
+        retraced.append(time.perf_counter() - started)
+    row["recompiled_median_step_seconds"] = statistics.median(retraced)
     row["part_seconds"] = _part_seconds(model, next(iterator), settings.steps)
     return row
 
@@ -624,6 +637,7 @@ def part_lines(rows):
             "defense",
             "precision",
             "step (ms)",
+            "recompiled step (ms)",
             *(f"{part} (ms)" for part in _PARTS),
             "user CPU s/step",
             "system CPU s/step",
@@ -636,6 +650,9 @@ def part_lines(rows):
                 r["defense"],
                 r["policy"],
                 ms(r["median_step_seconds"]),
+                ms(r["recompiled_median_step_seconds"])
+                if "recompiled_median_step_seconds" in r
+                else "-",
                 *(ms(r["part_seconds"][part]) for part in _PARTS),
                 f"{r['per_step']['user_cpu_seconds']:.3f}",
                 f"{r['per_step']['system_cpu_seconds']:.3f}",
@@ -643,7 +660,7 @@ def part_lines(rows):
             ]
             for r in timed
         ],
-        align="llrrrrrrrrr",
+        align="llrrrrrrrrrr",
     )
 
 
@@ -689,9 +706,10 @@ def summary(rows):
             "",
             "## Where each process spends a step",
             "",
-            "After its timed steps each process times parts of a step, each compiled on "
-            "its own (median of as many calls as timed steps): the training attack, the "
-            "objective with its gradients for fixed adversarial images, and global "
+            "After its timed steps each process times the same steps again with the "
+            "training step compiled anew (recompiled step), then parts of a step, each "
+            "compiled on its own (median of as many calls as timed steps): the training "
+            "attack, the objective with its gradients for fixed adversarial images, and global "
             "compactness with its gradient alone (the exact term on all features, float32, "
             "the latent codes of one batch). "
             "CPU seconds are the process's over its timed steps, per step; machine idle "

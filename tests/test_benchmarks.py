@@ -288,6 +288,7 @@ def test_precision_speed_keeps_its_command_line(tmp_path):
     assert row["part_seconds"]["attack"] < max(row["step_seconds"]) * 1.5
     assert row["per_step"]["user_cpu_seconds"] > 0
     assert set(row["machine_per_step"]) >= {"user", "system", "idle", "steal"}
+    assert row["recompiled_median_step_seconds"] > 0
     report = (tmp_path / "summary.md").read_text()
     assert "| adr_pgd | float32 | 1 |" in report
     assert "`global_compactness_features=0.5`" in report
@@ -349,6 +350,7 @@ def test_part_lines_sort_processes_and_skip_rows_without_parts():
     old_row = {"defense": "pgd_at", "policy": "float32", "median_step_seconds": 0.3}
     assert part_lines([old_row]) == []
     slow = row("pgd_at", 0.12, 0.09)
+    slow["recompiled_median_step_seconds"] = 0.105
     slow["machine_per_step"] = {
         "user": 0.0,
         "nice": 0.2,
@@ -361,8 +363,8 @@ def test_part_lines_sort_processes_and_skip_rows_without_parts():
     }
     lines = part_lines([slow, old_row, row("pgd_at", 0.11, 0.08)])
     assert lines[2:] == [
-        "| pgd_at | mixed_bfloat16 | 110.0 | 80.0 | 30.0 | 7.5 | 0.200 | 0.010 | - | - | - |",
-        "| pgd_at | mixed_bfloat16 | 120.0 | 90.0 | 30.0 | 7.5 | 0.200 | 0.010 "
+        "| pgd_at | mixed_bfloat16 | 110.0 | - | 80.0 | 30.0 | 7.5 | 0.200 | 0.010 | - | - | - |",
+        "| pgd_at | mixed_bfloat16 | 120.0 | 105.0 | 90.0 | 30.0 | 7.5 | 0.200 | 0.010 "
         "| 0.002 | 0.100 | 0.050 |",
     ]
 
