@@ -26,12 +26,12 @@ and what might explain a slow process:
   switches per timed step (`resource.getrusage`);
 * after the timed steps, the median step time of the same steps with the
   training step compiled anew (`make_train_function(force=True)`);
-* then the parts of a step, each compiled and timed on its
-  own: the training attack, the objective with its gradients for fixed
-  adversarial images, inference, and global compactness (the exact term)
-  with its gradient alone. A slow process is then slow in every part (the process or the
-  machine) or in one (a kernel); and `adr_pgd`'s extra time shows where it
-  goes.
+* then the parts of a step, each compiled and timed on its own: the
+  training attack, the objective with its gradients for fixed adversarial
+  images, inference, and global compactness (the exact term) with its
+  gradient alone. A slow process is then slow in every part (the process
+  or the machine) or in one (a kernel); and `adr_pgd`'s extra time shows
+  where it goes.
 
 Rows go to `<output_dir>/rows/` as they finish (a rerun skips finished
 rows); the summary is `<output_dir>/summary.md`: per (defense, policy) the
@@ -244,12 +244,12 @@ def measure(policy, defense, settings):
     model.make_train_function(force=True)
     for _ in range(settings.warmup):
         step()
-    retraced = []
+    recompiled = []
     for _ in range(settings.steps):
         started = time.perf_counter()
         step()
-        retraced.append(time.perf_counter() - started)
-    row["recompiled_median_step_seconds"] = statistics.median(retraced)
+        recompiled.append(time.perf_counter() - started)
+    row["recompiled_median_step_seconds"] = statistics.median(recompiled)
     row["part_seconds"] = _part_seconds(model, next(iterator), settings.steps)
     return row
 
