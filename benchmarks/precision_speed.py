@@ -221,15 +221,10 @@ def measure(policy, defense, settings):
         logs = model.train_function(iterator)
         float(np.asarray(next(iter(logs.values()))))  # Waits for the step.
 
-    for _ in range(settings.warmup):
-        step()
-    times = []
+    _call_seconds(step, settings.warmup)
     usage_before = resource.getrusage(resource.RUSAGE_SELF)
     machine_before = _machine_cpu_seconds()
-    for _ in range(settings.steps):
-        started = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - started)
+    times = _call_seconds(step, settings.steps)
     row.update(
         step_seconds=[round(t, 5) for t in times],
         median_step_seconds=statistics.median(times),
@@ -242,16 +237,20 @@ def measure(policy, defense, settings):
     # The same steps again with the step compiled anew: a slow process whose
     # fresh compilation is fast was slow in its compiled step, not as a whole.
     model.make_train_function(force=True)
-    for _ in range(settings.warmup):
-        step()
-    recompiled = []
-    for _ in range(settings.steps):
-        started = time.perf_counter()
-        step()
-        recompiled.append(time.perf_counter() - started)
-    row["recompiled_median_step_seconds"] = statistics.median(recompiled)
+    _call_seconds(step, settings.warmup)
+    row["recompiled_median_step_seconds"] = statistics.median(_call_seconds(step, settings.steps))
     row["part_seconds"] = _part_seconds(model, next(iterator), settings.steps)
     return row
+
+
+def _call_seconds(call, repeats):
+    """Wall seconds of each of `repeats` calls of `call()` (which waits for its result)."""
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - started)
+    return times
 
 
 def _part_seconds(model, batch, repeats):
@@ -278,7 +277,8 @@ def _part_seconds(model, batch, repeats):
             term = tf.reduce_sum(losses.global_compactness_per_example(y, z, z_adv))
         return tape.gradient(term, z_adv)
 
-    (_, z), (_, z_adv) = model.clean_and_adversarial_outputs(x, x_adv)
+    # Inference mode: taking the codes must not move BatchNorm statistics.
+    (_, z), (_, z_adv) = model.clean_and_adversarial_outputs(x, x_adv, training=False)
     z, z_adv = (tf.cast(graph.flatten_batch(t), tf.float32) for t in (z, z_adv))
     parts = {
         "attack": (tf.function(model.adversarial_examples), (x, y)),
@@ -301,14 +301,8 @@ def _median_call_seconds(function, args, repeats):
     import tensorflow as tf
 
     call = lambda: [np.asarray(t) for t in tf.nest.flatten(function(*args))]
-    call()  # Traces.
-    call()
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - started)
-    return statistics.median(times)
+    _call_seconds(call, 2)  # Traces, then warms up.
+    return statistics.median(_call_seconds(call, repeats))
 
 
 # The first fields of the `cpu` line of /proc/stat, in clock ticks (proc(5)).
