@@ -19,13 +19,16 @@ and what might explain a slow process:
   `brg_conv_fwd:avx10_1_512_amx` against a fallback such as `gemm:jit` or
   `ref`;
 * the CPU model (a VM can land on another host), the CPUs the process may
-  run on, TensorFlow's thread settings, the load average before and after,
+  run on, TensorFlow's thread settings (`--threads`; `--inter_op_threads`
+  for the inter-op pool alone), the load average before and after,
   whether address-space randomisation was on (alignment-dependent speed
   would change with it; `--no_aslr` runs the children under `setarch -R`).
 * the process's user and system CPU seconds, page faults and context
   switches per timed step (`resource.getrusage`);
 * after the timed steps, the median step time of the same steps with the
-  training step compiled anew (`make_train_function(force=True)`);
+  training step compiled anew (`make_train_function(force=True)`), once or
+  `--recompilations` times: each compilation is a new draw of the slow
+  kind seen on the development machine;
 * then the parts of a step, each compiled and timed on its own: the
   training attack, the objective with its gradients for fixed adversarial
   images, inference, and global compactness (the exact term) with its
@@ -101,6 +104,8 @@ class Settings:
     batch_size: int = 128
     attack_steps: int = 10  # PGD steps of the training attack
     threads: int = 0  # TensorFlow intra/inter-op threads (0 = TensorFlow's choice)
+    inter_op_threads: int = 0  # inter-op threads alone, over `threads` (0 = as `threads`)
+    recompilations: int = 1  # times the step is compiled anew and timed after the first
     no_aslr: bool = False  # run the children under `setarch -R`
     # ADRConfig.global_compactness_features of every defense (1 = the exact term)
     global_compactness_features: float = 1.0
@@ -122,6 +127,16 @@ def define_flags():
     flags.DEFINE_integer(
         "threads", defaults.threads, "TensorFlow intra/inter-op threads (0 = TensorFlow's choice)."
     )
+    flags.DEFINE_integer(
+        "inter_op_threads",
+        defaults.inter_op_threads,
+        "TensorFlow inter-op threads alone, over --threads (0 = as --threads).",
+    )
+    flags.DEFINE_integer(
+        "recompilations",
+        defaults.recompilations,
+        "After the timed steps, how many times to compile the step anew and time it again.",
+    )
     flags.DEFINE_bool("no_aslr", defaults.no_aslr, "Run the children under `setarch -R` (no ASLR).")
     flags.DEFINE_float(
         "global_compactness_features",
@@ -140,6 +155,8 @@ def _settings_from_flags():
         batch_size=f.batch_size,
         attack_steps=f.attack_steps,
         threads=f.threads,
+        inter_op_threads=f.inter_op_threads,
+        recompilations=f.recompilations,
         no_aslr=f.no_aslr,
         global_compactness_features=f.global_compactness_features,
     )
@@ -186,6 +203,10 @@ def measure(policy, defense, settings):
     """One run in this process: the row (without the oneDNN kernels)."""
     results_io.set_threads(settings.threads)
     import keras
+    import tensorflow as tf
+
+    if settings.inter_op_threads:
+        tf.config.threading.set_inter_op_parallelism_threads(settings.inter_op_threads)
     import numpy as np
 
     import keras_adr
@@ -236,9 +257,14 @@ def measure(policy, defense, settings):
     )
     # The same steps again with the step compiled anew: a slow process whose
     # fresh compilation is fast was slow in its compiled step, not as a whole.
-    model.make_train_function(force=True)
-    _call_seconds(step, settings.warmup)
-    row["recompiled_median_step_seconds"] = statistics.median(_call_seconds(step, settings.steps))
+    recompiled = []
+    for _ in range(settings.recompilations):
+        model.make_train_function(force=True)
+        _call_seconds(step, settings.warmup)
+        recompiled.append(statistics.median(_call_seconds(step, settings.steps)))
+    if recompiled:
+        row["recompiled_median_step_seconds"] = recompiled[0]
+        row["recompiled_median_step_seconds_each"] = recompiled
     row["part_seconds"] = _part_seconds(model, next(iterator), settings.steps)
     return row
 
@@ -367,6 +393,8 @@ def run_child(policy, defense, settings):
         f"--batch_size={settings.batch_size}",
         f"--attack_steps={settings.attack_steps}",
         f"--threads={settings.threads}",
+        f"--inter_op_threads={settings.inter_op_threads}",
+        f"--recompilations={settings.recompilations}",
         f"--no_aslr={settings.no_aslr}",
         f"--global_compactness_features={settings.global_compactness_features}",
     ]
@@ -631,7 +659,7 @@ def part_lines(rows):
             "defense",
             "precision",
             "step (ms)",
-            "recompiled step (ms)",
+            "recompiled steps (ms)",
             *(f"{part} (ms)" for part in _PARTS),
             "user CPU s/step",
             "system CPU s/step",
@@ -644,9 +672,7 @@ def part_lines(rows):
                 r["defense"],
                 r["policy"],
                 ms(r["median_step_seconds"]),
-                ms(r["recompiled_median_step_seconds"])
-                if "recompiled_median_step_seconds" in r
-                else "-",
+                ", ".join(ms(seconds) for seconds in _recompiled_medians(r)) or "-",
                 *(ms(r["part_seconds"][part]) for part in _PARTS),
                 f"{r['per_step']['user_cpu_seconds']:.3f}",
                 f"{r['per_step']['system_cpu_seconds']:.3f}",
@@ -655,6 +681,25 @@ def part_lines(rows):
             for r in timed
         ],
         align="llrrrrrrrrrr",
+    )
+
+
+def _recompiled_medians(row):
+    """Median step seconds of each recompilation (rows of older runs: one or none)."""
+    if "recompiled_median_step_seconds_each" in row:
+        return row["recompiled_median_step_seconds_each"]
+    if "recompiled_median_step_seconds" in row:
+        return [row["recompiled_median_step_seconds"]]
+    return []
+
+
+def _threads_note(row):
+    threads = lambda n: "TensorFlow's choice" if not n else str(n)
+    if "inter_op_threads" not in row:
+        return ""
+    return (
+        f" TensorFlow threads: intra-op {threads(row['intra_op_threads'])}, "
+        f"inter-op {threads(row['inter_op_threads'])}."
     )
 
 
@@ -686,7 +731,8 @@ def summary(rows):
         "`python -m benchmarks.precision_speed` (see its docstring). `small_cnn`, batch "
         f"{rows[0].get('batch_size')}, PGD-{rows[0].get('attack_steps')} training "
         "attack; per process the median of its timed steps."
-        + _sampling_note(rows[0].get("global_compactness_features", 1.0)),
+        + _sampling_note(rows[0].get("global_compactness_features", 1.0))
+        + _threads_note(rows[0]),
         "",
         *markdown_lines(analyse(rows)),
         "",
@@ -701,8 +747,8 @@ def summary(rows):
             "## Where each process spends a step",
             "",
             "After its timed steps each process times the same steps again with the "
-            "training step compiled anew (recompiled step), then parts of a step, each "
-            "compiled on its own (median of as many calls as timed steps): the training "
+            "training step compiled anew, once or more (recompiled steps), then parts of a "
+            "step, each compiled on its own (median of as many calls as timed steps): the training "
             "attack, the objective with its gradients for fixed adversarial images, and global "
             "compactness with its gradient alone (the exact term on all features, float32, "
             "the latent codes of one batch). "

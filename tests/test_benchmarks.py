@@ -272,9 +272,13 @@ def test_precision_speed_keeps_its_command_line(tmp_path):
         "--policies=float32",
         "--defenses=adr_pgd",
         "--global_compactness_features=0.5",
+        "--inter_op_threads=1",
+        "--recompilations=2",
         f"--output_dir={tmp_path}",
     )
     row = json.loads((tmp_path / "rows" / "float32_adr_pgd_run0.json").read_text())
+    assert row["inter_op_threads"] == 1  # set in the child, before TensorFlow ran an op
+    assert len(row["recompiled_median_step_seconds_each"]) == 2
     assert (row["steps"], row["warmup"], len(row["step_seconds"])) == (2, 1, 2)
     assert row["global_compactness_features"] == 0.5  # the child process got the flag
     assert set(row["part_seconds"]) == {
@@ -293,6 +297,7 @@ def test_precision_speed_keeps_its_command_line(tmp_path):
     assert "| adr_pgd | float32 | 1 |" in report
     assert "`global_compactness_features=0.5`" in report
     assert "## Where each process spends a step" in report
+    assert "inter-op 1." in report
 
 
 def test_usage_per_step_divides_the_change_by_the_steps():
