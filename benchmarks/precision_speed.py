@@ -29,6 +29,9 @@ and what might explain a slow process:
   training step compiled anew (`make_train_function(force=True)`), once or
   `--recompilations` times: each compilation is a new draw of the slow
   kind seen on the development machine;
+* with `--op_profile`, the same compiled step timed again under
+  TensorFlow's profiler: seconds per op type and how long ops ran on two
+  threads at once (`benchmarks/op_profile.py`);
 * then the parts of a step, each compiled and timed on its own: the
   training attack, the objective with its gradients for fixed adversarial
   images, inference, and global compactness (the exact term) with its
@@ -73,7 +76,7 @@ from absl import app, flags
 if not __package__:  # `python benchmarks/precision_speed.py`: import as `python -m` would.
     sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-from benchmarks import results_io  # noqa: E402
+from benchmarks import op_profile, results_io  # noqa: E402
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -106,6 +109,7 @@ class Settings:
     threads: int = 0  # TensorFlow intra/inter-op threads (0 = TensorFlow's choice)
     inter_op_threads: int = 0  # inter-op threads alone, over `threads` (0 = as `threads`)
     recompilations: int = 1  # times the step is compiled anew and timed after the first
+    op_profile: bool = False  # profile the timed steps again: time per op type
     no_aslr: bool = False  # run the children under `setarch -R`
     # ADRConfig.global_compactness_features of every defense (1 = the exact term)
     global_compactness_features: float = 1.0
@@ -137,6 +141,12 @@ def define_flags():
         defaults.recompilations,
         "After the timed steps, how many times to compile the step anew and time it again.",
     )
+    flags.DEFINE_bool(
+        "op_profile",
+        defaults.op_profile,
+        "After the timed steps, time as many again under TensorFlow's profiler and record "
+        "the time per op type (benchmarks/op_profile.py).",
+    )
     flags.DEFINE_bool("no_aslr", defaults.no_aslr, "Run the children under `setarch -R` (no ASLR).")
     flags.DEFINE_float(
         "global_compactness_features",
@@ -157,6 +167,7 @@ def _settings_from_flags():
         threads=f.threads,
         inter_op_threads=f.inter_op_threads,
         recompilations=f.recompilations,
+        op_profile=f.op_profile,
         no_aslr=f.no_aslr,
         global_compactness_features=f.global_compactness_features,
     )
@@ -255,6 +266,14 @@ def measure(policy, defense, settings):
         ),
         load_after=os.getloadavg(),
     )
+    if settings.op_profile:
+        # The same compiled step, so a slow one is still slow: which ops take the time.
+        profiled = []
+        space = op_profile.profile(lambda: profiled.extend(_call_seconds(step, 1)), settings.steps)
+        row["op_profile"] = dict(
+            op_profile.summarize(space, settings.steps),
+            median_step_seconds=statistics.median(profiled),
+        )
     # The same steps again with the step compiled anew: a slow process whose
     # fresh compilation is fast was slow in its compiled step, not as a whole.
     recompiled = []
@@ -395,6 +414,7 @@ def run_child(policy, defense, settings):
         f"--threads={settings.threads}",
         f"--inter_op_threads={settings.inter_op_threads}",
         f"--recompilations={settings.recompilations}",
+        f"--op_profile={settings.op_profile}",
         f"--no_aslr={settings.no_aslr}",
         f"--global_compactness_features={settings.global_compactness_features}",
     ]
@@ -684,6 +704,47 @@ def part_lines(rows):
     )
 
 
+_PROFILED_OPS = 6  # op types per process in the summary
+
+
+def op_lines(rows):
+    """Markdown table: per process, its profiled step and the op types that took longest."""
+    profiled = [row for row in rows if "op_profile" in row]
+    if not profiled:
+        return []
+    profiled.sort(key=lambda r: (r["defense"], r["policy"], r["median_step_seconds"]))
+    ms = lambda seconds: f"{1000 * seconds:.1f}"
+    return results_io.markdown_table(
+        [
+            "defense",
+            "precision",
+            "step (ms)",
+            "profiled step (ms)",
+            "ops busy (ms)",
+            "ops on 2+ threads (ms)",
+            f"longest {_PROFILED_OPS} op types (self ms per step)",
+        ],
+        [
+            [
+                r["defense"],
+                r["policy"],
+                ms(r["median_step_seconds"]),
+                ms(r["op_profile"]["median_step_seconds"]),
+                ms(r["op_profile"]["op_busy_seconds"]),
+                ms(r["op_profile"]["op_overlap_seconds"]),
+                ", ".join(
+                    f"{op} {ms(seconds)}"
+                    for op, seconds in sorted(
+                        r["op_profile"]["op_self_seconds"].items(), key=lambda item: -item[1]
+                    )[:_PROFILED_OPS]
+                ),
+            ]
+            for r in profiled
+        ],
+        align="llrrrrl",
+    )
+
+
 def _recompiled_medians(row):
     """Median step seconds of each recompilation (rows of older runs: one or none)."""
     if "recompiled_median_step_seconds_each" in row:
@@ -757,6 +818,18 @@ def summary(rows):
             "other processes is the machine's busy time less this process's.",
             "",
             *parts,
+        ]
+    ops = op_lines(rows)
+    if ops:
+        lines += [
+            "",
+            "## Time per op type (`--op_profile`)",
+            "",
+            "The process's compiled step timed again under TensorFlow's profiler (which "
+            "slows it): self time of each op type's kernels per step, how long some op ran "
+            "(busy) and how long ops ran on two or more threads at once.",
+            "",
+            *ops,
         ]
     return "\n".join(lines) + "\n"
 

@@ -274,11 +274,15 @@ def test_precision_speed_keeps_its_command_line(tmp_path):
         "--global_compactness_features=0.5",
         "--inter_op_threads=1",
         "--recompilations=2",
+        "--op_profile",
         f"--output_dir={tmp_path}",
     )
     row = json.loads((tmp_path / "rows" / "float32_adr_pgd_run0.json").read_text())
     assert row["inter_op_threads"] == 1  # set in the child, before TensorFlow ran an op
     assert len(row["recompiled_median_step_seconds_each"]) == 2
+    profile = row["op_profile"]
+    assert 0 < profile["op_busy_seconds"] < 1.5 * max(row["step_seconds"]) * 2
+    assert any("Conv" in op for op in profile["op_self_seconds"])  # the model's kernels
     assert (row["steps"], row["warmup"], len(row["step_seconds"])) == (2, 1, 2)
     assert row["global_compactness_features"] == 0.5  # the child process got the flag
     assert set(row["part_seconds"]) == {
@@ -298,6 +302,54 @@ def test_precision_speed_keeps_its_command_line(tmp_path):
     assert "`global_compactness_features=0.5`" in report
     assert "## Where each process spends a step" in report
     assert "inter-op 1." in report
+    assert "## Time per op type (`--op_profile`)" in report
+
+
+def _xspace(lines):
+    """An XSpace of one plane; `lines`: per thread, `(name, start_ms, end_ms)` events."""
+    from tensorflow.tsl.profiler.protobuf import xplane_pb2
+
+    space = xplane_pb2.XSpace()
+    plane = space.planes.add(name="/host:CPU")
+    ids = {}
+    for events in lines:
+        line = plane.lines.add(timestamp_ns=1000)
+        for name, start, end in events:
+            if name not in ids:
+                ids[name] = len(ids) + 1
+                plane.event_metadata[ids[name]].name = name
+            ms = 10**9  # picoseconds
+            line.events.add(
+                metadata_id=ids[name], offset_ps=start * ms, duration_ps=(end - start) * ms
+            )
+    return space
+
+
+def test_op_profile_counts_self_time_per_op_type_and_overlap_across_threads():
+    from benchmarks import op_profile
+
+    space = _xspace(
+        [
+            [
+                ("ExecutorState::Process", 0, 130),  # the runtime's, not an op
+                ("loop:While", 0, 100),
+                ("loop/body/conv:_MklNativeConv2D", 10, 40),  # nested in the While op
+                ("loop/body/dense:_MklMatMul", 50, 70),
+            ],
+            [("EagerLocalExecute: __inference_f", 55, 58), ("sort:TopKV2", 60, 120)],
+        ]
+    )
+    summary = op_profile.summarize(space, steps=2)
+    assert summary["op_self_seconds"] == {
+        "TopKV2": 0.03,
+        "While": 0.025,  # 100 ms less the 30 + 20 of its body, over 2 steps
+        "_MklNativeConv2D": 0.015,
+        "_MklMatMul": 0.01,
+    }
+    assert summary["op_busy_seconds"] == 0.06  # 0-120 ms
+    assert summary["op_overlap_seconds"] == 0.02  # 60-100 ms on both threads
+    assert summary["threads_with_ops"] == 2
+    assert list(op_profile.summarize(space, steps=2, top=1)["op_self_seconds"]) == ["TopKV2"]
 
 
 def test_usage_per_step_divides_the_change_by_the_steps():
