@@ -276,14 +276,26 @@ def measure(policy, defense, settings):
         )
     # The same steps again with the step compiled anew: a slow process whose
     # fresh compilation is fast was slow in its compiled step, not as a whole.
-    recompiled = []
+    recompiled, recompiled_machine, recompiled_usage = [], [], []
     for _ in range(settings.recompilations):
         model.make_train_function(force=True)
         _call_seconds(step, settings.warmup)
-        recompiled.append(statistics.median(_call_seconds(step, settings.steps)))
+        usage_before = resource.getrusage(resource.RUSAGE_SELF)
+        machine_before = _machine_cpu_seconds()
+        times = _call_seconds(step, settings.steps)
+        recompiled.append(statistics.median(times))
+        recompiled_machine.append(
+            _machine_per_step(machine_before, _machine_cpu_seconds(), len(times))
+        )
+        recompiled_usage.append(
+            _usage_per_step(usage_before, resource.getrusage(resource.RUSAGE_SELF), len(times))
+        )
     if recompiled:
         row["recompiled_median_step_seconds"] = recompiled[0]
         row["recompiled_median_step_seconds_each"] = recompiled
+        # As `machine_per_step` and `per_step`, for each recompilation.
+        row["recompiled_machine_per_step_each"] = recompiled_machine
+        row["recompiled_per_step_each"] = recompiled_usage
     row["part_seconds"] = _part_seconds(model, next(iterator), settings.steps)
     return row
 

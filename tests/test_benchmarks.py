@@ -280,6 +280,8 @@ def test_precision_speed_keeps_its_command_line(tmp_path):
     row = json.loads((tmp_path / "rows" / "float32_adr_pgd_run0.json").read_text())
     assert row["inter_op_threads"] == 1  # set in the child, before TensorFlow ran an op
     assert len(row["recompiled_median_step_seconds_each"]) == 2
+    assert all("idle" in machine for machine in row["recompiled_machine_per_step_each"])
+    assert all(usage["user_cpu_seconds"] > 0 for usage in row["recompiled_per_step_each"])
     profile = row["op_profile"]
     assert 0 < profile["op_busy_seconds"] < 1.5 * max(row["step_seconds"]) * 2
     assert any("Conv" in op for op in profile["op_self_seconds"])  # the model's kernels
