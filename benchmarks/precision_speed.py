@@ -254,50 +254,62 @@ def measure(policy, defense, settings):
         float(np.asarray(next(iter(logs.values()))))  # Waits for the step.
 
     _call_seconds(step, settings.warmup)
-    usage_before = resource.getrusage(resource.RUSAGE_SELF)
-    machine_before = _machine_cpu_seconds()
-    times = _call_seconds(step, settings.steps)
+    first = _time_compiled_step(step, settings)
     row.update(
-        step_seconds=[round(t, 5) for t in times],
-        median_step_seconds=statistics.median(times),
-        machine_per_step=_machine_per_step(machine_before, _machine_cpu_seconds(), len(times)),
-        per_step=_usage_per_step(
-            usage_before, resource.getrusage(resource.RUSAGE_SELF), len(times)
-        ),
+        step_seconds=[round(t, 5) for t in first["step_seconds"]],
+        median_step_seconds=statistics.median(first["step_seconds"]),
+        machine_per_step=first["machine_per_step"],
+        per_step=first["per_step"],
         load_after=os.getloadavg(),
     )
-    if settings.op_profile:
-        # The same compiled step, so a slow one is still slow: which ops take the time.
-        profiled = []
-        space = op_profile.profile(lambda: profiled.extend(_call_seconds(step, 1)), settings.steps)
-        row["op_profile"] = dict(
-            op_profile.summarize(space, settings.steps),
-            median_step_seconds=statistics.median(profiled),
-        )
+    if "op_profile" in first:
+        row["op_profile"] = first["op_profile"]
     # The same steps again with the step compiled anew: a slow process whose
     # fresh compilation is fast was slow in its compiled step, not as a whole.
-    recompiled, recompiled_machine, recompiled_usage = [], [], []
+    recompiled = []
     for _ in range(settings.recompilations):
         model.make_train_function(force=True)
         _call_seconds(step, settings.warmup)
-        usage_before = resource.getrusage(resource.RUSAGE_SELF)
-        machine_before = _machine_cpu_seconds()
-        times = _call_seconds(step, settings.steps)
-        recompiled.append(statistics.median(times))
-        recompiled_machine.append(
-            _machine_per_step(machine_before, _machine_cpu_seconds(), len(times))
-        )
-        recompiled_usage.append(
-            _usage_per_step(usage_before, resource.getrusage(resource.RUSAGE_SELF), len(times))
-        )
+        recompiled.append(_time_compiled_step(step, settings))
     if recompiled:
-        row["recompiled_median_step_seconds"] = recompiled[0]
-        row["recompiled_median_step_seconds_each"] = recompiled
-        # As `machine_per_step` and `per_step`, for each recompilation.
-        row["recompiled_machine_per_step_each"] = recompiled_machine
-        row["recompiled_per_step_each"] = recompiled_usage
+        each = lambda key: [timing[key] for timing in recompiled]
+        medians = [statistics.median(times) for times in each("step_seconds")]
+        row["recompiled_median_step_seconds"] = medians[0]
+        row["recompiled_median_step_seconds_each"] = medians
+        # As `machine_per_step`, `per_step` and `op_profile`, for each recompilation.
+        row["recompiled_machine_per_step_each"] = each("machine_per_step")
+        row["recompiled_per_step_each"] = each("per_step")
+        if settings.op_profile:
+            row["recompiled_op_profile_each"] = each("op_profile")
     row["part_seconds"] = _part_seconds(model, next(iterator), settings.steps)
     return row
+
+
+def _time_compiled_step(step, settings):
+    """Times `settings.steps` calls of `step` with this process's and the machine's CPU use.
+
+    With `settings.op_profile`, then as many calls again under the profiler
+    (the same compiled step, so a slow one is still slow): which ops take
+    the time.
+    """
+    usage_before = resource.getrusage(resource.RUSAGE_SELF)
+    machine_before = _machine_cpu_seconds()
+    times = _call_seconds(step, settings.steps)
+    timing = {
+        "step_seconds": times,
+        "machine_per_step": _machine_per_step(machine_before, _machine_cpu_seconds(), len(times)),
+        "per_step": _usage_per_step(
+            usage_before, resource.getrusage(resource.RUSAGE_SELF), len(times)
+        ),
+    }
+    if settings.op_profile:
+        profiled = []
+        space = op_profile.profile(lambda: profiled.extend(_call_seconds(step, 1)), settings.steps)
+        timing["op_profile"] = dict(
+            op_profile.summarize(space, settings.steps),
+            median_step_seconds=statistics.median(profiled),
+        )
+    return timing
 
 
 def _call_seconds(call, repeats):

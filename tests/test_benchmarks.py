@@ -285,6 +285,7 @@ def test_precision_speed_keeps_its_command_line(tmp_path):
     profile = row["op_profile"]
     assert 0 < profile["op_busy_seconds"] < 1.5 * max(row["step_seconds"]) * 2
     assert any("Conv" in op for op in profile["op_self_seconds"])  # the model's kernels
+    assert len(row["recompiled_op_profile_each"]) == 2
     assert (row["steps"], row["warmup"], len(row["step_seconds"])) == (2, 1, 2)
     assert row["global_compactness_features"] == 0.5  # the child process got the flag
     assert set(row["part_seconds"]) == {
