@@ -1,13 +1,17 @@
-"""DivergenceGuard: stops runaway and non-finite runs, restores the best weights."""
+"""DivergenceGuard: stops runaway and non-finite runs, restores the best weights.
+
+FastestCompilation: keeps the fastest of several compilations of the step.
+"""
 
 import math
+import time
 
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 
-from keras_adr.callbacks import DivergenceGuard
+from keras_adr.callbacks import DivergenceGuard, FastestCompilation
 
 
 class _Scripted(keras.Model):
@@ -191,3 +195,101 @@ def test_divergence_guard_config_round_trip():
             "monitor": "ce",
         }
     )
+
+
+# --- FastestCompilation -------------------------------------------------------------
+
+
+def _slowed(function, seconds=0.03):
+    def call(iterator):
+        time.sleep(seconds)
+        return function(iterator)
+
+    return call
+
+
+class _SlowFirstCompilation(keras.callbacks.Callback):
+    """Makes the step Keras compiled at the start of `fit` slow (put before the other)."""
+
+    def on_train_begin(self, logs=None):
+        self.model.train_function = _slowed(self.model.train_function)
+        self.slow_function = self.model.train_function
+
+
+class SlowRecompilations(keras.Model):
+    """A model whose step compiled anew (`force=True`) is slow."""
+
+    def make_train_function(self, force=False):
+        result = super().make_train_function(force=force)
+        if force:
+            self.train_function = _slowed(self.train_function)
+        return result
+
+
+def _dense_model(model_class=keras.Model):
+    inputs = keras.Input((3,))
+    model = model_class(inputs, keras.layers.Dense(1)(inputs))
+    model.compile(optimizer=keras.optimizers.SGD(0.01), loss="mse")
+    return model
+
+
+def _fit_batches(model, callbacks, batches=12, epochs=1):
+    x = np.random.default_rng(0).normal(size=(4 * batches, 3)).astype("float32")
+    return model.fit(x, x[:, :1], batch_size=4, epochs=epochs, callbacks=callbacks, verbose=0)
+
+
+def test_fastest_compilation_replaces_a_slow_first_compilation():
+    model = _dense_model(keras.Model)
+    slow, fastest = _SlowFirstCompilation(), FastestCompilation(2, steps=3, warmup_steps=1)
+    before = model.get_weights()[0].copy()
+    history = _fit_batches(model, [slow, fastest], epochs=2)
+    assert fastest.kept == 1
+    assert fastest.step_seconds[0] > fastest.step_seconds[1] + 0.02
+    assert model.train_function is not slow.slow_function
+    assert len(history.history["loss"]) == 2  # training went on with the new step
+    assert not np.allclose(model.get_weights()[0], before)
+
+
+def test_fastest_compilation_keeps_the_first_when_recompiling_is_slower():
+    model = _dense_model(SlowRecompilations)
+    fastest = FastestCompilation(3, steps=3, warmup_steps=1)
+    _fit_batches(model, [fastest], batches=20)
+    first = model.train_function
+    assert fastest.kept == 0 and len(fastest.step_seconds) == 3
+    assert min(fastest.step_seconds[1:]) > fastest.step_seconds[0] + 0.02
+    # A later fit keeps the choice: no new compilation, the same step.
+    _fit_batches(model, [fastest])
+    assert model.train_function is first and fastest.kept == 0
+
+
+def test_fastest_compilation_needs_enough_steps_and_one_compilation_does_nothing():
+    model = _dense_model(SlowRecompilations)
+    too_long = FastestCompilation(2, steps=20, warmup_steps=1)
+    _fit_batches(model, [too_long], batches=12)
+    assert too_long.kept is None and too_long.step_seconds is None
+    single = FastestCompilation(1)
+    function = model.train_function
+    _fit_batches(model, [single], batches=12)
+    assert model.train_function is function and single.kept is None
+
+
+def test_fastest_compilation_refuses_several_workers(monkeypatch):
+    from keras_adr import callbacks
+
+    monkeypatch.setattr(callbacks.distribute, "num_workers", lambda strategy: 2)
+    with pytest.raises(ValueError, match="several workers"):
+        _fit_batches(_dense_model(), [FastestCompilation(2)])
+    _fit_batches(_dense_model(), [FastestCompilation(1)])  # nothing to choose, nothing to refuse
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(compilations=0), "`compilations` must be an integer >= 1; got 0"),
+        (dict(steps=1.5), "`steps` must be an integer >= 1"),
+        (dict(warmup_steps=0), "`warmup_steps` must be an integer >= 1"),
+    ],
+)
+def test_fastest_compilation_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        FastestCompilation(**kwargs)
