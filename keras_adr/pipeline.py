@@ -28,6 +28,7 @@ import shutil
 import time
 
 import keras
+import tensorflow as tf
 from absl import logging
 
 from keras_adr import callbacks as adr_callbacks
@@ -82,6 +83,12 @@ class TrainOptions:
             hardware has it, see `keras_adr.precision.resolve`). The final
             evaluation and the exported SavedModel compute in float32
             whatever the training precision.
+        compilations: How many times to compile the training step at the
+            start of training, keeping the one whose steps ran fastest
+            (`keras_adr.callbacks.FastestCompilation`; it only changes
+            speed). None: `FastestCompilation`'s default when training in
+            bfloat16 on a CPU with one worker (where slow compilations were
+            measured), else 1. More than 1 needs a single worker.
         verbose: Keras verbosity for `fit` (0, 1 or 2).
         command: The command line, recorded in the outputs.
     """
@@ -109,6 +116,7 @@ class TrainOptions:
     divergence_factor: float = adr_callbacks.DEFAULT_DIVERGENCE_FACTOR
     # float32 until bfloat16 training is shown to keep robustness (issue 14).
     precision: str = "float32"
+    compilations: int = None
     verbose: int = 1
     command: str = ""
 
@@ -152,6 +160,13 @@ class TrainOptions:
                 f"`divergence_factor` must be 0 (off) or > 1; got {self.divergence_factor}."
             )
         evaluation.parse_suite(self.eval_attacks)  # fail before training, not after
+        if self.compilations is not None and (
+            not isinstance(self.compilations, int) or self.compilations < 1
+        ):
+            raise ValueError(
+                "`compilations` (--compilations) must be an integer >= 1; got "
+                f"{self.compilations!r}."
+            )
         if self.validation_examples < 0:
             raise ValueError(f"`validation_examples` must be >= 0; got {self.validation_examples}.")
 
@@ -222,9 +237,25 @@ def _checkpoint_monitor(has_validation, uses_adversary):
     return "adv_accuracy" if uses_adversary else "accuracy"
 
 
-def _callbacks(out, monitor, guard):
+def _compilations(options, policy, strategy):
+    """How many compilations of the training step `FastestCompilation` times."""
+    workers = distribute.num_workers(strategy)
+    if options.compilations is None:
+        on_cpu = not tf.config.list_logical_devices("GPU")
+        bfloat16_cpu = policy == "mixed_bfloat16" and on_cpu
+        return adr_callbacks.DEFAULT_COMPILATIONS if bfloat16_cpu and workers == 1 else 1
+    if options.compilations > 1 and workers > 1:
+        raise ValueError(
+            f"--compilations={options.compilations} needs a single worker (each worker would "
+            f"keep its own compilation); this run has {workers}. Use --compilations=1."
+        )
+    return options.compilations
+
+
+def _callbacks(out, monitor, guard, fastest):
     history_path = os.path.join(out, "history.csv")
     return [
+        fastest,
         adr_callbacks.EpochSeconds(),
         guard,
         adr_callbacks.AtomicModelCheckpoint(
@@ -297,7 +328,8 @@ def _run_config(options, adr_config, policy="float32"):
     another machine), left out when float32: runs from before `--precision`
     computed in float32 and recorded none, and their directories still resume.
     """
-    skipped = ("verbose", "command", "output_dir", "precision")
+    # `compilations` changes only the speed.
+    skipped = ("verbose", "command", "output_dir", "precision", "compilations")
     stored = {k: v for k, v in dataclasses.asdict(options).items() if k not in skipped}
     if policy != "float32":
         stored["precision"] = policy
@@ -400,13 +432,14 @@ def _run_stages(options, adr_config, strategy, run_dir, policy):  # noqa: C901 -
     monitor = _checkpoint_monitor(validation_ds is not None, adr_config.uses_adversary)
     if not run_dir.state.get("trained"):
         guard = _guard(options)
+        fastest = adr_callbacks.FastestCompilation(_compilations(options, policy, strategy))
         # The dataset shuffles itself (seeded, every epoch); Keras' own shuffle
         # does not apply to a tf.data.Dataset and would only warn.
         model.fit(
             train_ds,
             epochs=options.epochs,
             validation_data=validation_ds,
-            callbacks=_callbacks(out, monitor, guard),
+            callbacks=_callbacks(out, monitor, guard, fastest),
             verbose=options.verbose,
             shuffle=False,
         )
@@ -415,6 +448,10 @@ def _run_stages(options, adr_config, strategy, run_dir, policy):  # noqa: C901 -
                 f"{guard.reason} Lower --learning_rate, use a bounded ADR preset (adr_pgd, "
                 f"adr_trades) rather than the paper's, or raise --divergence_factor. The best "
                 f"robust checkpoint so far is {run_dir.file('best.keras')}."
+            )
+        if fastest.step_seconds:
+            run_dir.update(
+                compilations={"step_seconds": fastest.step_seconds, "kept": fastest.kept}
             )
         # Every worker saves (collectives); a non-chief one into its private directory.
         model.save(final_path)
@@ -469,6 +506,8 @@ def _run_stages(options, adr_config, strategy, run_dir, policy):  # noqa: C901 -
         "export_weights": options.export_weights,
         "selected_epoch": best_epoch,
         "precision": _precision_record(options, policy),
+        # FastestCompilation's median step seconds per compilation and the one kept.
+        "compilations": run_dir.state.get("compilations"),
     }
     if workers > 1:
         metrics["worker_index"] = distribute.worker_index(strategy)

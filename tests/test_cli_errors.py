@@ -112,6 +112,11 @@ def test_adr_train_names_the_flag(tmp_path):
         "adr-train",
         "--lr_decay_fractions",
     )
+    _assert_user_error(
+        *_program("keras_adr.cli.train", f"--output_dir={tmp_path / 'run'}", "--compilations=0"),
+        "adr-train",
+        "--compilations",
+    )
 
 
 def test_preset_typos_are_value_errors_listing_fields():

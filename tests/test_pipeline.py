@@ -3,8 +3,9 @@
 import warnings
 
 import pytest
+import tensorflow as tf
 
-from keras_adr import data, pipeline, presets
+from keras_adr import callbacks, data, distribute, pipeline, presets
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -36,3 +37,40 @@ def test_run_emits_no_keras_shuffle_warning(tmp_path):
     assert metrics["epochs_run"] == 1  # fit did run
     messages = [str(w.message) for w in caught]
     assert not [m for m in messages if "shuffle" in m], messages
+
+
+def test_compilations_default_to_several_only_for_bfloat16_on_a_cpu_with_one_worker(monkeypatch):
+    strategy = tf.distribute.get_strategy()
+    auto = pipeline.TrainOptions()
+    several = callbacks.DEFAULT_COMPILATIONS
+    assert several > 1
+    assert pipeline._compilations(auto, "mixed_bfloat16", strategy) == several
+    assert pipeline._compilations(auto, "float32", strategy) == 1
+    three = pipeline.TrainOptions(compilations=3)
+    assert pipeline._compilations(three, "float32", strategy) == 3
+    monkeypatch.setattr(distribute, "num_workers", lambda strategy: 2)
+    assert pipeline._compilations(auto, "mixed_bfloat16", strategy) == 1
+    with pytest.raises(ValueError, match="--compilations=3 needs a single worker"):
+        pipeline._compilations(three, "float32", strategy)
+    with pytest.raises(ValueError, match=r"`compilations` \(--compilations\) must be"):
+        pipeline.TrainOptions(compilations=0)
+
+
+def test_run_records_the_compilations_it_timed(tmp_path):
+    steps = 2 * (callbacks.DEFAULT_WARMUP_STEPS + callbacks.DEFAULT_TIMED_STEPS) + 2
+    options = pipeline.TrainOptions(
+        train_examples=8 * steps,
+        validation_examples=0,
+        test_examples=16,
+        batch_size=8,
+        eval_attacks=("pgd2", "apgd_ce2"),
+        output_dir=str(tmp_path),
+        strategy="default",
+        export=False,
+        compilations=2,
+        verbose=0,
+    )
+    metrics = pipeline.run(options, presets.get("pgd_at", attack_steps=1))
+    timed = metrics["compilations"]
+    assert len(timed["step_seconds"]) == 2 and all(t > 0 for t in timed["step_seconds"])
+    assert timed["step_seconds"][timed["kept"]] == min(timed["step_seconds"])

@@ -16,6 +16,7 @@ import sys
 
 from absl import app, flags, logging
 
+from keras_adr import callbacks as adr_callbacks
 from keras_adr import cli, data, distribute, models, pipeline, precision, presets
 from keras_adr import config as config_lib
 
@@ -85,6 +86,14 @@ flags.DEFINE_enum(
     "Training precision (Keras dtype policy): auto = mixed_bfloat16 on CPUs with "
     "AVX512_BF16 or AMX and on GPUs of compute capability >= 8.0, else float32. The "
     "final evaluation and the export compute in float32 whatever this is.",
+)
+flags.DEFINE_integer(
+    "compilations",
+    None,
+    "Compile the training step this many times at the start and keep the fastest "
+    "(a compiled step can be slow for the whole run; speed only). Default: "
+    f"{adr_callbacks.DEFAULT_COMPILATIONS} when training in bfloat16 on a CPU with one "
+    "worker, else 1.",
 )
 flags.DEFINE_integer("verbose", 1, "Keras verbosity: 0 silent, 1 progress bar, 2 one line/epoch.")
 
@@ -228,6 +237,7 @@ def options_from_flags():
         export_weights=FLAGS.export_weights,
         divergence_factor=FLAGS.divergence_factor,
         precision=FLAGS.precision,
+        compilations=FLAGS.compilations,
         verbose=FLAGS.verbose,
         command=" ".join(shlex.quote(a) for a in ["adr-train", *sys.argv[1:]]),
     )
