@@ -728,6 +728,105 @@ def part_lines(rows):
     )
 
 
+# A compilation is slow when its median step takes this many times the median
+# over every compilation of its configuration; it is left out as disturbed when
+# other processes used this many CPU seconds per step while it was timed.
+SLOW_FACTOR = 1.25
+DISTURBED_CPU_SECONDS = 0.02
+
+
+def _compilations(row):
+    """`(median step seconds, other processes' CPU s/step or None)` of each compilation."""
+    timed = [(row["median_step_seconds"], row.get("machine_per_step"), row.get("per_step"))]
+    medians = _recompiled_medians(row)
+    machines = row.get("recompiled_machine_per_step_each") or [None] * len(medians)
+    usages = row.get("recompiled_per_step_each") or [None] * len(medians)
+    timed += zip(medians, machines, usages)
+    return [(median, _other_cpu_seconds(machine, usage)) for median, machine, usage in timed]
+
+
+def _other_cpu_seconds(machine, usage):
+    if not machine or not usage:
+        return None
+    busy = machine["user"] + machine["nice"] + machine["system"]
+    return max(busy - usage["user_cpu_seconds"] - usage["system_cpu_seconds"], 0.0)
+
+
+def slow_compilations(rows):
+    """Per (defense, policy): how many compilations of the step were slow.
+
+    A compilation counts unless other processes were busy while it was timed
+    (unknown in rows of older runs: those count). `first_slow` counts the
+    processes whose first compilation was slow, `faster_of_two_slow` those
+    whose faster of the first two was: what `FastestCompilation(2)` would
+    have kept.
+
+    Returns:
+        A list of dicts (JSON-serialisable), in the order of the rows; the
+        median is over the compilations counted.
+    """
+    by_config = collections.defaultdict(list)
+    for row in rows:
+        by_config[(row["defense"], row["policy"])].append(row)
+    result = []
+    for (defense, policy), config_rows in by_config.items():
+        compilations = [_compilations(row) for row in config_rows]
+        undisturbed = lambda timing: timing[1] is None or timing[1] < DISTURBED_CPU_SECONDS
+        counted = [timing for each in compilations for timing in each if undisturbed(timing)]
+        everything = [timing for each in compilations for timing in each]
+        median = statistics.median(t for t, _ in counted or everything)
+        slow = lambda seconds, limit=SLOW_FACTOR * median: seconds > limit
+        pairs = [
+            each[:2] for each in compilations if len(each) >= 2 and all(map(undisturbed, each[:2]))
+        ]
+        result.append(
+            {
+                "defense": defense,
+                "policy": policy,
+                "median_step_seconds": median,
+                "compilations": len(counted),
+                "disturbed": sum(len(each) for each in compilations) - len(counted),
+                "slow": sum(slow(t) for t, _ in counted),
+                "processes_with_two": len(pairs),
+                "first_slow": sum(slow(pair[0][0]) for pair in pairs),
+                "faster_of_two_slow": sum(slow(min(t for t, _ in pair)) for pair in pairs),
+            }
+        )
+    return result
+
+
+def slow_compilation_lines(rows):
+    """Markdown table of `slow_compilations(rows)`; none without recompiled steps."""
+    if not any(_recompiled_medians(row) for row in rows):
+        return []
+    return results_io.markdown_table(
+        [
+            "defense",
+            "precision",
+            "median step (ms)",
+            "compilations timed",
+            "left out (other processes busy)",
+            f"slow (> {SLOW_FACTOR}x median)",
+            "processes: first compilation slow",
+            "faster of the first two slow",
+        ],
+        [
+            [
+                c["defense"],
+                c["policy"],
+                f"{1000 * c['median_step_seconds']:.1f}",
+                c["compilations"],
+                c["disturbed"],
+                c["slow"],
+                f"{c['first_slow']} of {c['processes_with_two']}",
+                f"{c['faster_of_two_slow']} of {c['processes_with_two']}",
+            ]
+            for c in slow_compilations(rows)
+        ],
+        align="llrrrrrr",
+    )
+
+
 _PROFILED_OPS = 6  # op types per process in the summary
 
 
@@ -793,10 +892,9 @@ def _machine_columns(row):
     machine = row.get("machine_per_step")
     if not machine:
         return ["-", "-", "-"]
-    busy = machine["user"] + machine["nice"] + machine["system"]
-    own = row["per_step"]["user_cpu_seconds"] + row["per_step"]["system_cpu_seconds"]
     # Tick counts are coarse (10 ms): a small negative difference is rounding.
-    return [f"{machine['idle']:.3f}", f"{machine['steal']:.3f}", f"{max(busy - own, 0.0):.3f}"]
+    other = _other_cpu_seconds(machine, row["per_step"])
+    return [f"{machine['idle']:.3f}", f"{machine['steal']:.3f}", f"{other:.3f}"]
 
 
 def _sampling_note(features):
@@ -842,6 +940,21 @@ def summary(rows):
             "other processes is the machine's busy time less this process's.",
             "",
             *parts,
+        ]
+    slow = slow_compilation_lines(rows)
+    if slow:
+        lines += [
+            "",
+            "## Slow compilations",
+            "",
+            "Every timed compilation of the training step (the first and the recompiled "
+            f"ones): slow when its median step is above {SLOW_FACTOR}x the median over all "
+            "compilations of its configuration; left out when other processes used "
+            f"{DISTURBED_CPU_SECONDS} CPU s/step or more while it was timed. Per process, "
+            "whether its first compilation was slow, and whether the faster of its first two "
+            "was (what `keras_adr.callbacks.FastestCompilation(2)` keeps).",
+            "",
+            *slow,
         ]
     ops = op_lines(rows)
     if ops:

@@ -306,6 +306,7 @@ def test_precision_speed_keeps_its_command_line(tmp_path):
     assert "## Where each process spends a step" in report
     assert "inter-op 1." in report
     assert "## Time per op type (`--op_profile`)" in report
+    assert "## Slow compilations" in report
 
 
 def _xspace(lines):
@@ -353,6 +354,48 @@ def test_op_profile_counts_self_time_per_op_type_and_overlap_across_threads():
     assert summary["op_overlap_seconds"] == 0.02  # 60-100 ms on both threads
     assert summary["threads_with_ops"] == 2
     assert list(op_profile.summarize(space, steps=2, top=1)["op_self_seconds"]) == ["TopKV2"]
+
+
+def test_slow_compilations_count_first_and_faster_of_two_and_leave_out_disturbed_ones():
+    from benchmarks import precision_speed
+
+    quiet = {"user": 0.2, "nice": 0.0, "system": 0.0}
+    busy = {"user": 0.3, "nice": 0.0, "system": 0.0}  # 0.1 s/step of someone else's
+    own = {"user_cpu_seconds": 0.2, "system_cpu_seconds": 0.0}
+
+    def row(first, recompiled, machines=None):
+        return {
+            "defense": "adr_pgd",
+            "policy": "mixed_bfloat16",
+            "median_step_seconds": first,
+            "machine_per_step": quiet,
+            "per_step": own,
+            "recompiled_median_step_seconds_each": recompiled,
+            "recompiled_machine_per_step_each": machines or [quiet] * len(recompiled),
+            "recompiled_per_step_each": [own] * len(recompiled),
+        }
+
+    rows = [
+        row(0.18, [0.12, 0.12]),  # slow first, fixed by the second
+        row(0.12, [0.18, 0.12]),  # slow second: the faster of two is fine
+        row(0.19, [0.18, 0.12]),  # both slow
+        row(0.12, [0.30], machines=[busy]),  # the slow one was disturbed
+        {  # an older row: one recompilation, no CPU figures (counted)
+            "defense": "adr_pgd",
+            "policy": "mixed_bfloat16",
+            "median_step_seconds": 0.12,
+            "recompiled_median_step_seconds": 0.12,
+        },
+        {"defense": "pgd_at", "policy": "mixed_bfloat16", "median_step_seconds": 0.11},
+    ]
+    adr, pgd = precision_speed.slow_compilations(rows)
+    assert adr["median_step_seconds"] == 0.12
+    assert (adr["compilations"], adr["disturbed"], adr["slow"]) == (12, 1, 4)
+    assert (adr["processes_with_two"], adr["first_slow"], adr["faster_of_two_slow"]) == (4, 2, 1)
+    assert (pgd["compilations"], pgd["slow"], pgd["processes_with_two"]) == (1, 0, 0)
+    text = "\n".join(precision_speed.slow_compilation_lines(rows))
+    assert "| adr_pgd | mixed_bfloat16 | 120.0 | 12 | 1 | 4 | 2 of 4 | 1 of 4 |" in text
+    assert precision_speed.slow_compilation_lines(rows[-1:]) == []
 
 
 def test_usage_per_step_divides_the_change_by_the_steps():
