@@ -795,6 +795,94 @@ def slow_compilations(rows):
     return result
 
 
+def _profiled_compilations(row):
+    """`(median step seconds, other CPU s/step, op profile)` of each profiled compilation."""
+    profiles = [row.get("op_profile"), *row.get("recompiled_op_profile_each", [])]
+    return [
+        (seconds, other, profile)
+        for (seconds, other), profile in zip(_compilations(row), profiles)
+        if profile is not None
+    ]
+
+
+def slow_op_differences(rows, top=5):
+    """The op types whose time differs most between slow and other compilations.
+
+    Per (defense, policy) with both kinds among the undisturbed profiled
+    compilations (`--op_profile`): for each op type the median over slow
+    compilations and over the others of its self seconds per step (0 where
+    it is not among a profile's longest op types), largest difference first.
+
+    Returns:
+        A list of dicts (JSON-serialisable): `defense`, `policy`, `slow`,
+        `others` (how many compilations) and `ops`: `[op type, median slow,
+        median others]`.
+    """
+    by_config = collections.defaultdict(list)
+    for row in rows:
+        by_config[(row["defense"], row["policy"])].extend(_profiled_compilations(row))
+    result = []
+    for (defense, policy), compilations in by_config.items():
+        counted = [c for c in compilations if c[1] is None or c[1] < DISTURBED_CPU_SECONDS]
+        if not counted:
+            continue
+        median = statistics.median(seconds for seconds, _, _ in counted)
+        slow = [p for seconds, _, p in counted if seconds > SLOW_FACTOR * median]
+        others = [p for seconds, _, p in counted if seconds <= SLOW_FACTOR * median]
+        if not slow or not others:
+            continue
+        ops = {op for profile in counted for op in profile[2]["op_self_seconds"]}
+        seconds = lambda profiles, op: statistics.median(
+            p["op_self_seconds"].get(op, 0.0) for p in profiles
+        )
+        differences = sorted(
+            ([op, seconds(slow, op), seconds(others, op)] for op in ops),
+            key=lambda item: -abs(item[1] - item[2]),
+        )
+        result.append(
+            {
+                "defense": defense,
+                "policy": policy,
+                "slow": len(slow),
+                "others": len(others),
+                "ops": differences[:top],
+            }
+        )
+    return result
+
+
+def slow_op_lines(rows):
+    """Markdown table of `slow_op_differences(rows)`; none without both kinds."""
+    table = [
+        [
+            c["defense"],
+            c["policy"],
+            op,
+            f"{1000 * slow:.1f}",
+            f"{1000 * other:.1f}",
+            f"{c['slow']}",
+            f"{c['others']}",
+        ]
+        for c in slow_op_differences(rows)
+        for op, slow, other in c["ops"]
+    ]
+    if not table:
+        return []
+    return results_io.markdown_table(
+        [
+            "defense",
+            "precision",
+            "op type",
+            "slow compilations (ms per step, median)",
+            "the others (ms per step, median)",
+            "slow compilations",
+            "others",
+        ],
+        table,
+        align="lllrrrr",
+    )
+
+
 def slow_compilation_lines(rows):
     """Markdown table of `slow_compilations(rows)`; none without recompiled steps."""
     if not any(_recompiled_medians(row) for row in rows):
@@ -955,6 +1043,18 @@ def summary(rows):
             "was (what `keras_adr.callbacks.FastestCompilation(2)` keeps).",
             "",
             *slow,
+        ]
+    slow_ops = slow_op_lines(rows)
+    if slow_ops:
+        lines += [
+            "",
+            "## Which ops make a compilation slow (`--op_profile`)",
+            "",
+            "Over the undisturbed profiled compilations: the op types whose self time per "
+            "step differs most between the slow compilations and the others (0 where an op "
+            "type is not among a profile's longest ones).",
+            "",
+            *slow_ops,
         ]
     ops = op_lines(rows)
     if ops:

@@ -398,6 +398,42 @@ def test_slow_compilations_count_first_and_faster_of_two_and_leave_out_disturbed
     assert precision_speed.slow_compilation_lines(rows[-1:]) == []
 
 
+def test_slow_op_differences_compare_slow_and_other_profiled_compilations():
+    from benchmarks import precision_speed
+
+    def profile(**ops):
+        return {"op_self_seconds": ops, "median_step_seconds": 0.1}
+
+    fast = profile(_MklNativeMaxPoolGrad=0.008, ReluGrad=0.04)
+    slow = profile(MaxPoolGrad=0.05, _MklNativeMaxPoolGrad=0.002, ReluGrad=0.041)
+    rows = [
+        {
+            "defense": "adr_pgd",
+            "policy": "mixed_bfloat16",
+            "median_step_seconds": first,
+            "op_profile": profiles[0],
+            "recompiled_median_step_seconds_each": recompiled,
+            "recompiled_op_profile_each": profiles[1:],
+        }
+        for first, recompiled, profiles in [
+            (0.12, [0.18, 0.12], [fast, slow, fast]),
+            (0.19, [0.12, 0.13], [slow, fast, fast]),
+        ]
+    ]
+    (result,) = precision_speed.slow_op_differences(rows, top=2)
+    assert (result["slow"], result["others"]) == (2, 4)
+    assert result["ops"] == [["MaxPoolGrad", 0.05, 0.0], ["_MklNativeMaxPoolGrad", 0.002, 0.008]]
+    text = "\n".join(precision_speed.slow_op_lines(rows))
+    assert "| adr_pgd | mixed_bfloat16 | MaxPoolGrad | 50.0 | 0.0 | 2 | 4 |" in text
+    # Without a slow compilation there is nothing to compare.
+    assert (
+        precision_speed.slow_op_lines(
+            [dict(rows[0], recompiled_median_step_seconds_each=[0.12, 0.12])]
+        )
+        == []
+    )
+
+
 def test_usage_per_step_divides_the_change_by_the_steps():
     import resource
 
