@@ -293,10 +293,12 @@ class FastestCompilation(keras.callbacks.Callback):
     """Compiles the training step `compilations` times and keeps the fastest.
 
     On the development machine (2-core Xeon with AMX, bfloat16) about one
-    compilation of the training step in ten ran 1.3-1.8x slower than the
-    others, on every one of its steps, with the same kernels and more CPU
-    time per step; a new compilation in the same process is a new draw
-    (README, "Slow compilations"). So at the start of `fit` this callback
+    compilation of `adr_pgd`'s training step in eight ran 1.3-1.5x slower
+    than the others, on every one of its steps: TensorFlow's oneDNN graph
+    rewrite had left the max-pool gradients inside the attack's loop on
+    TensorFlow's own kernel, several times slower in bfloat16. Which
+    compilation it hits varies, and a new compilation in the same process
+    is a new draw (README, "Slow compilations"). So at the start of `fit` this callback
     times `steps` steps of the step Keras compiled, compiles it anew
     (`model.make_train_function(force=True)`), times it too, and so on, then
     hands `fit` the fastest (Keras calls `model.train_function` afresh for
@@ -388,6 +390,13 @@ class FastestCompilation(keras.callbacks.Callback):
             ", ".join(f"{seconds:.3f}" for seconds in self.step_seconds),
             self.kept + 1,
         )
+
+    def get_config(self):
+        return {
+            "compilations": self.compilations,
+            "steps": self.steps,
+            "warmup_steps": self.warmup_steps,
+        }
 
 
 class AtomicBackupAndRestore(keras.callbacks.BackupAndRestore):

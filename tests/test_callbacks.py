@@ -282,6 +282,12 @@ def test_fastest_compilation_refuses_several_workers(monkeypatch):
     _fit_batches(_dense_model(), [FastestCompilation(1)])  # nothing to choose, nothing to refuse
 
 
+def test_fastest_compilation_config_round_trip():
+    callback = FastestCompilation(3, steps=5, warmup_steps=2)
+    assert FastestCompilation(**callback.get_config()).get_config() == callback.get_config()
+    assert callback.get_config() == {"compilations": 3, "steps": 5, "warmup_steps": 2}
+
+
 @pytest.mark.parametrize(
     "kwargs, match",
     [
