@@ -28,7 +28,6 @@ import shutil
 import time
 
 import keras
-import tensorflow as tf
 from absl import logging
 
 from keras_adr import callbacks as adr_callbacks
@@ -86,9 +85,9 @@ class TrainOptions:
         compilations: How many times to compile the training step at the
             start of training, keeping the one whose steps ran fastest
             (`keras_adr.callbacks.FastestCompilation`; it only changes
-            speed). None: `FastestCompilation`'s default when training in
-            bfloat16 on a CPU with one worker (where slow compilations were
-            measured), else 1. More than 1 needs a single worker.
+            speed; 1 = compile once). A guard against slow compilations;
+            the one kind measured is avoided anyway (`pgd(unroll=True)`).
+            More than 1 needs a single worker.
         verbose: Keras verbosity for `fit` (0, 1 or 2).
         command: The command line, recorded in the outputs.
     """
@@ -116,7 +115,7 @@ class TrainOptions:
     divergence_factor: float = adr_callbacks.DEFAULT_DIVERGENCE_FACTOR
     # float32 until bfloat16 training is shown to keep robustness (issue 14).
     precision: str = "float32"
-    compilations: int = None
+    compilations: int = 1
     verbose: int = 1
     command: str = ""
 
@@ -160,9 +159,7 @@ class TrainOptions:
                 f"`divergence_factor` must be 0 (off) or > 1; got {self.divergence_factor}."
             )
         evaluation.parse_suite(self.eval_attacks)  # fail before training, not after
-        if self.compilations is not None and (
-            not isinstance(self.compilations, int) or self.compilations < 1
-        ):
+        if not isinstance(self.compilations, int) or self.compilations < 1:
             raise ValueError(
                 "`compilations` (--compilations) must be an integer >= 1; got "
                 f"{self.compilations!r}."
@@ -237,13 +234,9 @@ def _checkpoint_monitor(has_validation, uses_adversary):
     return "adv_accuracy" if uses_adversary else "accuracy"
 
 
-def _compilations(options, policy, strategy):
+def _compilations(options, strategy):
     """How many compilations of the training step `FastestCompilation` times."""
     workers = distribute.num_workers(strategy)
-    if options.compilations is None:
-        on_cpu = not tf.config.list_logical_devices("GPU")
-        bfloat16_cpu = policy == "mixed_bfloat16" and on_cpu
-        return adr_callbacks.DEFAULT_COMPILATIONS if bfloat16_cpu and workers == 1 else 1
     if options.compilations > 1 and workers > 1:
         raise ValueError(
             f"--compilations={options.compilations} needs a single worker (each worker would "
@@ -432,7 +425,7 @@ def _run_stages(options, adr_config, strategy, run_dir, policy):  # noqa: C901 -
     monitor = _checkpoint_monitor(validation_ds is not None, adr_config.uses_adversary)
     if not run_dir.state.get("trained"):
         guard = _guard(options)
-        fastest = adr_callbacks.FastestCompilation(_compilations(options, policy, strategy))
+        fastest = adr_callbacks.FastestCompilation(_compilations(options, strategy))
         # The dataset shuffles itself (seeded, every epoch); Keras' own shuffle
         # does not apply to a tf.data.Dataset and would only warn.
         model.fit(

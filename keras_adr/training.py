@@ -84,6 +84,18 @@ def checked_labels(y, num_classes=None):
         return tf.identity(labels)
 
 
+def unrolls_training_attack():
+    """Whether the training attack is traced step by step (`pgd(unroll=True)`).
+
+    On CPUs only (no GPU visible): TensorFlow's oneDNN graph rewrite left
+    the max-pool gradients inside the attack's `tf.while_loop` on
+    TensorFlow's own kernel in about one compilation in eight, a 1.3-1.5x
+    slower bfloat16 step for the whole run, and never once unrolled
+    (README, "Slow compilations"). On GPUs the loop compiles faster.
+    """
+    return not tf.config.list_logical_devices("GPU")
+
+
 class ADRMixin:
     """Adds the ADR `train_step` / `test_step` to a `keras.Model` subclass.
 
@@ -253,6 +265,7 @@ class ADRMixin:
             loss=loss or self.adr_config.attack_loss,
             clip_min=attack.clip_min,
             clip_max=attack.clip_max,
+            unroll=unrolls_training_attack(),
         )
 
     def _reference(self, batch):

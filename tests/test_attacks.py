@@ -100,6 +100,39 @@ def test_inside_tf_function_any_batch_size(trained_tiny):
         assert _linf(x_adv, x[:n]).max() <= 0.1 + 1e-6
 
 
+def _op_types(function, *args):
+    return {op.type for op in function.get_concrete_function(*args).graph.get_operations()}
+
+
+@pytest.mark.parametrize("loss", ["ce", "kl"])
+def test_unrolled_pgd_is_the_same_attack_without_a_loop(trained_tiny, loss):
+    # Unrolled, the graph has no while loop: TensorFlow's oneDNN rewrite
+    # sometimes left the max-pool gradients inside the loop on its own slow
+    # kernel (README, "Slow compilations").
+    model, x, y = trained_tiny
+    x, y = tf.constant(x), tf.constant(y)
+    kwargs = dict(epsilon=0.1, step_size=0.03, steps=4, random_start=False, loss=loss)
+    looped = tf.function(lambda x, y: attacks.pgd(model, x, y, **kwargs))
+    unrolled = tf.function(lambda x, y: attacks.pgd(model, x, y, unroll=True, **kwargs))
+    assert "While" in _op_types(looped, x, y) or "StatelessWhile" in _op_types(looped, x, y)
+    assert not {"While", "StatelessWhile"} & _op_types(unrolled, x, y)
+    np.testing.assert_allclose(unrolled(x, y).numpy(), looped(x, y).numpy(), atol=1e-6)
+    assert _linf(unrolled(x, y), x).max() > 0.05  # it moved
+
+
+def test_adr_model_unrolls_its_training_attack_on_cpus():
+    import keras_adr
+    from keras_adr import training
+
+    assert not tf.config.list_logical_devices("GPU")  # this suite runs on CPUs
+    assert training.unrolls_training_attack()
+    model = keras_adr.ADRModel(keras_adr.models.small_cnn(), keras_adr.presets.get("adr_pgd"))
+    x = tf.random.uniform([4, 28, 28, 1], seed=1)
+    y = tf.constant([0, 1, 2, 3])
+    types = _op_types(tf.function(model.adversarial_examples), x, y)
+    assert "MaxPoolGrad" in types and not {"While", "StatelessWhile"} & types
+
+
 def test_graph_mode_rejects_out_of_range_input(trained_tiny):
     model, x, y = trained_tiny
 

@@ -39,19 +39,15 @@ def test_run_emits_no_keras_shuffle_warning(tmp_path):
     assert not [m for m in messages if "shuffle" in m], messages
 
 
-def test_compilations_default_to_several_only_for_bfloat16_on_a_cpu_with_one_worker(monkeypatch):
+def test_compilations_need_a_single_worker(monkeypatch):
     strategy = tf.distribute.get_strategy()
-    auto = pipeline.TrainOptions()
-    several = callbacks.DEFAULT_COMPILATIONS
-    assert several > 1
-    assert pipeline._compilations(auto, "mixed_bfloat16", strategy) == several
-    assert pipeline._compilations(auto, "float32", strategy) == 1
     three = pipeline.TrainOptions(compilations=3)
-    assert pipeline._compilations(three, "float32", strategy) == 3
+    assert pipeline.TrainOptions().compilations == 1
+    assert pipeline._compilations(three, strategy) == 3
     monkeypatch.setattr(distribute, "num_workers", lambda strategy: 2)
-    assert pipeline._compilations(auto, "mixed_bfloat16", strategy) == 1
+    assert pipeline._compilations(pipeline.TrainOptions(), strategy) == 1
     with pytest.raises(ValueError, match="--compilations=3 needs a single worker"):
-        pipeline._compilations(three, "float32", strategy)
+        pipeline._compilations(three, strategy)
     with pytest.raises(ValueError, match=r"`compilations` \(--compilations\) must be"):
         pipeline.TrainOptions(compilations=0)
 

@@ -43,6 +43,7 @@ def pgd(
     loss="ce",
     clip_min=0.0,
     clip_max=1.0,
+    unroll=False,
 ):
     """Projected gradient descent (Madry et al. 2018), or the TRADES KL attack.
 
@@ -61,6 +62,13 @@ def pgd(
             `KL(p(x) || p(x_adv))` (the TRADES attack).
         clip_min: Smallest valid pixel value.
         clip_max: Largest valid pixel value.
+        unroll: Trace the steps one after another instead of in a
+            `tf.while_loop`: the same
+            computation in a graph without a loop, larger and slower to
+            compile. On CPUs TensorFlow's oneDNN graph rewrite sometimes
+            leaves the max-pool gradients inside a loop on TensorFlow's own
+            kernel, several times slower in bfloat16 (README, "Slow
+            compilations"); without the loop it rewrites them all.
 
     Returns:
         Adversarial images, same shape and dtype as `x`, without gradient.
@@ -102,6 +110,10 @@ def pgd(
         x_adv = x_adv + step_size * _ascent_direction(grad, norm)
         return i + 1, _project(x_adv, x, epsilon, norm, clip_min, clip_max)
 
+    if unroll:
+        for i in range(steps):
+            _, x_adv = step(i, x_adv)
+        return tf.stop_gradient(x_adv)
     _, x_adv = tf.while_loop(
         lambda i, _: i < steps, step, (tf.constant(0), x_adv), parallel_iterations=1
     )

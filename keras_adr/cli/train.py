@@ -16,7 +16,6 @@ import sys
 
 from absl import app, flags, logging
 
-from keras_adr import callbacks as adr_callbacks
 from keras_adr import cli, data, distribute, models, pipeline, precision, presets
 from keras_adr import config as config_lib
 
@@ -89,11 +88,9 @@ flags.DEFINE_enum(
 )
 flags.DEFINE_integer(
     "compilations",
-    None,
+    _DEFAULTS.compilations,
     "Compile the training step this many times at the start and keep the fastest "
-    "(a compiled step can be slow for the whole run; speed only). Default: "
-    f"{adr_callbacks.DEFAULT_COMPILATIONS} when training in bfloat16 on a CPU with one "
-    "worker, else 1.",
+    "(a compiled step can be slow for the whole run; speed only; one worker).",
 )
 flags.DEFINE_integer("verbose", 1, "Keras verbosity: 0 silent, 1 progress bar, 2 one line/epoch.")
 
