@@ -292,13 +292,14 @@ class DivergenceGuard(keras.callbacks.Callback):
 class FastestCompilation(keras.callbacks.Callback):
     """Compiles the training step `compilations` times and keeps the fastest.
 
-    On the development machine (2-core Xeon with AMX, bfloat16) about one
+    A compiled step can be slow for as long as it is used. On the
+    development machine (2-core Xeon with AMX, bfloat16) about one
     compilation of `adr_pgd`'s training step in eight ran 1.3-1.5x slower
-    than the others, on every one of its steps: TensorFlow's oneDNN graph
-    rewrite had left the max-pool gradients inside the attack's loop on
-    TensorFlow's own kernel, several times slower in bfloat16. Which
-    compilation it hits varies, and a new compilation in the same process
-    is a new draw (README, "Slow compilations"). So at the start of `fit` this callback
+    than the others: TensorFlow's oneDNN graph rewrite had left the max-pool
+    gradients inside the attack's loop on TensorFlow's own kernel, and a
+    new compilation was a new draw (README, "Slow compilations"). That kind
+    is avoided since (the training attack is unrolled on CPUs); this
+    callback guards against others. At the start of `fit` it
     times `steps` steps of the step Keras compiled, compiles it anew
     (`model.make_train_function(force=True)`), times it too, and so on, then
     hands `fit` the fastest (Keras calls `model.train_function` afresh for

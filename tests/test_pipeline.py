@@ -16,19 +16,23 @@ def _needs_fashion_mnist():
         pytest.skip(f"Fashion-MNIST is not installed: {error}")
 
 
+def _quick_options(tmp_path, **fields):
+    """A run on one device, without export or progress bar, into `tmp_path`."""
+    return pipeline.TrainOptions(
+        output_dir=str(tmp_path), strategy="default", export=False, verbose=0, **fields
+    )
+
+
 def test_run_emits_no_keras_shuffle_warning(tmp_path):
     # The training dataset shuffles itself; `fit(shuffle=True)` (Keras'
     # default) on a tf.data.Dataset only warns that it is ignored.
-    options = pipeline.TrainOptions(
+    options = _quick_options(
+        tmp_path,
         train_examples=128,
         validation_examples=64,
         test_examples=32,
         batch_size=64,
         eval_attacks=("pgd3", "apgd_ce5"),
-        output_dir=str(tmp_path),
-        strategy="default",
-        export=False,
-        verbose=0,
     )
     config = presets.get("pgd_at", attack_steps=1)
     with warnings.catch_warnings(record=True) as caught:
@@ -54,17 +58,14 @@ def test_compilations_need_a_single_worker(monkeypatch):
 
 def test_run_records_the_compilations_it_timed(tmp_path):
     steps = 2 * (callbacks.DEFAULT_WARMUP_STEPS + callbacks.DEFAULT_TIMED_STEPS) + 2
-    options = pipeline.TrainOptions(
+    options = _quick_options(
+        tmp_path,
         train_examples=8 * steps,
         validation_examples=0,
         test_examples=16,
         batch_size=8,
         eval_attacks=("pgd2", "apgd_ce2"),
-        output_dir=str(tmp_path),
-        strategy="default",
-        export=False,
         compilations=2,
-        verbose=0,
     )
     metrics = pipeline.run(options, presets.get("pgd_at", attack_steps=1))
     timed = metrics["compilations"]

@@ -63,12 +63,12 @@ def pgd(
         clip_min: Smallest valid pixel value.
         clip_max: Largest valid pixel value.
         unroll: Trace the steps one after another instead of in a
-            `tf.while_loop`: the same
-            computation in a graph without a loop, larger and slower to
-            compile. On CPUs TensorFlow's oneDNN graph rewrite sometimes
-            leaves the max-pool gradients inside a loop on TensorFlow's own
-            kernel, several times slower in bfloat16 (README, "Slow
-            compilations"); without the loop it rewrites them all.
+            `tf.while_loop`: the same computation in a graph without a loop,
+            larger and slower to compile. On CPUs TensorFlow's oneDNN graph
+            rewrite sometimes leaves the max-pool gradients inside a loop on
+            TensorFlow's own kernel, several times slower in bfloat16
+            (README, "Slow compilations"); without the loop it rewrites
+            them all.
 
     Returns:
         Adversarial images, same shape and dtype as `x`, without gradient.
