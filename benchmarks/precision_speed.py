@@ -70,6 +70,7 @@ import statistics
 import subprocess
 import sys
 import time
+from typing import NamedTuple
 
 from absl import app, flags
 
@@ -212,12 +213,8 @@ def _status(policy, defense, settings):
 
 def measure(policy, defense, settings):
     """One run in this process: the row (without the oneDNN kernels)."""
-    results_io.set_threads(settings.threads)
+    results_io.set_threads(settings.threads, settings.inter_op_threads)
     import keras
-    import tensorflow as tf
-
-    if settings.inter_op_threads:
-        tf.config.threading.set_inter_op_parallelism_threads(settings.inter_op_threads)
     import numpy as np
 
     import keras_adr
@@ -735,14 +732,29 @@ SLOW_FACTOR = 1.25
 DISTURBED_CPU_SECONDS = 0.02
 
 
-def _compilations(row):
-    """`(median step seconds, other processes' CPU s/step or None)` of each compilation."""
-    timed = [(row["median_step_seconds"], row.get("machine_per_step"), row.get("per_step"))]
+class _Compilation(NamedTuple):
+    """One timed compilation of the training step, classified within its configuration."""
+
+    seconds: float  # median step seconds
+    counted: bool  # timed while no other process was busy (or unknown: older rows)
+    slow: bool  # seconds above SLOW_FACTOR x the configuration's median
+    profile: dict  # its `op_profile`, or None
+
+
+def _timed_compilations(row):
+    """`(median step seconds, other processes' CPU s/step or None, op profile or None)`
+    of each compilation of a row, the first one first."""
     medians = _recompiled_medians(row)
-    machines = row.get("recompiled_machine_per_step_each") or [None] * len(medians)
-    usages = row.get("recompiled_per_step_each") or [None] * len(medians)
-    timed += zip(medians, machines, usages)
-    return [(median, _other_cpu_seconds(machine, usage)) for median, machine, usage in timed]
+    others = lambda key: row.get(key) or [None] * len(medians)
+    return [
+        (seconds, _other_cpu_seconds(machine, usage), profile)
+        for seconds, machine, usage, profile in zip(
+            [row["median_step_seconds"], *medians],
+            [row.get("machine_per_step"), *others("recompiled_machine_per_step_each")],
+            [row.get("per_step"), *others("recompiled_per_step_each")],
+            [row.get("op_profile"), *others("recompiled_op_profile_each")],
+        )
+    ]
 
 
 def _other_cpu_seconds(machine, usage):
@@ -750,6 +762,31 @@ def _other_cpu_seconds(machine, usage):
         return None
     busy = machine["user"] + machine["nice"] + machine["system"]
     return max(busy - usage["user_cpu_seconds"] - usage["system_cpu_seconds"], 0.0)
+
+
+def _classified_compilations(rows):
+    """Per (defense, policy): the median over its counted compilations, and per
+    process the list of its `_Compilation`s."""
+    by_config = collections.defaultdict(list)
+    for row in rows:
+        by_config[(row["defense"], row["policy"])].append(_timed_compilations(row))
+    result = {}
+    for key, processes in by_config.items():
+        timed = [timing for each in processes for timing in each]
+        undisturbed = lambda other: other is None or other < DISTURBED_CPU_SECONDS
+        counted = [seconds for seconds, other, _ in timed if undisturbed(other)]
+        median = statistics.median(counted or [seconds for seconds, _, _ in timed])
+        result[key] = (
+            median,
+            [
+                [
+                    _Compilation(seconds, undisturbed(other), seconds > SLOW_FACTOR * median, p)
+                    for seconds, other, p in each
+                ]
+                for each in processes
+            ],
+        )
+    return result
 
 
 def slow_compilations(rows):
@@ -765,19 +802,11 @@ def slow_compilations(rows):
         A list of dicts (JSON-serialisable), in the order of the rows; the
         median is over the compilations counted.
     """
-    by_config = collections.defaultdict(list)
-    for row in rows:
-        by_config[(row["defense"], row["policy"])].append(row)
     result = []
-    for (defense, policy), config_rows in by_config.items():
-        compilations = [_compilations(row) for row in config_rows]
-        undisturbed = lambda timing: timing[1] is None or timing[1] < DISTURBED_CPU_SECONDS
-        counted = [timing for each in compilations for timing in each if undisturbed(timing)]
-        everything = [timing for each in compilations for timing in each]
-        median = statistics.median(t for t, _ in counted or everything)
-        slow = lambda seconds, limit=SLOW_FACTOR * median: seconds > limit
+    for (defense, policy), (median, processes) in _classified_compilations(rows).items():
+        counted = [c for each in processes for c in each if c.counted]
         pairs = [
-            each[:2] for each in compilations if len(each) >= 2 and all(map(undisturbed, each[:2]))
+            each[:2] for each in processes if len(each) >= 2 and all(c.counted for c in each[:2])
         ]
         result.append(
             {
@@ -785,24 +814,14 @@ def slow_compilations(rows):
                 "policy": policy,
                 "median_step_seconds": median,
                 "compilations": len(counted),
-                "disturbed": sum(len(each) for each in compilations) - len(counted),
-                "slow": sum(slow(t) for t, _ in counted),
+                "disturbed": sum(map(len, processes)) - len(counted),
+                "slow": sum(c.slow for c in counted),
                 "processes_with_two": len(pairs),
-                "first_slow": sum(slow(pair[0][0]) for pair in pairs),
-                "faster_of_two_slow": sum(slow(min(t for t, _ in pair)) for pair in pairs),
+                "first_slow": sum(first.slow for first, _ in pairs),
+                "faster_of_two_slow": sum(first.slow and second.slow for first, second in pairs),
             }
         )
     return result
-
-
-def _profiled_compilations(row):
-    """`(median step seconds, other CPU s/step, op profile)` of each profiled compilation."""
-    profiles = [row.get("op_profile"), *row.get("recompiled_op_profile_each", [])]
-    return [
-        (seconds, other, profile)
-        for (seconds, other), profile in zip(_compilations(row), profiles)
-        if profile is not None
-    ]
 
 
 def slow_op_differences(rows, top=5):
@@ -812,26 +831,21 @@ def slow_op_differences(rows, top=5):
     compilations (`--op_profile`): for each op type the median over slow
     compilations and over the others of its self seconds per step (0 where
     it is not among a profile's longest op types), largest difference first.
+    Slow is as in `slow_compilations`.
 
     Returns:
         A list of dicts (JSON-serialisable): `defense`, `policy`, `slow`,
         `others` (how many compilations) and `ops`: `[op type, median slow,
         median others]`.
     """
-    by_config = collections.defaultdict(list)
-    for row in rows:
-        by_config[(row["defense"], row["policy"])].extend(_profiled_compilations(row))
     result = []
-    for (defense, policy), compilations in by_config.items():
-        counted = [c for c in compilations if c[1] is None or c[1] < DISTURBED_CPU_SECONDS]
-        if not counted:
-            continue
-        median = statistics.median(seconds for seconds, _, _ in counted)
-        slow = [p for seconds, _, p in counted if seconds > SLOW_FACTOR * median]
-        others = [p for seconds, _, p in counted if seconds <= SLOW_FACTOR * median]
+    for (defense, policy), (_, processes) in _classified_compilations(rows).items():
+        profiled = [c for each in processes for c in each if c.counted and c.profile]
+        slow = [c.profile for c in profiled if c.slow]
+        others = [c.profile for c in profiled if not c.slow]
         if not slow or not others:
             continue
-        ops = {op for profile in counted for op in profile[2]["op_self_seconds"]}
+        ops = {op for c in profiled for op in c.profile["op_self_seconds"]}
         seconds = lambda profiles, op: statistics.median(
             p["op_self_seconds"].get(op, 0.0) for p in profiles
         )

@@ -125,14 +125,19 @@ def machine_info(**extra):
 # --- Threads -------------------------------------------------------------------
 
 
-def set_threads(threads):
+def set_threads(threads, inter_op_threads=0):
     """TensorFlow intra- and inter-op threads (0 = TensorFlow's choice).
 
     For these small models two processes of one thread each get more from
-    two cores than one process of two threads.
+    two cores than one process of two threads. `inter_op_threads`, if not
+    0, sets the inter-op pool alone, over `threads`.
     """
-    if threads:
-        import tensorflow as tf
+    if not (threads or inter_op_threads):
+        return
+    import tensorflow as tf
 
+    if threads:
         tf.config.threading.set_intra_op_parallelism_threads(threads)
         tf.config.threading.set_inter_op_parallelism_threads(threads)
+    if inter_op_threads:
+        tf.config.threading.set_inter_op_parallelism_threads(inter_op_threads)
