@@ -120,34 +120,44 @@ def _pairwise_l1_sums_naive(z_ref, z_query):
     return tf.reduce_sum(tf.abs(z_query[:, None, :] - z_ref[None, :, :]), axis=-1)
 
 
-def _sorted_l1_sums(sorted_refs, prefix, queries, lower, upper):
-    """`sum_j |r_j - q|` over the sorted references in `[lower, upper)` per query.
+def _order_keys(values):
+    """float32 -> int32 keys in the same order; `_flip_negative` decodes them.
 
-    `sum_{r<q} (q - r) + sum_{r>=q} (r - q) = q (2c - n) + T - 2S` with c refs
-    below q (sum S) among n (sum T). Only `queries` carries gradient, so
-    d/dq = 2c - n: the rank-count gradient of the L1 sum.
-
-    Args:
-        sorted_refs: `[k, N]` sort keys of the references.
-        prefix: `[k, N + 1]` prefix sums of the reference values in that order.
-        queries: `(keys, values)`: `[k, M]` sort keys and values of the queries.
-        lower: `[M]` or scalar start of each query's reference segment.
-        upper: `[M]` or scalar end of each query's reference segment.
-
-    Returns:
-        `[k, M]` float32.
+    Non-negative floats already order like their bit patterns; negative ones
+    order in reverse, so their magnitude bits are flipped. -0.0 becomes +0.0
+    first, so equal values get equal keys. A binary search on int32 took
+    half the time of one on float32 here (2-core Xeon, `[1024, 128]`).
     """
-    keys, values = queries
-    below = tf.searchsorted(sorted_refs, keys, side="left")  # [k, M], inside the segment
-    lower = tf.broadcast_to(lower, tf.shape(below))
-    upper = tf.broadcast_to(upper, tf.shape(below))
-    count_below = tf.cast(below - lower, tf.float32)
-    count = tf.cast(upper - lower, tf.float32)
-    at = lambda index: tf.gather(prefix, index, batch_dims=1)
-    sum_below = tf.cast(at(below) - at(lower), tf.float32)
-    total = tf.cast(at(upper) - at(lower), tf.float32)
-    return values * tf.stop_gradient(2.0 * count_below - count) + tf.stop_gradient(
-        total - 2.0 * sum_below
+    bits = tf.bitcast(values, tf.int32)
+    bits = tf.where(tf.equal(bits, tf.int32.min), 0, bits)
+    return _flip_negative(bits)
+
+
+def _flip_negative(bits):
+    """Flips the magnitude bits of negative int32s: its own inverse."""
+    return tf.bitwise.bitwise_xor(
+        bits, tf.bitwise.bitwise_and(tf.bitwise.right_shift(bits, 31), tf.int32.max)
+    )
+
+
+def _sort_ascending(keys):
+    """int32 `[k, N]` sorted along the last axis, and the order (TopK sorts descending)."""
+    descending, order = tf.math.top_k(tf.bitwise.invert(keys), k=tf.shape(keys)[-1])
+    return tf.bitwise.invert(descending), order
+
+
+def _l1_sums(queries, count_below, count, sum_below, bounds):
+    """`sum_j |r_j - q|` over a set of references, from their ranks and prefix sums.
+
+    `sum_{r<q} (q - r) + sum_{r>=q} (r - q) = q (2c - n) + T - 2S` with c of
+    the n references below q (sum S) and T their total. The references are a
+    segment of a sorted order with prefix sums P: `S = sum_below - P_start`,
+    `T = P_end - P_start`, so `T - 2S = bounds - 2 sum_below` with
+    `bounds = P_start + P_end`. Only `queries` carries gradient, so
+    d/dq = 2c - n: the rank-count gradient of the L1 sum.
+    """
+    return queries * tf.stop_gradient(2.0 * tf.cast(count_below, tf.float32) - count) + (
+        tf.stop_gradient(bounds - 2.0 * sum_below)
     )
 
 
@@ -155,44 +165,53 @@ def _pairwise_l1_sums_sorted(z_ref, y_ref, z_query, y_query, num_classes):
     """Exact pairwise L1 sums, overall and within label, in O((N + M) k log N).
 
     Per feature d and query i: `sum_j |z_ref_j,d - z_query_i,d|` over all
-    references j, and over the references with the query's label. The
-    references are sorted once by value and once by (label, value); queries
-    are located by binary search and the sums read from prefix sums.
-
-    The (label, value) order sorts the float64 key `value + label * K` with
-    `K > 2 max|value|`, which keeps labels apart and orders float32 values
-    exactly up to float64 rounding (~1e-13 relative).
+    references j, and over the references with the query's label. Each
+    feature's references are sorted by value, and then by (label, rank by
+    value); each query is located in both orders by binary search, and the
+    sums are read from prefix sums. Keys are int32 (`_order_keys`; the
+    second order's key is `label * (N + 1) + rank`, and a query's is
+    `label * (N + 1) + number of references below it`), so the orders and
+    the ties are exact: a reference equal to a query counts as above it.
 
     Returns:
         Two `[k, M]` tensors (feature-major): all-pairs and same-label sums.
     """
     refs = tf.transpose(z_ref)  # [k, N], stop-gradient
     queries = tf.transpose(z_query)  # [k, M], carries gradient
-    queries_sg = tf.stop_gradient(queries)
     n_ref = tf.shape(refs)[1]
+    pad = lambda prefix: tf.pad(prefix, [[0, 0], [1, 0]])
 
-    ordered = tf.sort(refs, axis=1)
-    prefix = tf.pad(tf.cumsum(ordered, axis=1), [[0, 0], [1, 0]])
-    all_sums = _sorted_l1_sums(ordered, prefix, (queries_sg, queries), 0, n_ref)
-
-    spread = (
-        2.0
-        * tf.cast(
-            tf.maximum(tf.reduce_max(tf.abs(refs)), tf.reduce_max(tf.abs(queries_sg))), tf.float64
-        )
-        + 1.0
+    ref_keys, order = _sort_ascending(_order_keys(refs))
+    ordered = tf.bitcast(_flip_negative(ref_keys), tf.float32)
+    prefix = pad(tf.cumsum(ordered, axis=1))
+    below = tf.searchsorted(ref_keys, _order_keys(tf.stop_gradient(queries)), side="left")
+    all_sums = _l1_sums(
+        queries,
+        below,
+        tf.cast(n_ref, tf.float32),
+        tf.gather(prefix, below, batch_dims=1),
+        prefix[:, -1:],
     )
-    ref_keys = tf.cast(refs, tf.float64) + tf.cast(y_ref, tf.float64) * spread
-    query_keys = tf.cast(queries_sg, tf.float64) + tf.cast(y_query, tf.float64) * spread
-    ordered_keys = tf.sort(ref_keys, axis=1)
-    # Label-major order puts the same sorted labels in every row.
-    ordered_values = ordered_keys - tf.cast(tf.sort(y_ref), tf.float64) * spread
-    prefix = tf.pad(tf.cumsum(ordered_values, axis=1), [[0, 0], [1, 0]])
+
+    stride = n_ref + 1
+    # `rank` = position in the value order: sorting `label * stride + rank`
+    # orders by label, then value.
+    label_keys, rank = _sort_ascending(tf.gather(y_ref, order) * stride + tf.range(n_ref))
+    prefix = pad(tf.cumsum(tf.gather(ordered, rank, batch_dims=1), axis=1))
+    label_below = tf.searchsorted(label_keys, y_query * stride + below, side="left")
     class_count = tf.math.bincount(y_ref, minlength=num_classes, maxlength=num_classes)
     class_start = tf.cumsum(class_count, exclusive=True)
-    lower = tf.gather(class_start, y_query)
-    same_sums = _sorted_l1_sums(
-        ordered_keys, prefix, (query_keys, queries), lower, lower + tf.gather(class_count, y_query)
+    # Per class: the prefix sums before and through its segment, added.
+    class_bounds = tf.gather(prefix, class_start, axis=1) + tf.gather(
+        prefix, class_start + class_count, axis=1
+    )  # [k, C]
+    query_start = tf.gather(class_start, y_query)
+    same_sums = _l1_sums(
+        queries,
+        label_below - query_start,
+        tf.cast(tf.gather(class_count, y_query), tf.float32),
+        tf.gather(prefix, label_below, batch_dims=1),
+        tf.gather(class_bounds, y_query, axis=1),
     )
     return all_sums, same_sums
 
