@@ -125,6 +125,29 @@ def test_global_compactness_sorted_is_exact_for_codes_outside_the_clean_range():
     np.testing.assert_allclose(gradient, expected_gradient, **TOL)
 
 
+def test_global_compactness_sorted_handles_labels_without_references():
+    # With a reference set (e.g. gathered across replicas) a query's label can
+    # be absent from it: the same-label part is then empty, and the value and
+    # gradient are those of the different-label pairs alone.
+    rng = np.random.default_rng(11)
+    z_ref = rng.normal(size=(9, 7)).astype(np.float32)
+    y_ref = np.array([0, 1, 1, 0, 3, 3, 0, 1, 3])
+    z_adv = rng.normal(scale=2.0, size=(5, 7)).astype(np.float32)
+    y = np.array([2, 0, 4, 3, 2])
+    z_adv_var = tf.Variable(z_adv)
+    with tf.GradientTape() as tape:
+        value = losses.global_compactness_per_example(
+            y, None, z_adv_var, SCALE, reference=(y_ref, z_ref)
+        )
+        total = tf.reduce_sum(value)
+    gradient = tape.gradient(total, z_adv_var).numpy()
+    weights = _np_weights(y, y_ref)
+    differences = z_adv[:, None, :].astype(np.float64) - z_ref[None]
+    np.testing.assert_allclose(value, (weights * np.abs(differences).mean(-1)).mean(1), **TOL)
+    expected_gradient = (weights[:, :, None] * np.sign(differences)).sum(1) / z_ref.size
+    np.testing.assert_allclose(gradient, expected_gradient, **TOL)
+
+
 def test_order_keys_sort_like_the_floats_they_encode():
     # The sorted global compactness compares int32 keys, not floats: they must
     # order every float32 (signs, zeros of both signs, subnormals, infinities)
