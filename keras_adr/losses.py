@@ -125,8 +125,9 @@ def _order_keys(values):
 
     Non-negative floats already order like their bit patterns; negative ones
     order in reverse, so their magnitude bits are flipped. -0.0 becomes +0.0
-    first, so equal values get equal keys. A binary search on int32 took
-    half the time of one on float32 here (2-core Xeon, `[1024, 128]`).
+    first, so equal values get equal keys. Binary searches on the keys took
+    0.3x (normal values) to 0.8x (half of them zero) the time of searches on
+    the floats (2-core Xeon, `[1024, 128]`).
     """
     bits = tf.bitcast(values, tf.int32)
     bits = tf.where(tf.equal(bits, tf.int32.min), 0, bits)
