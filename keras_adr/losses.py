@@ -157,9 +157,8 @@ def _l1_sums(queries, count_below, count, sum_below, bounds):
     `bounds = P_start + P_end`. Only `queries` carries gradient, so
     d/dq = 2c - n: the rank-count gradient of the L1 sum.
     """
-    return queries * tf.stop_gradient(2.0 * tf.cast(count_below, tf.float32) - count) + (
-        tf.stop_gradient(bounds - 2.0 * sum_below)
-    )
+    rank_gradient = tf.cast(2 * count_below - count, tf.float32)  # from int32 counts: no gradient
+    return queries * rank_gradient + tf.stop_gradient(bounds - 2.0 * sum_below)
 
 
 def _pairwise_l1_sums_sorted(z_ref, y_ref, z_query, y_query, num_classes):
@@ -189,7 +188,7 @@ def _pairwise_l1_sums_sorted(z_ref, y_ref, z_query, y_query, num_classes):
     all_sums = _l1_sums(
         queries,
         below,
-        tf.cast(n_ref, tf.float32),
+        n_ref,
         tf.gather(prefix, below, batch_dims=1),
         prefix[:, -1:],
     )
@@ -210,7 +209,7 @@ def _pairwise_l1_sums_sorted(z_ref, y_ref, z_query, y_query, num_classes):
     same_sums = _l1_sums(
         queries,
         label_below - query_start,
-        tf.cast(tf.gather(class_count, y_query), tf.float32),
+        tf.gather(class_count, y_query),
         tf.gather(prefix, label_below, batch_dims=1),
         tf.gather(class_bounds, y_query, axis=1),
     )

@@ -113,10 +113,10 @@ def pgd(
     if unroll:
         for i in range(steps):
             _, x_adv = step(i, x_adv)
-        return tf.stop_gradient(x_adv)
-    _, x_adv = tf.while_loop(
-        lambda i, _: i < steps, step, (tf.constant(0), x_adv), parallel_iterations=1
-    )
+    else:
+        _, x_adv = tf.while_loop(
+            lambda i, _: i < steps, step, (tf.constant(0), x_adv), parallel_iterations=1
+        )
     return tf.stop_gradient(x_adv)
 
 
