@@ -681,3 +681,22 @@ def test_adr_term_cost_switches_off_one_term_at_a_time():
     report = adr_term_cost.markdown([dict(row, batch_size=8, attack_steps=3)])
     assert "| adr_pgd | 0.1300 | 1.300 |  |" in report
     assert "| adr_pgd without global_compactness | 0.1000 | 1.000 | +30.0 |" in report
+
+
+def test_global_compactness_variants_equal_the_library_and_write_a_report(tmp_path):
+    output = tmp_path / "variants.json"
+    _benchmark(
+        "global_compactness_variants",
+        "--rounds=1",
+        "--calls=1",
+        "--batch_size=16",
+        "--features=8",
+        f"--output={output}",
+    )
+    results = json.loads(output.read_text())
+    forms = {"sorted (library)", "packed_counts", "int64_class_sort"}
+    assert set(results["ms_per_call"]) == forms
+    # Values and gradients on CHECK_CASES (ties, zeros, 100 labels) equal the library's.
+    assert results["max_difference_from_library"] == {"packed_counts": 0.0, "int64_class_sort": 0.0}
+    report = output.with_suffix(".md").read_text()
+    assert "| packed_counts |" in report and "B = 16, k = 8" in report

@@ -1,0 +1,297 @@
+"""Exact global compactness, computed otherwise: is any form faster? (issue 14)
+
+In a mixed_bfloat16 training step on an AMX CPU, `adr_pgd`'s extra time over
+`pgd_at` is mostly global compactness: two sorts (`TopKV2`), two binary
+searches (`LowerBound`), gathers and prefix sums, which bfloat16 does not
+speed up (README, "Mixed precision"). The library's form,
+`losses._pairwise_l1_sums_sorted`, sorts each feature's clean codes by value
+and then by (label, value). This script times it against exact alternatives
+for the second order, in one process, alternating round by round, after
+checking that every alternative gives the same values and gradients:
+
+* `packed_counts`: no second sort. Each label's running count along the
+  value order is kept in `bits`-wide fields of int32 words (`bits` enough
+  for the batch size), summed with one cumulative sum; a code's place in the
+  (label, value) order is its label's start plus that count, and the values
+  are scattered there.
+* `int64_class_sort`: the second order from one sort of int64 keys
+  `label * 2**32 + (value key + 2**31)`, independent of the first sort (no
+  gathers by the first order).
+
+Each is timed forward and backward (a training step needs both: the value
+for the loss metric, the gradient for the update) on ReLU-like codes (half
+of them 0; the latent codes of `small_cnn` after 30 `adr_pgd` steps were 54%
+zeros).
+
+Usage (about 1 minute on 2 idle cores):
+    python -m benchmarks.global_compactness_variants \\
+        --output=benchmarks/results/global_compactness_variants.json
+"""
+
+import os
+import sys
+
+from absl import app, flags
+
+if not __package__:  # `python benchmarks/global_compactness_variants.py`: as `python -m`.
+    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+from benchmarks import results_io  # noqa: E402
+
+flags.DEFINE_integer("batch_size", 128, "Clean and adversarial codes per batch (B).")
+flags.DEFINE_integer("features", 1024, "Latent features (k).")
+flags.DEFINE_integer("classes", 10, "Labels.")
+flags.DEFINE_integer("rounds", 12, "Alternating rounds.")
+flags.DEFINE_integer("calls", 20, "Calls per variant per round.")
+flags.DEFINE_integer("threads", 0, "TensorFlow threads (0 = TensorFlow's choice).")
+flags.DEFINE_string(
+    "output", "benchmarks/results/global_compactness_variants.json", "JSON (and .md) output."
+)
+FLAGS = flags.FLAGS
+
+# Equality is checked on these `(B_ref, B_query, k, classes, share of zeros)`.
+CHECK_CASES = (
+    (128, 128, 64, 10, 0.5),
+    (7, 5, 3, 3, 0.0),
+    (64, 32, 16, 100, 0.3),
+    (300, 9, 4, 2, 0),
+)
+
+
+def _pad(prefix):
+    import tensorflow as tf
+
+    return tf.pad(prefix, [[0, 0], [1, 0]])
+
+
+def _all_pairs(refs, queries):
+    """The library's first half: keys, value order, prefix sums, all-pairs sums, `below`."""
+    import tensorflow as tf
+
+    from keras_adr import losses
+
+    n_ref = tf.shape(refs)[1]
+    keys = losses._order_keys(refs)
+    ref_keys, order = losses._sort_ascending(keys)
+    ordered = tf.bitcast(losses._flip_negative(ref_keys), tf.float32)
+    prefix = _pad(tf.cumsum(ordered, axis=1))
+    query_keys = losses._order_keys(tf.stop_gradient(queries))
+    below = tf.searchsorted(ref_keys, query_keys, side="left")
+    all_sums = losses._l1_sums(
+        queries, below, n_ref, tf.gather(prefix, below, batch_dims=1), prefix[:, -1:]
+    )
+    return keys, query_keys, order, ordered, below, all_sums
+
+
+def _same_label_sums(queries, y_ref, y_query, num_classes, prefix, same_below):
+    """Same-label sums from prefix sums in (label, value) order and counts below each query."""
+    import tensorflow as tf
+
+    from keras_adr import losses
+
+    class_count = tf.math.bincount(y_ref, minlength=num_classes, maxlength=num_classes)
+    class_start = tf.cumsum(class_count, exclusive=True)
+    class_bounds = tf.gather(prefix, class_start, axis=1) + tf.gather(
+        prefix, class_start + class_count, axis=1
+    )
+    query_start = tf.gather(class_start, y_query)
+    return losses._l1_sums(
+        queries,
+        same_below,
+        tf.gather(class_count, y_query),
+        tf.gather(prefix, query_start + same_below, batch_dims=1),
+        tf.gather(class_bounds, y_query, axis=1),
+    )
+
+
+def packed_counts(z_ref, y_ref, z_query, y_query, num_classes):
+    """As `losses._pairwise_l1_sums_sorted`, with per-label counts packed in int32 fields."""
+    import tensorflow as tf
+
+    refs, queries = tf.transpose(z_ref), tf.transpose(z_query)
+    n_ref = tf.shape(refs)[1]
+    _, _, order, ordered, below, all_sums = _all_pairs(refs, queries)
+    # Fields wide enough for a count of n_ref: bit_length(n_ref) bits.
+    bits = tf.reduce_sum(tf.cast(n_ref >= tf.bitwise.left_shift(1, tf.range(31)), tf.int32))
+    per_word = 32 // bits
+    words = (num_classes + per_word - 1) // per_word
+    mask = tf.bitwise.left_shift(1, bits) - 1
+    labels = tf.gather(y_ref, order)  # [k, N] in value order
+    in_word = tf.equal((labels // per_word)[..., None], tf.range(words))  # [k, N, W]
+    shift = (labels % per_word) * bits
+    ones = tf.where(in_word, tf.bitwise.left_shift(1, shift)[..., None], 0)
+    counts = tf.pad(tf.cumsum(ones, axis=1), [[0, 0], [1, 0], [0, 0]])  # [k, N + 1, W]
+
+    def field(packed, word, field_shift):
+        selected = tf.reduce_sum(tf.where(word, packed, 0), axis=-1)
+        return tf.bitwise.bitwise_and(tf.bitwise.right_shift(selected, field_shift), mask)
+
+    q_word = tf.equal((y_query // per_word)[:, None], tf.range(words))
+    same_below = field(tf.gather(counts, below, batch_dims=1), q_word, (y_query % per_word) * bits)
+    class_count = tf.math.bincount(y_ref, minlength=num_classes, maxlength=num_classes)
+    position = tf.gather(tf.cumsum(class_count, exclusive=True), labels) + field(
+        counts[:, :-1], in_word, shift
+    )
+    rows = tf.broadcast_to(tf.range(tf.shape(refs)[0])[:, None], tf.shape(position))
+    by_label = tf.scatter_nd(tf.stack([rows, position], -1), ordered, tf.shape(ordered))
+    prefix = _pad(tf.cumsum(by_label, axis=1))
+    same_sums = _same_label_sums(queries, y_ref, y_query, num_classes, prefix, same_below)
+    return all_sums, same_sums
+
+
+def int64_class_sort(z_ref, y_ref, z_query, y_query, num_classes):
+    """As `losses._pairwise_l1_sums_sorted`, the second order from one int64 sort."""
+    import tensorflow as tf
+
+    refs, queries = tf.transpose(z_ref), tf.transpose(z_query)
+    keys, query_keys, _, _, _, all_sums = _all_pairs(refs, queries)
+    offset = lambda y: tf.cast(y, tf.int64) * 2**32 + 2**31
+    negated, label_order = tf.math.top_k(
+        -(tf.cast(keys, tf.int64) + offset(y_ref)), k=tf.shape(refs)[1]
+    )
+    prefix = _pad(tf.cumsum(tf.gather(refs, label_order, batch_dims=1), axis=1))
+    position = tf.searchsorted(
+        -negated, tf.cast(query_keys, tf.int64) + offset(y_query), side="left"
+    )
+    class_count = tf.math.bincount(y_ref, minlength=num_classes, maxlength=num_classes)
+    same_below = position - tf.gather(tf.cumsum(class_count, exclusive=True), y_query)
+    same_sums = _same_label_sums(queries, y_ref, y_query, num_classes, prefix, same_below)
+    return all_sums, same_sums
+
+
+def variants():
+    from keras_adr import losses
+
+    return {
+        "sorted (library)": losses._pairwise_l1_sums_sorted,
+        "packed_counts": packed_counts,
+        "int64_class_sort": int64_class_sort,
+    }
+
+
+def value_and_gradient(pairwise_sums):
+    """A `tf.function` of `(z_ref, y_ref, z_query, y_query)`: both sums and d(term)/d(z_query)."""
+    import tensorflow as tf
+
+    from keras_adr import losses
+
+    scale = losses.DEFAULT_LABEL_SCALE
+
+    codes_spec = tf.TensorSpec([None, None], tf.float32)
+    labels_spec = tf.TensorSpec([None], tf.int32)
+
+    @tf.function(input_signature=[codes_spec, labels_spec, codes_spec, labels_spec])
+    def run(z_ref, y_ref, z_query, y_query):
+        num_classes = tf.maximum(tf.reduce_max(y_ref), tf.reduce_max(y_query)) + 1
+        with tf.GradientTape() as tape:
+            tape.watch(z_query)
+            all_sums, same_sums = pairwise_sums(z_ref, y_ref, z_query, y_query, num_classes)
+            term = tf.reduce_sum((1 - 1 / scale) * all_sums + (1 / scale) * same_sums)
+        return all_sums, same_sums, tape.gradient(term, z_query)
+
+    return run
+
+
+def codes(rng, n_ref, n_query, features, classes, zero_share):
+    """Random codes with a share of exact zeros and ties between clean and adversarial."""
+    import numpy as np
+    import tensorflow as tf
+
+    z_ref = rng.normal(size=(n_ref, features)).astype(np.float32)
+    z_query = rng.normal(size=(n_query, features)).astype(np.float32)
+    z_ref[rng.random(z_ref.shape) < zero_share] = 0
+    z_query[rng.random(z_query.shape) < zero_share] = 0
+    shared = min(n_ref, n_query)
+    z_query[:shared, 0] = z_ref[:shared, 0]  # ties
+    labels = lambda n: rng.integers(0, classes, n).astype(np.int32)
+    return tuple(tf.constant(a) for a in (z_ref, labels(n_ref), z_query, labels(n_query)))
+
+
+def max_differences(functions, cases=CHECK_CASES, seed=0):
+    """Per variant, the largest |difference| from the library's values and gradients."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    reference, *others = functions.items()
+    differences = {name: 0.0 for name, _ in others}
+    for case in cases:
+        args = codes(rng, *case)
+        expected = reference[1](*args)
+        for name, function in others:
+            for got, want in zip(function(*args), expected):
+                differences[name] = max(differences[name], float(np.max(np.abs(got - want))))
+    return differences
+
+
+def measure():
+    import numpy as np
+
+    from benchmarks import step_timing
+
+    functions = {name: value_and_gradient(f) for name, f in variants().items()}
+    differences = max_differences(functions)
+    size = (FLAGS.batch_size, FLAGS.batch_size, FLAGS.features, FLAGS.classes, 0.5)
+    args = codes(np.random.default_rng(1), *size)
+
+    def call(function):
+        for _ in range(FLAGS.calls):
+            outputs = function(*args)
+        outputs[-1].numpy()  # Waits for the calls.
+
+    for function in functions.values():
+        call(function)  # Traces and warms up.
+    medians, samples = step_timing.alternate(functions, FLAGS.rounds, call)
+    library = medians["sorted (library)"]
+    return {
+        "ms_per_call": {name: 1000 * t / FLAGS.calls for name, t in medians.items()},
+        "relative_to_library": {name: t / library for name, t in medians.items()},
+        "max_difference_from_library": differences,
+        "seconds_per_round": samples,
+        "batch_size": FLAGS.batch_size,
+        "features": FLAGS.features,
+        "classes": FLAGS.classes,
+        "rounds": FLAGS.rounds,
+        "calls": FLAGS.calls,
+        "machine": results_io.machine_info(load=os.getloadavg()),
+    }
+
+
+def markdown(results):
+    differences = results["max_difference_from_library"]
+    rows = [
+        [
+            name,
+            f"{ms:.2f}",
+            f"{results['relative_to_library'][name]:.2f}",
+            "-" if name not in differences else f"{differences[name]:.1e}",
+        ]
+        for name, ms in results["ms_per_call"].items()
+    ]
+    return "\n".join(
+        [
+            "# Exact global compactness: alternative forms",
+            "",
+            "Value and gradient of the pairwise L1 sums, B = {batch_size}, k = {features}, "
+            "{classes} labels, half the codes 0; median over {rounds} alternating rounds "
+            "of {calls} calls. Command: `python -m "
+            "benchmarks.global_compactness_variants`.".format(**results),
+            "",
+            *results_io.markdown_table(
+                ["form", "ms per call", "/ library", "max abs difference from library"], rows
+            ),
+            "",
+        ]
+    )
+
+
+def main(argv):
+    del argv
+    results_io.set_threads(FLAGS.threads)
+    results = measure()
+    report = markdown(results)
+    results_io.write_results(FLAGS.output, results, report)
+    print(report)
+
+
+if __name__ == "__main__":
+    app.run(main)
