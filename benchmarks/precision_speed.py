@@ -22,7 +22,10 @@ and what might explain a slow process:
   run on, TensorFlow's thread settings (`--threads`; `--inter_op_threads`
   for the inter-op pool alone), the load average before and after,
   whether address-space randomisation was on (alignment-dependent speed
-  would change with it; `--no_aslr` runs the children under `setarch -R`).
+  would change with it; `--no_aslr` runs the children under `setarch -R`),
+  and `ONEDNN_MAX_CPU_ISA` if set: the children inherit the environment, so
+  `ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16` times on an AMX CPU the bfloat16
+  kernels of a CPU without AMX (such as the AMD EPYC of issue 14).
 * the process's user and system CPU seconds, page faults and context
   switches per timed step (`resource.getrusage`);
 * after the timed steps, the median step time of the same steps with the
@@ -207,6 +210,9 @@ def _status(policy, defense, settings):
         "aslr": aslr,
         "personality_no_aslr": bool(settings.no_aslr),
         "tf_enable_onednn_opts": os.environ.get("TF_ENABLE_ONEDNN_OPTS"),
+        # oneDNN's own cap on the instruction sets its kernels use (e.g.
+        # `AVX512_CORE_BF16`: the bfloat16 kernels of a CPU without AMX).
+        "onednn_max_cpu_isa": os.environ.get("ONEDNN_MAX_CPU_ISA"),
         "load_before": os.getloadavg(),
     }
 
@@ -999,6 +1005,11 @@ def _machine_columns(row):
     return [f"{machine['idle']:.3f}", f"{machine['steal']:.3f}", f"{other:.3f}"]
 
 
+def _isa_note(row):
+    isa = row.get("onednn_max_cpu_isa")
+    return f" oneDNN's instruction sets capped at `ONEDNN_MAX_CPU_ISA={isa}`." if isa else ""
+
+
 def _sampling_note(features):
     if features == 1.0:
         return ""
@@ -1017,7 +1028,8 @@ def summary(rows):
         f"{rows[0].get('batch_size')}, PGD-{rows[0].get('attack_steps')} training "
         "attack; per process the median of its timed steps."
         + _sampling_note(rows[0].get("global_compactness_features", 1.0))
-        + _threads_note(rows[0]),
+        + _threads_note(rows[0])
+        + _isa_note(rows[0]),
         "",
         *markdown_lines(analyse(rows)),
         "",
