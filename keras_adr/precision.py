@@ -11,10 +11,11 @@
 * `"mixed_float16"`: layers compute in float16 (GPUs). Keras wraps the
   optimizer in a `LossScaleOptimizer` (the ADR step scales its loss); the
   attacks rescale their gradients themselves (`keras_adr.attacks`).
-* `"auto"`: `"mixed_bfloat16"` where the hardware supports it (`resolve`),
-  else `"float32"`. Opt-in: bfloat16 training measured no robustness cost
-  (`benchmarks/results/precision.md`), but its speed-up still varies from
-  process to process (issue 14).
+* `"auto"`: `"mixed_bfloat16"` where its speed-up held in every measured
+  process (CPUs with AMX that oneDNN may use, GPUs of compute capability
+  8.0 and newer; `resolve`), else `"float32"`. Opt-in: bfloat16 training
+  measured no robustness cost (`benchmarks/results/precision.md`), but
+  without AMX its speed on a CPU ranged from 0.7x to 2x float32's (issue 14).
 
 Whatever a model was trained in, `adr-train` and `adr-evaluate` evaluate it
 in float32 by default (`with_policy`), and the exported SavedModel computes
@@ -38,6 +39,12 @@ PRECISIONS = ("auto",) + POLICIES
 # /proc/cpuinfo flags of CPUs that multiply bfloat16 in hardware (oneDNN's
 # avx512_core_bf16 and avx512_core_amx kernels).
 BFLOAT16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
+# The CPUs on which `auto` trains in bfloat16: with AMX every measured process
+# ran 2.5x float32's speed or more (benchmarks/results/precision_speed_int_keys).
+# Without AMX, oneDNN's avx512_core_bf16 kernels ran at 0.7x float32's speed
+# (a Xeon with oneDNN capped at them, precision_speed_no_amx) or at 1x-2x
+# from process to process (an AMD EPYC, issue 14): `auto` keeps float32 there.
+AUTO_BFLOAT16_CPU_FLAGS = ("amx_bf16",)
 # NVIDIA GPUs multiply bfloat16 from Ampere (compute capability 8.0) on.
 BFLOAT16_GPU_CAPABILITY = (8, 0)
 CPUINFO = "/proc/cpuinfo"
@@ -67,6 +74,26 @@ def cpu_flags(cpuinfo=CPUINFO):
     return frozenset()
 
 
+def onednn_off(environ=None):
+    """Whether `TF_ENABLE_ONEDNN_OPTS` turns oneDNN (and its bfloat16 CPU kernels) off."""
+    environ = os.environ if environ is None else environ
+    return environ.get("TF_ENABLE_ONEDNN_OPTS", "").strip() in ("0", "false", "False")
+
+
+def onednn_may_use_amx(environ=None):
+    """False when oneDNN is off or its instruction sets are capped below AMX.
+
+    oneDNN reads the cap from `ONEDNN_MAX_CPU_ISA` (formerly
+    `DNNL_MAX_CPU_ISA`): `ALL` (the default) or an instruction set such as
+    `AVX512_CORE_BF16` (no AMX) or `AVX512_CORE_AMX`.
+    """
+    environ = os.environ if environ is None else environ
+    if onednn_off(environ):
+        return False
+    cap = environ.get("ONEDNN_MAX_CPU_ISA", environ.get("DNNL_MAX_CPU_ISA", "")).strip().upper()
+    return cap in ("", "ALL") or "AMX" in cap
+
+
 def gpu_compute_capabilities():
     """`[(major, minor), ...]` of the visible GPUs (empty without GPUs)."""
     import tensorflow as tf
@@ -78,18 +105,23 @@ def gpu_compute_capabilities():
     return capabilities
 
 
-def resolve(precision, *, cpuinfo=CPUINFO, gpu_capabilities=None):
+def resolve(precision, *, cpuinfo=CPUINFO, gpu_capabilities=None, environ=None):
     """The Keras dtype policy name that `precision` means on this machine.
 
     `"auto"` is `"mixed_bfloat16"` when every visible GPU has compute
-    capability >= 8.0, or when there is no GPU and the CPU has AVX512_BF16
-    or AMX; `"float32"` otherwise. Other values are returned as they are.
+    capability >= 8.0, or when there is no GPU and the CPU has AMX and
+    oneDNN may use it (`onednn_may_use_amx`); `"float32"` otherwise, also on
+    CPUs with AVX512_BF16 but no AMX, where bfloat16's speed-up did not hold
+    (`AUTO_BFLOAT16_CPU_FLAGS`; `--precision=mixed_bfloat16` still uses
+    them). Other values are returned as they are.
 
     Args:
         precision: One of `PRECISIONS`.
         cpuinfo: Where to read the CPU flags (a fake file in tests).
         gpu_capabilities: The GPUs' compute capabilities; None asks
             TensorFlow (`gpu_compute_capabilities`).
+        environ: The environment to read oneDNN's settings from; None
+            means `os.environ`.
 
     Returns:
         One of `POLICIES`.
@@ -106,7 +138,10 @@ def resolve(precision, *, cpuinfo=CPUINFO, gpu_capabilities=None):
     if gpu_capabilities:
         supported = all(tuple(c) >= BFLOAT16_GPU_CAPABILITY for c in gpu_capabilities)
     else:
-        supported = any(flag in cpu_flags(cpuinfo) for flag in BFLOAT16_CPU_FLAGS)
+        flags = cpu_flags(cpuinfo)
+        supported = any(flag in flags for flag in AUTO_BFLOAT16_CPU_FLAGS) and (
+            onednn_may_use_amx(environ)
+        )
     return "mixed_bfloat16" if supported else "float32"
 
 
@@ -228,10 +263,10 @@ def speed_warnings(policy, *, cpuinfo=CPUINFO, gpu_capabilities=None, environ=No
             if speedup < PROBE_MIN_SPEEDUP:
                 warnings.append(
                     f"This process runs bfloat16 convolutions at only {speedup:.2f}x float32's "
-                    "speed (fast processes on such CPUs: 2x and more; issue 14): restart the "
-                    "run, or use --precision=float32."
+                    "speed (training steps with oneDNN's AMX kernels: 2.5x and more; without "
+                    "them 0.7x to 2x, issue 14): use --precision=float32."
                 )
-        if environ.get("TF_ENABLE_ONEDNN_OPTS", "").strip() in ("0", "false", "False"):
+        if onednn_off(environ):
             warnings.append(
                 "TF_ENABLE_ONEDNN_OPTS=0 turns oneDNN off, and with it TensorFlow's fast "
                 "bfloat16 CPU kernels; unset it for --precision=mixed_bfloat16."

@@ -44,8 +44,10 @@ def _cpuinfo(tmp_path, flags):
 @pytest.mark.parametrize(
     "flags, gpus, expected",
     [
-        (["avx512f", "avx512_bf16"], [], "mixed_bfloat16"),
+        # Without AMX bfloat16 ran 0.7x-2x float32's speed (issue 14): float32.
+        (["avx512f", "avx512_bf16"], [], "float32"),
         (["amx_tile", "amx_bf16"], [], "mixed_bfloat16"),
+        (["avx512_bf16", "amx_tile", "amx_bf16"], [], "mixed_bfloat16"),
         (["avx512f", "avx512_vnni"], [], "float32"),
         (["avx512_bf16"], [(7, 5)], "float32"),  # The GPU computes: a T4 has no bfloat16.
         ([], [(8, 0)], "mixed_bfloat16"),
@@ -55,7 +57,26 @@ def _cpuinfo(tmp_path, flags):
 )
 def test_auto_picks_what_the_machine_supports(tmp_path, flags, gpus, expected):
     cpuinfo = _cpuinfo(tmp_path, flags)
-    assert precision.resolve("auto", cpuinfo=cpuinfo, gpu_capabilities=gpus) == expected
+    assert precision.resolve("auto", cpuinfo=cpuinfo, gpu_capabilities=gpus, environ={}) == expected
+
+
+@pytest.mark.parametrize(
+    "environ, expected",
+    [
+        ({}, "mixed_bfloat16"),
+        ({"ONEDNN_MAX_CPU_ISA": "ALL"}, "mixed_bfloat16"),
+        ({"ONEDNN_MAX_CPU_ISA": "avx512_core_amx"}, "mixed_bfloat16"),
+        ({"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_BF16"}, "float32"),  # no AMX kernels
+        ({"DNNL_MAX_CPU_ISA": "AVX2"}, "float32"),
+        ({"TF_ENABLE_ONEDNN_OPTS": "0"}, "float32"),  # Eigen's kernels
+    ],
+)
+def test_auto_needs_onednn_free_to_use_amx(tmp_path, environ, expected):
+    amx = _cpuinfo(tmp_path, ["avx512_bf16", "amx_bf16"])
+    assert precision.resolve("auto", cpuinfo=amx, gpu_capabilities=[], environ=environ) == expected
+    assert precision.resolve("mixed_bfloat16", gpu_capabilities=[], environ=environ) == (
+        "mixed_bfloat16"
+    )  # an explicit choice is kept
 
 
 def test_cpu_flags_reads_the_first_processor(tmp_path):
