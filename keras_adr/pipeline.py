@@ -78,8 +78,9 @@ class TrainOptions:
             loss's magnitude exceeds this multiple of its running minimum
             (0 = only non-finite losses stop it).
         precision: The Keras dtype policy of training, one of
-            `keras_adr.precision.PRECISIONS` (`"auto"`: bfloat16 where the
-            hardware has it, see `keras_adr.precision.resolve`). The final
+            `keras_adr.precision.PRECISIONS` (`"auto"`: bfloat16 on CPUs
+            with AMX and on GPUs of compute capability 8.0 and newer, see
+            `keras_adr.precision.resolve`). The final
             evaluation and the exported SavedModel compute in float32
             whatever the training precision.
         compilations: How many times to compile the training step at the
