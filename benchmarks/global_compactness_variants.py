@@ -4,7 +4,7 @@ In a mixed_bfloat16 training step on an AMX CPU, `adr_pgd`'s extra time over
 `pgd_at` is mostly global compactness: two sorts (`TopKV2`), two binary
 searches (`LowerBound`), gathers and prefix sums, which bfloat16 does not
 speed up (README, "Mixed precision"). The library's form,
-`losses._pairwise_l1_sums_sorted`, sorts each feature's clean codes by value
+`pairwise.l1_sums_sorted`, sorts each feature's clean codes by value
 and then by (label, value). This script times it against exact alternatives
 for the second order, in one process, alternating round by round, after
 checking that every alternative gives the same values and gradients:
@@ -68,16 +68,16 @@ def _all_pairs(refs, queries):
     """The library's first half: keys, value order, prefix sums, all-pairs sums, `below`."""
     import tensorflow as tf
 
-    from keras_adr import losses
+    from keras_adr import pairwise
 
     n_ref = tf.shape(refs)[1]
-    keys = losses._order_keys(refs)
-    ref_keys, order = losses._sort_ascending(keys)
-    ordered = tf.bitcast(losses._flip_negative(ref_keys), tf.float32)
+    keys = pairwise.order_keys(refs)
+    ref_keys, order = pairwise.sort_ascending(keys)
+    ordered = tf.bitcast(pairwise.flip_negative(ref_keys), tf.float32)
     prefix = _pad(tf.cumsum(ordered, axis=1))
-    query_keys = losses._order_keys(tf.stop_gradient(queries))
+    query_keys = pairwise.order_keys(tf.stop_gradient(queries))
     below = tf.searchsorted(ref_keys, query_keys, side="left")
-    all_sums = losses._l1_sums(
+    all_sums = pairwise.l1_sums_from_ranks(
         queries, below, n_ref, tf.gather(prefix, below, batch_dims=1), prefix[:, -1:]
     )
     return keys, query_keys, order, ordered, below, all_sums
@@ -87,7 +87,7 @@ def _same_label_sums(queries, y_ref, y_query, num_classes, prefix, same_below):
     """Same-label sums from prefix sums in (label, value) order and counts below each query."""
     import tensorflow as tf
 
-    from keras_adr import losses
+    from keras_adr import pairwise
 
     class_count = tf.math.bincount(y_ref, minlength=num_classes, maxlength=num_classes)
     class_start = tf.cumsum(class_count, exclusive=True)
@@ -95,7 +95,7 @@ def _same_label_sums(queries, y_ref, y_query, num_classes, prefix, same_below):
         prefix, class_start + class_count, axis=1
     )
     query_start = tf.gather(class_start, y_query)
-    return losses._l1_sums(
+    return pairwise.l1_sums_from_ranks(
         queries,
         same_below,
         tf.gather(class_count, y_query),
@@ -105,7 +105,7 @@ def _same_label_sums(queries, y_ref, y_query, num_classes, prefix, same_below):
 
 
 def packed_counts(z_ref, y_ref, z_query, y_query, num_classes):
-    """As `losses._pairwise_l1_sums_sorted`, with per-label counts packed in int32 fields."""
+    """As `pairwise.l1_sums_sorted`, with per-label counts packed in int32 fields."""
     import tensorflow as tf
 
     refs, queries = tf.transpose(z_ref), tf.transpose(z_query)
@@ -140,7 +140,7 @@ def packed_counts(z_ref, y_ref, z_query, y_query, num_classes):
 
 
 def int64_class_sort(z_ref, y_ref, z_query, y_query, num_classes):
-    """As `losses._pairwise_l1_sums_sorted`, the second order from one int64 sort."""
+    """As `pairwise.l1_sums_sorted`, the second order from one int64 sort."""
     import tensorflow as tf
 
     refs, queries = tf.transpose(z_ref), tf.transpose(z_query)
@@ -160,10 +160,10 @@ def int64_class_sort(z_ref, y_ref, z_query, y_query, num_classes):
 
 
 def variants():
-    from keras_adr import losses
+    from keras_adr import pairwise
 
     return {
-        "sorted (library)": losses._pairwise_l1_sums_sorted,
+        "sorted (library)": pairwise.l1_sums_sorted,
         "packed_counts": packed_counts,
         "int64_class_sort": int64_class_sort,
     }

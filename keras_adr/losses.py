@@ -23,7 +23,7 @@ from typing import NamedTuple
 import keras
 import tensorflow as tf
 
-from keras_adr import graph
+from keras_adr import graph, pairwise
 from keras_adr.config import LATENT_NORMALIZATIONS, SMOOTHNESS_PUSHES
 
 DEFAULT_LABEL_SCALE = 0.99
@@ -115,107 +115,6 @@ def pair_weights(y, y_other=None, scale=DEFAULT_LABEL_SCALE):
     return same + (1.0 - same) * different_weight
 
 
-def _pairwise_l1_sums_naive(z_ref, z_query):
-    """`[M, N]` matrix of `sum_d |z_ref_j,d - z_query_i,d|` via a `[M, N, k]` tensor."""
-    return tf.reduce_sum(tf.abs(z_query[:, None, :] - z_ref[None, :, :]), axis=-1)
-
-
-def _order_keys(values):
-    """float32 -> int32 keys in the same order; `_flip_negative` decodes them.
-
-    Non-negative floats already order like their bit patterns; negative ones
-    order in reverse, so their magnitude bits are flipped. -0.0 becomes +0.0
-    first, so equal values get equal keys. Binary searches on the keys took
-    0.3x (normal values) to 0.8x (half of them zero) the time of searches on
-    the floats (2-core Xeon, `[1024, 128]`).
-    """
-    bits = tf.bitcast(values, tf.int32)
-    bits = tf.where(tf.equal(bits, tf.int32.min), 0, bits)
-    return _flip_negative(bits)
-
-
-def _flip_negative(bits):
-    """Flips the magnitude bits of negative int32s: its own inverse."""
-    return tf.bitwise.bitwise_xor(
-        bits, tf.bitwise.bitwise_and(tf.bitwise.right_shift(bits, 31), tf.int32.max)
-    )
-
-
-def _sort_ascending(keys):
-    """int32 `[k, N]` sorted along the last axis, and the order (TopK sorts descending)."""
-    descending, order = tf.math.top_k(tf.bitwise.invert(keys), k=tf.shape(keys)[-1])
-    return tf.bitwise.invert(descending), order
-
-
-def _l1_sums(queries, count_below, count, sum_below, bounds):
-    """`sum_j |r_j - q|` over a set of references, from their ranks and prefix sums.
-
-    `sum_{r<q} (q - r) + sum_{r>=q} (r - q) = q (2c - n) + T - 2S` with c of
-    the n references below q (sum S) and T their total. The references are a
-    segment of a sorted order with prefix sums P: `S = sum_below - P_start`,
-    `T = P_end - P_start`, so `T - 2S = bounds - 2 sum_below` with
-    `bounds = P_start + P_end`. Only `queries` carries gradient, so
-    d/dq = 2c - n: the rank-count gradient of the L1 sum.
-    """
-    rank_gradient = tf.cast(2 * count_below - count, tf.float32)  # from int32 counts: no gradient
-    return queries * rank_gradient + tf.stop_gradient(bounds - 2.0 * sum_below)
-
-
-def _pairwise_l1_sums_sorted(z_ref, y_ref, z_query, y_query, num_classes):
-    """Exact pairwise L1 sums, overall and within label, in O((N + M) k log N).
-
-    Per feature d and query i: `sum_j |z_ref_j,d - z_query_i,d|` over all
-    references j, and over the references with the query's label. Each
-    feature's references are sorted by value, and then by (label, rank by
-    value); each query is located in both orders by binary search, and the
-    sums are read from prefix sums. Keys are int32 (`_order_keys`; the
-    second order's key is `label * (N + 1) + rank`, and a query's is
-    `label * (N + 1) + number of references below it`), so the orders and
-    the ties are exact: a reference equal to a query counts as above it.
-
-    Returns:
-        Two `[k, M]` tensors (feature-major): all-pairs and same-label sums.
-    """
-    refs = tf.transpose(z_ref)  # [k, N], stop-gradient
-    queries = tf.transpose(z_query)  # [k, M], carries gradient
-    n_ref = tf.shape(refs)[1]
-    pad = lambda prefix: tf.pad(prefix, [[0, 0], [1, 0]])
-
-    ref_keys, order = _sort_ascending(_order_keys(refs))
-    ordered = tf.bitcast(_flip_negative(ref_keys), tf.float32)
-    prefix = pad(tf.cumsum(ordered, axis=1))
-    below = tf.searchsorted(ref_keys, _order_keys(tf.stop_gradient(queries)), side="left")
-    all_sums = _l1_sums(
-        queries,
-        below,
-        n_ref,
-        tf.gather(prefix, below, batch_dims=1),
-        prefix[:, -1:],
-    )
-
-    stride = n_ref + 1
-    # `rank` = position in the value order: sorting `label * stride + rank`
-    # orders by label, then value.
-    label_keys, rank = _sort_ascending(tf.gather(y_ref, order) * stride + tf.range(n_ref))
-    prefix = pad(tf.cumsum(tf.gather(ordered, rank, batch_dims=1), axis=1))
-    label_below = tf.searchsorted(label_keys, y_query * stride + below, side="left")
-    class_count = tf.math.bincount(y_ref, minlength=num_classes, maxlength=num_classes)
-    class_start = tf.cumsum(class_count, exclusive=True)
-    # Per class: the prefix sums before and through its segment, added.
-    class_bounds = tf.gather(prefix, class_start, axis=1) + tf.gather(
-        prefix, class_start + class_count, axis=1
-    )  # [k, C]
-    query_start = tf.gather(class_start, y_query)
-    same_sums = _l1_sums(
-        queries,
-        label_below - query_start,
-        tf.gather(class_count, y_query),
-        tf.gather(prefix, label_below, batch_dims=1),
-        tf.gather(class_bounds, y_query, axis=1),
-    )
-    return all_sums, same_sums
-
-
 def sample_features(num_features, fraction, seed):
     """Sorted indices of a uniform random subset of `round(fraction * num_features)` features.
 
@@ -280,7 +179,7 @@ def global_compactness_per_example(
     width = tf.cast(tf.shape(z_ref)[1], tf.float32)
     if method == "naive":
         weights = pair_weights(y_query, y_ref, scale)
-        return tf.reduce_sum(weights * _pairwise_l1_sums_naive(z_ref, z_query), axis=1) / (
+        return tf.reduce_sum(weights * pairwise.l1_sums_naive(z_ref, z_query), axis=1) / (
             n_ref * width
         )
     if method != "sorted":
@@ -288,7 +187,7 @@ def global_compactness_per_example(
     # W_ij = (1 - 1/scale) + (1/scale) [y_i == y_j]: an all-pairs part and a
     # same-label part.
     num_classes = tf.maximum(tf.reduce_max(y_ref), tf.reduce_max(y_query)) + 1
-    all_sums, same_sums = _pairwise_l1_sums_sorted(z_ref, y_ref, z_query, y_query, num_classes)
+    all_sums, same_sums = pairwise.l1_sums_sorted(z_ref, y_ref, z_query, y_query, num_classes)
     weighted = (1.0 - 1.0 / scale) * all_sums + (1.0 / scale) * same_sums
     return tf.reduce_sum(weighted, axis=0) / (n_ref * width)
 
