@@ -17,6 +17,8 @@ Usage (about 2 minutes per policy and instance on 2 idle cores):
     python -m benchmarks.adr_term_cost --output_dir=benchmarks/results/adr_term_cost
     python -m benchmarks.adr_term_cost --rounds=16 --instances=3 --policies=mixed_bfloat16 \\
         --sampled_fractions=0.25,0.125 --output_dir=benchmarks/results/adr_term_cost_sampled
+    python -m benchmarks.adr_term_cost --noablations --rounds=24 --instances=8 \\
+        --output_dir=benchmarks/results/adr_term_cost_ratio
 Smoke test:
     python -m benchmarks.adr_term_cost --rounds=2 --warmup=1 --attack_steps=1 \\
         --policies=float32 --output_dir=/tmp/atc
@@ -50,6 +52,12 @@ flags.DEFINE_list(
     "Also time adr_pgd with global compactness on these shares of the latent features "
     "(ADRConfig.global_compactness_features), e.g. 0.25,0.125.",
 )
+flags.DEFINE_bool(
+    "ablations",
+    True,
+    "Also time adr_pgd with each term off; --noablations times pgd_at and adr_pgd alone "
+    "(more instances in the same time: their ratio measured in one process).",
+)
 flags.DEFINE_string("output_dir", "benchmarks/results/adr_term_cost", "Where rows and report go.")
 FLAGS = flags.FLAGS
 
@@ -57,7 +65,7 @@ BASELINE, FULL = "pgd_at", "adr_pgd"
 
 
 def configurations():
-    """`{name: ADRConfig}`: the baseline, full ADR, and ADR without each of its terms."""
+    """`{name: ADRConfig}`: the baseline, full ADR, and (`--ablations`) ADR without each term."""
     from keras_adr import presets
 
     full = presets.get(FULL, attack_steps=FLAGS.attack_steps)
@@ -65,7 +73,7 @@ def configurations():
         BASELINE: presets.get(BASELINE, attack_steps=FLAGS.attack_steps),
         FULL: full,
     }
-    for term in full.enabled_terms:
+    for term in full.enabled_terms if FLAGS.ablations else ():
         configs[f"{FULL} without {term}"] = full.replace(**{term: 0.0})
     for fraction in FLAGS.sampled_fractions:
         configs[f"{FULL}, global compactness on {float(fraction):g} of features"] = full.replace(

@@ -675,6 +675,11 @@ def test_adr_term_cost_switches_off_one_term_at_a_time():
         assert config.replace(**{term: getattr(full, term)}) == full  # nothing else changed
     sampled = configs["adr_pgd, global compactness on 0.25 of features"]
     assert sampled == full.replace(global_compactness_features=0.25)
+    flags.FLAGS(["adr_term_cost", "--noablations"])
+    try:
+        assert list(adr_term_cost.configurations()) == ["pgd_at", "adr_pgd"]
+    finally:
+        flags.FLAGS.unparse_flags()
 
     medians = {"pgd_at": 0.1, "adr_pgd": 0.13, "adr_pgd without global_compactness": 0.1}
     row = {"policy": "p", "median_step_seconds": medians, "rounds": 2}
