@@ -382,11 +382,15 @@ def run(options, adr_config):
     # TensorFlow runs anything.
     strategy = distribute.get_strategy(options.strategy)
     out = distribute.work_dir(strategy, options.output_dir)
-    policy = precision.resolve(options.precision)
+    if options.precision == "auto":
+        policy, why = precision.auto_choice()
+        why = f"--precision=auto: {why}"
+    else:
+        policy, why = precision.resolve(options.precision), f"--precision={options.precision}"
     with rundir.RunDirectory(out, _run_config(options, adr_config, policy)) as run_dir:
         if run_dir.state.get("complete") and os.path.exists(run_dir.file("metrics.json")):
             return fileio.read_json(run_dir.file("metrics.json"))
-        logging.info("Training precision: %s (--precision=%s).", policy, options.precision)
+        logging.info("Training precision: %s (%s).", policy, why)
         precision.log_speed_warnings(policy)
         # The model is built under the policy and keeps it; the global policy
         # is restored afterwards.

@@ -133,16 +133,35 @@ def resolve(precision, *, cpuinfo=CPUINFO, gpu_capabilities=None, environ=None):
         raise ValueError(f"`precision` must be one of {', '.join(PRECISIONS)}; got {precision!r}.")
     if precision != "auto":
         return precision
+    return auto_choice(cpuinfo=cpuinfo, gpu_capabilities=gpu_capabilities, environ=environ)[0]
+
+
+def auto_choice(*, cpuinfo=CPUINFO, gpu_capabilities=None, environ=None):
+    """`(policy, reason)`: what `resolve("auto")` picks here, and why (a log line's end).
+
+    Args: as `resolve`.
+    """
     if gpu_capabilities is None:
         gpu_capabilities = gpu_compute_capabilities()
     if gpu_capabilities:
-        supported = all(tuple(c) >= BFLOAT16_GPU_CAPABILITY for c in gpu_capabilities)
-    else:
-        flags = cpu_flags(cpuinfo)
-        supported = any(flag in flags for flag in AUTO_BFLOAT16_CPU_FLAGS) and (
-            onednn_may_use_amx(environ)
+        if all(tuple(c) >= BFLOAT16_GPU_CAPABILITY for c in gpu_capabilities):
+            return "mixed_bfloat16", "every GPU has compute capability 8.0 or more"
+        return "float32", "a GPU has compute capability below 8.0 (no bfloat16)"
+    flags = cpu_flags(cpuinfo)
+    environ = os.environ if environ is None else environ
+    if any(flag in flags for flag in AUTO_BFLOAT16_CPU_FLAGS):
+        if onednn_may_use_amx(environ):
+            return "mixed_bfloat16", "the CPU has AMX"
+        return "float32", (
+            "the CPU has AMX, but oneDNN is off or capped below it (TF_ENABLE_ONEDNN_OPTS, "
+            "ONEDNN_MAX_CPU_ISA)"
         )
-    return "mixed_bfloat16" if supported else "float32"
+    if any(flag in flags for flag in BFLOAT16_CPU_FLAGS):
+        return "float32", (
+            "the CPU has AVX512_BF16 but no AMX, where bfloat16 ran 0.7x-2x float32's speed "
+            "(issue 14); --precision=mixed_bfloat16 uses it anyway"
+        )
+    return "float32", "the CPU has no bfloat16 instructions"
 
 
 @contextlib.contextmanager

@@ -79,6 +79,26 @@ def test_auto_needs_onednn_free_to_use_amx(tmp_path, environ, expected):
     )  # an explicit choice is kept
 
 
+@pytest.mark.parametrize(
+    "flags, gpus, environ, policy, reason",
+    [
+        (["amx_bf16"], [], {}, "mixed_bfloat16", "the CPU has AMX"),
+        (["amx_bf16"], [], {"ONEDNN_MAX_CPU_ISA": "AVX2"}, "float32", "capped below it"),
+        (["avx512_bf16"], [], {}, "float32", "AVX512_BF16 but no AMX"),
+        (["avx2"], [], {}, "float32", "no bfloat16 instructions"),
+        ([], [(8, 0)], {}, "mixed_bfloat16", "compute capability 8.0 or more"),
+        ([], [(7, 5)], {}, "float32", "below 8.0"),
+    ],
+)
+def test_auto_choice_says_why(tmp_path, flags, gpus, environ, policy, reason):
+    cpuinfo = _cpuinfo(tmp_path, flags)
+    chosen, why = precision.auto_choice(cpuinfo=cpuinfo, gpu_capabilities=gpus, environ=environ)
+    assert chosen == policy and reason in why
+    assert precision.resolve("auto", cpuinfo=cpuinfo, gpu_capabilities=gpus, environ=environ) == (
+        policy
+    )
+
+
 def test_cpu_flags_reads_the_first_processor(tmp_path):
     flags = precision.cpu_flags(_cpuinfo(tmp_path, ["amx_bf16"]))
     assert {"fpu", "avx2", "amx_bf16"} <= flags and "avx512_bf16" not in flags
@@ -405,3 +425,23 @@ def test_run_records_the_precision_and_exports_float32(tmp_path):
     np.testing.assert_allclose(
         served, np.asarray(final(images), np.float32), rtol=BFLOAT16_RTOL, atol=BFLOAT16_RTOL
     )
+
+
+def test_auto_run_logs_the_policy_it_picked_and_why(tmp_path, monkeypatch):
+    from keras_adr import pipeline
+
+    monkeypatch.setattr(precision, "auto_choice", lambda: ("float32", "a stated reason"))
+    built, logged = [], []
+    monkeypatch.setattr(
+        pipeline,
+        "_run_stages",
+        lambda options, config, strategy, run_dir, policy: built.append(policy),
+    )
+    # absl's handlers depend on what ran before: record the calls themselves.
+    monkeypatch.setattr(pipeline.logging, "info", lambda msg, *args: logged.append(msg % args))
+    options = pipeline.TrainOptions(
+        output_dir=str(tmp_path / "run"), strategy="default", precision="auto", verbose=0
+    )
+    pipeline.run(options, keras_adr.presets.get("pgd_at"))
+    assert built == ["float32"]
+    assert "Training precision: float32 (--precision=auto: a stated reason)." in logged
