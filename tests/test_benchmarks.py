@@ -705,3 +705,12 @@ def test_global_compactness_variants_equal_the_library_and_write_a_report(tmp_pa
     assert results["max_difference_from_library"] == {"packed_counts": 0.0, "int64_class_sort": 0.0}
     report = output.with_suffix(".md").read_text()
     assert "| packed_counts |" in report and "B = 16, k = 8" in report
+
+
+def test_precision_speed_names_a_capped_onednn_in_the_summary():
+    from benchmarks import precision_speed
+
+    note = precision_speed._isa_note({"onednn_max_cpu_isa": "AVX512_CORE_BF16"})
+    assert "ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16" in note
+    assert precision_speed._isa_note({"onednn_max_cpu_isa": None}) == ""
+    assert precision_speed._isa_note({}) == ""  # rows from before the field
