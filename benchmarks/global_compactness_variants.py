@@ -58,59 +58,16 @@ CHECK_CASES = (
 )
 
 
-def _pad(prefix):
-    import tensorflow as tf
-
-    return tf.pad(prefix, [[0, 0], [1, 0]])
-
-
-def _all_pairs(refs, queries):
-    """The library's first half: keys, value order, prefix sums, all-pairs sums, `below`."""
-    import tensorflow as tf
-
-    from keras_adr import pairwise
-
-    n_ref = tf.shape(refs)[1]
-    keys = pairwise.order_keys(refs)
-    ref_keys, order = pairwise.sort_ascending(keys)
-    ordered = tf.bitcast(pairwise.flip_negative(ref_keys), tf.float32)
-    prefix = _pad(tf.cumsum(ordered, axis=1))
-    query_keys = pairwise.order_keys(tf.stop_gradient(queries))
-    below = tf.searchsorted(ref_keys, query_keys, side="left")
-    all_sums = pairwise.l1_sums_from_ranks(
-        queries, below, n_ref, tf.gather(prefix, below, batch_dims=1), prefix[:, -1:]
-    )
-    return keys, query_keys, order, ordered, below, all_sums
-
-
-def _same_label_sums(queries, y_ref, y_query, num_classes, prefix, same_below):
-    """Same-label sums from prefix sums in (label, value) order and counts below each query."""
-    import tensorflow as tf
-
-    from keras_adr import pairwise
-
-    class_count = tf.math.bincount(y_ref, minlength=num_classes, maxlength=num_classes)
-    class_start = tf.cumsum(class_count, exclusive=True)
-    class_bounds = tf.gather(prefix, class_start, axis=1) + tf.gather(
-        prefix, class_start + class_count, axis=1
-    )
-    query_start = tf.gather(class_start, y_query)
-    return pairwise.l1_sums_from_ranks(
-        queries,
-        same_below,
-        tf.gather(class_count, y_query),
-        tf.gather(prefix, query_start + same_below, batch_dims=1),
-        tf.gather(class_bounds, y_query, axis=1),
-    )
-
-
 def packed_counts(z_ref, y_ref, z_query, y_query, num_classes):
     """As `pairwise.l1_sums_sorted`, with per-label counts packed in int32 fields."""
     import tensorflow as tf
 
+    from keras_adr import pairwise
+
     refs, queries = tf.transpose(z_ref), tf.transpose(z_query)
     n_ref = tf.shape(refs)[1]
-    _, _, order, ordered, below, all_sums = _all_pairs(refs, queries)
+    by_value = pairwise.value_order(refs, queries)
+    order, ordered, below = by_value.order, by_value.ordered, by_value.below
     # Fields wide enough for a count of n_ref: bit_length(n_ref) bits.
     bits = tf.reduce_sum(tf.cast(n_ref >= tf.bitwise.left_shift(1, tf.range(31)), tf.int32))
     per_word = 32 // bits
@@ -129,34 +86,41 @@ def packed_counts(z_ref, y_ref, z_query, y_query, num_classes):
     q_word = tf.equal((y_query // per_word)[:, None], tf.range(words))
     same_below = field(tf.gather(counts, below, batch_dims=1), q_word, (y_query % per_word) * bits)
     class_count = tf.math.bincount(y_ref, minlength=num_classes, maxlength=num_classes)
-    position = tf.gather(tf.cumsum(class_count, exclusive=True), labels) + field(
-        counts[:, :-1], in_word, shift
-    )
+    class_start = tf.cumsum(class_count, exclusive=True)
+    position = tf.gather(class_start, labels) + field(counts[:, :-1], in_word, shift)
     rows = tf.broadcast_to(tf.range(tf.shape(refs)[0])[:, None], tf.shape(position))
     by_label = tf.scatter_nd(tf.stack([rows, position], -1), ordered, tf.shape(ordered))
-    prefix = _pad(tf.cumsum(by_label, axis=1))
-    same_sums = _same_label_sums(queries, y_ref, y_query, num_classes, prefix, same_below)
-    return all_sums, same_sums
+    query_position = tf.gather(class_start, y_query) + same_below
+    same_sums = pairwise.same_label_sums(
+        queries, y_ref, y_query, num_classes, by_label, query_position
+    )
+    return by_value.all_sums, same_sums
 
 
 def int64_class_sort(z_ref, y_ref, z_query, y_query, num_classes):
     """As `pairwise.l1_sums_sorted`, the second order from one int64 sort."""
     import tensorflow as tf
 
+    from keras_adr import pairwise
+
     refs, queries = tf.transpose(z_ref), tf.transpose(z_query)
-    keys, query_keys, _, _, _, all_sums = _all_pairs(refs, queries)
+    by_value = pairwise.value_order(refs, queries)
     offset = lambda y: tf.cast(y, tf.int64) * 2**32 + 2**31
     negated, label_order = tf.math.top_k(
-        -(tf.cast(keys, tf.int64) + offset(y_ref)), k=tf.shape(refs)[1]
+        -(tf.cast(by_value.keys, tf.int64) + offset(y_ref)), k=tf.shape(refs)[1]
     )
-    prefix = _pad(tf.cumsum(tf.gather(refs, label_order, batch_dims=1), axis=1))
     position = tf.searchsorted(
-        -negated, tf.cast(query_keys, tf.int64) + offset(y_query), side="left"
+        -negated, tf.cast(by_value.query_keys, tf.int64) + offset(y_query), side="left"
     )
-    class_count = tf.math.bincount(y_ref, minlength=num_classes, maxlength=num_classes)
-    same_below = position - tf.gather(tf.cumsum(class_count, exclusive=True), y_query)
-    same_sums = _same_label_sums(queries, y_ref, y_query, num_classes, prefix, same_below)
-    return all_sums, same_sums
+    same_sums = pairwise.same_label_sums(
+        queries,
+        y_ref,
+        y_query,
+        num_classes,
+        tf.gather(refs, label_order, batch_dims=1),
+        position,
+    )
+    return by_value.all_sums, same_sums
 
 
 def variants():

@@ -9,6 +9,8 @@ from sorted orders, binary searches and prefix sums, instead of the
 against it.
 """
 
+from typing import NamedTuple
+
 import tensorflow as tf
 
 
@@ -58,6 +60,63 @@ def l1_sums_from_ranks(queries, count_below, count, sum_below, bounds):
     return queries * rank_gradient + tf.stop_gradient(bounds - 2.0 * sum_below)
 
 
+class ValueOrder(NamedTuple):
+    """Each feature's references sorted by value, the queries placed in it (`value_order`)."""
+
+    keys: tf.Tensor  # [k, N] int32 order keys of the references, unsorted
+    query_keys: tf.Tensor  # [k, M] int32 order keys of the queries
+    order: tf.Tensor  # [k, N] reference index at each sorted position
+    ordered: tf.Tensor  # [k, N] reference values, sorted
+    below: tf.Tensor  # [k, M] number of references below each query
+    all_sums: tf.Tensor  # [k, M] sum over all references of |r - q|
+
+
+def value_order(refs, queries):
+    """Sorts feature-major `refs` `[k, N]` by value and sums `|r - q|` for `queries` `[k, M]`."""
+    n_ref = tf.shape(refs)[1]
+    keys = order_keys(refs)
+    ref_keys, order = sort_ascending(keys)
+    ordered = tf.bitcast(flip_negative(ref_keys), tf.float32)
+    prefix = _pad_front(tf.cumsum(ordered, axis=1))
+    query_keys = order_keys(tf.stop_gradient(queries))
+    below = tf.searchsorted(ref_keys, query_keys, side="left")
+    all_sums = l1_sums_from_ranks(
+        queries, below, n_ref, tf.gather(prefix, below, batch_dims=1), prefix[:, -1:]
+    )
+    return ValueOrder(keys, query_keys, order, ordered, below, all_sums)
+
+
+def same_label_sums(queries, y_ref, y_query, num_classes, label_ordered, position):
+    """`sum_j |r_j - q|` over the references with the query's label.
+
+    Args:
+        queries: `[k, M]` feature-major query codes.
+        y_ref: `[N]` int32 reference labels.
+        y_query: `[M]` int32 query labels.
+        num_classes: Scalar int32 above every label.
+        label_ordered: `[k, N]` reference values in (label, value) order.
+        position: `[k, M]` int32: where each query would go in that order
+            (its label's start plus the references of its label below it).
+
+    Returns:
+        `[k, M]` float32.
+    """
+    prefix = _pad_front(tf.cumsum(label_ordered, axis=1))
+    class_count = tf.math.bincount(y_ref, minlength=num_classes, maxlength=num_classes)
+    class_start = tf.cumsum(class_count, exclusive=True)
+    # Per class: the prefix sums before and through its segment, added.
+    class_bounds = tf.gather(prefix, class_start, axis=1) + tf.gather(
+        prefix, class_start + class_count, axis=1
+    )  # [k, C]
+    return l1_sums_from_ranks(
+        queries,
+        position - tf.gather(class_start, y_query),
+        tf.gather(class_count, y_query),
+        tf.gather(prefix, position, batch_dims=1),
+        tf.gather(class_bounds, y_query, axis=1),
+    )
+
+
 def l1_sums_sorted(z_ref, y_ref, z_query, y_query, num_classes):
     """Exact pairwise L1 sums, overall and within label, in O((N + M) k log N).
 
@@ -83,39 +142,24 @@ def l1_sums_sorted(z_ref, y_ref, z_query, y_query, num_classes):
     """
     refs = tf.transpose(z_ref)  # [k, N], stop-gradient
     queries = tf.transpose(z_query)  # [k, M], carries gradient
+    by_value = value_order(refs, queries)
     n_ref = tf.shape(refs)[1]
-    pad = lambda prefix: tf.pad(prefix, [[0, 0], [1, 0]])
-
-    ref_keys, order = sort_ascending(order_keys(refs))
-    ordered = tf.bitcast(flip_negative(ref_keys), tf.float32)
-    prefix = pad(tf.cumsum(ordered, axis=1))
-    below = tf.searchsorted(ref_keys, order_keys(tf.stop_gradient(queries)), side="left")
-    all_sums = l1_sums_from_ranks(
-        queries,
-        below,
-        n_ref,
-        tf.gather(prefix, below, batch_dims=1),
-        prefix[:, -1:],
-    )
-
     stride = n_ref + 1
     # `rank` = position in the value order: sorting `label * stride + rank`
     # orders by label, then value.
-    label_keys, rank = sort_ascending(tf.gather(y_ref, order) * stride + tf.range(n_ref))
-    prefix = pad(tf.cumsum(tf.gather(ordered, rank, batch_dims=1), axis=1))
-    label_below = tf.searchsorted(label_keys, y_query * stride + below, side="left")
-    class_count = tf.math.bincount(y_ref, minlength=num_classes, maxlength=num_classes)
-    class_start = tf.cumsum(class_count, exclusive=True)
-    # Per class: the prefix sums before and through its segment, added.
-    class_bounds = tf.gather(prefix, class_start, axis=1) + tf.gather(
-        prefix, class_start + class_count, axis=1
-    )  # [k, C]
-    query_start = tf.gather(class_start, y_query)
-    same_sums = l1_sums_from_ranks(
+    label_keys, rank = sort_ascending(tf.gather(y_ref, by_value.order) * stride + tf.range(n_ref))
+    position = tf.searchsorted(label_keys, y_query * stride + by_value.below, side="left")
+    same_sums = same_label_sums(
         queries,
-        label_below - query_start,
-        tf.gather(class_count, y_query),
-        tf.gather(prefix, label_below, batch_dims=1),
-        tf.gather(class_bounds, y_query, axis=1),
+        y_ref,
+        y_query,
+        num_classes,
+        tf.gather(by_value.ordered, rank, batch_dims=1),
+        position,
     )
-    return all_sums, same_sums
+    return by_value.all_sums, same_sums
+
+
+def _pad_front(prefix):
+    """Prefix sums `[k, N]` -> `[k, N + 1]` starting at 0."""
+    return tf.pad(prefix, [[0, 0], [1, 0]])
