@@ -23,6 +23,12 @@ for the loss metric, the gradient for the update) on ReLU-like codes (half
 of them 0; the latent codes of `small_cnn` after 30 `adr_pgd` steps were 54%
 zeros).
 
+In the same rounds it times parts of the library's form, for a floor on
+what any sort-based form can cost: the reference side alone (the library
+with no queries: both orders and their prefix sums, which a training step
+can start before the attack ends), one `TopKV2` sort of the `[k, B]` int32
+keys, and the same sort compiled by XLA (`jit_compile`).
+
 Usage (about 1 minute on 2 idle cores):
     python -m benchmarks.global_compactness_variants \\
         --output=benchmarks/results/global_compactness_variants.json
@@ -133,6 +139,29 @@ def variants():
     }
 
 
+def parts():
+    """Parts of the library's form, each a `tf.function` of the four inputs."""
+    import tensorflow as tf
+
+    from keras_adr import pairwise
+
+    library = value_and_gradient(pairwise.l1_sums_sorted)
+
+    def keys(z_ref):
+        return pairwise.order_keys(tf.transpose(z_ref))
+
+    xla_sort = tf.function(lambda keys: tf.sort(keys, axis=-1), jit_compile=True)
+    return {
+        "reference side (library, no queries)": tf.function(
+            lambda z_ref, y_ref, z_query, y_query: library(z_ref, y_ref, z_query[:0], y_query[:0])
+        ),
+        "one sort of [k, B] int32 keys (TopKV2)": tf.function(
+            lambda z_ref, *_: pairwise.sort_ascending(keys(z_ref))
+        ),
+        "one sort of [k, B] int32 keys (XLA)": tf.function(lambda z_ref, *_: xla_sort(keys(z_ref))),
+    }
+
+
 def value_and_gradient(pairwise_sums):
     """A `tf.function` of `(z_ref, y_ref, z_query, y_query)`: both sums and d(term)/d(z_query)."""
     import tensorflow as tf
@@ -189,18 +218,20 @@ def max_differences(functions, cases=CHECK_CASES, seed=0):
 
 def measure():
     import numpy as np
+    import tensorflow as tf
 
     from benchmarks import step_timing
 
     functions = {name: value_and_gradient(f) for name, f in variants().items()}
     differences = max_differences(functions)
+    functions.update(parts())
     size = (FLAGS.batch_size, FLAGS.batch_size, FLAGS.features, FLAGS.classes, 0.5)
     args = codes(np.random.default_rng(1), *size)
 
     def call(function):
         for _ in range(FLAGS.calls):
             outputs = function(*args)
-        outputs[-1].numpy()  # Waits for the calls.
+        tf.nest.flatten(outputs)[-1].numpy()  # Waits for the calls.
 
     for function in functions.values():
         call(function)  # Traces and warms up.
@@ -210,6 +241,7 @@ def measure():
         "ms_per_call": {name: 1000 * t / FLAGS.calls for name, t in medians.items()},
         "relative_to_library": {name: t / library for name, t in medians.items()},
         "max_difference_from_library": differences,
+        "parts": list(parts()),
         "seconds_per_round": samples,
         "batch_size": FLAGS.batch_size,
         "features": FLAGS.features,
@@ -222,6 +254,9 @@ def measure():
 
 def markdown(results):
     differences = results["max_difference_from_library"]
+    part_names = results.get("parts", [])
+    row_of = lambda name, ms: [name, f"{ms:.2f}", f"{results['relative_to_library'][name]:.2f}"]
+    part_rows = [row_of(n, ms) for n, ms in results["ms_per_call"].items() if n in part_names]
     rows = [
         [
             name,
@@ -230,6 +265,7 @@ def markdown(results):
             "-" if name not in differences else f"{differences[name]:.1e}",
         ]
         for name, ms in results["ms_per_call"].items()
+        if name not in part_names
     ]
     return "\n".join(
         [
@@ -243,6 +279,10 @@ def markdown(results):
             *results_io.markdown_table(
                 ["form", "ms per call", "/ library", "max abs difference from library"], rows
             ),
+            "",
+            "Parts of the library's form, timed in the same rounds:",
+            "",
+            *results_io.markdown_table(["part", "ms per call", "/ library"], part_rows),
             "",
         ]
     )

@@ -700,11 +700,13 @@ def test_global_compactness_variants_equal_the_library_and_write_a_report(tmp_pa
     )
     results = json.loads(output.read_text())
     forms = {"sorted (library)", "packed_counts", "int64_class_sort"}
-    assert set(results["ms_per_call"]) == forms
+    assert set(results["ms_per_call"]) == forms | set(results["parts"])
+    assert "reference side (library, no queries)" in results["parts"]
     # Values and gradients on CHECK_CASES (ties, zeros, 100 labels) equal the library's.
     assert results["max_difference_from_library"] == {"packed_counts": 0.0, "int64_class_sort": 0.0}
     report = output.with_suffix(".md").read_text()
     assert "| packed_counts |" in report and "B = 16, k = 8" in report
+    assert "| one sort of [k, B] int32 keys (TopKV2) |" in report.split("Parts of")[1]
 
 
 def test_precision_speed_names_a_capped_onednn_in_the_summary():
