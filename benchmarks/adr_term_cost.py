@@ -8,7 +8,9 @@ together are compared), it builds `small_cnn` with `pgd_at`, `adr_pgd`, and
 compiled training steps round by round (one step of each configuration per
 round, in a rotated order), so that a change of machine load hits every
 configuration alike. A term's cost is `adr_pgd`'s median step time minus
-the median without that term.
+the median without that term. Each step's process CPU time is recorded
+too: "cores busy" (CPU / wall) says whether a term's work runs beside the
+step's critical path, on otherwise idle cores, or lengthens it.
 
 Rows go to `<output_dir>/<policy>.json` as each policy finishes (a rerun
 skips finished policies); the report is `<output_dir>/summary.md`.
@@ -26,7 +28,9 @@ Smoke test:
 
 import os
 import sys
+import time
 
+import numpy as np
 from absl import app, flags
 
 if not __package__:  # `python benchmarks/adr_term_cost.py`: import as `python -m` would.
@@ -103,12 +107,21 @@ def measure(policy):
     functions = step_timing.train_functions(
         variants, _build, FLAGS.batch_size, instances=FLAGS.instances, warmup=FLAGS.warmup
     )
-    medians, samples = step_timing.alternate(
-        functions, FLAGS.rounds, lambda fn: step_timing.run_steps(fn, 1)
-    )
+    # Process CPU time per step too: cores busy = CPU / wall shows whether a
+    # term's work fills idle cores or adds to the critical path.
+    name_of = {id(fn): name for name, fns in functions.items() for fn in fns}
+    cpu_seconds = {name: [] for name in functions}
+
+    def step(fn):
+        start = time.process_time()
+        step_timing.run_steps(fn, 1)
+        cpu_seconds[name_of[id(fn)]].append(time.process_time() - start)
+
+    medians, samples = step_timing.alternate(functions, FLAGS.rounds, step)
     return {
         "policy": policy,
         "median_step_seconds": medians,
+        "median_step_cpu_seconds": {name: float(np.median(t)) for name, t in cpu_seconds.items()},
         "step_seconds": samples,  # per configuration, per instance
         "rounds": FLAGS.rounds,
         "instances": FLAGS.instances,
@@ -131,6 +144,7 @@ def markdown(rows):
     ]
     for row in rows:
         medians = row["median_step_seconds"]
+        cpu = row.get("median_step_cpu_seconds", {})  # not in rows from before it
         full, base = medians[FULL], medians[BASELINE]
         table = [
             [
@@ -138,6 +152,8 @@ def markdown(rows):
                 f"{seconds:.4f}",
                 f"{seconds / base:.3f}",
                 "" if name in (FULL, BASELINE) else f"{1000 * (full - seconds):+.1f}",
+                f"{cpu[name]:.4f}" if name in cpu else "",
+                f"{cpu[name] / seconds:.2f}" if name in cpu else "",
             ]
             for name, seconds in medians.items()
         ]
@@ -150,6 +166,8 @@ def markdown(rows):
                     "s/step",
                     f"/ {BASELINE}",
                     f"{FULL} - row (ms): a term's cost, or what sampling saves",
+                    "CPU s/step",
+                    "cores busy",
                 ],
                 table,
             ),

@@ -685,7 +685,30 @@ def test_adr_term_cost_switches_off_one_term_at_a_time():
     row = {"policy": "p", "median_step_seconds": medians, "rounds": 2}
     report = adr_term_cost.markdown([dict(row, batch_size=8, attack_steps=3)])
     assert "| adr_pgd | 0.1300 | 1.300 |  |" in report
-    assert "| adr_pgd without global_compactness | 0.1000 | 1.000 | +30.0 |" in report
+    assert "| adr_pgd without global_compactness | 0.1000 | 1.000 | +30.0 |  |  |" in report
+    cpu = {"pgd_at": 0.17, "adr_pgd": 0.2, "adr_pgd without global_compactness": 0.17}
+    report = adr_term_cost.markdown(
+        [dict(row, batch_size=8, attack_steps=3, median_step_cpu_seconds=cpu)]
+    )
+    assert "| adr_pgd | 0.1300 | 1.300 |  | 0.2000 | 1.54 |" in report
+
+
+def test_adr_term_cost_records_wall_and_cpu_time_per_configuration(tmp_path):
+    _benchmark(
+        "adr_term_cost",
+        "--rounds=2",
+        "--warmup=1",
+        "--attack_steps=1",
+        "--batch_size=16",
+        "--policies=float32",
+        "--noablations",
+        f"--output_dir={tmp_path}",
+    )
+    row = json.loads((tmp_path / "float32.json").read_text())
+    for field in ("median_step_seconds", "median_step_cpu_seconds"):
+        assert set(row[field]) == {"pgd_at", "adr_pgd"}
+        assert all(seconds > 0 for seconds in row[field].values())
+    assert "| cores busy |" in (tmp_path / "summary.md").read_text()
 
 
 def test_global_compactness_variants_equal_the_library_and_write_a_report(tmp_path):
