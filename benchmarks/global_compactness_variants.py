@@ -150,7 +150,7 @@ def parts():
     def keys(z_ref):
         return pairwise.order_keys(tf.transpose(z_ref))
 
-    xla_sort = tf.function(lambda keys: tf.sort(keys, axis=-1), jit_compile=True)
+    xla_sort = tf.function(lambda int_keys: tf.sort(int_keys, axis=-1), jit_compile=True)
     return {
         "reference side (library, no queries)": tf.function(
             lambda z_ref, y_ref, z_query, y_query: library(z_ref, y_ref, z_query[:0], y_query[:0])
@@ -224,7 +224,8 @@ def measure():
 
     functions = {name: value_and_gradient(f) for name, f in variants().items()}
     differences = max_differences(functions)
-    functions.update(parts())
+    part_functions = parts()
+    functions.update(part_functions)
     size = (FLAGS.batch_size, FLAGS.batch_size, FLAGS.features, FLAGS.classes, 0.5)
     args = codes(np.random.default_rng(1), *size)
 
@@ -241,7 +242,7 @@ def measure():
         "ms_per_call": {name: 1000 * t / FLAGS.calls for name, t in medians.items()},
         "relative_to_library": {name: t / library for name, t in medians.items()},
         "max_difference_from_library": differences,
-        "parts": list(parts()),
+        "parts": list(part_functions),
         "seconds_per_round": samples,
         "batch_size": FLAGS.batch_size,
         "features": FLAGS.features,
