@@ -55,6 +55,8 @@ flags.DEFINE_string(
 )
 FLAGS = flags.FLAGS
 
+LIBRARY = "sorted (library)"  # the library's form: the name of its row
+
 # Equality is checked on these `(B_ref, B_query, k, classes, share of zeros)`.
 CHECK_CASES = (
     (128, 128, 64, 10, 0.5),
@@ -133,19 +135,20 @@ def variants():
     from keras_adr import pairwise
 
     return {
-        "sorted (library)": pairwise.l1_sums_sorted,
+        LIBRARY: pairwise.l1_sums_sorted,
         "packed_counts": packed_counts,
         "int64_class_sort": int64_class_sort,
     }
 
 
-def parts():
-    """Parts of the library's form, each a `tf.function` of the four inputs."""
+def parts(library):
+    """Parts of the library's form, each a `tf.function` of the four inputs.
+
+    `library` is the library's form as `value_and_gradient` returns it.
+    """
     import tensorflow as tf
 
     from keras_adr import pairwise
-
-    library = value_and_gradient(pairwise.l1_sums_sorted)
 
     def keys(z_ref):
         return pairwise.order_keys(tf.transpose(z_ref))
@@ -224,7 +227,7 @@ def measure():
 
     functions = {name: value_and_gradient(f) for name, f in variants().items()}
     differences = max_differences(functions)
-    part_functions = parts()
+    part_functions = parts(functions[LIBRARY])
     functions.update(part_functions)
     size = (FLAGS.batch_size, FLAGS.batch_size, FLAGS.features, FLAGS.classes, 0.5)
     args = codes(np.random.default_rng(1), *size)
@@ -237,7 +240,7 @@ def measure():
     for function in functions.values():
         call(function)  # Traces and warms up.
     medians, samples = step_timing.alternate(functions, FLAGS.rounds, call)
-    library = medians["sorted (library)"]
+    library = medians[LIBRARY]
     return {
         "ms_per_call": {name: 1000 * t / FLAGS.calls for name, t in medians.items()},
         "relative_to_library": {name: t / library for name, t in medians.items()},
@@ -256,16 +259,15 @@ def measure():
 def markdown(results):
     differences = results["max_difference_from_library"]
     part_names = results.get("parts", [])
-    row_of = lambda name, ms: [name, f"{ms:.2f}", f"{results['relative_to_library'][name]:.2f}"]
-    part_rows = [row_of(n, ms) for n, ms in results["ms_per_call"].items() if n in part_names]
+    ms_per_call = results["ms_per_call"]
+
+    def row(name):
+        return [name, f"{ms_per_call[name]:.2f}", f"{results['relative_to_library'][name]:.2f}"]
+
+    part_rows = [row(name) for name in ms_per_call if name in part_names]
     rows = [
-        [
-            name,
-            f"{ms:.2f}",
-            f"{results['relative_to_library'][name]:.2f}",
-            "-" if name not in differences else f"{differences[name]:.1e}",
-        ]
-        for name, ms in results["ms_per_call"].items()
+        row(name) + ["-" if name not in differences else f"{differences[name]:.1e}"]
+        for name in ms_per_call
         if name not in part_names
     ]
     return "\n".join(

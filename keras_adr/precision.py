@@ -148,7 +148,6 @@ def auto_choice(*, cpuinfo=CPUINFO, gpu_capabilities=None, environ=None):
             return "mixed_bfloat16", "every GPU has compute capability 8.0 or more"
         return "float32", "a GPU has compute capability below 8.0 (no bfloat16)"
     flags = cpu_flags(cpuinfo)
-    environ = os.environ if environ is None else environ
     if any(flag in flags for flag in AUTO_BFLOAT16_CPU_FLAGS):
         if onednn_may_use_amx(environ):
             return "mixed_bfloat16", "the CPU has AMX"
