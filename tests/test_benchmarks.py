@@ -148,7 +148,7 @@ def _speed_row(policy, defense, seconds):
 
 
 def test_precision_analysis_marks_issue_14_targets():
-    from benchmarks import precision_speed
+    from benchmarks import precision_speed_report
 
     rows = [
         _speed_row("float32", "pgd_at", 0.30),
@@ -160,7 +160,7 @@ def test_precision_analysis_marks_issue_14_targets():
         _speed_row("mixed_bfloat16", "adr_pgd", 0.16),
         _speed_row("mixed_bfloat16", "adr_pgd", 0.25),  # 0.33 / 0.25 = 1.32: not met
     ]
-    analysis = precision_speed.analyse(rows)
+    analysis = precision_speed_report.analyse(rows)
     by_key = {(c["defense"], c["policy"]): c for c in analysis["configurations"]}
     pgd_bf16 = by_key[("pgd_at", "mixed_bfloat16")]
     assert pgd_bf16["processes"] == 2
@@ -179,13 +179,13 @@ def test_precision_analysis_marks_issue_14_targets():
         "adr_pgd <= 1.05 x pgd_at in float32 (medians over processes)": True,
         "adr_pgd <= 1.05 x pgd_at in mixed_bfloat16 (medians over processes)": False,
     }
-    text = "\n".join(precision_speed.markdown_lines(analysis))
+    text = "\n".join(precision_speed_report.markdown_lines(analysis))
     assert "| adr_pgd | mixed_bfloat16 | 2 | 0.205 | 0.160 | 0.250 | 1.61 | 1.32 |" in text
     assert "**not met**" in text and "**met**" in text
 
 
 def test_precision_analysis_pairs_the_defenses_round_by_round():
-    from benchmarks import precision_speed
+    from benchmarks import precision_speed_report
 
     def row(defense, run, seconds):
         return dict(_speed_row("mixed_bfloat16", defense, seconds), run=run)
@@ -199,14 +199,14 @@ def test_precision_analysis_pairs_the_defenses_round_by_round():
         row("adr_pgd", 2, 0.20),  # 2.00
         row("pgd_at", 3, 0.10),  # no adr_pgd process in this round
     ]
-    analysis = precision_speed.analyse(rows)
+    analysis = precision_speed_report.analyse(rows)
     per_round = analysis["adr_pgd_over_pgd_at_per_round"]["mixed_bfloat16"]
     assert per_round == {"rounds": 3, "median": pytest.approx(1.10)}
     # The ratio of medians over processes mixes rounds: 0.20 / 0.10.
     assert analysis["adr_pgd_over_pgd_at"]["mixed_bfloat16"] == pytest.approx(
         1.1 / 1.0 * 0.2 / 0.11
     )
-    text = "\n".join(precision_speed.markdown_lines(analysis))
+    text = "\n".join(precision_speed_report.markdown_lines(analysis))
     assert "| mixed_bfloat16 | 2.000 | 1.100 (3) |" in text
 
 
@@ -357,7 +357,7 @@ def test_op_profile_counts_self_time_per_op_type_and_overlap_across_threads():
 
 
 def test_slow_compilations_count_first_and_faster_of_two_and_leave_out_disturbed_ones():
-    from benchmarks import precision_speed
+    from benchmarks import precision_speed_compilations
 
     quiet = {"user": 0.2, "nice": 0.0, "system": 0.0}
     busy = {"user": 0.3, "nice": 0.0, "system": 0.0}  # 0.1 s/step of someone else's
@@ -388,18 +388,18 @@ def test_slow_compilations_count_first_and_faster_of_two_and_leave_out_disturbed
         },
         {"defense": "pgd_at", "policy": "mixed_bfloat16", "median_step_seconds": 0.11},
     ]
-    adr, pgd = precision_speed.slow_compilations(rows)
+    adr, pgd = precision_speed_compilations.slow_compilations(rows)
     assert adr["median_step_seconds"] == 0.12
     assert (adr["compilations"], adr["disturbed"], adr["slow"]) == (12, 1, 4)
     assert (adr["processes_with_two"], adr["first_slow"], adr["faster_of_two_slow"]) == (4, 2, 1)
     assert (pgd["compilations"], pgd["slow"], pgd["processes_with_two"]) == (1, 0, 0)
-    text = "\n".join(precision_speed.slow_compilation_lines(rows))
+    text = "\n".join(precision_speed_compilations.slow_compilation_lines(rows))
     assert "| adr_pgd | mixed_bfloat16 | 120.0 | 12 | 1 | 4 | 2 of 4 | 1 of 4 |" in text
-    assert precision_speed.slow_compilation_lines(rows[-1:]) == []
+    assert precision_speed_compilations.slow_compilation_lines(rows[-1:]) == []
 
 
 def test_slow_op_differences_compare_slow_and_other_profiled_compilations():
-    from benchmarks import precision_speed
+    from benchmarks import precision_speed_compilations
 
     def profile(**ops):
         return {"op_self_seconds": ops, "median_step_seconds": 0.1}
@@ -420,14 +420,14 @@ def test_slow_op_differences_compare_slow_and_other_profiled_compilations():
             (0.19, [0.12, 0.13], [slow, fast, fast]),
         ]
     ]
-    (result,) = precision_speed.slow_op_differences(rows, top=2)
+    (result,) = precision_speed_compilations.slow_op_differences(rows, top=2)
     assert (result["slow"], result["others"]) == (2, 4)
     assert result["ops"] == [["MaxPoolGrad", 0.05, 0.0], ["_MklNativeMaxPoolGrad", 0.002, 0.008]]
-    text = "\n".join(precision_speed.slow_op_lines(rows))
+    text = "\n".join(precision_speed_compilations.slow_op_lines(rows))
     assert "| adr_pgd | mixed_bfloat16 | MaxPoolGrad | 50.0 | 0.0 | 2 | 4 |" in text
     # Without a slow compilation there is nothing to compare.
     assert (
-        precision_speed.slow_op_lines(
+        precision_speed_compilations.slow_op_lines(
             [dict(rows[0], recompiled_median_step_seconds_each=[0.12, 0.12])]
         )
         == []
@@ -437,7 +437,7 @@ def test_slow_op_differences_compare_slow_and_other_profiled_compilations():
 def test_usage_per_step_divides_the_change_by_the_steps():
     import resource
 
-    from benchmarks.precision_speed import _usage_per_step
+    from benchmarks.precision_speed_measure import _usage_per_step
 
     before = resource.struct_rusage((1.0, 0.5) + (0,) * 4 + (100, 0) + (0,) * 6 + (10, 2))
     after = resource.struct_rusage((3.0, 0.9) + (0,) * 4 + (140, 0) + (0,) * 6 + (30, 10))
@@ -453,7 +453,7 @@ def test_usage_per_step_divides_the_change_by_the_steps():
 def test_machine_cpu_seconds_reads_the_cpu_line_of_proc_stat(tmp_path):
     import os
 
-    from benchmarks.precision_speed import _machine_cpu_seconds, _machine_per_step
+    from benchmarks.precision_speed_measure import _machine_cpu_seconds, _machine_per_step
 
     stat = tmp_path / "stat"
     stat.write_text("cpu  100 20 30 400 5 0 1 7 0 0\ncpu0 50 10 15 200 2 0 0 3 0 0\n")
@@ -471,7 +471,7 @@ def test_machine_cpu_seconds_reads_the_cpu_line_of_proc_stat(tmp_path):
 
 
 def test_part_lines_sort_processes_and_skip_rows_without_parts():
-    from benchmarks.precision_speed import part_lines
+    from benchmarks.precision_speed_report import part_lines
 
     def row(defense, step, attack):
         return {
@@ -528,6 +528,20 @@ def test_row_pairs_count_discordant_examples_of_finished_pairs():
     assert pair["robust_difference"] == 0.6 - 0.2
     assert pair["paired"]["worst case"] == {"row_only": 2, "reference_only": 0, "p_value": 0.5}
     assert pair["paired"]["clean"]["row_only"] == pair["paired"]["clean"]["reference_only"] == 1
+
+
+def test_seed_rows_are_of_the_defenses_a_preset_runs():
+    from benchmarks import robustness_presets as rp
+
+    names = [row.name for row in rp.rows_of(rp.PRESETS["compactness_sampling_fmnist"])]
+    assert names == [
+        "adr_pgd_mixed_bfloat16",
+        "adr_pgd_seed1_mixed_bfloat16",
+        "adr_pgd_gc_quarter_mixed_bfloat16",
+        "adr_pgd_gc_quarter_seed1_mixed_bfloat16",
+    ]
+    fmnist = {row.name for row in rp.rows_of(rp.PRESETS["fmnist"])}
+    assert {"pgd_at_seed1", "adr_pgd_seed1", "pgd_at_seed2", "adr_pgd_seed2"} <= fmnist
 
 
 def test_compactness_sampling_pairs_each_variant_row_with_its_seed(tmp_path):
@@ -733,9 +747,9 @@ def test_global_compactness_variants_equal_the_library_and_write_a_report(tmp_pa
 
 
 def test_precision_speed_names_a_capped_onednn_in_the_summary():
-    from benchmarks import precision_speed
+    from benchmarks import precision_speed_report
 
-    note = precision_speed._isa_note({"onednn_max_cpu_isa": "AVX512_CORE_BF16"})
+    note = precision_speed_report._isa_note({"onednn_max_cpu_isa": "AVX512_CORE_BF16"})
     assert "ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16" in note
-    assert precision_speed._isa_note({"onednn_max_cpu_isa": None}) == ""
-    assert precision_speed._isa_note({}) == ""  # rows from before the field
+    assert precision_speed_report._isa_note({"onednn_max_cpu_isa": None}) == ""
+    assert precision_speed_report._isa_note({}) == ""  # rows from before the field
