@@ -67,7 +67,7 @@ if not __package__:  # `python benchmarks/speed.py`: import as `python -m` would
 import keras
 
 import keras_adr
-from benchmarks import precision_speed, results_io, step_timing  # noqa: E402
+from benchmarks import precision_speed, precision_speed_report, results_io, step_timing  # noqa: E402
 from keras_adr import attacks, data, losses, presets
 from keras_adr import config as config_lib
 
@@ -471,7 +471,7 @@ def measure_precision(policies, defenses, processes, settings, rows_dir=None):
         "defenses": list(defenses),
         "processes_per_configuration": processes,
         "settings": dataclasses.asdict(settings),
-        "analysis": precision_speed.analyse(rows),
+        "analysis": precision_speed_report.analyse(rows),
         "rows": rows,
     }
 
@@ -492,7 +492,7 @@ def _derive(results):
     """
     precision = results.get("precision")
     if precision and precision.get("rows"):  # `--render_only` applies the current analysis
-        precision["analysis"] = precision_speed.analyse(precision["rows"])
+        precision["analysis"] = precision_speed_report.analyse(precision["rows"])
     train = results.get("train")
     if not train or "pgd_at" not in train.get("instance_median_step_seconds", {}):
         return results
@@ -576,11 +576,11 @@ def markdown(results):
             f"({settings['steps']}) on real Fashion-MNIST batches (the timing of "
             "`benchmarks/precision_speed.py`).",
             "",
-            *precision_speed.markdown_lines(precision["analysis"]),
+            *precision_speed_report.markdown_lines(precision["analysis"]),
             "",
             "oneDNN implementations per process (created primitives, reorders left out):",
             "",
-            *precision_speed.kernel_lines(precision["rows"]),
+            *precision_speed_report.kernel_lines(precision["rows"]),
             "",
         ]
     attack = results.get("attacks")
