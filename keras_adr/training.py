@@ -20,7 +20,7 @@ import numpy as np
 import tensorflow as tf
 
 from keras_adr import attacks, graph
-from keras_adr import losses as adr_losses
+from keras_adr import objective as adr_objective
 from keras_adr.config import ADRConfig
 from keras_adr.layers import Latent
 from keras_adr.models import LATENT_LAYER
@@ -280,11 +280,11 @@ class ADRMixin:
             self.adr_config.pairwise_scope != "global"
             or context is None
             or context.num_replicas_in_sync == 1
-            or not any(name in adr_losses.PAIRWISE_TERMS for name in self._term_weights)
+            or not any(name in adr_objective.PAIRWISE_TERMS for name in self._term_weights)
         ):
             return None
         gather = lambda t: context.all_gather(tf.stop_gradient(t), axis=0)
-        reference = adr_losses.Reference(
+        reference = adr_objective.Reference(
             labels=gather(batch.labels), z=gather(batch.z), logits=gather(batch.logits)
         )
         if "label_propagation" not in self._term_weights:
@@ -301,7 +301,7 @@ class ADRMixin:
         """`{name: sum over this replica's examples}` of every term of the loss."""
         batch = batch._replace(reference=self._reference(batch))
         return {
-            name: tf.reduce_sum(adr_losses.TERMS[name](batch, self.adr_config))
+            name: tf.reduce_sum(adr_objective.TERMS[name](batch, self.adr_config))
             for name in self._term_weights
         }
 
@@ -344,7 +344,7 @@ class ADRMixin:
         (logits, z), (logits_adv, z_adv) = self.clean_and_adversarial_outputs(
             x, x_adv, training=training
         )
-        batch = adr_losses.ADRBatch(
+        batch = adr_objective.ADRBatch(
             labels=tf.cast(tf.reshape(y, [-1]), tf.int32),
             logits=logits,
             z=z,

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from keras_adr import graph, losses
+from keras_adr import graph, losses, objective
 
 SCALE = 0.99
 TOL = dict(rtol=1e-5, atol=1e-6)
@@ -357,11 +357,11 @@ def test_terms_of_the_objective_match_the_functional_api(batch, preset):
         "conditional_entropy": losses.conditional_entropy(lga),
         "label_propagation": losses.label_propagation(y, z, za, lga, alpha=0.99, k=3),
     }
-    assert set(losses.TERMS) == set(expected)
-    adr_batch = losses.ADRBatch(
+    assert set(objective.TERMS) == set(expected)
+    adr_batch = objective.ADRBatch(
         labels=tf.constant(y, tf.int32), logits=lg, z=z, logits_adv=lga, z_adv=za
     )
-    for name, term in losses.TERMS.items():
+    for name, term in objective.TERMS.items():
         values = term(adr_batch, config)
         assert values.shape == (len(y),), name
         np.testing.assert_allclose(tf.reduce_mean(values), expected[name], rtol=1e-4, err_msg=name)
@@ -373,7 +373,7 @@ def test_pairwise_terms_compare_with_the_reference(batch):
 
     config = presets.get("adr_pgd", label_propagation=1.0, propagation_neighbors=3)
     y = tf.constant(batch["y"], tf.int32)
-    full = losses.ADRBatch(
+    full = objective.ADRBatch(
         labels=y,
         logits=batch["logits"],
         z=batch["z"],
@@ -381,20 +381,20 @@ def test_pairwise_terms_compare_with_the_reference(batch):
         z_adv=batch["z_adv"],
     )
     rows = slice(3, 7)
-    part = losses.ADRBatch(
+    part = objective.ADRBatch(
         *(t[rows] for t in full[:5]), reference=full.resolved_reference._replace(offset=3)
     )
-    for name in losses.PAIRWISE_TERMS:
+    for name in objective.PAIRWISE_TERMS:
         np.testing.assert_allclose(
-            losses.TERMS[name](part, config),
-            losses.TERMS[name](full, config)[rows],
+            objective.TERMS[name](part, config),
+            objective.TERMS[name](full, config)[rows],
             rtol=1e-4,
             atol=1e-6,
             err_msg=name,
         )
     # Without the reference the same rows only see each other: different values.
-    alone = losses.TERMS["global_compactness"](part._replace(reference=None), config)
-    assert not np.allclose(alone, losses.TERMS["global_compactness"](full, config)[rows])
+    alone = objective.TERMS["global_compactness"](part._replace(reference=None), config)
+    assert not np.allclose(alone, objective.TERMS["global_compactness"](full, config)[rows])
 
 
 def test_bad_arguments():
@@ -604,7 +604,7 @@ def test_sampled_global_compactness_term_needs_and_uses_the_step_seed(batch):
     from keras_adr import presets
 
     config = presets.get("adr_pgd", global_compactness_features=0.5)
-    adr_batch = losses.ADRBatch(
+    adr_batch = objective.ADRBatch(
         labels=tf.constant(batch["y"], tf.int32),
         logits=batch["logits"],
         z=batch["z"],
@@ -612,9 +612,9 @@ def test_sampled_global_compactness_term_needs_and_uses_the_step_seed(batch):
         z_adv=batch["z_adv"],
     )
     with pytest.raises(ValueError, match="global_compactness_features"):
-        losses.TERMS["global_compactness"](adr_batch, config)
+        objective.TERMS["global_compactness"](adr_batch, config)
     seed = tf.constant([3, 11], tf.int64)
-    value = losses.TERMS["global_compactness"](adr_batch._replace(seed=seed), config)
+    value = objective.TERMS["global_compactness"](adr_batch._replace(seed=seed), config)
     features = losses.sample_features(batch["z"].shape[1], 0.5, seed)
     assert len(features) == batch["z"].shape[1] // 2
     expected = losses.global_compactness_per_example(
@@ -627,5 +627,5 @@ def test_sampled_global_compactness_term_needs_and_uses_the_step_seed(batch):
         for s in range(1, 50)
         if not np.array_equal(losses.sample_features(6, 0.5, seed + s), features)
     )
-    other = losses.TERMS["global_compactness"](adr_batch._replace(seed=other_seed), config)
+    other = objective.TERMS["global_compactness"](adr_batch._replace(seed=other_seed), config)
     assert not np.allclose(value, other)
