@@ -91,7 +91,7 @@ def unrolls_training_attack():
     the max-pool gradients inside the attack's `tf.while_loop` on
     TensorFlow's own kernel in about one compilation in eight, a 1.3-1.5x
     slower bfloat16 step for the whole run, and never once unrolled
-    (README, "Slow compilations"). On GPUs the loop compiles faster.
+    (benchmarks/PRECISION.md, "Slow compilations"). On GPUs the loop compiles faster.
     """
     return not tf.config.list_logical_devices("GPU")
 
