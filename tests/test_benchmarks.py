@@ -537,8 +537,10 @@ def test_seed_rows_are_of_the_defenses_a_preset_runs():
     assert names == [
         "adr_pgd_mixed_bfloat16",
         "adr_pgd_seed1_mixed_bfloat16",
+        "adr_pgd_seed2_mixed_bfloat16",
         "adr_pgd_gc_quarter_mixed_bfloat16",
         "adr_pgd_gc_quarter_seed1_mixed_bfloat16",
+        "adr_pgd_gc_quarter_seed2_mixed_bfloat16",
     ]
     fmnist = {row.name for row in rp.rows_of(rp.PRESETS["fmnist"])}
     assert {"pgd_at_seed1", "adr_pgd_seed1", "pgd_at_seed2", "adr_pgd_seed2"} <= fmnist
