@@ -398,7 +398,8 @@ def run(options, adr_config):
             return _run_stages(options, adr_config, strategy, run_dir, policy)
 
 
-def _run_stages(options, adr_config, strategy, run_dir, policy):  # noqa: C901 - stage by stage
+def _run_stages(options, adr_config, strategy, run_dir, policy):
+    """Train, select weights, evaluate, export: each stage `run_dir` records as done is skipped."""
     chief = distribute.is_chief(strategy)
     workers = distribute.num_workers(strategy)
     out = run_dir.path
@@ -426,64 +427,16 @@ def _run_stages(options, adr_config, strategy, run_dir, policy):  # noqa: C901 -
         model.compile(optimizer=build_optimizer(options, steps_per_epoch))
     distribute.patch_keras_fit(model)
 
-    final_path = run_dir.file("final.keras")
     monitor = _checkpoint_monitor(validation_ds is not None, adr_config.uses_adversary)
     if not run_dir.state.get("trained"):
-        guard = _guard(options)
-        fastest = adr_callbacks.FastestCompilation(_compilations(options, strategy))
-        # The dataset shuffles itself (seeded, every epoch); Keras' own shuffle
-        # does not apply to a tf.data.Dataset and would only warn.
-        model.fit(
-            train_ds,
-            epochs=options.epochs,
-            validation_data=validation_ds,
-            callbacks=_callbacks(out, monitor, guard, fastest),
-            verbose=options.verbose,
-            shuffle=False,
-        )
-        if guard.diverged:
-            raise TrainingDivergedError(
-                f"{guard.reason} Lower --learning_rate, use a bounded ADR preset (adr_pgd, "
-                f"adr_trades) rather than the paper's, or raise --divergence_factor. The best "
-                f"robust checkpoint so far is {run_dir.file('best.keras')}."
-            )
-        if fastest.step_seconds:
-            run_dir.update(
-                compilations={"step_seconds": fastest.step_seconds, "kept": fastest.kept}
-            )
-        # Every worker saves (collectives); a non-chief one into its private directory.
-        model.save(final_path)
-        run_dir.update(trained=True)
-        shutil.rmtree(run_dir.file("backup"), ignore_errors=True)
+        _train(model, options, strategy, run_dir, train_ds, validation_ds, monitor)
     else:
-        model.set_weights(keras.saving.load_model(final_path).get_weights())
+        model.set_weights(keras.saving.load_model(run_dir.file("final.keras")).get_weights())
     history = read_history(run_dir.file("history.csv"))
     _check_finite(history)
     best_epoch = _select_weights(model, options, out, monitor)
 
-    if run_dir.state.get("evaluation"):
-        results, eval_seconds = run_dir.state["evaluation"], run_dir.state["eval_seconds"]
-    else:
-        # Evaluation is local (no collectives): every worker runs it on the same data.
-        test_ds = data.load(
-            options.dataset,
-            "test",
-            batch_size=256,
-            data_dir=options.data_dir,
-            take=options.test_examples,
-        )
-        started = time.time()
-        results = evaluation.evaluate_robustness(
-            # Float32 whatever the training precision (the same weights).
-            precision.with_policy(model.backbone, "float32"),
-            test_ds,
-            epsilon=adr_config.attack.epsilon,
-            norm=adr_config.attack.norm,
-            attacks=options.eval_attacks,
-            seed=options.seed,
-        ).to_dict()
-        eval_seconds = round(time.time() - started, 1)
-        run_dir.update(evaluation=results, eval_seconds=eval_seconds)
+    results, eval_seconds = _evaluate(model, options, adr_config, run_dir)
 
     metrics = {
         "command": options.command,
@@ -525,6 +478,61 @@ def _run_stages(options, adr_config, strategy, run_dir, policy):  # noqa: C901 -
         metrics.pop("export_path", None)
         distribute.remove_work_dir(strategy, options.output_dir)
     return metrics
+
+
+def _train(model, options, strategy, run_dir, train_ds, validation_ds, monitor):
+    """The training stage: `fit`, then `final.keras` and the run directory's record."""
+    guard = _guard(options)
+    fastest = adr_callbacks.FastestCompilation(_compilations(options, strategy))
+    # The dataset shuffles itself (seeded, every epoch); Keras' own shuffle
+    # does not apply to a tf.data.Dataset and would only warn.
+    model.fit(
+        train_ds,
+        epochs=options.epochs,
+        validation_data=validation_ds,
+        callbacks=_callbacks(run_dir.path, monitor, guard, fastest),
+        verbose=options.verbose,
+        shuffle=False,
+    )
+    if guard.diverged:
+        raise TrainingDivergedError(
+            f"{guard.reason} Lower --learning_rate, use a bounded ADR preset (adr_pgd, "
+            f"adr_trades) rather than the paper's, or raise --divergence_factor. The best "
+            f"robust checkpoint so far is {run_dir.file('best.keras')}."
+        )
+    if fastest.step_seconds:
+        run_dir.update(compilations={"step_seconds": fastest.step_seconds, "kept": fastest.kept})
+    # Every worker saves (collectives); a non-chief one into its private directory.
+    model.save(run_dir.file("final.keras"))
+    run_dir.update(trained=True)
+    shutil.rmtree(run_dir.file("backup"), ignore_errors=True)
+
+
+def _evaluate(model, options, adr_config, run_dir):
+    """The evaluation stage's `(results, seconds)`, from the run directory if it ran."""
+    if run_dir.state.get("evaluation"):
+        return run_dir.state["evaluation"], run_dir.state["eval_seconds"]
+    # Evaluation is local (no collectives): every worker runs it on the same data.
+    test_ds = data.load(
+        options.dataset,
+        "test",
+        batch_size=256,
+        data_dir=options.data_dir,
+        take=options.test_examples,
+    )
+    started = time.time()
+    results = evaluation.evaluate_robustness(
+        # Float32 whatever the training precision (the same weights).
+        precision.with_policy(model.backbone, "float32"),
+        test_ds,
+        epsilon=adr_config.attack.epsilon,
+        norm=adr_config.attack.norm,
+        attacks=options.eval_attacks,
+        seed=options.seed,
+    ).to_dict()
+    eval_seconds = round(time.time() - started, 1)
+    run_dir.update(evaluation=results, eval_seconds=eval_seconds)
+    return results, eval_seconds
 
 
 def _precision_record(options, policy):
