@@ -402,7 +402,6 @@ def _run_stages(options, adr_config, strategy, run_dir, policy):
     """Train, select weights, evaluate, export: each stage `run_dir` records as done is skipped."""
     chief = distribute.is_chief(strategy)
     workers = distribute.num_workers(strategy)
-    out = run_dir.path
     keras.utils.set_random_seed(options.seed)
     info = data.info(options.dataset)
     train_split, validation_split, num_train = _splits(options, info)
@@ -434,7 +433,7 @@ def _run_stages(options, adr_config, strategy, run_dir, policy):
         model.set_weights(keras.saving.load_model(run_dir.file("final.keras")).get_weights())
     history = read_history(run_dir.file("history.csv"))
     _check_finite(history)
-    best_epoch = _select_weights(model, options, out, monitor)
+    best_epoch = _select_weights(model, options, run_dir.path, monitor)
 
     results, eval_seconds = _evaluate(model, options, adr_config, run_dir)
 
