@@ -63,6 +63,28 @@ class Preset:
     # Variants of adr_pgd, each run at every seed next to it and compared with
     # it: `((suffix, label, ((ADRConfig field, value), ...)), ...)`.
     variants: tuple = ()
+    # Points of a frontier (`Point`s): the preset's rows instead of `defenses`.
+    points: tuple = ()
+    # Points run again at `seeds[1:]` (names of `points`), chosen on validation.
+    seeded_points: tuple = ()
+    # Every attack on every test image (True), or each attack only on the
+    # images all earlier ones left correct (False, the library's default;
+    # the same worst case, less work).
+    standalone_attacks: bool = False
+    # Epsilon of the validation attack that selects the checkpoint (None:
+    # the training attack's). A frontier selects every row at the test epsilon.
+    validation_epsilon: float = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Point:
+    """A point of a frontier: a defense with its overrides (and EMA of the weights)."""
+
+    name: str
+    defense: str
+    label: str
+    overrides: tuple = ()  # ((ADRConfig field, value), ...)
+    ema_momentum: float = 0.0
 
 
 # Fields that choose rows or where a model comes from, not what a row computes
@@ -76,11 +98,16 @@ _NOT_FINGERPRINTED = (
     "reuse_stability",
     "precisions",
     "variants",
+    "points",
+    "seeded_points",
 )
 # ADRConfig fields added after rows were committed, with the value every
 # earlier row had: left out of the fingerprint at that value, so finished
 # rows stay done.
 _LATER_CONFIG_FIELDS = {"global_compactness_features": 1.0}
+# The same for preset fields: every earlier row attacked every image with
+# every attack, and validated with the training attack.
+_LATER_PRESET_FIELDS = {"standalone_attacks": True, "validation_epsilon": None}
 
 
 PRESETS = {
@@ -114,6 +141,7 @@ PRESETS = {
         defenses=("pgd_at", "adr_pgd", "trades", "adr_trades", "adr_pgd_paper"),
         ablation=False,
         reuse_stability=True,
+        standalone_attacks=True,
     ),
     # Sized by measurement on a 2-core AMD EPYC (AVX-512) machine shared with
     # other jobs: the 16 rows took 17.4 minutes there (1,712 CPU-seconds; see
@@ -140,6 +168,7 @@ PRESETS = {
         eval_attacks=("pgd20", "pgd100", "apgd_ce", "apgd_dlr_t"),
         restarts=2,
         apgd_targets=3,
+        standalone_attacks=True,
         budget="all 16 rows <= 100 min on a 2-core CPU machine 4-5x slower than the "
         "reference one (17.4 min on the reference machine)",
     ),
@@ -252,6 +281,87 @@ PRESETS["compactness_sampling_fmnist"] = dataclasses.replace(
     variants=PRESETS["compactness_sampling"].variants,
 )
 
+# Does ADR move the robustness-accuracy frontier? The fmnist recipe with a
+# 10-step training attack of step 2.5 * eps / 10 for every family, in mixed
+# bfloat16 (no robustness cost: the precision studies), each row's
+# checkpoint chosen on validation by PGD at the test epsilon. Each family is
+# a curve: PGD-AT over the training epsilon, TRADES over beta, bounded ADR
+# over a scale lambda of every ADR weight; EMA of the weights on and off.
+_FRONTIER_STEPS = 10
+
+
+def _pgd_at_point(epsilon, ema=0.0):
+    tag = f"{epsilon:g}".replace(".", "p")
+    return Point(
+        f"pgd_at_eps{tag}" + ("_ema" if ema else ""),
+        "pgd_at",
+        f"PGD-AT, training eps {epsilon:g}" + (", EMA" if ema else ""),
+        (
+            ("attack_epsilon", epsilon),
+            ("attack_step_size", round(2.5 * epsilon / _FRONTIER_STEPS, 6)),
+        ),
+        ema,
+    )
+
+
+def _trades_point(beta):
+    return Point(
+        f"trades_beta{beta:g}".replace(".", "p"),
+        "trades",
+        f"TRADES, beta {beta:g}",
+        (("trades_beta", float(beta)),),
+    )
+
+
+def _adr_point(scale, ema=0.0):
+    tag = f"{scale:g}".replace(".", "p")
+    # ABLATED_TERMS: the ADR weights that are 1 in adr_pgd (label propagation is 0).
+    return Point(
+        f"adr_pgd_x{tag}" + ("_ema" if ema else ""),
+        "adr_pgd",
+        f"ADR-PGD, ADR weights x{scale:g}" + (", EMA" if ema else ""),
+        tuple((t, float(scale)) for t in ABLATED_TERMS),
+        ema,
+    )
+
+
+# EMA momentum of the frontier's EMA points (about 2 epochs of 454 steps).
+FRONTIER_EMA_MOMENTUM = 0.999
+# In the order they run: the two headline points first, then what brackets them.
+FRONTIER_POINTS = (
+    _adr_point(1),
+    _pgd_at_point(0.10),
+    _trades_point(6),
+    _pgd_at_point(0.12),
+    _adr_point(0.5),
+    _pgd_at_point(0.14),
+    _trades_point(3),
+    _trades_point(1),
+    _adr_point(2),
+    _adr_point(0.25),
+    _adr_point(1, FRONTIER_EMA_MOMENTUM),
+    _pgd_at_point(0.10, FRONTIER_EMA_MOMENTUM),
+)
+PRESETS["frontier"] = dataclasses.replace(
+    PRESETS["fmnist"],
+    description="Fashion-MNIST, small CNN, L-inf epsilon 0.1 (test), PGD-10 training (step "
+    "2.5 eps / 10), Adam 1e-3 with x0.1 decay at 50%/75% of training, batch 128, 10 epochs "
+    "on 58,000 training images, in mixed bfloat16; checkpoints chosen on 2,000 validation "
+    "images by PGD-10 at eps 0.1; PGD-AT over the training eps, TRADES over beta, ADR-PGD "
+    "over a scale of its weights, EMA of the weights on and off",
+    attack_steps=_FRONTIER_STEPS,
+    step_size=round(2.5 * 0.1 / _FRONTIER_STEPS, 6),
+    budget="12 points + 6 seed rows, each about 1 core-hour of training and 15 min of "
+    "evaluation here",
+    defenses=(),
+    seeds=(0, 1, 2),
+    reuse_stability=False,
+    standalone_attacks=False,
+    validation_epsilon=0.1,
+    precisions=("mixed_bfloat16",),
+    points=FRONTIER_POINTS,
+)
+
 
 @dataclasses.dataclass(frozen=True)
 class Row:
@@ -264,6 +374,7 @@ class Row:
     overrides: tuple = ()  # ((ADRConfig field, value), ...)
     label: str = ""
     precision: str = BASE_PRECISION  # Keras dtype policy of training
+    ema_momentum: float = 0.0  # of the weights (0 = none)
 
 
 def tagged(name, precision, preset):
@@ -301,6 +412,8 @@ def rows_of(preset):
 def _base_rows(preset):
     """The rows of a preset, each in the base precision, named as before precisions."""
     first, *others = preset.seeds
+    if preset.points:
+        return point_rows(preset)
     rows = [Row(d, "main", d, first, label=d) for d in preset.defenses]
     rows += [
         Row(f"{d}_seed{s}", "seeds", d, s, label=f"{d} (seed {s})")
@@ -345,16 +458,39 @@ def variant_rows(preset):
     ]
 
 
+def point_rows(preset):
+    """The rows of a frontier: every point at the first seed, the seeded points at the others."""
+    first, *others = preset.seeds
+    by_name = {p.name: p for p in preset.points}
+    unknown = set(preset.seeded_points) - set(by_name)
+    if unknown:
+        raise ValueError(f"seeded_points {sorted(unknown)} are not points of the preset.")
+
+    def row(point, seed, group):
+        suffix = "" if seed == first else f"_seed{seed}"
+        return Row(
+            point.name + suffix,
+            group,
+            point.defense,
+            seed,
+            tuple(point.overrides),
+            label=point.label + ("" if seed == first else f" (seed {seed})"),
+            ema_momentum=point.ema_momentum,
+        )
+
+    rows = [row(p, first, "main") for p in preset.points]
+    return rows + [row(by_name[n], s, "seeds") for n in preset.seeded_points for s in others]
+
+
 def adr_config(preset, row):
     from keras_adr import presets
 
-    return presets.get(
-        row.defense,
+    options = dict(
         attack_epsilon=preset.epsilon,
         attack_steps=preset.attack_steps,
         attack_step_size=preset.step_size,
-        **dict(row.overrides),
     )
+    return presets.get(row.defense, **{**options, **dict(row.overrides)})
 
 
 def fingerprint(preset, row):
@@ -362,9 +498,13 @@ def fingerprint(preset, row):
     row_fields = dataclasses.asdict(row)
     if row.precision == BASE_PRECISION:  # Rows from before the field: still done.
         del row_fields["precision"]
+    if not row.ema_momentum:
+        del row_fields["ema_momentum"]
     payload = {
         "preset": {
-            k: v for k, v in dataclasses.asdict(preset).items() if k not in _NOT_FINGERPRINTED
+            k: v
+            for k, v in dataclasses.asdict(preset).items()
+            if k not in _NOT_FINGERPRINTED and _LATER_PRESET_FIELDS.get(k, object()) != v
         },
         "row": row_fields,
         "adr_config": {
