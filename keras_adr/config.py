@@ -345,6 +345,13 @@ class EvalConfig:
             computes (`keras_adr.precision.POLICIES`; a SavedModel computes in
             its exported precision, so only float32). A model object is
             evaluated as it is.
+        standalone_attacks: False (default): each attack runs only on the
+            examples still standing (classified correctly clean and under
+            every earlier attack), AutoAttack's rule, and an attack's
+            accuracy is the accuracy *after* it, in the order the attacks
+            run. True: every attack on every example, each with its own
+            accuracy (for comparing attacks). The worst case is the same
+            quantity either way.
     """
 
     epsilon: float = AttackConfig.epsilon
@@ -358,6 +365,7 @@ class EvalConfig:
     clip_min: float = 0.0
     clip_max: float = 1.0
     precision: str = "float32"
+    standalone_attacks: bool = False
 
     def __post_init__(self):
         # Imported here: both import this module.
@@ -382,6 +390,10 @@ class EvalConfig:
                 f"`clip_min` ({self.clip_min}) must be smaller than `clip_max` ({self.clip_max})."
             )
         _check_choice("precision", self.precision, precision_lib.POLICIES)
+        if not isinstance(self.standalone_attacks, bool):
+            raise ValueError(
+                f"`standalone_attacks` must be True or False; got {self.standalone_attacks!r}."
+            )
         object.__setattr__(self, "epsilon", float(self.epsilon))
         object.__setattr__(self, "attacks", tuple(self.attacks))
         for name in ("restarts", "batch_size", "apgd_targets", "num_examples", "seed"):

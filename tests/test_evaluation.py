@@ -100,7 +100,7 @@ def test_evaluate_combines_attacks_per_example(monkeypatch):
     y = np.zeros(5, np.int32)
     model = lambda images: tf.tile(tf.constant([[1.0, 0.0]]), [tf.shape(images)[0], 1])
     result = evaluation.evaluate_robustness(
-        model, (x, y), epsilon=0.1, attacks=("pgd20", "apgd_ce")
+        model, (x, y), epsilon=0.1, attacks=("pgd20", "apgd_ce"), standalone_attacks=True
     )
     assert result.attack_accuracy == {"pgd20": 0.6, "apgd_ce": 0.8}
     assert result.robust_accuracy == pytest.approx(0.4)
@@ -122,11 +122,69 @@ def test_an_example_is_robust_only_if_every_restart_fails(monkeypatch):
     x = np.full((6, 1, 1, 1), 0.9, np.float32)
     y = np.ones(6, np.int32)
     result = evaluation.evaluate_robustness(
-        model, (x, y), epsilon=0.01, restarts=3, attacks=("pgd5", "apgd_ce5")
+        model,
+        (x, y),
+        epsilon=0.01,
+        restarts=3,
+        attacks=("pgd5", "apgd_ce5"),
+        standalone_attacks=True,
     )
     np.testing.assert_array_equal(result.attack_correct["pgd5"], [0, 0, 0, 1, 1, 1])
     assert result.attack_accuracy["apgd_ce5"] == 1.0
     assert result.robust_accuracy == pytest.approx(0.5)
+
+
+def test_each_attack_runs_only_on_the_examples_still_standing(monkeypatch):
+    # The fake attack fools every example it is given whose pixel is below
+    # its threshold, and records how many it was given.
+    given = {}
+
+    def fake_attack_fn(model_fn, spec, **kwargs):
+        threshold = {"pgd20": 0.4, "apgd_ce": 0.6}[spec.name]
+
+        def correct(x, y, seed):
+            given[spec.name] = given.get(spec.name, 0) + len(x)
+            return tf.constant(x[:, 0, 0, 0] >= threshold)
+
+        return correct
+
+    monkeypatch.setattr(evaluation.suite, "_attack_fn", fake_attack_fn)
+    x = np.linspace(0.05, 0.95, 10, dtype=np.float32).reshape(10, 1, 1, 1)
+    y = np.array([1, 1, 1, 1, 1, 1, 1, 1, 1, 0], np.int32)  # the last one is misclassified
+    model = lambda images: tf.tile(tf.constant([[0.0, 1.0]]), [tf.shape(images)[0], 1])
+    result = evaluation.evaluate_robustness(
+        model, (x, y), epsilon=0.1, attacks=("pgd20", "apgd_ce"), batch_size=3
+    )
+    # pgd20 breaks 0.05..0.35 (4 examples); apgd_ce sees only the 5 left standing.
+    assert given == {"pgd20": 9, "apgd_ce": 5}
+    assert result.attacked_examples == {"pgd20": 9, "apgd_ce": 5}
+    # Accuracy after each: apgd_ce breaks 0.45 and 0.55 of the five.
+    assert result.attack_accuracy == {"pgd20": 0.5, "apgd_ce": 0.3}
+    assert result.robust_accuracy == pytest.approx(0.3)
+    assert result.to_dict()["standalone_attacks"] is False
+
+
+def test_the_cascade_has_the_standalone_worst_case_per_example(fashion, normal_model, monkeypatch):
+    # Without random starts every attack is a deterministic function of each
+    # example, so running it on fewer examples must not change any outcome.
+    pgd = attacks.pgd
+    monkeypatch.setattr(attacks, "pgd", lambda *a, **k: pgd(*a, **{**k, "random_start": False}))
+    apgd_module = sys.modules["keras_adr.attacks.apgd"]  # `attacks.apgd` is the function
+    monkeypatch.setattr(apgd_module, "_apgd_start", lambda x, *args: x)
+    _, (x, y) = fashion
+    common = dict(epsilon=0.05, attacks=("fgsm", "pgd10", "apgd_ce20"), batch_size=32, seed=0)
+    cascade = evaluation.evaluate_robustness(normal_model, (x, y), **common)
+    standalone = evaluation.evaluate_robustness(
+        normal_model, (x, y), standalone_attacks=True, **common
+    )
+    np.testing.assert_array_equal(cascade.robust_correct, standalone.robust_correct)
+    assert 0 < cascade.robust_accuracy < cascade.clean_accuracy
+    standing = standalone.clean_correct.copy()
+    for name in common["attacks"]:
+        assert cascade.attacked_examples[name] == standing.sum() < len(x)
+        standing &= standalone.attack_correct[name]
+        np.testing.assert_array_equal(cascade.attack_correct[name], standing)
+    assert standalone.attacked_examples == {name: len(x) for name in common["attacks"]}
 
 
 # --- Arguments ---------------------------------------------------------------
@@ -301,7 +359,13 @@ def test_sanity_checks_on_constructed_results():
 def test_sweep_on_a_normal_model_passes_the_sanity_checks(fashion, normal_model, tmp_path):
     _, (x, y) = fashion
     sweep = evaluation.epsilon_sweep(
-        normal_model, (x, y), [0.05], headline_epsilon=0.05, attacks=_FAST_ATTACKS, seed=0
+        normal_model,
+        (x, y),
+        [0.05],
+        headline_epsilon=0.05,
+        attacks=_FAST_ATTACKS,
+        seed=0,
+        standalone_attacks=True,
     )
     assert sweep.epsilons == [0.0, 0.05, 0.5]
     checks = evaluation.sanity_checks(sweep, raise_on_failure=True)

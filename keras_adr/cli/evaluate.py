@@ -88,6 +88,14 @@ flags.DEFINE_enum(
     "trained in (a SavedModel computes in the precision it was exported with: float32 "
     "for adr-train's exports).",
 )
+flags.DEFINE_bool(
+    "standalone_attacks",
+    _DEFAULTS.standalone_attacks,
+    "Run every attack on every example and report each attack's own accuracy (for "
+    "comparing attacks; enables the step-comparison sanity checks). Default: each attack "
+    "only on the examples every earlier one left correct, reporting the accuracy after it "
+    "(the same worst case, less work).",
+)
 flags.mark_flag_as_required("model_path")
 
 
@@ -103,6 +111,7 @@ def _config():
         batch_size=FLAGS.batch_size,
         apgd_targets=FLAGS.apgd_targets,
         precision=FLAGS.precision,
+        standalone_attacks=FLAGS.standalone_attacks,
     )
 
 

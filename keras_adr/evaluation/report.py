@@ -52,6 +52,10 @@ def format_summary(results, checks=None):
     ]
     width = max([len(n) for n in names] + [9])
     header = f"  {'epsilon':>8}  {'clean':>8}  " + "  ".join(f"{n:>{width}}" for n in names)
+    if not headline.standalone_attacks:
+        lines += [
+            "  Each attack ran on the examples still standing; its column is the accuracy after it."
+        ]
     lines += [header + f"  {'worst case':>10}"]
     for r in sweep.results:
         cells = "  ".join(
@@ -93,6 +97,14 @@ def _markdown(sweep, checks, metadata):
         f"- **worst-case robust accuracy: {_pct(headline.robust_accuracy)} at epsilon "
         f"{headline.epsilon:g}** (clean {_pct(headline.clean_accuracy)}); an example counts as "
         "robust only if it is classified correctly under every attack and restart.",
+        *(
+            []
+            if headline.standalone_attacks
+            else [
+                "- Each attack ran only on the examples every earlier one left correct, in "
+                "the order of the columns; a column is the accuracy after that attack."
+            ]
+        ),
         "",
         "| epsilon | clean | " + " | ".join(names) + " | worst case |",
         "|---:|---:|" + "---:|" * len(names) + "---:|",

@@ -24,8 +24,11 @@ class RobustnessResult:
         restarts: Random restarts per randomized attack.
         num_examples: Number of examples evaluated.
         clean_accuracy: Accuracy on the clean examples.
-        attack_accuracy: `{attack: accuracy}`: per attack, the fraction of
-            examples correctly classified after every restart.
+        attack_accuracy: `{attack: accuracy}`. With `standalone_attacks`,
+            per attack the fraction of examples it left correctly
+            classified after every restart; otherwise (the cascade) the
+            accuracy *after* the attack: correct clean and under it and
+            every attack before it, in the order run.
         robust_accuracy: The worst case: correct clean and under every
             attack and restart.
         clean_correct: Boolean `[N]`.
@@ -37,6 +40,9 @@ class RobustnessResult:
         clip_max: Largest pixel value.
         apgd_targets: Target classes of `apgd_dlr_t`.
         seed: The seed used.
+        standalone_attacks: Whether every attack ran on every example
+            (True) or only on the examples still standing (False).
+        attacked_examples: `{attack: number of examples it ran on}`.
     """
 
     epsilon: float
@@ -56,6 +62,8 @@ class RobustnessResult:
     clip_max: float = 1.0
     apgd_targets: int = config_lib.APGD_TARGETS
     seed: int = None
+    standalone_attacks: bool = True
+    attacked_examples: dict = None
 
     def to_dict(self):
         """A JSON-serialisable summary (without the per-example arrays)."""
@@ -68,6 +76,8 @@ class RobustnessResult:
             "num_examples": self.num_examples,
             "clean_accuracy": self.clean_accuracy,
             "attack_accuracy": dict(self.attack_accuracy),
+            "standalone_attacks": self.standalone_attacks,
+            "attacked_examples": dict(self.attacked_examples or {}),
             "robust_accuracy": self.robust_accuracy,
             "num_robust": int(self.robust_correct.sum()),
             "attack_seconds": {k: round(v, 3) for k, v in self.attack_seconds.items()},
