@@ -217,10 +217,6 @@ def run_row(preset, row, row_path, workdir):
     with open(stamp_path, "w") as f:
         f.write(fp + "\n")
 
-    if row.ema_momentum or preset.validation_epsilon not in (None, config.attack.epsilon):
-        raise NotImplementedError(f"{row.name}: EMA and a validation epsilon are not built yet.")
-    if not preset.standalone_attacks and not FLAGS.train_only:
-        raise NotImplementedError(f"{row.name}: the cascaded evaluation is not built yet.")
     options = pipeline.TrainOptions(
         dataset=preset.dataset,
         model=preset.model,
@@ -231,9 +227,17 @@ def run_row(preset, row, row_path, workdir):
         learning_rate=preset.learning_rate,
         lr_decay_fractions=tuple(preset.lr_decay_fractions),
         weight_decay=preset.weight_decay,
+        ema_momentum=row.ema_momentum,
         seed=row.seed,
         train_examples=preset.train_examples,
         validation_examples=preset.validation_examples,
+        # Only where it differs from the training epsilon: runs that validated
+        # at their training epsilon keep their run configuration.
+        validation_epsilon=(
+            preset.validation_epsilon
+            if preset.validation_epsilon not in (None, config.attack.epsilon)
+            else None
+        ),
         test_examples=PIPELINE_CHECK_EXAMPLES,
         eval_attacks=PIPELINE_CHECK_ATTACKS,
         output_dir=output_dir,
@@ -315,6 +319,7 @@ def run_row(preset, row, row_path, workdir):
         # A float32 copy of the weights, whatever the row trained in: the
         # precisions are compared on the same footing.
         precision=BASE_PRECISION,
+        standalone_attacks=preset.standalone_attacks,
     )
     eval_seconds = time.time() - eval_started
     checks = evaluation.sanity_checks(result)
@@ -328,6 +333,9 @@ def run_row(preset, row, row_path, workdir):
         "seed": row.seed,
         "overrides": dict(row.overrides),
         "precision": row.precision,
+        "ema_momentum": row.ema_momentum,
+        "validation_epsilon": preset.validation_epsilon or config.attack.epsilon,
+        "standalone_attacks": preset.standalone_attacks,
         # The pipeline's record (requested, training, evaluation, export policies).
         "precision_record": metrics.get("precision"),
         "evaluation_precision": BASE_PRECISION,

@@ -58,10 +58,18 @@ class TrainOptions:
         lr_decay_fractions: Fractions of training after which the learning
             rate is multiplied by 0.1 (piecewise constant schedule).
         weight_decay: Decoupled weight decay of the optimizer (0 = off).
+        ema_momentum: Momentum of the optimizer's exponential moving average
+            of the weights (Keras' `use_ema`; 0 = off, e.g. 0.999). When on,
+            validation, the checkpoint `best.keras`, the final weights, the
+            evaluation and the export all use the averaged weights, and the
+            backup of an interrupted run keeps the average.
         seed: Random seed for weights, shuffling and attacks.
         train_examples: Use only the first N training examples (None = all).
         validation_examples: Held out from the end of the training split to
             select the best checkpoint by robust accuracy (0 = no validation).
+        validation_epsilon: Epsilon of the validation attack that selects the
+            checkpoint (None: the training attack's). Its step size is the
+            training attack's, scaled by the ratio of the epsilons.
         test_examples: Evaluate on the first N test examples (None = all).
         eval_attacks: Attacks of the final evaluation (see
             `keras_adr.evaluation`; at least one PGD and one APGD attack);
@@ -102,9 +110,11 @@ class TrainOptions:
     learning_rate: float = 1e-3
     lr_decay_fractions: tuple = (0.5, 0.75)
     weight_decay: float = 0.0
+    ema_momentum: float = 0.0
     seed: int = 0
     train_examples: int = None
     validation_examples: int = 2000
+    validation_epsilon: float = None
     test_examples: int = None
     eval_attacks: tuple = ("pgd20", "apgd_ce")
     output_dir: str = "runs/default"
@@ -160,6 +170,9 @@ class TrainOptions:
                 f"`divergence_factor` must be 0 (off) or > 1; got {self.divergence_factor}."
             )
         evaluation.parse_suite(self.eval_attacks)  # fail before training, not after
+        self._check_run_numbers()
+
+    def _check_run_numbers(self):
         if not isinstance(self.compilations, int) or self.compilations < 1:
             raise ValueError(
                 "`compilations` (--compilations) must be an integer >= 1; got "
@@ -167,6 +180,15 @@ class TrainOptions:
             )
         if self.validation_examples < 0:
             raise ValueError(f"`validation_examples` must be >= 0; got {self.validation_examples}.")
+        if not 0 <= self.ema_momentum < 1:
+            raise ValueError(
+                f"`ema_momentum` (--ema_momentum) must be in [0, 1) (0 = off, e.g. 0.999); got "
+                f"{self.ema_momentum}."
+            )
+        if self.validation_epsilon is not None and not self.validation_epsilon > 0:
+            raise ValueError(
+                f"`validation_epsilon` must be > 0 or None; got {self.validation_epsilon}."
+            )
 
 
 def build_model(options, adr_config, dataset_info, train_split=None):
@@ -193,10 +215,12 @@ def build_optimizer(options, steps_per_epoch):
     boundaries = [max(1, int(f * total_steps)) for f in options.lr_decay_fractions]
     values = [options.learning_rate * 0.1**i for i in range(len(boundaries) + 1)]
     schedule = keras.optimizers.schedules.PiecewiseConstantDecay(boundaries, values)
-    weight_decay = options.weight_decay or None
+    common = dict(weight_decay=options.weight_decay or None)
+    if options.ema_momentum:
+        common.update(use_ema=True, ema_momentum=options.ema_momentum)
     if options.optimizer == "sgd":
-        return keras.optimizers.SGD(schedule, momentum=0.9, weight_decay=weight_decay)
-    return keras.optimizers.Adam(schedule, weight_decay=weight_decay)
+        return keras.optimizers.SGD(schedule, momentum=0.9, **common)
+    return keras.optimizers.Adam(schedule, **common)
 
 
 def _splits(options, dataset_info):
@@ -246,18 +270,21 @@ def _compilations(options, strategy):
     return options.compilations
 
 
-def _callbacks(out, monitor, guard, fastest):
+def _callbacks(out, monitor, guard, fastest, ema):
     history_path = os.path.join(out, "history.csv")
     return [
         fastest,
         adr_callbacks.EpochSeconds(),
         guard,
+        # Validation measures the averaged weights, and best.keras keeps them.
+        *([keras.callbacks.SwapEMAWeights()] if ema else []),
         adr_callbacks.AtomicModelCheckpoint(
             os.path.join(out, "best.keras"),
             monitor=monitor,
             mode="max",
             save_best_only=True,
             initial_value_threshold=_best_logged(history_path, monitor),
+            save_averaged_weights=ema,
         ),
         keras.callbacks.CSVLogger(history_path, append=True),
         keras.callbacks.TensorBoard(os.path.join(out, "tensorboard")),
@@ -325,6 +352,10 @@ def _run_config(options, adr_config, policy="float32"):
     # `compilations` changes only the speed.
     skipped = ("verbose", "command", "output_dir", "precision", "compilations")
     stored = {k: v for k, v in dataclasses.asdict(options).items() if k not in skipped}
+    # Options added later, at the value every earlier run had: those runs still resume.
+    for name, earlier in (("ema_momentum", 0.0), ("validation_epsilon", None)):
+        if stored[name] == earlier:
+            del stored[name]
     if policy != "float32":
         stored["precision"] = policy
     return {"options": stored, "adr_config": adr_config.get_config()}
@@ -423,6 +454,7 @@ def _run_stages(options, adr_config, strategy, run_dir, policy):
 
     with strategy.scope():
         model = build_model(options, adr_config, info, train_split)
+        model.validation_epsilon = options.validation_epsilon
         model.compile(optimizer=build_optimizer(options, steps_per_epoch))
     distribute.patch_keras_fit(model)
 
@@ -489,7 +521,7 @@ def _train(model, options, strategy, run_dir, train_ds, validation_ds, monitor):
         train_ds,
         epochs=options.epochs,
         validation_data=validation_ds,
-        callbacks=_callbacks(run_dir.path, monitor, guard, fastest),
+        callbacks=_callbacks(run_dir.path, monitor, guard, fastest, bool(options.ema_momentum)),
         verbose=options.verbose,
         shuffle=False,
     )
@@ -501,6 +533,8 @@ def _train(model, options, strategy, run_dir, train_ds, validation_ds, monitor):
         )
     if fastest.step_seconds:
         run_dir.update(compilations={"step_seconds": fastest.step_seconds, "kept": fastest.kept})
+    # With EMA, `fit` has left the averaged weights in the model (Keras'
+    # `finalize_variable_values`): final.keras is the averaged model.
     # Every worker saves (collectives); a non-chief one into its private directory.
     model.save(run_dir.file("final.keras"))
     run_dir.update(trained=True)
@@ -566,7 +600,11 @@ def _export(model, options, adr_config, info, results, best_epoch, run_dir, poli
         "class_names": list(info.class_names),
         "defense": options.defense,
         "adr_config": adr_config.get_config(),
-        "weights": {"selected": options.export_weights, "epoch": best_epoch},
+        "weights": {
+            "selected": options.export_weights,
+            "epoch": best_epoch,
+            "ema_momentum": options.ema_momentum,
+        },
         "attack_budget": {"norm": adr_config.attack.norm, "epsilon": adr_config.attack.epsilon},
         "robustness": results,
         "precision": _precision_record(options, policy),

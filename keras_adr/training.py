@@ -124,6 +124,25 @@ class ADRMixin:
     the objective comes from the `ADRConfig`.
     """
 
+    _validation_epsilon = None
+
+    @property
+    def validation_epsilon(self):
+        """Epsilon of `test_step`'s attack (None: the training attack's).
+
+        A run option, not saved with the model: e.g. the test threat model,
+        so that runs trained at different epsilons select checkpoints alike.
+        Setting it retraces the compiled test step.
+        """
+        return self._validation_epsilon
+
+    @validation_epsilon.setter
+    def validation_epsilon(self, value):
+        if value is not None and not value > 0:
+            raise ValueError(f"`validation_epsilon` must be > 0 or None; got {value}.")
+        self._validation_epsilon = None if value is None else float(value)
+        self.test_function = None  # traced with the old value
+
     def __init__(self, *args, adr_config=None, **kwargs):
         super().__init__(*args, **kwargs)
         self._init_adr(adr_config)
@@ -241,24 +260,27 @@ class ADRMixin:
         adversarial = self._forward(x_adv, training) if x_adv is not None else (None, None)
         return clean, adversarial
 
-    def adversarial_examples(self, x, y, loss=None):
+    def adversarial_examples(self, x, y, loss=None, epsilon=None):
         """Adversarial examples of `(x, y)` under the configured attack.
 
         Args:
             x: Images in the attack's pixel range.
             y: Integer labels.
             loss: Attack loss; defaults to the objective's (`"kl"` for TRADES).
+            epsilon: Radius; defaults to the configured one. Another radius
+                keeps the configured step size relative to it.
 
         Returns:
             Stop-gradient adversarial images.
         """
         attack = self.adr_config.attack
+        epsilon = attack.epsilon if epsilon is None else epsilon
         return attacks.pgd(
             lambda images: self(images, training=False),
             x,
             y,
-            epsilon=attack.epsilon,
-            step_size=attack.resolved_step_size,
+            epsilon=epsilon,
+            step_size=attack.resolved_step_size * epsilon / attack.epsilon,
             steps=attack.steps,
             norm=attack.norm,
             random_start=attack.random_start,
@@ -394,12 +416,13 @@ class ADRMixin:
         """Clean loss and accuracy, and accuracy under the configured attack.
 
         The validation attack maximises cross-entropy (also for TRADES), the
-        usual measure of robust accuracy.
+        usual measure of robust accuracy, at `validation_epsilon` if set
+        (else the training attack's epsilon).
         """
         x, y = _unpack(data)
         y = checked_labels(y, self._num_classes())
         logits = self(x, training=False)
-        x_adv = self.adversarial_examples(x, y, loss="ce")
+        x_adv = self.adversarial_examples(x, y, loss="ce", epsilon=self.validation_epsilon)
         logits_adv = self(x_adv, training=False)
         y = tf.cast(tf.reshape(y, [-1]), tf.int32)
         local_batch = tf.cast(tf.shape(x)[0], tf.float32)

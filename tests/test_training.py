@@ -368,3 +368,18 @@ def test_several_latent_layers_are_an_error_listing_them():
     b = keras_adr.layers.Latent(name="second")(keras.layers.Dense(3)(a))
     with pytest.raises(ValueError, match=r"2 Latent layers.*first.*second"):
         keras_adr.ADRModel(keras.Model(inputs, keras.layers.Dense(2)(b)))
+
+
+def test_validation_attacks_at_the_validation_epsilon():
+    keras.utils.set_random_seed(0)
+    x, y = blob_data(256)
+    model = keras_adr.ADRModel(
+        tiny_cnn(), presets.get("pgd_at", attack_epsilon=0.3, attack_steps=3)
+    )
+    model.compile(keras.optimizers.Adam(1e-2))
+    model.fit(x, y, epochs=3, batch_size=64, verbose=0)
+    at_training_epsilon = model.evaluate(x, y, verbose=0, return_dict=True)
+    assert at_training_epsilon["adv_accuracy"] < at_training_epsilon["accuracy"] - 0.05
+    model.validation_epsilon = 1e-6  # an attack this small changes no prediction
+    tiny = model.evaluate(x, y, verbose=0, return_dict=True)
+    assert tiny["adv_accuracy"] == tiny["accuracy"] == at_training_epsilon["accuracy"]

@@ -38,12 +38,24 @@ flags.DEFINE_list(
     "Fractions of training after which the learning rate is multiplied by 0.1.",
 )
 flags.DEFINE_float("weight_decay", _DEFAULTS.weight_decay, "Decoupled weight decay (0 = off).")
+flags.DEFINE_float(
+    "ema_momentum",
+    _DEFAULTS.ema_momentum,
+    "Exponential moving average of the weights (Keras' optimizer use_ema), e.g. 0.999; "
+    "0 = off. Validation, best.keras, the evaluation and the export use the average.",
+)
 flags.DEFINE_integer("seed", _DEFAULTS.seed, "Random seed.")
 flags.DEFINE_integer("train_examples", None, "Use only the first N training examples.")
 flags.DEFINE_integer(
     "validation_examples",
     _DEFAULTS.validation_examples,
     "Examples held out from the end of train to pick the best checkpoint.",
+)
+flags.DEFINE_float(
+    "validation_epsilon",
+    None,
+    "Epsilon of the validation attack that selects best.keras (default: the training "
+    "--epsilon), e.g. the test threat model when training at a larger epsilon.",
 )
 flags.DEFINE_integer("test_examples", None, "Evaluate on the first N test examples.")
 flags.DEFINE_list(
@@ -222,9 +234,11 @@ def options_from_flags():
         learning_rate=FLAGS.learning_rate,
         lr_decay_fractions=_fractions(FLAGS.lr_decay_fractions),
         weight_decay=FLAGS.weight_decay,
+        ema_momentum=FLAGS.ema_momentum,
         seed=FLAGS.seed,
         train_examples=FLAGS.train_examples,
         validation_examples=FLAGS.validation_examples,
+        validation_epsilon=FLAGS.validation_epsilon,
         test_examples=FLAGS.test_examples,
         eval_attacks=tuple(FLAGS.eval_attacks),
         output_dir=FLAGS.output_dir,
