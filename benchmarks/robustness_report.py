@@ -7,6 +7,7 @@ import numpy as np
 from absl import logging
 
 from benchmarks import results_io
+from benchmarks.robustness_frontier import write_frontier_summary
 from benchmarks.robustness_presets import BASE_PRECISION, fingerprint
 from benchmarks.robustness_stats import (
     pooled_pair,
@@ -341,6 +342,8 @@ def write_summary(preset_name, preset, rows, rows_dir, results_dir):
         r = results_io.read_json(os.path.join(rows_dir, f"{row.name}.json"))
         if r and r.get("fingerprint") == fingerprints[row.name]:
             results.append(r)
+    if preset.points:
+        return write_frontier_summary(preset_name, preset, rows, results, results_dir)
     seeds = seed_summary(results, preset)
     verdict_ = verdict(seeds, len(preset.seeds), results)
     comparison = precision_comparison(results, preset)

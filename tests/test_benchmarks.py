@@ -755,3 +755,95 @@ def test_precision_speed_names_a_capped_onednn_in_the_summary():
     assert "ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16" in note
     assert precision_speed_report._isa_note({"onednn_max_cpu_isa": None}) == ""
     assert precision_speed_report._isa_note({}) == ""  # rows from before the field
+
+
+def test_frontier_summary_chooses_on_validation_and_interpolates_the_baselines(tmp_path):
+    import dataclasses
+
+    from benchmarks import robustness_presets as rp
+    from benchmarks import robustness_report
+    from benchmarks.robustness_stats import bits
+
+    preset = dataclasses.replace(
+        rp.PRESETS["frontier"], seeded_points=("adr_pgd_x1", "trades_beta6", "trades_beta3")
+    )
+    rows = rp.rows_of(preset)
+    by_point = {}
+    for row in rows:
+        by_point[(row.name.replace(f"_seed{row.seed}", ""), row.seed)] = row
+    tag = "_mixed_bfloat16"
+    # (point, seed): (test clean, test worst case, validation clean, validation robust)
+    numbers = {
+        ("pgd_at_eps0p1", 0): (0.86, 0.72, 0.87, 0.73),
+        ("pgd_at_eps0p12", 0): (0.84, 0.73, 0.85, 0.74),
+        ("pgd_at_eps0p14", 0): (0.82, 0.74, 0.83, 0.75),
+        ("trades_beta6", 0): (0.845, 0.735, 0.855, 0.745),
+        ("trades_beta3", 0): (0.87, 0.72, 0.875, 0.73),
+        ("adr_pgd_x1", 0): (0.85, 0.76, 0.86, 0.78),
+        ("adr_pgd_x0p5", 0): (0.855, 0.75, 0.865, 0.77),  # test-best would be chosen on test
+        ("adr_pgd_x1_ema", 0): (0.86, 0.765, 0.87, 0.785),  # EMA points are not candidates
+        ("adr_pgd_x1", 1): (0.85, 0.75, 0.86, 0.77),
+        ("trades_beta6", 1): (0.845, 0.735, 0.855, 0.745),
+        ("trades_beta3", 1): (0.87, 0.72, 0.875, 0.73),
+    }
+    rows_dir = tmp_path / "frontier_rows"
+    rows_dir.mkdir()
+    for (point, seed), (clean, robust, val_clean, val_robust) in numbers.items():
+        row = by_point[(point + tag, seed)]
+        result = {
+            "name": row.name,
+            "defense": row.defense,
+            "seed": seed,
+            "overrides": dict(row.overrides),
+            "ema_momentum": row.ema_momentum,
+            "evaluation": {"num_examples": 4},
+            "clean_accuracy": clean,
+            "robust_accuracy": robust,
+            "attack_accuracy": {a: robust for a in preset.eval_attacks},
+            "clean_correct_bits": bits([1, 1, 1, 0]),
+            "robust_correct_bits": bits([1, 1, 0, 0] if point.startswith("adr") else [1, 0, 0, 0]),
+            "history": {"val_accuracy": [0.5, val_clean], "val_adv_accuracy": [0.3, val_robust]},
+            "train_seconds": 1.0,
+            "eval_seconds": 1.0,
+            "row_seconds": 2.0,
+            "fingerprint": rp.fingerprint(preset, row),
+        }
+        (rows_dir / f"{row.name}.json").write_text(json.dumps(result))
+    robustness_report.write_summary("frontier", preset, rows, str(rows_dir), str(tmp_path))
+    summary = json.loads((tmp_path / "frontier.json").read_text())
+    chosen = summary["choices_on_validation"]
+    assert chosen["adr_point"] == "adr_pgd_x1" + tag
+    assert chosen["brackets"] == {
+        "pgd_at": ["pgd_at_eps0p12" + tag, "pgd_at_eps0p1" + tag],
+        "trades": ["trades_beta6" + tag, "trades_beta3" + tag],
+    }
+    verdict = summary["verdict"]
+    seed0, seed1 = verdict["per_seed"]
+    # PGD-AT at 0.85 clean: halfway between (0.84, 0.73) and (0.86, 0.72).
+    assert seed0["families"]["pgd_at"]["interpolated_robust"] == pytest.approx(0.725)
+    # TRADES: a fifth of the way from (0.845, 0.735) to (0.87, 0.72).
+    assert seed0["families"]["trades"]["interpolated_robust"] == pytest.approx(0.732)
+    assert seed0["best_family"] == "trades"
+    assert seed0["gain_over_best"] == pytest.approx(0.028)
+    assert seed1["gain_over_best"] == pytest.approx(0.018)
+    assert seed1["families"]["pgd_at"]["gain"] is None  # no seed-1 PGD-AT runs
+    assert verdict["mean_gain_over_best"] == pytest.approx(0.023)
+    assert verdict["moves_frontier"] is True and verdict["seeds_complete"] is False
+    nearest = verdict["nearest_baseline_test"]
+    assert nearest["baseline_point"] == "trades_beta6" + tag and nearest["seeds"] == 2
+    assert nearest["worst case"] == {"adr_only": 2, "baseline_only": 0, "p_value": 0.5}
+    assert summary["ema_pairs"][0]["robust_difference"] == pytest.approx(0.005)
+    text = (tmp_path / "frontier.md").read_text()
+    assert "ADR moves the frontier" in text and "**yes**" in text
+    assert (tmp_path / "frontier.png").read_bytes()[:4] == b"\x89PNG"
+
+    # A seed where ADR gains less than a point: no.
+    numbers[("adr_pgd_x1", 1)] = (0.85, 0.735, 0.86, 0.77)
+    row = by_point[("adr_pgd_x1" + tag, 1)]
+    result = json.loads((rows_dir / f"{row.name}.json").read_text())
+    result["robust_accuracy"] = 0.735
+    (rows_dir / f"{row.name}.json").write_text(json.dumps(result))
+    robustness_report.write_summary("frontier", preset, rows, str(rows_dir), str(tmp_path))
+    assert (
+        json.loads((tmp_path / "frontier.json").read_text())["verdict"]["moves_frontier"] is False
+    )

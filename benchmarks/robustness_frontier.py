@@ -1,0 +1,510 @@
+"""The frontier study's summary: does ADR sit above the baselines' robustness-accuracy curves?
+
+A frontier preset (`Preset.points`) trains each family as a curve: PGD-AT
+over its training epsilon, TRADES over beta, ADR-PGD over a scale of its
+weights, some points also with an EMA of the weights. This module turns the
+finished rows into `<preset>.{json,md,png}`:
+
+- the choices, made on the validation split (each row's selected epoch:
+  its best validation robust accuracy): the ADR point (the scale of best
+  validation robust accuracy, without EMA), and the two points of each
+  baseline family whose validation clean accuracy brackets it (the points
+  to run at more seeds);
+- the verdict, on the test set: each baseline family's worst-case accuracy
+  interpolated linearly at the ADR point's clean accuracy (between the two
+  measured points around it; no extrapolation), ADR minus the best family
+  per seed (each seed's ADR run against the same seed's bracketing runs)
+  and on average, and an exact sign test against the nearest measured
+  baseline point, pooled over seeds. "ADR moves the frontier" means at
+  least +1 point at equal clean accuracy over the best family in every seed;
+- the EMA pairs (the same point with and without EMA);
+- the figure: clean (x) against worst-case (y) accuracy, a curve per
+  family, seed min-max bars, EMA points hollow, and reference points.
+"""
+
+import os
+
+import numpy as np
+
+from benchmarks import results_io
+from benchmarks.robustness_stats import _discordant, _sign_tested
+
+# The points a family's curve is drawn through: defense -> family label.
+FAMILIES = {"pgd_at": "PGD-AT", "trades": "TRADES", "adr_pgd": "ADR-PGD"}
+BASELINES = ("pgd_at", "trades")
+ADR = "adr_pgd"
+# "ADR moves the frontier": at least this gain at equal clean accuracy, every seed.
+FRONTIER_MARGIN = 0.01
+# Reference points from an earlier benchmark of the same setup (PGD-5 training).
+REFERENCE_PRESET = "fmnist"
+
+
+def selected_validation(result):
+    """`(val clean, val robust)` accuracy of the row's selected epoch (its best val robust)."""
+    history = result.get("history", {})
+    robust = [v if v is not None else -1.0 for v in history.get("val_adv_accuracy", [])]
+    if not robust:
+        return None, None
+    best = int(np.argmax(robust))
+    return history["val_accuracy"][best], robust[best]
+
+
+def _entries(rows, results):
+    """One dict per finished row: its point, family, seed, EMA and accuracies."""
+    by_name = {r["name"]: r for r in results}
+    entries = []
+    for row in rows:
+        r = by_name.get(row.name)
+        if r is None:
+            continue
+        val_clean, val_robust = selected_validation(r)
+        entries.append(
+            {
+                "row": row.name,
+                "point": row.name.replace(f"_seed{row.seed}", ""),
+                "label": row.label,
+                "family": row.defense,
+                "seed": row.seed,
+                "ema": bool(row.ema_momentum),
+                "overrides": dict(row.overrides),
+                "clean_accuracy": r["clean_accuracy"],
+                "robust_accuracy": r["robust_accuracy"],
+                "attack_accuracy": r["attack_accuracy"],
+                "val_clean_accuracy": val_clean,
+                "val_robust_accuracy": val_robust,
+                "train_seconds": r["train_seconds"],
+                "eval_seconds": r["eval_seconds"],
+                "result": r,
+            }
+        )
+    return entries
+
+
+def bracket(points, x, key_x="clean_accuracy"):
+    """The two points whose `key_x` are nearest below and above `x`, or None."""
+    below = [e for e in points if e[key_x] <= x]
+    above = [e for e in points if e[key_x] >= x]
+    if not below or not above:
+        return None
+    low = max(below, key=lambda e: e[key_x])
+    high = min(above, key=lambda e: e[key_x])
+    return low, high
+
+
+def interpolate(low, high, x, key_x="clean_accuracy", key_y="robust_accuracy"):
+    """`key_y` on the segment from `low` to `high` at `key_x = x`."""
+    if high[key_x] == low[key_x]:
+        return (low[key_y] + high[key_y]) / 2
+    t = (x - low[key_x]) / (high[key_x] - low[key_x])
+    return low[key_y] + t * (high[key_y] - low[key_y])
+
+
+def choices(entries):
+    """What the validation split chooses: the ADR point and each family's bracketing points."""
+    first = min((e["seed"] for e in entries), default=0)
+    adr = [e for e in entries if e["family"] == ADR and not e["ema"] and e["seed"] == first]
+    adr = [e for e in adr if e["val_robust_accuracy"] is not None]
+    if not adr:
+        return None
+    chosen = max(adr, key=lambda e: (e["val_robust_accuracy"], -e["val_clean_accuracy"]))
+    out = {"adr_point": chosen["point"], "criterion": "best validation robust accuracy"}
+    brackets = {}
+    for family in BASELINES:
+        points = [
+            e for e in entries if e["family"] == family and not e["ema"] and e["seed"] == first
+        ]
+        pair = bracket(points, chosen["val_clean_accuracy"], "val_clean_accuracy")
+        brackets[family] = [p["point"] for p in pair] if pair else None
+    out["brackets"] = brackets
+    return out
+
+
+def verdict(entries, chosen):
+    """The test-set comparison of the chosen ADR point with each baseline family."""
+    if not chosen:
+        return None
+    seeds = sorted({e["seed"] for e in entries if e["point"] == chosen["adr_point"]})
+    first = min(e["seed"] for e in entries)
+    per_seed, families = [], {}
+    for seed in seeds:
+        adr = next(e for e in entries if e["point"] == chosen["adr_point"] and e["seed"] == seed)
+        gains = {}
+        for family in BASELINES:
+            points = [
+                e for e in entries if e["family"] == family and not e["ema"] and e["seed"] == seed
+            ]
+            pair = bracket(points, adr["clean_accuracy"])
+            if pair:
+                baseline = interpolate(*pair, adr["clean_accuracy"])
+                gains[family] = {
+                    "interpolated_robust": baseline,
+                    "gain": adr["robust_accuracy"] - baseline,
+                    "between": [p["point"] for p in pair],
+                }
+            else:
+                side = (
+                    "below every"
+                    if all(p["clean_accuracy"] > adr["clean_accuracy"] for p in points)
+                    else "above every"
+                )
+                gains[family] = {
+                    "interpolated_robust": None,
+                    "gain": None,
+                    "note": f"ADR's clean accuracy is {side} measured point"
+                    if points
+                    else "no points",
+                }
+        measured = {f: g for f, g in gains.items() if g["gain"] is not None}
+        best = min(measured, key=lambda f: measured[f]["gain"]) if measured else None
+        per_seed.append(
+            {
+                "seed": seed,
+                "adr_clean": adr["clean_accuracy"],
+                "adr_robust": adr["robust_accuracy"],
+                "families": gains,
+                "best_family": best,
+                "gain_over_best": measured[best]["gain"] if best else None,
+            }
+        )
+        if seed == first:
+            families = gains
+    gains = [s["gain_over_best"] for s in per_seed]
+    nearest = _nearest_test(entries, chosen["adr_point"])
+    # Every family bracketed at the first seed (the curves); at the others,
+    # the runs of the bracketing points that were seeded.
+    moves = (
+        all(g["gain"] is not None for g in families.values())
+        and None not in gains
+        and all(g >= FRONTIER_MARGIN for g in gains)
+    )
+    gains = [g for g in gains if g is not None]
+    return {
+        "adr_point": chosen["adr_point"],
+        "seeds": seeds,
+        "per_seed": per_seed,
+        "families_at_first_seed": families,
+        "mean_gain_over_best": float(np.mean(gains)) if gains else None,
+        "margin": FRONTIER_MARGIN,
+        "moves_frontier": moves,
+        "seeds_complete": len(seeds) >= 3,
+        "nearest_baseline_test": nearest,
+    }
+
+
+def _nearest_test(entries, adr_point):
+    """Sign test of the ADR point against the baseline point nearest in clean accuracy."""
+    adr = {e["seed"]: e for e in entries if e["point"] == adr_point}
+    first = min(adr)
+    candidates = [
+        e for e in entries if e["family"] in BASELINES and not e["ema"] and e["seed"] == first
+    ]
+    if not candidates:
+        return None
+    nearest = min(candidates, key=lambda e: abs(e["clean_accuracy"] - adr[first]["clean_accuracy"]))
+    pairs = [
+        (adr[e["seed"]]["result"], e["result"])
+        for e in entries
+        if e["point"] == nearest["point"] and e["seed"] in adr
+    ]
+    counts = {"clean": [0, 0], "worst case": [0, 0]}
+    for a, b in pairs:
+        pair = _discordant(a, b)
+        if pair is None:
+            return None
+        for what, (a_only, b_only) in pair.items():
+            counts[what][0] += a_only
+            counts[what][1] += b_only
+    tested = _sign_tested(counts, "adr", "baseline")
+    return {"baseline_point": nearest["point"], "seeds": len(pairs), **tested}
+
+
+def ema_pairs(entries):
+    """Each EMA point against the same point without EMA, per seed."""
+    by_key = {(e["point"], e["seed"]): e for e in entries}
+    out = []
+    for e in entries:
+        if not e["ema"]:
+            continue
+        plain = by_key.get((e["point"].replace("_ema", ""), e["seed"]))
+        if plain:
+            out.append(
+                {
+                    "point": e["point"],
+                    "seed": e["seed"],
+                    "clean_difference": e["clean_accuracy"] - plain["clean_accuracy"],
+                    "robust_difference": e["robust_accuracy"] - plain["robust_accuracy"],
+                }
+            )
+    return out
+
+
+def reference_points(results_dir):
+    """`[(label, clean, robust)]` of the earlier PGD-5 benchmark's seed means / rows."""
+    summary = results_io.read_json(os.path.join(results_dir, f"{REFERENCE_PRESET}.json"))
+    if not summary:
+        return []
+    points = [
+        (f"{d} (PGD-5, 3 seeds)", s["clean_accuracy"]["mean"], s["robust_accuracy"]["mean"])
+        for d, s in summary.get("seed_summary", {}).items()
+    ]
+    points += [
+        (f"{r['name']} (PGD-5, seed 0)", r["clean_accuracy"], r["robust_accuracy"])
+        for r in summary.get("rows", [])
+        if r["name"] in ("trades", "adr_trades")
+    ]
+    return points
+
+
+def _pct(value, signed=False):
+    if value is None:
+        return "-"
+    return f"{100 * value:+.1f}" if signed else f"{100 * value:.1f}"
+
+
+def markdown(preset_name, preset, rows, entries, chosen, verdict_, emas, references):
+    attacks = list(preset.eval_attacks)
+    done = {e["row"] for e in entries}
+    lines = [
+        f"# Robustness-accuracy frontier: `{preset_name}`",
+        "",
+        f"- Setup: {preset.description}.",
+        f"- Evaluation: all {preset.test_examples or 10000} test images at L-inf epsilon "
+        f"{preset.epsilon:g}; {', '.join(attacks)}, each attack only on the images every "
+        "earlier one left correct (a column is the accuracy after that attack); **worst case** "
+        "= correct under every attack (per example). Models evaluated in float32.",
+        "- Choices on the validation split (2,000 images held out of train; each row's "
+        "selected epoch is its best validation robust accuracy): the ADR point is the weight "
+        "scale of best validation robust accuracy; the baseline points run at more seeds are "
+        "the two of each family whose validation clean accuracy brackets it.",
+        f"- Figure `{preset_name}.png`: a point is the mean over the seeds run, its bars the "
+        "min-max; hollow points have an EMA of the weights; grey squares are reference points.",
+        f"- Rows finished: {len(done)}/{len(rows)}. Pending: "
+        + (", ".join(row.name for row in rows if row.name not in done) or "none")
+        + ".",
+        "",
+    ]
+    if verdict_:
+        lines += _verdict_lines(verdict_)
+    table = [
+        [
+            e["label"],
+            e["seed"],
+            _pct(e["clean_accuracy"]),
+            *(_pct(e["attack_accuracy"].get(a)) for a in attacks),
+            f"**{_pct(e['robust_accuracy'])}**",
+            _pct(e["val_clean_accuracy"]),
+            _pct(e["val_robust_accuracy"]),
+            f"{e['train_seconds']:.0f}",
+            f"{e['eval_seconds']:.0f}",
+        ]
+        for e in sorted(entries, key=lambda e: (e["family"], e["ema"], e["clean_accuracy"]))
+    ]
+    lines += [
+        "## All rows (accuracies in %)",
+        "",
+        *results_io.markdown_table(
+            [
+                "point",
+                "seed",
+                "clean",
+                *(f"after {a}" for a in attacks),
+                "worst case",
+                "val clean",
+                "val robust",
+                "train s",
+                "eval s",
+            ],
+            table,
+            align="lrr" + "r" * len(attacks) + "rrrrr",
+        ),
+    ]
+    if chosen:
+        brackets = "; ".join(
+            f"{f}: {', '.join(p) if p else 'not bracketed yet'}"
+            for f, p in chosen["brackets"].items()
+        )
+        lines += [
+            "",
+            f"Chosen on validation: ADR point `{chosen['adr_point']}` ({chosen['criterion']}); "
+            f"bracketing baseline points: {brackets}.",
+        ]
+    if emas:
+        lines += [
+            "",
+            "## EMA of the weights (momentum "
+            f"{next(r.ema_momentum for r in rows if r.ema_momentum):g}) against none",
+            "",
+            *results_io.markdown_table(
+                ["point", "seed", "Δ clean", "Δ worst case"],
+                [
+                    [
+                        p["point"],
+                        p["seed"],
+                        _pct(p["clean_difference"], True),
+                        _pct(p["robust_difference"], True),
+                    ]
+                    for p in emas
+                ],
+            ),
+        ]
+    if references:
+        lines += [
+            "",
+            "Reference points (grey in the figure), PGD-5 training, from "
+            f"`{REFERENCE_PRESET}.md`: "
+            + "; ".join(f"{label} {_pct(c)} / {_pct(r)}" for label, c, r in references)
+            + " (clean / worst case).",
+        ]
+    failed = [
+        (e["row"], c["name"])
+        for e in entries
+        for c in e["result"].get("sanity_checks", [])
+        if c["status"] == "failed"
+    ]
+    lines += [
+        "",
+        "Sanity checks per row: "
+        + (
+            "all passed or skipped."
+            if not failed
+            else "**FAILED**: " + ", ".join(f"{n}: {c}" for n, c in failed)
+        ),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _verdict_lines(v):
+    lines = ["## Verdict", ""]
+    for s in v["per_seed"]:
+        parts = []
+        for family, g in s["families"].items():
+            if g["gain"] is None:
+                parts.append(f"{family}: {g.get('note')}")
+            else:
+                parts.append(
+                    f"{family} {_pct(g['interpolated_robust'])} "
+                    f"(ADR {_pct(g['gain'], True)} points)"
+                )
+        lines.append(
+            f"- Seed {s['seed']}: ADR (`{v['adr_point']}`) {_pct(s['adr_clean'])} clean, "
+            f"{_pct(s['adr_robust'])} worst case; baselines' worst case at that clean "
+            "accuracy: " + "; ".join(parts) + "."
+        )
+    mean = v["mean_gain_over_best"]
+    lines.append(
+        f"- ADR minus the best baseline family: {_pct(mean, True)} points on average over "
+        f"seeds {v['seeds']}"
+        + ("" if v["seeds_complete"] else " (seeds incomplete)")
+        + f". ADR moves the frontier (at least +{100 * v['margin']:.0f} point over the best "
+        f"family in every seed): **{'yes' if v['moves_frontier'] else 'no'}**."
+    )
+    t = v.get("nearest_baseline_test")
+    if t:
+        w, c = t["worst case"], t["clean"]
+        lines.append(
+            f"- Against the nearest measured baseline point `{t['baseline_point']}` "
+            f"({t['seeds']} seed(s), per example, exact sign test): worst case "
+            f"{w['adr_only']} vs {w['baseline_only']} examples correct with only one "
+            f"(p = {w['p_value']:.3f}); clean {c['adr_only']} vs {c['baseline_only']} "
+            f"(p = {c['p_value']:.3f})."
+        )
+    return lines + [""]
+
+
+_COLORS = {"pgd_at": "#1f77b4", "trades": "#2ca02c", "adr_pgd": "#d62728"}
+
+
+def plot(preset_name, entries, references, verdict_, path):
+    from matplotlib.figure import Figure
+
+    if not entries:
+        return
+    figure = Figure(figsize=(7, 5), dpi=110)
+    axes = figure.add_subplot()
+    for family, label in FAMILIES.items():
+        for ema in (False, True):
+            points = {}
+            for e in entries:
+                if e["family"] == family and e["ema"] == ema:
+                    points.setdefault(e["point"], []).append(e)
+            if not points:
+                continue
+            means = [
+                (
+                    100 * np.mean([e["clean_accuracy"] for e in runs]),
+                    100 * np.mean([e["robust_accuracy"] for e in runs]),
+                    runs,
+                )
+                for runs in points.values()
+            ]
+            means.sort(key=lambda m: m[0])
+            xs, ys = [m[0] for m in means], [m[1] for m in means]
+            axes.plot(
+                xs,
+                ys,
+                linestyle="-" if not ema else "none",
+                marker="o",
+                markerfacecolor="none" if ema else _COLORS[family],
+                color=_COLORS[family],
+                label=label + (" + EMA" if ema else ""),
+            )
+            for x, y, runs in means:
+                if len(runs) > 1:
+                    clean = [100 * e["clean_accuracy"] for e in runs]
+                    robust = [100 * e["robust_accuracy"] for e in runs]
+                    axes.errorbar(
+                        x,
+                        y,
+                        xerr=[[x - min(clean)], [max(clean) - x]],
+                        yerr=[[y - min(robust)], [max(robust) - y]],
+                        color=_COLORS[family],
+                        capsize=3,
+                        linewidth=1,
+                    )
+    for label, clean, robust in references:
+        axes.plot(100 * clean, 100 * robust, marker="s", color="grey", linestyle="none")
+        axes.annotate(label, (100 * clean, 100 * robust), fontsize="x-small", color="grey")
+    axes.set_xlabel("clean accuracy (%)")
+    axes.set_ylabel("worst-case robust accuracy (%)")
+    title = f"{preset_name}: higher and to the right is better"
+    if verdict_ and verdict_["mean_gain_over_best"] is not None:
+        gain = 100 * verdict_["mean_gain_over_best"]
+        title += f"\nADR - best baseline at equal clean accuracy: {gain:+.1f} points"
+    axes.set_title(title, fontsize="medium")
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize="small", loc="lower left")
+    figure.tight_layout()
+    figure.savefig(path)
+
+
+def write_frontier_summary(preset_name, preset, rows, results, results_dir):
+    """Rewrites `<results_dir>/<preset_name>.{json,md,png}` of a frontier preset."""
+    entries = _entries(rows, results)
+    chosen = choices(entries)
+    verdict_ = verdict(entries, chosen)
+    emas = ema_pairs(entries)
+    references = reference_points(results_dir)
+    base = os.path.join(results_dir, preset_name)
+    summary = {
+        "preset": preset_name,
+        "rows_expected": [row.name for row in rows],
+        "rows": [
+            {k: v for k, v in e.items() if k != "result"}
+            | {"overrides": e["overrides"], "ema_momentum": e["result"].get("ema_momentum")}
+            for e in entries
+        ],
+        "choices_on_validation": chosen,
+        "verdict": verdict_,
+        "ema_pairs": emas,
+        "reference_points": [
+            {"label": label, "clean_accuracy": c, "robust_accuracy": r}
+            for label, c, r in references
+        ],
+    }
+    results_io.write_json_atomic(f"{base}.json", summary)
+    results_io.write_text(
+        f"{base}.md",
+        markdown(preset_name, preset, rows, entries, chosen, verdict_, emas, references),
+    )
+    plot(preset_name, entries, references, verdict_, f"{base}.png")
+    return results
