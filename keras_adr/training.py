@@ -447,6 +447,53 @@ def _latent_layer(backbone, name):
         ) from None
 
 
+# A probe row counts as probabilities within this tolerance: bfloat16 rounds
+# a softmax's sum by up to about 2**-8 per term.
+_PROBABILITY_TOLERANCE = 2e-2
+
+
+def _check_logits(backbone, allow_probabilities):
+    """Raises (or warns) if `backbone` outputs probabilities rather than logits.
+
+    The outputs are checked, not the last layer's `activation`, so that a
+    `Softmax` layer, a softmax `Dense`/`Activation` or a normalising `Lambda`
+    are all found: on a probe batch of two images in [0, 1] (zeros and
+    uniform noise), rows all in [0, 1] that sum to 1 are probabilities. Where
+    the probe cannot run eagerly (inside a `tf.function`) or the input shape
+    has unknown dimensions, only a softmax activation of the last layer is
+    checked.
+    """
+    last = backbone.layers[-1].name
+    shape = tuple(backbone.inputs[0].shape[1:])
+    if tf.executing_eagerly() and all(d is not None for d in shape):
+        rng = np.random.default_rng(0)
+        probe = np.stack([np.zeros(shape), rng.uniform(0.0, 1.0, shape)]).astype(np.float32)
+        outputs = tf.cast(backbone(probe, training=False), tf.float32).numpy()
+        probabilities = (
+            outputs.ndim == 2
+            and outputs.shape[-1] > 1
+            and outputs.min() >= -_PROBABILITY_TOLERANCE
+            and outputs.max() <= 1 + _PROBABILITY_TOLERANCE
+            and np.allclose(outputs.sum(-1), 1.0, atol=_PROBABILITY_TOLERANCE)
+        )
+    else:
+        layer = backbone.layers[-1]
+        probabilities = isinstance(layer, keras.layers.Softmax) or (
+            getattr(layer, "activation", None) is keras.activations.softmax
+        )
+    if not probabilities:
+        return
+    message = (
+        f"The backbone outputs probabilities (rows in [0, 1] that sum to 1; last layer "
+        f"{last!r}), but ADR and the attacks need logits: remove the softmax from {last!r} "
+        "(use from_logits=True losses elsewhere), or pass allow_probabilities=True if the "
+        "outputs are logits that only look like probabilities."
+    )
+    if not allow_probabilities:
+        raise ValueError(message)
+    warnings.warn(message, stacklevel=3)
+
+
 @keras.saving.register_keras_serializable(package="keras_adr")
 class ADRModel(ADRMixin, keras.Model):
     """Wraps a functional classifier that outputs logits for ADR training.
@@ -460,15 +507,23 @@ class ADRModel(ADRMixin, keras.Model):
         latent_layer: Name of the layer whose output is the latent code `z`.
             Default: the backbone's one `keras_adr.layers.Latent` layer, or
             for models built without one, the layer named `"latent"`.
+        allow_probabilities: Accept a backbone whose outputs look like
+            probabilities (with a warning) instead of raising. ADR's losses
+            and the attacks treat the outputs as logits, so this is only for
+            a backbone known to output logits that sum to 1.
         **kwargs: Passed to `keras.Model` (e.g. `name`).
 
     Raises:
         ValueError: If `backbone` is not a functional model with one output,
             has several `Latent` layers, or has neither a `Latent` layer nor a
-            layer named `latent_layer` (the messages list the candidates).
+            layer named `latent_layer` (the messages list the candidates); or
+            if its outputs are probabilities (see `_check_logits`) and
+            `allow_probabilities` is False.
     """
 
-    def __init__(self, backbone, adr_config=None, latent_layer=None, **kwargs):
+    def __init__(
+        self, backbone, adr_config=None, latent_layer=None, allow_probabilities=False, **kwargs
+    ):
         super().__init__(adr_config=adr_config, **kwargs)
         if (
             not isinstance(backbone, keras.Model)
@@ -485,13 +540,8 @@ class ADRModel(ADRMixin, keras.Model):
                 f"`backbone` must have one output (the logits); it has {len(backbone.outputs)}."
             )
         latent = _latent_layer(backbone, latent_layer)
-        if getattr(backbone.layers[-1], "activation", None) is keras.activations.softmax:
-            warnings.warn(
-                f"The backbone's last layer {backbone.layers[-1].name!r} applies softmax: ADR "
-                "and the attacks need logits. Remove the activation (use from_logits losses "
-                "elsewhere).",
-                stacklevel=2,
-            )
+        _check_logits(backbone, allow_probabilities)
+        self.allow_probabilities = bool(allow_probabilities)
         self.backbone = backbone
         self.latent_layer = latent.name
         # Shares the backbone's layers; kept out of Keras' attribute tracking
@@ -520,6 +570,7 @@ class ADRModel(ADRMixin, keras.Model):
             "backbone": keras.saving.serialize_keras_object(self.backbone),
             "adr_config": self.adr_config.get_config(),
             "latent_layer": self.latent_layer,
+            "allow_probabilities": self.allow_probabilities,
         }
 
     @classmethod

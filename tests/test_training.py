@@ -306,12 +306,59 @@ def test_labels_are_checked_at_the_step(labels, match):
         model.fit(x, y, batch_size=16, epochs=1, verbose=0)
 
 
-def test_softmax_backbone_warns():
+def _normalise(t):
+    e = keras.ops.exp(t)
+    return e / keras.ops.sum(e, axis=-1, keepdims=True)
+
+
+_PROBABILITY_HEADS = {
+    "softmax_layer": lambda x: keras.layers.Softmax(name="head")(keras.layers.Dense(3)(x)),
+    "dense_softmax": lambda x: keras.layers.Dense(3, activation="softmax", name="head")(x),
+    "activation": lambda x: keras.layers.Activation("softmax", name="head")(
+        keras.layers.Dense(3)(x)
+    ),
+    "lambda": lambda x: keras.layers.Lambda(_normalise, name="head")(keras.layers.Dense(3)(x)),
+}
+
+
+def _backbone(head):
     inputs = keras.Input((8, 8, 1))
     z = keras.layers.Flatten(name="latent")(inputs)
-    outputs = keras.layers.Dense(3, activation="softmax")(z)
-    with pytest.warns(UserWarning, match="softmax"):
-        keras_adr.ADRModel(keras.Model(inputs, outputs))
+    return keras.Model(inputs, head(z))
+
+
+@pytest.mark.parametrize("head", sorted(_PROBABILITY_HEADS))
+def test_probability_backbones_are_refused_naming_the_last_layer(head):
+    with pytest.raises(ValueError, match="'head'.*need logits.*allow_probabilities=True"):
+        keras_adr.ADRModel(_backbone(_PROBABILITY_HEADS[head]))
+
+
+def test_allow_probabilities_warns_and_is_kept_in_the_config(tmp_path):
+    with pytest.warns(UserWarning, match="probabilities"):
+        model = keras_adr.ADRModel(
+            _backbone(_PROBABILITY_HEADS["softmax_layer"]), allow_probabilities=True
+        )
+    assert model.get_config()["allow_probabilities"] is True
+    path = tmp_path / "probabilities.keras"
+    model.save(path)
+    with pytest.warns(UserWarning, match="probabilities"):
+        loaded = keras.saving.load_model(path)
+    assert loaded.allow_probabilities is True
+
+
+def test_small_logits_are_not_mistaken_for_probabilities():
+    # Outputs in [0, 1] that do not sum to 1: logits that happen to be small.
+    head = lambda x: keras.layers.Dense(  # noqa: E731
+        3, kernel_initializer="zeros", bias_initializer=keras.initializers.Constant(0.2)
+    )(x)
+    model = keras_adr.ADRModel(_backbone(head))
+    assert model.allow_probabilities is False
+
+
+@pytest.mark.parametrize("name", keras_adr.models.ARCHITECTURES)
+def test_the_library_models_pass_the_logits_check(name):
+    shape = (32, 32, 3) if name in ("resnet18", "wide_resnet") else (28, 28, 1)
+    keras_adr.ADRModel(keras_adr.models.get(name, input_shape=shape, num_classes=10))
 
 
 def test_forward_hook_can_fuse_the_two_passes():
