@@ -53,15 +53,28 @@ def _unpack(data):
     )
 
 
-def checked_labels(y, num_classes=None):
+def _num_images(x):
+    """The batch size of `x`: an int if static, else a scalar tensor."""
+    return x.shape[0] if x.shape[0] is not None else tf.shape(x)[0]
+
+
+def checked_labels(y, num_classes=None, num_images=None):
     """`[B]` int32 labels, with run-time checks that they are class indices.
 
     Fails (also inside `tf.function`) on fractional float labels, negative
     labels and, when `num_classes` is known, labels >= `num_classes`: such
     labels would otherwise surface as an error deep inside a loss term (or
-    be truncated silently by a cast).
+    be truncated silently by a cast), and on one-hot rows: statically for
+    `[B, K]` labels, at run time for more labels than `num_images`.
     """
-    y = tf.reshape(tf.convert_to_tensor(y), [-1])
+    y = tf.convert_to_tensor(y)
+    if y.shape.rank == 2 and y.shape[-1] is not None and y.shape[-1] > 1:
+        # Flattened, one-hot rows would fail later as "labels.shape=(640,)".
+        raise ValueError(
+            f"ADR training: labels must be class indices; got one-hot rows of shape "
+            f"{tuple(y.shape)} (use argmax, e.g. y.argmax(-1))."
+        )
+    y = tf.reshape(y, [-1])
     what = "ADR training needs integer class labels in [0, num_classes)"
     checks = []
     if y.dtype.is_floating:
@@ -72,6 +85,21 @@ def checked_labels(y, num_classes=None):
         raise ValueError(f"{what}; got labels of dtype {y.dtype.name}.")
     labels = tf.cast(y, tf.int32)
     checks.append(tf.debugging.assert_non_negative(labels, message=f"{what}; got a negative label"))
+    one_per_image = (
+        "ADR training: labels must be class indices, one per image (flattened one-hot rows: "
+        "use argmax; an unbatched tf.data.Dataset: call .batch())"
+    )
+    if isinstance(num_images, int) and labels.shape[0] is not None:
+        if labels.shape[0] != num_images:
+            raise ValueError(
+                f"{one_per_image}; got {labels.shape[0]} labels for {num_images} images."
+            )
+    elif num_images is not None:
+        checks.append(
+            tf.debugging.assert_equal(
+                tf.size(labels), tf.cast(num_images, tf.int32), message=one_per_image
+            )
+        )
     if num_classes:
         checks.append(
             tf.debugging.assert_less(
@@ -372,7 +400,7 @@ class ADRMixin:
 
     def train_step(self, data):
         x, y = _unpack(data)
-        y = checked_labels(y, self._num_classes())
+        y = checked_labels(y, self._num_classes(), _num_images(x))
         uses_adversary = self.adr_config.uses_adversary
         x_adv = self.adversarial_examples(x, y) if uses_adversary else None
         with tf.GradientTape() as tape:
@@ -397,7 +425,7 @@ class ADRMixin:
         usual measure of robust accuracy.
         """
         x, y = _unpack(data)
-        y = checked_labels(y, self._num_classes())
+        y = checked_labels(y, self._num_classes(), _num_images(x))
         logits = self(x, training=False)
         x_adv = self.adversarial_examples(x, y, loss="ce")
         logits_adv = self(x_adv, training=False)
@@ -418,6 +446,21 @@ class ADRMixin:
         if not adversarial:
             results.pop("adv_accuracy")
         return results
+
+    def fit(self, *args, **kwargs):
+        """`keras.Model.fit`; raises if no training step ran (no training data).
+
+        Raises:
+            ValueError: If an epoch ran on 0 examples (an empty dataset or
+                arrays); a resumed fit with no epochs left is not an error.
+        """
+        history = super().fit(*args, **kwargs)
+        if history.epoch and not history.history:
+            raise ValueError(
+                f"fit ran {len(history.epoch)} epoch(s) without a training step: the training "
+                "data holds 0 examples. Check the dataset (or its take/filter/split)."
+            )
+        return history
 
     def get_config(self):
         return {**super().get_config(), "adr_config": self.adr_config.get_config()}

@@ -415,3 +415,50 @@ def test_several_latent_layers_are_an_error_listing_them():
     b = keras_adr.layers.Latent(name="second")(keras.layers.Dense(3)(a))
     with pytest.raises(ValueError, match=r"2 Latent layers.*first.*second"):
         keras_adr.ADRModel(keras.Model(inputs, keras.layers.Dense(2)(b)))
+
+
+def _compiled():
+    model = keras_adr.ADRModel(tiny_cnn(), presets.get("pgd_at", attack_steps=1))
+    model.compile(optimizer="adam")
+    return model
+
+
+def test_one_hot_labels_are_named_in_fit_and_in_the_evaluation():
+    x, y = blob_data(16)
+    one_hot = np.eye(3, dtype=np.float32)[y]
+    with pytest.raises(ValueError, match=r"class indices; got one-hot rows .*argmax"):
+        _compiled().fit(x, one_hot, batch_size=8, epochs=1, verbose=0)
+    flattened = tf.data.Dataset.from_tensors((x, one_hot.reshape(-1)))
+    with pytest.raises(ValueError, match="one per image.*argmax"):
+        _compiled().fit(flattened, epochs=1, verbose=0)
+    # Unknown batch sizes: the same check at run time.
+    ragged = tf.data.Dataset.from_generator(
+        lambda: iter([(x, one_hot.reshape(-1))]),
+        output_signature=(
+            tf.TensorSpec([None, 8, 8, 1], tf.float32),
+            tf.TensorSpec([None], tf.float32),
+        ),
+    )
+    with pytest.raises(tf.errors.InvalidArgumentError, match="one per image.*argmax"):
+        _compiled().fit(ragged, epochs=1, verbose=0)
+
+    from keras_adr import evaluation
+
+    with pytest.raises(ValueError, match=r"class indices; got one-hot rows .*argmax"):
+        evaluation.materialise((x, one_hot), None, 0.0, 1.0)
+    with pytest.raises(ValueError, match=r"class indices; got one-hot rows .*argmax"):
+        evaluation.materialise(tf.data.Dataset.from_tensor_slices((x, one_hot)), None, 0.0, 1.0)
+    with pytest.raises(ValueError, match="16 images but 48 labels.*one-hot.*argmax"):
+        evaluation.materialise((x, one_hot.reshape(-1)), None, 0.0, 1.0)
+
+
+@pytest.mark.parametrize("kind", ["arrays", "dataset"])
+def test_fit_on_no_examples_is_an_error(kind):
+    x, y = np.zeros((0, 8, 8, 1), np.float32), np.zeros((0,), np.int32)
+    model = keras_adr.ADRModel(tiny_cnn(), presets.get("pgd_at", attack_steps=1))
+    model.compile(optimizer="adam")
+    data_args = (
+        (x, y) if kind == "arrays" else (tf.data.Dataset.from_tensor_slices((x, y)).batch(4),)
+    )
+    with pytest.raises(ValueError, match="0 examples"):
+        model.fit(*data_args, epochs=2, verbose=0)
