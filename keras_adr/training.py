@@ -568,15 +568,21 @@ class ADRModel(ADRMixin, keras.Model):
         self, backbone, adr_config=None, latent_layer=None, allow_probabilities=False, **kwargs
     ):
         super().__init__(adr_config=adr_config, **kwargs)
+        if isinstance(backbone, keras.Sequential) and getattr(backbone, "outputs", None) is None:
+            raise ValueError(
+                "`backbone` is a keras.Sequential without an input shape: start it with "
+                "keras.Input(shape=...) (or call backbone.build((None, *image_shape))), so that "
+                "its layers are connected; a functional keras.Model(inputs, logits) works too."
+            )
         if (
             not isinstance(backbone, keras.Model)
             or not hasattr(backbone, "outputs")
             or (backbone.outputs is None)
         ):
             raise ValueError(
-                "`backbone` must be a functional keras.Model (built from keras.Input) that "
-                f"outputs logits; got {type(backbone).__name__}. For subclassed models use "
-                "ADRMixin instead."
+                "`backbone` must be a keras.Model built on keras.Input (functional, or a "
+                "Sequential starting with keras.Input) that outputs logits; got "
+                f"{type(backbone).__name__}. For subclassed models use ADRMixin instead."
             )
         if len(backbone.outputs) != 1:
             raise ValueError(

@@ -462,3 +462,10 @@ def test_fit_on_no_examples_is_an_error(kind):
     )
     with pytest.raises(ValueError, match="0 examples"):
         model.fit(*data_args, epochs=2, verbose=0)
+
+
+def test_a_sequential_without_input_is_told_what_works():
+    layers = [keras.layers.Flatten(), keras_adr.layers.Latent(), keras.layers.Dense(3)]
+    with pytest.raises(ValueError, match=r"Sequential without an input shape.*keras\.Input"):
+        keras_adr.ADRModel(keras.Sequential(layers))
+    keras_adr.ADRModel(keras.Sequential([keras.Input((8, 8, 1)), *layers]))
