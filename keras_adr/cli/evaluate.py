@@ -137,8 +137,12 @@ def _run_autoattack(evaluation, model, dataset, config):
 
 def _provenance(model, config):
     """What a result set came from, recorded beside its completion marker."""
+    import datetime
+    import os
     import shlex
 
+    # The model file's time tells a set of a since retrained model at the same path.
+    modified = datetime.datetime.fromtimestamp(os.stat(model.path).st_mtime, datetime.UTC)
     return {
         "command": " ".join(shlex.quote(a) for a in ["adr-evaluate", *sys.argv[1:]]),
         "suite": FLAGS.suite,
@@ -146,6 +150,7 @@ def _provenance(model, config):
         "model_kind": model.kind,
         "precision": config.precision,
         "resolved_model_path": model.path,
+        "model_modified": modified.isoformat(timespec="seconds"),
         "dataset": FLAGS.dataset,
         "split": FLAGS.split,
         "eval_config": config.get_config(),
