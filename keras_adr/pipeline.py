@@ -419,7 +419,7 @@ def _run_stages(options, adr_config, strategy, run_dir, policy):
     )
     train_ds = load(train_split, shuffle=True, augment=True)
     validation_ds = load(validation_split) if validation_split else None
-    _check_splits(options, info, train_ds, evaluate=not run_dir.state.get("evaluation"))
+    _check_splits(options, info, train_split, evaluate=not run_dir.state.get("evaluation"))
     steps_per_epoch = math.ceil(num_train / options.batch_size)
 
     with strategy.scope():
@@ -508,28 +508,25 @@ def _train(model, options, strategy, run_dir, train_ds, validation_ds, monitor):
     shutil.rmtree(run_dir.file("backup"), ignore_errors=True)
 
 
-def _check_splits(options, info, train_ds, evaluate):
+def _check_splits(options, info, train_split, evaluate):
     """Fails before training if a split the run uses is missing or of another image shape.
 
-    The training split is loaded already; the test split of the evaluation
-    (if it is still to run) is loaded here, its first example only.
+    Reads the first example of the training split and, if the evaluation is
+    still to run, of the test split (un-augmented: augmentation may leave
+    shapes unknown).
 
     Raises:
-        keras_adr.data.DatasetNotFoundError: If the test split is missing.
+        keras_adr.data.DatasetNotFoundError: If a split is missing.
         ValueError: If a split's images do not have the dataset's shape.
     """
-    datasets = {"train": train_ds}
-    if evaluate:
-        datasets["test"] = data.load(
-            options.dataset, "test", batch_size=1, data_dir=options.data_dir, take=1
-        )
     expected = tuple(info.input_shape)
-    for split, dataset in datasets.items():
-        shape = tuple(dataset.element_spec[0].shape[1:])
+    for split in (train_split, "test") if evaluate else (train_split,):
+        first = data.load(options.dataset, split, batch_size=1, data_dir=options.data_dir, take=1)
+        shape = tuple(first.element_spec[0].shape[1:])
         if shape != expected:
             raise ValueError(
-                f"The {split} images of {options.dataset!r} have shape {shape}, but "
-                f"{options.dataset} images are {expected}: give a --data_dir whose train "
+                f"The {split.split('[')[0]} images of {options.dataset!r} have shape {shape}, "
+                f"but {options.dataset} images are {expected}: give a --data_dir whose train "
                 "and test files both hold them."
             )
 
