@@ -12,7 +12,8 @@ Two suites:
 
 `sanity_checks` of either result looks for the signs of gradient masking
 (`sanity`); `format_summary`, `write_report` and `write_autoattack_result`
-write what was found (`report`). Models and data are read by `loading`;
+write what was found (`report`), each file set complete or not at all, with
+a completion marker that `read_report` checks. Models and data are read by `loading`;
 results are `results`.
 
 Example:
