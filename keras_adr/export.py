@@ -156,6 +156,7 @@ def export_saved_model(model, base_dir, *, version=None, metadata=None, overwrit
         version = _validate_version(version)
     if metadata is not None and not isinstance(metadata, dict):
         raise ValueError(f"`metadata` must be a dict. Received: {type(metadata).__name__}")
+    _check_user_metadata(metadata)  # before anything is written
     image_shape = _image_shape(model)
     base_dir = os.fspath(base_dir)
     os.makedirs(base_dir, exist_ok=True)
@@ -462,8 +463,8 @@ def _describe_spec(tensor):
 # Metadata.
 
 
-def _export_metadata(model, image_shape, num_classes, signatures, warmup_requests, user):
-    """Merges what the export knows with the caller's metadata."""
+def _check_user_metadata(user):
+    """Raises ValueError for reserved keys or values that are not strict JSON (NaN, ...)."""
     user = dict(user or {})
     reserved = sorted(_RESERVED_METADATA_KEYS.intersection(user))
     if reserved:
@@ -471,6 +472,16 @@ def _export_metadata(model, image_shape, num_classes, signatures, warmup_request
             f"`metadata` keys {reserved} are reserved by the export. "
             f"Reserved keys: {sorted(_RESERVED_METADATA_KEYS)}"
         )
+    try:
+        json.dumps(user, allow_nan=False)
+    except (TypeError, ValueError, RecursionError) as err:
+        raise ValueError(f"`metadata` must be JSON-serialisable. Error: {err}") from None
+
+
+def _export_metadata(model, image_shape, num_classes, signatures, warmup_requests, user):
+    """Merges what the export knows with the caller's metadata."""
+    user = dict(user or {})
+    _check_user_metadata(user)
     known = {
         "format_version": METADATA_FORMAT_VERSION,
         "export_time": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),

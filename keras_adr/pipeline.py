@@ -450,6 +450,7 @@ def _run_stages(options, adr_config, strategy, run_dir, policy):
     )
     train_ds = load(train_split, shuffle=True, augment=True)
     validation_ds = load(validation_split) if validation_split else None
+    _check_splits(options, info, train_split, evaluate=not run_dir.state.get("evaluation"))
     steps_per_epoch = math.ceil(num_train / options.batch_size)
 
     with strategy.scope():
@@ -539,6 +540,29 @@ def _train(model, options, strategy, run_dir, train_ds, validation_ds, monitor):
     model.save(run_dir.file("final.keras"))
     run_dir.update(trained=True)
     shutil.rmtree(run_dir.file("backup"), ignore_errors=True)
+
+
+def _check_splits(options, info, train_split, evaluate):
+    """Fails before training if a split the run uses is missing or of another image shape.
+
+    Reads the first example of the training split and, if the evaluation is
+    still to run, of the test split (un-augmented: augmentation may leave
+    shapes unknown).
+
+    Raises:
+        keras_adr.data.DatasetNotFoundError: If a split is missing.
+        ValueError: If a split's images do not have the dataset's shape.
+    """
+    expected = tuple(info.input_shape)
+    for split in (train_split, "test") if evaluate else (train_split,):
+        first = data.load(options.dataset, split, batch_size=1, data_dir=options.data_dir, take=1)
+        shape = tuple(first.element_spec[0].shape[1:])
+        if shape != expected:
+            raise ValueError(
+                f"The {split.split('[')[0]} images of {options.dataset!r} have shape {shape}, "
+                f"but {options.dataset} images are {expected}: give a --data_dir whose train "
+                "and test files both hold them."
+            )
 
 
 def _evaluate(model, options, adr_config, run_dir):

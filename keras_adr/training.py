@@ -53,15 +53,28 @@ def _unpack(data):
     )
 
 
-def checked_labels(y, num_classes=None):
+def _num_images(x):
+    """The batch size of `x`: an int if static, else a scalar tensor."""
+    return x.shape[0] if x.shape[0] is not None else tf.shape(x)[0]
+
+
+def checked_labels(y, num_classes=None, num_images=None):
     """`[B]` int32 labels, with run-time checks that they are class indices.
 
     Fails (also inside `tf.function`) on fractional float labels, negative
     labels and, when `num_classes` is known, labels >= `num_classes`: such
     labels would otherwise surface as an error deep inside a loss term (or
-    be truncated silently by a cast).
+    be truncated silently by a cast), and on one-hot rows: statically for
+    `[B, K]` labels, at run time for more labels than `num_images`.
     """
-    y = tf.reshape(tf.convert_to_tensor(y), [-1])
+    y = tf.convert_to_tensor(y)
+    if y.shape.rank == 2 and y.shape[-1] is not None and y.shape[-1] > 1:
+        # Flattened, one-hot rows would fail later as "labels.shape=(640,)".
+        raise ValueError(
+            f"ADR training: labels must be class indices; got one-hot rows of shape "
+            f"{tuple(y.shape)} (use argmax, e.g. y.argmax(-1))."
+        )
+    y = tf.reshape(y, [-1])
     what = "ADR training needs integer class labels in [0, num_classes)"
     checks = []
     if y.dtype.is_floating:
@@ -72,6 +85,21 @@ def checked_labels(y, num_classes=None):
         raise ValueError(f"{what}; got labels of dtype {y.dtype.name}.")
     labels = tf.cast(y, tf.int32)
     checks.append(tf.debugging.assert_non_negative(labels, message=f"{what}; got a negative label"))
+    one_per_image = (
+        "ADR training: labels must be class indices, one per image (flattened one-hot rows: "
+        "use argmax; an unbatched tf.data.Dataset: call .batch())"
+    )
+    if isinstance(num_images, int) and labels.shape[0] is not None:
+        if labels.shape[0] != num_images:
+            raise ValueError(
+                f"{one_per_image}; got {labels.shape[0]} labels for {num_images} images."
+            )
+    elif num_images is not None:
+        checks.append(
+            tf.debugging.assert_equal(
+                tf.size(labels), tf.cast(num_images, tf.int32), message=one_per_image
+            )
+        )
     if num_classes:
         checks.append(
             tf.debugging.assert_less(
@@ -394,7 +422,7 @@ class ADRMixin:
 
     def train_step(self, data):
         x, y = _unpack(data)
-        y = checked_labels(y, self._num_classes())
+        y = checked_labels(y, self._num_classes(), _num_images(x))
         uses_adversary = self.adr_config.uses_adversary
         x_adv = self.adversarial_examples(x, y) if uses_adversary else None
         with tf.GradientTape() as tape:
@@ -420,7 +448,7 @@ class ADRMixin:
         (else the training attack's epsilon).
         """
         x, y = _unpack(data)
-        y = checked_labels(y, self._num_classes())
+        y = checked_labels(y, self._num_classes(), _num_images(x))
         logits = self(x, training=False)
         x_adv = self.adversarial_examples(x, y, loss="ce", epsilon=self.validation_epsilon)
         logits_adv = self(x_adv, training=False)
@@ -441,6 +469,21 @@ class ADRMixin:
         if not adversarial:
             results.pop("adv_accuracy")
         return results
+
+    def fit(self, *args, **kwargs):
+        """`keras.Model.fit`; raises if no training step ran (no training data).
+
+        Raises:
+            ValueError: If an epoch ran on 0 examples (an empty dataset or
+                arrays); a resumed fit with no epochs left is not an error.
+        """
+        history = super().fit(*args, **kwargs)
+        if history.epoch and not history.history:
+            raise ValueError(
+                f"fit ran {len(history.epoch)} epoch(s) without a training step: the training "
+                "data holds 0 examples. Check the dataset (or its take/filter/split)."
+            )
+        return history
 
     def get_config(self):
         return {**super().get_config(), "adr_config": self.adr_config.get_config()}
@@ -470,6 +513,53 @@ def _latent_layer(backbone, name):
         ) from None
 
 
+# A probe row counts as probabilities within this tolerance: bfloat16 rounds
+# a softmax's sum by up to about 2**-8 per term.
+_PROBABILITY_TOLERANCE = 2e-2
+
+
+def _check_logits(backbone, allow_probabilities):
+    """Raises (or warns) if `backbone` outputs probabilities rather than logits.
+
+    The outputs are checked, not the last layer's `activation`, so that a
+    `Softmax` layer, a softmax `Dense`/`Activation` or a normalising `Lambda`
+    are all found: on a probe batch of two images in [0, 1] (zeros and
+    uniform noise), rows all in [0, 1] that sum to 1 are probabilities. Where
+    the probe cannot run eagerly (inside a `tf.function`) or the input shape
+    has unknown dimensions, only a softmax activation of the last layer is
+    checked.
+    """
+    last = backbone.layers[-1].name
+    shape = tuple(backbone.inputs[0].shape[1:])
+    if tf.executing_eagerly() and all(d is not None for d in shape):
+        rng = np.random.default_rng(0)
+        probe = np.stack([np.zeros(shape), rng.uniform(0.0, 1.0, shape)]).astype(np.float32)
+        outputs = tf.cast(backbone(probe, training=False), tf.float32).numpy()
+        probabilities = (
+            outputs.ndim == 2
+            and outputs.shape[-1] > 1
+            and outputs.min() >= -_PROBABILITY_TOLERANCE
+            and outputs.max() <= 1 + _PROBABILITY_TOLERANCE
+            and np.allclose(outputs.sum(-1), 1.0, atol=_PROBABILITY_TOLERANCE)
+        )
+    else:
+        layer = backbone.layers[-1]
+        probabilities = isinstance(layer, keras.layers.Softmax) or (
+            getattr(layer, "activation", None) is keras.activations.softmax
+        )
+    if not probabilities:
+        return
+    message = (
+        f"The backbone outputs probabilities (rows in [0, 1] that sum to 1; last layer "
+        f"{last!r}), but ADR and the attacks need logits: remove the softmax from {last!r} "
+        "(use from_logits=True losses elsewhere), or pass allow_probabilities=True if the "
+        "outputs are logits that only look like probabilities."
+    )
+    if not allow_probabilities:
+        raise ValueError(message)
+    warnings.warn(message, stacklevel=3)
+
+
 @keras.saving.register_keras_serializable(package="keras_adr")
 class ADRModel(ADRMixin, keras.Model):
     """Wraps a functional classifier that outputs logits for ADR training.
@@ -483,38 +573,47 @@ class ADRModel(ADRMixin, keras.Model):
         latent_layer: Name of the layer whose output is the latent code `z`.
             Default: the backbone's one `keras_adr.layers.Latent` layer, or
             for models built without one, the layer named `"latent"`.
+        allow_probabilities: Accept a backbone whose outputs look like
+            probabilities (with a warning) instead of raising. ADR's losses
+            and the attacks treat the outputs as logits, so this is only for
+            a backbone known to output logits that sum to 1.
         **kwargs: Passed to `keras.Model` (e.g. `name`).
 
     Raises:
         ValueError: If `backbone` is not a functional model with one output,
             has several `Latent` layers, or has neither a `Latent` layer nor a
-            layer named `latent_layer` (the messages list the candidates).
+            layer named `latent_layer` (the messages list the candidates); or
+            if its outputs are probabilities (see `_check_logits`) and
+            `allow_probabilities` is False.
     """
 
-    def __init__(self, backbone, adr_config=None, latent_layer=None, **kwargs):
+    def __init__(
+        self, backbone, adr_config=None, latent_layer=None, allow_probabilities=False, **kwargs
+    ):
         super().__init__(adr_config=adr_config, **kwargs)
+        if isinstance(backbone, keras.Sequential) and getattr(backbone, "outputs", None) is None:
+            raise ValueError(
+                "`backbone` is a keras.Sequential without an input shape: start it with "
+                "keras.Input(shape=...) (or call backbone.build((None, *image_shape))), so that "
+                "its layers are connected; a functional keras.Model(inputs, logits) works too."
+            )
         if (
             not isinstance(backbone, keras.Model)
             or not hasattr(backbone, "outputs")
             or (backbone.outputs is None)
         ):
             raise ValueError(
-                "`backbone` must be a functional keras.Model (built from keras.Input) that "
-                f"outputs logits; got {type(backbone).__name__}. For subclassed models use "
-                "ADRMixin instead."
+                "`backbone` must be a keras.Model built on keras.Input (functional, or a "
+                "Sequential starting with keras.Input) that outputs logits; got "
+                f"{type(backbone).__name__}. For subclassed models use ADRMixin instead."
             )
         if len(backbone.outputs) != 1:
             raise ValueError(
                 f"`backbone` must have one output (the logits); it has {len(backbone.outputs)}."
             )
         latent = _latent_layer(backbone, latent_layer)
-        if getattr(backbone.layers[-1], "activation", None) is keras.activations.softmax:
-            warnings.warn(
-                f"The backbone's last layer {backbone.layers[-1].name!r} applies softmax: ADR "
-                "and the attacks need logits. Remove the activation (use from_logits losses "
-                "elsewhere).",
-                stacklevel=2,
-            )
+        _check_logits(backbone, allow_probabilities)
+        self.allow_probabilities = bool(allow_probabilities)
         self.backbone = backbone
         self.latent_layer = latent.name
         # Shares the backbone's layers; kept out of Keras' attribute tracking
@@ -543,6 +642,7 @@ class ADRModel(ADRMixin, keras.Model):
             "backbone": keras.saving.serialize_keras_object(self.backbone),
             "adr_config": self.adr_config.get_config(),
             "latent_layer": self.latent_layer,
+            "allow_probabilities": self.allow_probabilities,
         }
 
     @classmethod

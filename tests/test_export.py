@@ -483,3 +483,15 @@ def test_large_requests_run_in_chunks_and_empty_ones_work(model, loaded):
         outputs = loaded.signatures[name](images=tf.zeros([0, *_INPUT_SHAPE], dtype))
         assert outputs["logits"].shape == (0, _NUM_CLASSES)
         assert outputs["classes"].shape == (0,)
+
+
+@pytest.mark.parametrize("metadata", [{"model_name": "mine"}, {"loss": float("nan")}])
+def test_bad_metadata_is_refused_before_the_saved_model_is_written(
+    model, tmp_path, monkeypatch, metadata
+):
+    def no_writing(*args, **kwargs):
+        raise AssertionError("the SavedModel was written before the metadata was checked")
+
+    monkeypatch.setattr(export, "_write_saved_model", no_writing)
+    with pytest.raises(ValueError, match="reserved|JSON"):
+        export.export_saved_model(model, tmp_path / "serving", metadata=metadata)

@@ -306,12 +306,59 @@ def test_labels_are_checked_at_the_step(labels, match):
         model.fit(x, y, batch_size=16, epochs=1, verbose=0)
 
 
-def test_softmax_backbone_warns():
+def _normalise(t):
+    e = keras.ops.exp(t)
+    return e / keras.ops.sum(e, axis=-1, keepdims=True)
+
+
+_PROBABILITY_HEADS = {
+    "softmax_layer": lambda x: keras.layers.Softmax(name="head")(keras.layers.Dense(3)(x)),
+    "dense_softmax": lambda x: keras.layers.Dense(3, activation="softmax", name="head")(x),
+    "activation": lambda x: keras.layers.Activation("softmax", name="head")(
+        keras.layers.Dense(3)(x)
+    ),
+    "lambda": lambda x: keras.layers.Lambda(_normalise, name="head")(keras.layers.Dense(3)(x)),
+}
+
+
+def _backbone(head):
     inputs = keras.Input((8, 8, 1))
     z = keras.layers.Flatten(name="latent")(inputs)
-    outputs = keras.layers.Dense(3, activation="softmax")(z)
-    with pytest.warns(UserWarning, match="softmax"):
-        keras_adr.ADRModel(keras.Model(inputs, outputs))
+    return keras.Model(inputs, head(z))
+
+
+@pytest.mark.parametrize("head", sorted(_PROBABILITY_HEADS))
+def test_probability_backbones_are_refused_naming_the_last_layer(head):
+    with pytest.raises(ValueError, match="'head'.*need logits.*allow_probabilities=True"):
+        keras_adr.ADRModel(_backbone(_PROBABILITY_HEADS[head]))
+
+
+def test_allow_probabilities_warns_and_is_kept_in_the_config(tmp_path):
+    with pytest.warns(UserWarning, match="probabilities"):
+        model = keras_adr.ADRModel(
+            _backbone(_PROBABILITY_HEADS["softmax_layer"]), allow_probabilities=True
+        )
+    assert model.get_config()["allow_probabilities"] is True
+    path = tmp_path / "probabilities.keras"
+    model.save(path)
+    with pytest.warns(UserWarning, match="probabilities"):
+        loaded = keras.saving.load_model(path)
+    assert loaded.allow_probabilities is True
+
+
+def test_small_logits_are_not_mistaken_for_probabilities():
+    # Outputs in [0, 1] that do not sum to 1: logits that happen to be small.
+    head = lambda x: keras.layers.Dense(  # noqa: E731
+        3, kernel_initializer="zeros", bias_initializer=keras.initializers.Constant(0.2)
+    )(x)
+    model = keras_adr.ADRModel(_backbone(head))
+    assert model.allow_probabilities is False
+
+
+@pytest.mark.parametrize("name", keras_adr.models.ARCHITECTURES)
+def test_the_library_models_pass_the_logits_check(name):
+    shape = (32, 32, 3) if name in ("resnet18", "wide_resnet") else (28, 28, 1)
+    keras_adr.ADRModel(keras_adr.models.get(name, input_shape=shape, num_classes=10))
 
 
 def test_forward_hook_can_fuse_the_two_passes():
@@ -383,3 +430,57 @@ def test_validation_attacks_at_the_validation_epsilon():
     model.validation_epsilon = 1e-6  # an attack this small changes no prediction
     tiny = model.evaluate(x, y, verbose=0, return_dict=True)
     assert tiny["adv_accuracy"] == tiny["accuracy"] == at_training_epsilon["accuracy"]
+
+
+def _compiled():
+    model = keras_adr.ADRModel(tiny_cnn(), presets.get("pgd_at", attack_steps=1))
+    model.compile(optimizer="adam")
+    return model
+
+
+def test_one_hot_labels_are_named_in_fit_and_in_the_evaluation():
+    x, y = blob_data(16)
+    one_hot = np.eye(3, dtype=np.float32)[y]
+    with pytest.raises(ValueError, match=r"class indices; got one-hot rows .*argmax"):
+        _compiled().fit(x, one_hot, batch_size=8, epochs=1, verbose=0)
+    flattened = tf.data.Dataset.from_tensors((x, one_hot.reshape(-1)))
+    with pytest.raises(ValueError, match="one per image.*argmax"):
+        _compiled().fit(flattened, epochs=1, verbose=0)
+    # Unknown batch sizes: the same check at run time.
+    ragged = tf.data.Dataset.from_generator(
+        lambda: iter([(x, one_hot.reshape(-1))]),
+        output_signature=(
+            tf.TensorSpec([None, 8, 8, 1], tf.float32),
+            tf.TensorSpec([None], tf.float32),
+        ),
+    )
+    with pytest.raises(tf.errors.InvalidArgumentError, match="one per image.*argmax"):
+        _compiled().fit(ragged, epochs=1, verbose=0)
+
+    from keras_adr import evaluation
+
+    with pytest.raises(ValueError, match=r"class indices; got one-hot rows .*argmax"):
+        evaluation.materialise((x, one_hot), None, 0.0, 1.0)
+    with pytest.raises(ValueError, match=r"class indices; got one-hot rows .*argmax"):
+        evaluation.materialise(tf.data.Dataset.from_tensor_slices((x, one_hot)), None, 0.0, 1.0)
+    with pytest.raises(ValueError, match="16 images but 48 labels.*one-hot.*argmax"):
+        evaluation.materialise((x, one_hot.reshape(-1)), None, 0.0, 1.0)
+
+
+@pytest.mark.parametrize("kind", ["arrays", "dataset"])
+def test_fit_on_no_examples_is_an_error(kind):
+    x, y = np.zeros((0, 8, 8, 1), np.float32), np.zeros((0,), np.int32)
+    model = keras_adr.ADRModel(tiny_cnn(), presets.get("pgd_at", attack_steps=1))
+    model.compile(optimizer="adam")
+    data_args = (
+        (x, y) if kind == "arrays" else (tf.data.Dataset.from_tensor_slices((x, y)).batch(4),)
+    )
+    with pytest.raises(ValueError, match="0 examples"):
+        model.fit(*data_args, epochs=2, verbose=0)
+
+
+def test_a_sequential_without_input_is_told_what_works():
+    layers = [keras.layers.Flatten(), keras_adr.layers.Latent(), keras.layers.Dense(3)]
+    with pytest.raises(ValueError, match=r"Sequential without an input shape.*keras\.Input"):
+        keras_adr.ADRModel(keras.Sequential(layers))
+    keras_adr.ADRModel(keras.Sequential([keras.Input((8, 8, 1)), *layers]))

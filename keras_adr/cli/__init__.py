@@ -20,3 +20,52 @@ def run_program(main, module_name):
     for flag in flags.FLAGS.get_key_flags_for_module(module_name):
         flags.FLAGS.register_key_flag_for_module(sys.argv[0], flag)
     app.run(main)
+
+
+# TensorFlow's file writers report a full disk as an OpError without errno.
+_DISK_FULL_TEXTS = ("No space left on device", "File too large", "Disk quota exceeded")
+
+
+def is_disk_full(error):
+    """Whether `error` (an OSError or a TensorFlow OpError) means no space to write.
+
+    A full disk (ENOSPC), a full quota (EDQUOT) or a file size limit (EFBIG,
+    `ulimit -f`); TensorFlow's file writers report these as an `OpError`
+    (e.g. `OutOfRangeError`) without an errno, only in the message.
+    """
+    import errno
+
+    if isinstance(error, OSError):
+        return error.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
+    return any(text in str(error) for text in _DISK_FULL_TEXTS)
+
+
+def disk_full_message(error, directory, needed_bytes=None):
+    """One line: what could not be written, the free space there, and what to do."""
+    import os
+    import shutil
+
+    path = getattr(error, "filename", None) or directory
+    reason = getattr(error, "strerror", None) or next(
+        (text for text in _DISK_FULL_TEXTS if text in str(error)), "no space"
+    )
+    probe = os.path.abspath(directory)
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    free = shutil.disk_usage(probe).free
+    needed = f"about {needed_bytes / 1e6:,.1f} MB free" if needed_bytes else "more free space"
+    return (
+        f"cannot write {path!r}: {reason}; {free / 1e6:,.1f} MB are free on its file system "
+        f"and this needs {needed} (check also `ulimit -f`); free space and rerun the same "
+        "command."
+    )
+
+
+def resume_hint(output_dir):
+    """`rerun the same command to resume from epoch N`, N from the run's history.csv."""
+    import os
+
+    from keras_adr import pipeline
+
+    done = pipeline.read_history(os.path.join(output_dir, "history.csv")).get("epoch", [])
+    return f"rerun the same command to resume from epoch {max(done) + 2 if done else 1}"

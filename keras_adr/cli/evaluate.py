@@ -135,12 +135,45 @@ def _run_autoattack(evaluation, model, dataset, config):
             result,
             FLAGS.output_dir,
             checks=checks,
+            metadata=_provenance(model, config),
             name=FLAGS.model_path,
             defense=_defense_of(model),
             dataset=FLAGS.dataset,
         )
         logging.info("Wrote %s", path)
     return checks
+
+
+def _provenance(model, config):
+    """What a result set came from, recorded beside its completion marker."""
+    import datetime
+    import os
+    import shlex
+
+    # The model file's time tells a set of a since retrained model at the same path.
+    modified = datetime.datetime.fromtimestamp(os.stat(model.path).st_mtime, datetime.UTC)
+    return {
+        "command": " ".join(shlex.quote(a) for a in ["adr-evaluate", *sys.argv[1:]]),
+        "suite": FLAGS.suite,
+        "model_path": FLAGS.model_path,
+        "model_kind": model.kind,
+        "precision": config.precision,
+        "resolved_model_path": model.path,
+        "model_modified": modified.isoformat(timespec="seconds"),
+        "dataset": FLAGS.dataset,
+        "split": FLAGS.split,
+        "eval_config": config.get_config(),
+    }
+
+
+def _write_report(evaluation, results, checks, model, config):
+    try:
+        paths = evaluation.write_report(
+            results, FLAGS.output_dir, checks=checks, metadata=_provenance(model, config)
+        )
+    except evaluation.ReportWriteError as e:
+        sys.exit(f"adr-evaluate: error: {e.strerror}")
+    logging.info("Wrote %s", ", ".join(paths.values()))
 
 
 def _defense_of(model):
@@ -222,24 +255,14 @@ def main(argv):
             results = evaluation.evaluate_robustness(model, dataset, config)
     except (ValueError, FileNotFoundError, data.DatasetNotFoundError) as e:
         sys.exit(f"adr-evaluate: error: {e}")
+    except evaluation.ReportWriteError as e:
+        sys.exit(f"adr-evaluate: error: {e.strerror}")
 
     if FLAGS.suite != "autoattack":
         checks = evaluation.sanity_checks(results)
         print(evaluation.format_summary(results, checks))
         if FLAGS.output_dir:
-            metadata = {
-                "model_path": FLAGS.model_path,
-                "model_kind": model.kind,
-                "precision": config.precision,
-                "resolved_model_path": model.path,
-                "dataset": FLAGS.dataset,
-                "split": FLAGS.split,
-                "eval_config": config.get_config(),
-            }
-            paths = evaluation.write_report(
-                results, FLAGS.output_dir, checks=checks, metadata=metadata
-            )
-            logging.info("Wrote %s", ", ".join(paths.values()))
+            _write_report(evaluation, results, checks, model, config)
     failed = [c.name for c in checks if c.failed]
     if failed and not FLAGS.allow_sanity_failures:
         sys.exit(

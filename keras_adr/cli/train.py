@@ -14,7 +14,8 @@ is a testing aid that splits the CPU into N logical devices first, so that
 import shlex
 import sys
 
-from absl import app, flags, logging
+import tensorflow as tf
+from absl import app, flags
 
 from keras_adr import cli, data, distribute, models, pipeline, precision, presets
 from keras_adr import config as config_lib
@@ -255,6 +256,14 @@ def options_from_flags():
     )
 
 
+def _run_bytes():
+    """About what a run writes: six float32 copies of the weights (best.keras,
+    final.keras, the backup with Adam's two slots, the export)."""
+    info = data.info(FLAGS.dataset)
+    model = models.get(FLAGS.model, input_shape=info.input_shape, num_classes=info.num_classes)
+    return 6 * 4 * model.count_params()
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
@@ -268,9 +277,16 @@ def main(argv):
         options = options_from_flags()
         metrics = pipeline.run(options, adr_config)
     except (ValueError, data.DatasetNotFoundError, pipeline.TrainingDivergedError) as error:
-        logging.error("%s", error)
-        print(f"adr-train: error: {error}", file=sys.stderr)
-        sys.exit(1)
+        # Printed once, not also logged: absl would repeat it on stderr.
+        sys.exit(f"adr-train: error: {error}")
+    except KeyboardInterrupt:
+        print(f"adr-train: interrupted; {cli.resume_hint(FLAGS.output_dir)}", file=sys.stderr)
+        sys.exit(130)
+    except (OSError, tf.errors.OpError) as error:
+        if not cli.is_disk_full(error):
+            raise
+        message = cli.disk_full_message(error, FLAGS.output_dir, _run_bytes())
+        sys.exit(f"adr-train: error: {message}")
     print(pipeline.format_summary(metrics))
 
 

@@ -12,7 +12,8 @@ Two suites:
 
 `sanity_checks` of either result looks for the signs of gradient masking
 (`sanity`); `format_summary`, `write_report` and `write_autoattack_result`
-write what was found (`report`). Models and data are read by `loading`;
+write what was found (`report`), each file set complete or not at all, with
+a completion marker that `read_report` checks. Models and data are read by `loading`;
 results are `results`.
 
 Example:
@@ -39,9 +40,14 @@ from keras_adr.evaluation.loading import (
 from keras_adr.evaluation.report import (
     REPORT_JSON,
     REPORT_MARKDOWN,
+    REPORT_MARKER,
     REPORT_PLOT,
     ROBUSTBENCH_JSON,
+    ROBUSTBENCH_MARKER,
+    IncompleteReportError,
+    ReportWriteError,
     format_summary,
+    read_report,
     write_autoattack_result,
     write_report,
 )
@@ -79,9 +85,14 @@ __all__ = [
     "NEAR_ZERO_ACCURACY",
     "PASSED",
     "REPORT_JSON",
+    "REPORT_MARKER",
     "REPORT_MARKDOWN",
     "REPORT_PLOT",
     "ROBUSTBENCH_JSON",
+    "ROBUSTBENCH_MARKER",
+    "IncompleteReportError",
+    "ReportWriteError",
+    "read_report",
     "SKIPPED",
     "AttackSpec",
     "AutoAttackResult",

@@ -178,12 +178,24 @@ def as_model_fn(model, precision="float32"):
     return model
 
 
+def _check_not_one_hot(label_shape, unbatched):
+    """Raises for labels of shape `[B, K]` (`[K]` unbatched) with K > 1: one-hot rows."""
+    shape = tuple(label_shape)
+    rank = len(shape) - (0 if unbatched else 1)
+    if rank == 1 and shape[-1] is not None and shape[-1] > 1:
+        raise ValueError(
+            f"labels must be class indices; got one-hot rows of shape {shape} (use argmax, "
+            "e.g. labels.argmax(-1))."
+        )
+
+
 def materialise(data, num_examples, clip_min, clip_max):
     """Returns the (first `num_examples`) examples as float32 / int32 numpy arrays."""
     if isinstance(data, tf.data.Dataset):
         images_spec = data.element_spec[0] if isinstance(data.element_spec, tuple) else None
         if images_spec is None or len(data.element_spec) != 2:
             raise ValueError("A dataset must yield (images, labels) pairs.")
+        _check_not_one_hot(data.element_spec[1].shape, images_spec.shape.rank == 3)
         if images_spec.shape.rank == 3:  # Unbatched examples.
             data = data.batch(256)
         xs, ys, count = [], [], 0
@@ -197,6 +209,7 @@ def materialise(data, num_examples, clip_min, clip_max):
             raise ValueError("The dataset is empty.")
         x, y = np.concatenate(xs), np.concatenate(ys)
     elif isinstance(data, (tuple, list)) and len(data) == 2:
+        _check_not_one_hot(np.shape(data[1]), unbatched=False)
         x, y = np.asarray(data[0]), np.asarray(data[1]).reshape(-1)
     else:
         raise ValueError(
@@ -205,6 +218,11 @@ def materialise(data, num_examples, clip_min, clip_max):
         )
     if num_examples is not None:
         x, y = x[:num_examples], y[:num_examples]
+    if len(x) and len(y) > len(x) and len(y) % len(x) == 0:
+        raise ValueError(
+            f"{len(x)} images but {len(y)} labels: labels must be class indices, one per "
+            "image; got what looks like flattened one-hot rows (use argmax)."
+        )
     if len(x) != len(y):
         raise ValueError(f"{len(x)} images but {len(y)} labels.")
     if len(x) == 0:

@@ -4,11 +4,34 @@
 checks of a sweep, or the per-attack accuracies of an AutoAttack run;
 `write_report` writes a sweep's files; `write_autoattack_result` writes an
 AutoAttack run in RobustBench's model-card format beside ours.
+
+Each writer publishes a *set* of files that is complete or absent:
+
+* The whole set is rendered in memory, written into a hidden, locked
+  temporary directory inside the output directory (`.tmp-report-*`) and
+  flushed to disk. A kill or a full disk up to here leaves the previous set
+  untouched (and its marker with it); the temporary is removed then or by
+  the next writer.
+* Only then is the set published: the previous set's completion marker is
+  removed, each file is renamed over its old version (renames need no free
+  space), and the new marker is renamed in last.
+
+The marker (`results.complete.json`, `autoattack.complete.json`) records the
+metadata the set came from (for `adr-evaluate`: the command, the model and
+the `EvalConfig`) and the SHA-256 of every file. `read_report` checks it: a
+set without its marker, or whose files do not match it, is incomplete.
 """
 
+import datetime
+import errno
+import hashlib
+import io
 import json
 import os
+import shutil
+import signal
 
+from keras_adr import fileio
 from keras_adr.evaluation import sanity
 from keras_adr.evaluation.results import AutoAttackResult, as_sweep, robustbench_eps
 
@@ -16,6 +39,24 @@ REPORT_JSON = "results.json"
 REPORT_MARKDOWN = "results.md"
 REPORT_PLOT = "robust_accuracy_vs_epsilon.png"
 ROBUSTBENCH_JSON = "autoattack.json"
+REPORT_MARKER = "results.complete.json"
+ROBUSTBENCH_MARKER = "autoattack.complete.json"
+TEMP_REPORT_PREFIX = ".tmp-report-"
+# Test hook: `KERAS_ADR_REPORT_KILL_AT=wrote:<file>` (the file is in the
+# temporary) or `published:<file>` (renamed into place) makes the writer
+# SIGKILL itself right after that point, so tests can kill a real process
+# between two files.
+KILL_AT_ENV = "KERAS_ADR_REPORT_KILL_AT"
+# A full disk or a file size limit: the set could not be written.
+_NO_SPACE_ERRNOS = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
+
+
+class ReportWriteError(OSError):
+    """The report set could not be written; the previous set is unchanged."""
+
+
+class IncompleteReportError(ValueError):
+    """A report set has no completion marker, or its files do not match it."""
 
 
 def _pct(value):
@@ -126,7 +167,8 @@ def _markdown(sweep, checks, metadata):
     return "\n".join(lines) + "\n"
 
 
-def _plot(sweep, path):
+def _plot(sweep):
+    """The PNG bytes of the sweep's plot."""
     # A bare Figure renders PNG with the Agg canvas: no pyplot, no global
     # backend switch, no display needed.
     from matplotlib.figure import Figure
@@ -155,11 +197,21 @@ def _plot(sweep, path):
     axes.grid(alpha=0.3)
     axes.legend(fontsize="small")
     figure.tight_layout()
-    figure.savefig(path)
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    return buffer.getvalue()
+
+
+def _json_bytes(payload):
+    return (json.dumps(payload, indent=2) + "\n").encode("utf-8")
 
 
 def write_report(results, output_dir, *, checks=None, metadata=None):
     """Writes `results.json`, `results.md` and `robust_accuracy_vs_epsilon.png`.
+
+    The three files and the marker `results.complete.json` (which records
+    `metadata`) are published together, replacing the previous set only
+    once the new one is complete on disk (see the module docstring).
 
     Args:
         results: A `RobustnessResult`, `SweepResult` or list of results.
@@ -169,29 +221,158 @@ def write_report(results, output_dir, *, checks=None, metadata=None):
 
     Returns:
         `{"json": path, "markdown": path, "plot": path}`.
+
+    Raises:
+        ReportWriteError: If the set cannot be written (e.g. a full disk);
+            the message names the directory and the bytes needed, and the
+            previous set is unchanged.
     """
     sweep = as_sweep(results)
     if checks is None:
         checks = sanity.sanity_checks(sweep)
-    os.makedirs(output_dir, exist_ok=True)
-    paths = {
-        "json": os.path.join(output_dir, REPORT_JSON),
-        "markdown": os.path.join(output_dir, REPORT_MARKDOWN),
-        "plot": os.path.join(output_dir, REPORT_PLOT),
-    }
     payload = {
         "metadata": dict(metadata or {}),
         **sweep.to_dict(),
         "sanity_checks": [c.to_dict() for c in checks],
         "sanity_checks_passed": not any(c.failed for c in checks),
     }
-    with open(paths["json"], "w", encoding="utf-8") as f:
-        json.dump(payload, f, indent=2)
-        f.write("\n")
-    with open(paths["markdown"], "w", encoding="utf-8") as f:
-        f.write(_markdown(sweep, checks, metadata))
-    _plot(sweep, paths["plot"])
-    return paths
+    files = {
+        REPORT_JSON: _json_bytes(payload),
+        REPORT_MARKDOWN: _markdown(sweep, checks, metadata).encode("utf-8"),
+        REPORT_PLOT: _plot(sweep),
+    }
+    publish_set(output_dir, files, REPORT_MARKER, metadata)
+    return {
+        "json": os.path.join(output_dir, REPORT_JSON),
+        "markdown": os.path.join(output_dir, REPORT_MARKDOWN),
+        "plot": os.path.join(output_dir, REPORT_PLOT),
+    }
+
+
+def publish_set(output_dir, files, marker_name, metadata=None):
+    """Publishes `files` into `output_dir` as one set with its completion marker.
+
+    Args:
+        output_dir: The directory (created if missing).
+        files: `{file name: bytes}`, in the order to write them.
+        marker_name: File name of the set's completion marker.
+        metadata: JSON-serialisable dict the marker records (what the set
+            came from).
+
+    Raises:
+        ReportWriteError: If the set cannot be written (e.g. a full disk);
+            the previous set is unchanged.
+    """
+    output_dir = os.fspath(output_dir)
+    marker = {
+        "complete": True,
+        "written_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "metadata": dict(metadata or {}),
+        "files": {
+            name: {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+            for name, data in files.items()
+        },
+    }
+    files = {**files, marker_name: _json_bytes(marker)}
+    needed = sum(len(data) for data in files.values())
+    try:
+        os.makedirs(output_dir, exist_ok=True)
+        _remove_stale_temporaries(output_dir)
+        temp_dir, lock_fd = fileio.make_locked_temp_dir(output_dir, TEMP_REPORT_PREFIX)
+    except OSError as error:
+        raise _write_error(output_dir, needed, error) from None
+    try:
+        try:
+            for name, data in files.items():
+                with open(os.path.join(temp_dir, name), "wb") as f:
+                    f.write(data)
+                _test_hook(f"wrote:{name}")
+            fileio.fsync_tree(temp_dir)
+        except OSError as error:
+            raise _write_error(output_dir, needed, error) from None
+        # From here on only renames: the previous marker goes first, so that a
+        # kill in between leaves a set that `read_report` calls incomplete.
+        fileio.remove_quietly(os.path.join(output_dir, marker_name))
+        for name in files:
+            os.replace(os.path.join(temp_dir, name), os.path.join(output_dir, name))
+            _test_hook(f"published:{name}")
+        fileio.fsync_dir(output_dir)
+    finally:
+        shutil.rmtree(temp_dir, ignore_errors=True)
+        fileio.unlock(lock_fd)
+
+
+def _write_error(output_dir, needed, error):
+    if error.errno in _NO_SPACE_ERRNOS:
+        return ReportWriteError(
+            error.errno,
+            f"cannot write the evaluation report to {output_dir!r}: {error.strerror}; it "
+            f"needs {needed:,} bytes of free space (and a file size limit above that). "
+            "The previous report there is unchanged.",
+        )
+    return ReportWriteError(
+        error.errno,
+        f"cannot write the evaluation report to {output_dir!r}: {error.strerror} "
+        f"({error.filename or output_dir}). The previous report there is unchanged.",
+    )
+
+
+def _remove_stale_temporaries(output_dir):
+    """Removes `.tmp-report-*` directories of writers that died (their lock is free)."""
+    for name in os.listdir(output_dir):
+        path = os.path.join(output_dir, name)
+        if not name.startswith(TEMP_REPORT_PREFIX) or not os.path.isdir(path):
+            continue
+        lock_fd = fileio.try_lock_dir(path)
+        if lock_fd is not None or not fileio.LOCKS_SUPPORTED:
+            try:
+                shutil.rmtree(path, ignore_errors=True)
+            finally:
+                fileio.unlock(lock_fd)
+
+
+def _test_hook(event):
+    if os.environ.get(KILL_AT_ENV) == event:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def read_report(output_dir, marker_name=REPORT_MARKER):
+    """The completion marker of the report set in `output_dir`, after checking the set.
+
+    Args:
+        output_dir: A directory written by `write_report` (or, with
+            `marker_name=ROBUSTBENCH_MARKER`, by `write_autoattack_result`).
+        marker_name: The set's marker file name.
+
+    Returns:
+        The marker: `{"complete": True, "metadata": ..., "files": ...}`;
+        `metadata` tells what the set came from (for `adr-evaluate`, its
+        command and `EvalConfig`).
+
+    Raises:
+        IncompleteReportError: If the marker is missing (no set, or a set
+            whose publication was interrupted) or a file does not match it.
+    """
+    path = os.path.join(os.fspath(output_dir), marker_name)
+    try:
+        marker = fileio.read_json(path)
+    except FileNotFoundError:
+        raise IncompleteReportError(
+            f"{output_dir!r} holds no complete report: {marker_name} is missing (no report "
+            "was written, or writing one was interrupted); rerun the evaluation."
+        ) from None
+    for name, expected in marker["files"].items():
+        try:
+            with open(os.path.join(output_dir, name), "rb") as f:
+                digest = hashlib.sha256(f.read()).hexdigest()
+        except FileNotFoundError:
+            digest = None
+        if digest != expected["sha256"]:
+            raise IncompleteReportError(
+                f"{os.path.join(output_dir, name)!r} does not belong to the report set its "
+                f"{marker_name} records (a later writer was interrupted); rerun the evaluation."
+            )
+    return marker
 
 
 def _autoattack_summary(result, checks):
@@ -211,22 +392,29 @@ def _autoattack_summary(result, checks):
     return "\n".join(lines + _checks_lines(checks))
 
 
-def write_autoattack_result(result, output_dir, *, checks=None, **robustbench_fields):
+def write_autoattack_result(
+    result, output_dir, *, checks=None, metadata=None, **robustbench_fields
+):
     """Writes `autoattack.json`: RobustBench's fields and ours (with `broken_by`).
+
+    Published with its completion marker `autoattack.complete.json` (which
+    records `metadata`), as `write_report` publishes its set.
 
     Args:
         result: An `AutoAttackResult`.
         output_dir: Directory to write to (created if missing).
         checks: The `sanity_checks` results; computed if None.
+        metadata: Optional JSON-serialisable dict the marker records.
         **robustbench_fields: `name`, `defense`, `dataset` of the model card.
 
     Returns:
         The path written.
+
+    Raises:
+        ReportWriteError: As `write_report`.
     """
     if checks is None:
         checks = sanity.sanity_checks(result)
-    os.makedirs(output_dir, exist_ok=True)
-    path = os.path.join(output_dir, ROBUSTBENCH_JSON)
     payload = {
         **result.robustbench(**robustbench_fields),
         "keras_adr": {
@@ -235,7 +423,5 @@ def write_autoattack_result(result, output_dir, *, checks=None, **robustbench_fi
             "sanity_checks_passed": not any(c.failed for c in checks),
         },
     }
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(payload, f, indent=2)
-        f.write("\n")
-    return path
+    publish_set(output_dir, {ROBUSTBENCH_JSON: _json_bytes(payload)}, ROBUSTBENCH_MARKER, metadata)
+    return os.path.join(output_dir, ROBUSTBENCH_JSON)
