@@ -84,15 +84,18 @@ def checked_labels(y, num_classes=None):
         return tf.identity(labels)
 
 
-def unrolls_training_attack():
+def unrolls_training_attack(attack=None):
     """Whether the training attack is traced step by step (`pgd(unroll=True)`).
 
-    On CPUs only (no GPU visible): TensorFlow's oneDNN graph rewrite left
+    `attack.unroll` (an `AttackConfig`) when it is a bool. Else (`"auto"`, the
+    default, or no `attack`), on CPUs only (no GPU visible): TensorFlow's oneDNN graph rewrite left
     the max-pool gradients inside the attack's `tf.while_loop` on
     TensorFlow's own kernel in about one compilation in eight, a 1.3-1.5x
     slower bfloat16 step for the whole run, and never once unrolled
     (benchmarks/PRECISION.md, "Slow compilations"). On GPUs the loop compiles faster.
     """
+    if attack is not None and isinstance(attack.unroll, bool):
+        return attack.unroll
     return not tf.config.list_logical_devices("GPU")
 
 
@@ -265,7 +268,7 @@ class ADRMixin:
             loss=loss or self.adr_config.attack_loss,
             clip_min=attack.clip_min,
             clip_max=attack.clip_max,
-            unroll=unrolls_training_attack(),
+            unroll=unrolls_training_attack(attack),
         )
 
     def _reference(self, batch):
