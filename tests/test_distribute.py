@@ -109,6 +109,12 @@ def test_two_replicas_equal_one_device_with_global_pairwise_scope():
     assert _max_difference(out["initial"], single_weights) > 1e-3  # the step did something
     assert _max_difference(single_weights, mirrored_weights) < 1e-5
     assert set(single_metrics) == set(mirrored_metrics)
+    # The compiled metric, clean and adversarial, in training and validation;
+    # the validation objective, of the stepped weights.
+    for prefix in ("", "val_"):
+        for name in ("sparse_top_k_categorical_accuracy", "adv_sparse_top_k_categorical_accuracy"):
+            assert prefix + name in single_metrics
+    assert "val_local_compactness" in single_metrics
     for name, value in single_metrics.items():
         np.testing.assert_allclose(
             mirrored_metrics[name], value, rtol=1e-5, atol=1e-6, err_msg=name
