@@ -385,6 +385,20 @@ def test_requirements_pin_the_patched_keras_range():
     distribute.check_keras_version()  # the installed Keras is the tested one
 
 
+def test_ci_tests_the_oldest_supported_pair():
+    # .ci/run's compatibility step installs the lower bounds of requirements.txt.
+    with open(os.path.join(_ROOT, "requirements.txt")) as f:
+        pins = dict(
+            line.strip().split(">=", 1) for line in f if line.startswith(("keras", "tensorflow>"))
+        )
+    with open(os.path.join(_ROOT, ".ci", "run")) as f:
+        ci = f.read()
+    low, _ = distribute.KERAS_PATCH_RANGE
+    assert pins["keras"].startswith(f"{low[0]}.{low[1]},")
+    assert f'OLD_KERAS="keras=={low[0]}.{low[1]}.' in ci
+    assert f'OLD_TENSORFLOW="tensorflow=={pins["tensorflow"].split(",")[0]}.' in ci
+
+
 # --- Helpers ---------------------------------------------------------------
 
 
