@@ -419,6 +419,7 @@ def test_compiled_metrics_on_clean_and_adversarial_predictions_survive_save_load
         model.adversarial_examples = _FixedAdversary(x_adv[:16])
         model.make_test_function(force=True)  # fit traced it with the real attack
         results = model.evaluate(x[:16], y[:16], batch_size=16, verbose=0, return_dict=True)
+        results = {name: float(value) for name, value in results.items()}  # tensors before 3.9
         clean, adversarial = model(x[:16]).numpy(), model(x_adv[:16]).numpy()
         assert results["sparse_top_k_categorical_accuracy"] == pytest.approx(_top2(clean, y[:16]))
         assert results["adv_sparse_top_k_categorical_accuracy"] == pytest.approx(
