@@ -254,9 +254,9 @@ class Standardize(keras.layers.Normalization):
     def call(self, inputs):
         # The variables, not Normalization's snapshot of them (`finalize_state`),
         # and in the inputs' dtype, as before Standardize was a Normalization.
-        mean = keras.ops.reshape(self.adapt_mean, self._broadcast_shape)
-        std = keras.ops.reshape(self.std, self._broadcast_shape)
-        return (inputs - keras.ops.cast(mean, inputs.dtype)) / keras.ops.cast(std, inputs.dtype)
+        # The `[C]` statistics broadcast over the last axis.
+        mean = keras.ops.cast(self.adapt_mean, inputs.dtype)
+        return (inputs - mean) / keras.ops.cast(self.std, inputs.dtype)
 
     def load_own_variables(self, store):
         if len(store.keys()) == 2:
