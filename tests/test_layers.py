@@ -241,7 +241,8 @@ def test_standardize_is_a_keras_normalization_and_loads_models_saved_before():
     expected = (images - np.array([0.1, 0.2, 0.3])) / np.array([0.5, 0.25, 2.0])
     np.testing.assert_allclose(np.asarray(layer(images)), expected, rtol=1e-6, atol=1e-6)
     # Written by the Standardize of before (a plain Layer with weights mean
-    # and std, set to these statistics): its weights load into the new one.
+    # and std, set to these statistics) with Keras 3.10, the oldest supported:
+    # its weights load into the new one.
     old = keras.saving.load_model(os.path.join(_DATA, "standardize_before_normalization.keras"))
     standardize = old.get_layer("standardize")
     assert isinstance(standardize, layers.Standardize)
