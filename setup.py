@@ -25,8 +25,8 @@ setuptools.setup(
     packages=setuptools.find_packages(include=["keras_adr", "keras_adr.*"]),
     install_requires=_requirements(),
     extras_require={
-        "test": ["pytest>=8", "tensorflow-serving-api==2.21.*", "ruff==0.17.6"],
-        "serving": ["tensorflow-serving-api==2.21.*"],
+        "test": ["pytest>=8", "tensorflow-serving-api>=2.20,<2.22", "ruff==0.17.6"],
+        "serving": ["tensorflow-serving-api>=2.20,<2.22"],
         # Peer libraries compared in benchmarks/speed.py; never needed by keras_adr.
         "benchmark": [
             "adversarial-robustness-toolbox==1.20.1",

@@ -67,6 +67,7 @@ from benchmarks.robustness_presets import (  # noqa: E402
 )
 from benchmarks.robustness_report import write_summary  # noqa: E402
 from benchmarks.robustness_stats import bits  # noqa: E402
+from keras_adr import config as config_lib  # noqa: E402
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -165,7 +166,7 @@ def stability_model(preset, row, config):
     )
     if (
         not r
-        or r.get("adr_config") != config.get_config()
+        or config_lib.without_speed_fields(r.get("adr_config", {})) != config.result_config()
         or {
             **r.get("recipe", {}),
             "lr_decay_fractions": list(r.get("recipe", {}).get("lr_decay_fractions", ())),

@@ -509,7 +509,8 @@ def fingerprint(preset, row):
         "row": row_fields,
         "adr_config": {
             key: value
-            for key, value in adr_config(preset, row).get_config().items()
+            # Without `attack.unroll` (speed only), which rows from before it lack.
+            for key, value in adr_config(preset, row).result_config().items()
             if _LATER_CONFIG_FIELDS.get(key, object()) != value
         },
     }

@@ -204,7 +204,8 @@ def fingerprint(run, epochs):
         "stop_epoch": _stop_epoch(run, epochs),
         "train_examples": FLAGS.train_examples,
         "validation_examples": FLAGS.validation_examples,
-        "adr_config": adr_config(run).get_config(),
+        # Without `attack.unroll` (speed only), which runs from before it lack.
+        "adr_config": adr_config(run).result_config(),
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 

@@ -17,6 +17,11 @@ DISTANCES = ("l1", "l2")
 LATENT_NORMALIZATIONS = ("none", "rms")
 SMOOTHNESS_PUSHES = ("cross_entropy", "overlap")
 PAIRWISE_SCOPES = ("global", "replica")
+# `AttackConfig.unroll`: "auto" (unroll on machines without a GPU), or a bool.
+UNROLL_CHOICES = ("auto", True, False)
+# AttackConfig fields that change how fast a run computes, not what it
+# computes: run directories and benchmark fingerprints leave them out.
+SPEED_ONLY_ATTACK_FIELDS = ("unroll",)
 
 # Madry et al. (2018): a PGD attack of `steps` steps uses the step size
 # 2.5 * epsilon / steps, so that it can walk across the ball and back.
@@ -98,6 +103,15 @@ class AttackConfig:
             or `"auto"`: `"kl"` for the TRADES objective, `"ce"` otherwise.
         clip_min: Smallest valid pixel value.
         clip_max: Largest valid pixel value.
+        unroll: Whether the attack's steps are traced one by one instead of
+            as a `tf.while_loop` (`keras_adr.attacks.pgd(unroll=...)`): the
+            same attack, in a graph that grows with `steps`. `"auto"`
+            (default): unrolled on machines without a GPU, where TensorFlow's
+            oneDNN rewrite sometimes left the loop's max-pool gradients on a
+            slow kernel for a whole run (see
+            `keras_adr.training.unrolls_training_attack`); `True` or `False`
+            on every machine. It changes only the speed, so run directories
+            and benchmark fingerprints ignore it (`result_config`).
     """
 
     norm: str = "linf"
@@ -108,8 +122,12 @@ class AttackConfig:
     loss: str = "auto"
     clip_min: float = 0.0
     clip_max: float = 1.0
+    unroll: object = "auto"
 
     def __post_init__(self):
+        # `1 in UNROLL_CHOICES` holds (1 == True): only a bool or "auto".
+        if not (isinstance(self.unroll, bool) or self.unroll == "auto"):
+            raise ValueError(f"`unroll` must be 'auto', True or False; got {self.unroll!r}.")
         _check_choice("norm", self.norm, NORMS)
         _check_choice("loss", self.loss, ATTACK_LOSSES)
         _check_number("epsilon", self.epsilon, exclusive_minimum=0)
@@ -276,6 +294,14 @@ class ADRConfig:
     def attack_loss(self):
         return self.attack.resolved_loss(self.objective)
 
+    def result_config(self):
+        """`get_config()` without the fields that change only the speed (`attack.unroll`).
+
+        What run directories compare and benchmarks fingerprint: a run
+        resumed with another `unroll` computes the same thing.
+        """
+        return without_speed_fields(self.get_config())
+
     def replace(self, **overrides):
         """A copy with some fields changed; `attack_*` keys change the attack."""
         attack_overrides = {
@@ -308,6 +334,16 @@ class ADRConfig:
     @classmethod
     def from_config(cls, config):
         return cls(**config)
+
+
+def without_speed_fields(config):
+    """An `ADRConfig.get_config()` dict (also a stored one) without `SPEED_ONLY_ATTACK_FIELDS`."""
+    config = dict(config)
+    if isinstance(config.get("attack"), dict):
+        config["attack"] = {
+            k: v for k, v in config["attack"].items() if k not in SPEED_ONLY_ATTACK_FIELDS
+        }
+    return config
 
 
 def _plain(value):

@@ -82,9 +82,13 @@ def is_chief(strategy):
 
 
 # The Keras versions whose TensorFlow trainer `patch_keras_fit` replaces a
-# private method of, and that the tests cover; requirements.txt pins the same
-# range. Upstream: https://github.com/keras-team/keras/issues/20585
-KERAS_PATCH_RANGE = ((3, 15), (3, 16))
+# private method of (`_maybe_symbolic_build(iterator=None, data_batch=None)`,
+# the same from 3.8 to 3.15), and that the tests cover: the newest release and
+# the oldest supported one (.ci/run's compatibility step). requirements.txt
+# pins the same range; it starts at 3.10 because callbacks.AtomicModelCheckpoint
+# needs ModelCheckpoint._should_save_model (3.10 has it, 3.8 not).
+# Upstream: https://github.com/keras-team/keras/issues/20585
+KERAS_PATCH_RANGE = ((3, 10), (3, 16))
 
 
 class UnsupportedKerasError(ValueError):
@@ -116,7 +120,7 @@ def check_keras_version(version=None):
 def patch_keras_fit(model):
     """Fixes Keras 3 `fit` of a model built inside a `tf.distribute` strategy scope.
 
-    Keras 3.15's TensorFlow trainer, before the first step, builds the model
+    Keras' TensorFlow trainer (3.10 to 3.15), before the first step, builds the model
     symbolically from one batch that it *reads from the dataset*
     (`TensorFlowTrainer._maybe_symbolic_build`), whether or not the model is
     already built (`tests/test_distribute.py` checks that building it before

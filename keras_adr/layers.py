@@ -174,40 +174,50 @@ class Latent(keras.layers.Layer):
 
 
 @keras.saving.register_keras_serializable(package="keras_adr")
-class Standardize(keras.layers.Layer):
-    """Per-channel `(x - mean) / std` inside the model.
+class Standardize(keras.layers.Normalization):
+    """Per-channel `(x - mean) / std` inside the model: a `keras.layers.Normalization`.
 
     Keeps normalisation out of the data pipeline, so that attacks, epsilon and
-    exported models all work on raw pixels in [0, 1]. The statistics are
-    non-trainable weights, given as constants or computed by `adapt`.
+    exported models all work on raw pixels in [0, 1]. It is a
+    `keras.layers.Normalization` over the last axis whose statistics are
+    always its non-trainable weights (`mean`, `variance` = std², `count`),
+    given as constants or computed by `adapt`, and read at every call (so
+    `set_weights` and checkpoints take effect at once). Models saved before
+    it was a `Normalization` (weights `mean` and `std`) load unchanged.
 
     Args:
         mean: Per-channel means (a number or a sequence), or None (0 until
             `adapt`).
         std: Per-channel standard deviations (> 0), or None (1 until `adapt`).
+        **kwargs: Layer arguments (`name`, `dtype`, ...).
     """
 
     def __init__(self, mean=None, std=None, **kwargs):
-        super().__init__(**kwargs)
+        # Normalization's own arguments: fixed here (the statistics are
+        # always weights, of the last axis).
+        for name in ("axis", "variance", "invert"):
+            if kwargs.pop(name, None) not in (None, -1, [-1], (-1,), False):
+                raise ValueError(
+                    f"Standardize takes `mean` and `std` (per channel, last axis), not "
+                    f"`{name}`; use keras.layers.Normalization for other axes."
+                )
         if std is not None and any(s <= 0 for s in _as_list(std)):
             raise ValueError(f"`std` must be > 0; got {std!r}.")
+        super().__init__(axis=-1, **kwargs)
         self._initial = (mean, std)
 
     def build(self, input_shape):
+        super().build(input_shape)
         channels = input_shape[-1]
         mean, std = self._initial
-        self.mean = self.add_weight(
-            shape=(channels,),
-            name="mean",
-            trainable=False,
-            initializer=_constant(mean, 0.0, channels),
-        )
-        self.std = self.add_weight(
-            shape=(channels,),
-            name="std",
-            trainable=False,
-            initializer=_constant(std, 1.0, channels),
-        )
+        self.adapt_mean.assign(_constant(mean, 0.0, channels))
+        self.adapt_variance.assign([s * s for s in _constant(std, 1.0, channels)])
+        self.finalize_state()
+
+    @property
+    def std(self):
+        """The per-channel standard deviations, `sqrt(variance)`."""
+        return keras.ops.sqrt(self.adapt_variance)
 
     def adapt(self, data, max_batches=None):
         """Sets mean and std from images (or `(images, labels)` batches).
@@ -221,36 +231,50 @@ class Standardize(keras.layers.Layer):
 
         if not self.built:
             raise ValueError("Standardize.adapt needs a built layer: use it in a model first.")
+        channels = self.adapt_mean.shape[0]
         batches = [data] if isinstance(data, np.ndarray) else data
         count, total, total_sq = 0, 0.0, 0.0
         for index, batch in enumerate(batches):
             if max_batches is not None and index >= max_batches:
                 break
             images = batch[0] if isinstance(batch, (tuple, list)) else batch
-            images = np.asarray(images, np.float64).reshape(-1, self.mean.shape[0])
+            images = np.asarray(images, np.float64).reshape(-1, channels)
             count += len(images)
             total = total + images.sum(0)
             total_sq = total_sq + (images**2).sum(0)
         if not count:
             raise ValueError("Standardize.adapt got no images.")
         mean = total / count
-        std = np.sqrt(np.maximum(total_sq / count - mean**2, 0.0))
-        self.mean.assign(mean.astype("float32"))
-        self.std.assign(np.maximum(std, 1e-6).astype("float32"))
+        std = np.maximum(np.sqrt(np.maximum(total_sq / count - mean**2, 0.0)), 1e-6)
+        self.adapt_mean.assign(mean.astype("float32"))
+        self.adapt_variance.assign((std**2).astype("float32"))
+        self.count.assign(count)
+        self.finalize_state()
 
     def call(self, inputs):
-        return (inputs - keras.ops.cast(self.mean, inputs.dtype)) / keras.ops.cast(
-            self.std, inputs.dtype
-        )
+        # The variables, not Normalization's snapshot of them (`finalize_state`),
+        # and in the inputs' dtype, as before Standardize was a Normalization.
+        # The `[C]` statistics broadcast over the last axis.
+        mean = keras.ops.cast(self.adapt_mean, inputs.dtype)
+        return (inputs - mean) / keras.ops.cast(self.std, inputs.dtype)
 
-    def compute_output_shape(self, input_shape):
-        return input_shape
+    def load_own_variables(self, store):
+        if len(store.keys()) == 2:
+            # Saved before Standardize was a Normalization: weights mean, std.
+            self.adapt_mean.assign(store["0"])
+            self.adapt_variance.assign(keras.ops.square(store["1"]))
+            self.finalize_state()
+            return
+        super().load_own_variables(store)
 
     def get_config(self):
-        config = super().get_config()
+        # The Layer's config and mean/std, as before: not Normalization's
+        # axis/variance/invert, which Standardize fixes.
+        config = keras.layers.Layer.get_config(self)
         mean, std = self._initial
         if self.built:  # adapted values travel with the config as well as the weights
-            mean, std = self.mean.numpy().tolist(), self.std.numpy().tolist()
+            mean = keras.ops.convert_to_numpy(self.adapt_mean).tolist()
+            std = keras.ops.convert_to_numpy(self.std).tolist()
         return {**config, "mean": _as_list(mean), "std": _as_list(std)}
 
 
@@ -269,4 +293,4 @@ def _constant(value, default, channels):
         values = values * channels
     if len(values) != channels:
         raise ValueError(f"Standardize got {len(values)} statistics for {channels} channels.")
-    return keras.initializers.Constant(values)
+    return values

@@ -21,9 +21,13 @@ import keras
 import tensorflow as tf
 
 from keras_adr import graph, pairwise
-from keras_adr.config import LATENT_NORMALIZATIONS, SMOOTHNESS_PUSHES
+from keras_adr.config import LATENT_NORMALIZATIONS, SMOOTHNESS_PUSHES, ADRConfig
 
 DEFAULT_LABEL_SCALE = 0.99
+# The functions default to the bounded form, as `ADRConfig` does; pass
+# `normalization="none"` and `push="cross_entropy"` for the paper's.
+DEFAULT_NORMALIZATION = ADRConfig.latent_normalization
+DEFAULT_PUSH = ADRConfig.smoothness_push
 _TINY = 1e-12
 
 # How the latent codes enter the compactness terms.
@@ -73,7 +77,7 @@ def normalize_latent(z, normalization="none"):
     )
 
 
-def local_compactness_per_example(z, z_adv, distance="l1", normalization="none"):
+def local_compactness_per_example(z, z_adv, distance="l1", normalization=DEFAULT_NORMALIZATION):
     """`mean_d |sg(z)_i,d - z_adv_i,d|` (L1) or the mean squared difference (L2).
 
     With `normalization="rms"` both codes are first divided by their RMS.
@@ -139,7 +143,7 @@ def global_compactness_per_example(
     *,
     reference=None,
     method="sorted",
-    normalization="none",
+    normalization=DEFAULT_NORMALIZATION,
     features=None,
 ):
     """`mean_j W_ij mean_d |sg(z)_j,d - z_adv_i,d|` for each adversarial example i.
@@ -153,9 +157,9 @@ def global_compactness_per_example(
             with (e.g. the global batch gathered across replicas).
         method: `"sorted"` (exact, O(B k log B), the default) or `"naive"`
             (the `[B, B, k]` tensor; the reference implementation).
-        normalization: `"none"` (the paper) or `"rms"`: codes divided by
-            their RMS first, which bounds the term below (see
-            `LATENT_NORMALIZATIONS`).
+        normalization: `"rms"` (default, as `ADRConfig`): codes divided by
+            their RMS first, which bounds the term below; `"none"`: raw
+            codes, the paper's (see `LATENT_NORMALIZATIONS`).
         features: Optional `[k']` int indices of the features d to average
             over (after normalization) instead of all of them: with a uniform
             random subset (`sample_features`) the result is an unbiased
@@ -190,7 +194,7 @@ def global_compactness_per_example(
 
 
 def global_smoothness_per_example(
-    y, logits, logits_adv, scale=DEFAULT_LABEL_SCALE, *, reference=None, push="cross_entropy"
+    y, logits, logits_adv, scale=DEFAULT_LABEL_SCALE, *, reference=None, push=DEFAULT_PUSH
 ):
     """Label-weighted pairwise smoothness for each adversarial example i.
 
@@ -209,7 +213,8 @@ def global_smoothness_per_example(
         logits_adv: `[M, C]` adversarial logits.
         scale: Pair-weight scale.
         reference: Optional `(y_ref, logits_ref)`.
-        push: `"cross_entropy"` or `"overlap"`, see `SMOOTHNESS_PUSHES`.
+        push: `"overlap"` (default, as `ADRConfig`) or `"cross_entropy"`
+            (the paper's), see `SMOOTHNESS_PUSHES`.
 
     Returns:
         `[M]` float32.
@@ -278,8 +283,12 @@ def label_propagation_per_example(
 # ---------------------------------------------------------------------------
 
 
-def local_compactness(z, z_adv, distance="l1", normalization="none"):
-    """Mean over examples and features of `|sg(z) - z_adv|` (or squared, `"l2"`)."""
+def local_compactness(z, z_adv, distance="l1", normalization=DEFAULT_NORMALIZATION):
+    """Mean over examples and features of `|sg(z) - z_adv|` (or squared, `"l2"`).
+
+    Codes are RMS-normalised first by default (`normalization="rms"`, the
+    bounded form of `ADRConfig`); `normalization="none"` is the paper's.
+    """
     return tf.reduce_mean(local_compactness_per_example(z, z_adv, distance, normalization))
 
 
@@ -289,9 +298,19 @@ def local_smoothness(logits, logits_adv):
 
 
 def global_compactness(
-    y, z, z_adv, scale=DEFAULT_LABEL_SCALE, method="sorted", normalization="none", features=None
+    y,
+    z,
+    z_adv,
+    scale=DEFAULT_LABEL_SCALE,
+    method="sorted",
+    normalization=DEFAULT_NORMALIZATION,
+    features=None,
 ):
-    """Mean over all pairs (i, j) of `W_ij mean_d |sg(z)_j,d - z_adv_i,d|` (d in `features`)."""
+    """Mean over all pairs (i, j) of `W_ij mean_d |sg(z)_j,d - z_adv_i,d|` (d in `features`).
+
+    Codes are RMS-normalised first by default (the bounded form of
+    `ADRConfig`); `normalization="none"` is the paper's, unbounded below.
+    """
     return tf.reduce_mean(
         global_compactness_per_example(
             y, z, z_adv, scale, method=method, normalization=normalization, features=features
@@ -299,9 +318,13 @@ def global_compactness(
     )
 
 
-def global_smoothness(y, logits, logits_adv, scale=DEFAULT_LABEL_SCALE, push="cross_entropy"):
-    """Mean over i of `global_smoothness_per_example` (the paper's: all pairs
-    `W_ij CE(softmax(sg(logits_j)), logits_adv_i)`)."""
+def global_smoothness(y, logits, logits_adv, scale=DEFAULT_LABEL_SCALE, push=DEFAULT_PUSH):
+    """Mean over i of `global_smoothness_per_example`.
+
+    The default `push="overlap"` is the bounded form of `ADRConfig`;
+    `push="cross_entropy"` is the paper's (all pairs
+    `W_ij CE(softmax(sg(logits_j)), logits_adv_i)`, unbounded below).
+    """
     return tf.reduce_mean(global_smoothness_per_example(y, logits, logits_adv, scale, push=push))
 
 
@@ -347,7 +370,7 @@ class LocalCompactness(keras.losses.Loss):
     def __init__(
         self,
         distance="l1",
-        normalization="none",
+        normalization=DEFAULT_NORMALIZATION,
         reduction="sum_over_batch_size",
         name="local_compactness",
         **kwargs,

@@ -358,7 +358,8 @@ def _run_config(options, adr_config, policy="float32"):
             del stored[name]
     if policy != "float32":
         stored["precision"] = policy
-    return {"options": stored, "adr_config": adr_config.get_config()}
+    # Without the attack's speed-only fields (`unroll`), as for `compilations`.
+    return {"options": stored, "adr_config": adr_config.result_config()}
 
 
 def read_history(path):

@@ -26,7 +26,7 @@ LOCK_FILE = ".lock"
 # Files that show a directory already holds a run's outputs.
 _RUN_OUTPUTS = ("history.csv", "metrics.json", "backup", "best.keras", "final.keras", "saved_model")
 # Flag names of the attack fields, where they differ from `--<field>`.
-_ATTACK_FLAGS = {"steps": "attack_steps", "loss": "attack_loss"}
+_ATTACK_FLAGS = {"steps": "attack_steps", "loss": "attack_loss", "unroll": "attack_unroll"}
 
 
 class RunDirectoryError(ValueError):

@@ -112,15 +112,18 @@ def checked_labels(y, num_classes=None, num_images=None):
         return tf.identity(labels)
 
 
-def unrolls_training_attack():
+def unrolls_training_attack(attack=None):
     """Whether the training attack is traced step by step (`pgd(unroll=True)`).
 
-    On CPUs only (no GPU visible): TensorFlow's oneDNN graph rewrite left
+    `attack.unroll` (an `AttackConfig`) when it is a bool. Else (`"auto"`, the
+    default, or no `attack`), on CPUs only (no GPU visible): TensorFlow's oneDNN graph rewrite left
     the max-pool gradients inside the attack's `tf.while_loop` on
     TensorFlow's own kernel in about one compilation in eight, a 1.3-1.5x
     slower bfloat16 step for the whole run, and never once unrolled
     (benchmarks/PRECISION.md, "Slow compilations"). On GPUs the loop compiles faster.
     """
+    if attack is not None and isinstance(attack.unroll, bool):
+        return attack.unroll
     return not tf.config.list_logical_devices("GPU")
 
 
@@ -146,10 +149,19 @@ class ADRMixin:
     model = MyModel(adr_config=keras_adr.presets.get("adr_pgd"))
     ```
 
-    Reported metrics: `loss`, `accuracy` (clean), `adv_accuracy`, and the
+    Reported metrics: `loss`, `accuracy` (clean), `adv_accuracy`, the
     unweighted batch mean of every enabled term (`ce`, `adv_ce` or
-    `trades_kl`, `local_compactness`, ...). `compile` needs only an optimizer:
-    the objective comes from the `ADRConfig`.
+    `trades_kl`, `local_compactness`, ...), the `DIAGNOSTICS`, and the
+    metrics given to `compile(metrics=..., weighted_metrics=...)`, each on
+    the clean predictions under its own name and on the adversarial ones
+    under `adv_<name>`. `compile` takes no `loss`: the objective comes from
+    the `ADRConfig`.
+
+    `val_loss` is the same quantity as `loss`: `test_step` computes the
+    whole ADR objective on the validation batch (inference mode, no update),
+    so `EarlyStopping(monitor="val_loss")` and `ReduceLROnPlateau` watch the
+    training objective on held-out data; `val_ce` is the clean
+    cross-entropy alone.
     """
 
     _validation_epsilon = None
@@ -186,6 +198,8 @@ class ADRMixin:
         # Scale diagnostics of the clean batch: a runaway objective shows as
         # growing latent codes or logits before accuracy falls.
         self._norm_trackers = [keras.metrics.Mean(name=name) for name in DIAGNOSTICS]
+        # The compiled metrics on the adversarial predictions (see `compile`).
+        self._adv_compile_metrics = None
         # With the optimizer's step, the seed of the step's sampled features;
         # the same for the same `keras.utils.set_random_seed`. Drawn only when
         # sampling, so that other runs consume the same random numbers as before.
@@ -212,29 +226,44 @@ class ADRMixin:
         loss_weights=None,
         **kwargs,
     ):
-        """Compiles with an optimizer; the objective and metrics come from `ADRConfig`.
+        """Compiles with an optimizer and metrics; the objective comes from `ADRConfig`.
+
+        Args:
+            optimizer: As for `keras.Model.compile`.
+            loss: Must be None: the objective is the `ADRConfig`'s.
+            metrics: Metrics of `(labels, logits)` as for `keras.Model.compile`
+                (names, functions or `keras.metrics.Metric` objects). Each is
+                updated on the clean predictions under its name and, as a copy
+                (`from_config(get_config())`), on the adversarial predictions
+                under `adv_<name>`, in `fit` and `evaluate`.
+            weighted_metrics: The same (ADR batches carry no sample weights,
+                so they equal `metrics`).
+            loss_weights: Must be None.
+            **kwargs: Passed to `keras.Model.compile` (`run_eagerly`,
+                `steps_per_execution`, `jit_compile`, ...).
 
         Raises:
-            ValueError: If `loss`, `metrics`, `weighted_metrics` or
-                `loss_weights` is given: the ADR step would ignore them.
+            ValueError: If `loss` or `loss_weights` is given (the ADR step would
+                ignore them), or a metric object cannot be copied.
         """
-        given = {
-            name
-            for name, value in (
-                ("loss", loss),
-                ("metrics", metrics),
-                ("weighted_metrics", weighted_metrics),
-                ("loss_weights", loss_weights),
-            )
-            if value
-        }
+        given = {name for name, value in (("loss", loss), ("loss_weights", loss_weights)) if value}
         if given:
             raise ValueError(
-                f"{type(self).__name__}.compile() takes only the optimizer (and run options): "
-                f"the ADR objective and its metrics come from the ADRConfig, so {sorted(given)} "
-                "would be ignored. Change the objective with keras_adr.presets.get(...)."
+                f"{type(self).__name__}.compile() takes no {sorted(given)}: the ADR objective "
+                "comes from the ADRConfig, so they would be ignored. Change the objective with "
+                "keras_adr.presets.get(...)."
             )
-        super().compile(optimizer=optimizer, **kwargs)
+        super().compile(
+            optimizer=optimizer, metrics=metrics, weighted_metrics=weighted_metrics, **kwargs
+        )
+        self._adv_compile_metrics = None
+        if metrics is not None or weighted_metrics is not None:
+            # A second container of the same kind (Keras' `CompileMetrics`,
+            # which resolves names like "accuracy" from the shapes) over fresh
+            # copies, so that the adversarial updates do not mix with the clean.
+            self._adv_compile_metrics = type(self._compile_metrics)(
+                _copied_metrics(metrics), _copied_metrics(weighted_metrics)
+            )
 
     def compile_from_config(self, config):
         # Keras skips compiling on load when `compile` is overridden; this is
@@ -252,7 +281,51 @@ class ADRMixin:
             self._adv_accuracy,
             *self._term_trackers,
             *self._norm_trackers,
+            *self._compiled_metrics(),
         ]
+
+    def _compiled_metrics(self):
+        """The containers of the user's compiled metrics: clean, then adversarial."""
+        clean = getattr(self, "_compile_metrics", None) if self.compiled else None
+        return [m for m in (clean, self._adv_compile_metrics) if m is not None]
+
+    def compute_metrics(self, x, y, y_pred, sample_weight=None, y_pred_adv=None):
+        """Updates the compiled metrics on `y_pred` and, under `adv_` names, on `y_pred_adv`.
+
+        Args:
+            x: The images (unused, as in `keras.Model.compute_metrics`).
+            y: Integer labels.
+            y_pred: Clean logits.
+            sample_weight: Unused by the ADR steps (always None).
+            y_pred_adv: Adversarial logits, or None (no `adv_` update).
+
+        Returns:
+            `get_metrics_result()`.
+        """
+        adversarial = self._adv_compile_metrics
+        if adversarial is not None:
+            if y_pred_adv is not None:
+                adversarial.update_state(y, y_pred_adv, sample_weight)
+            elif not adversarial.built:
+                # Keras builds the compiled metrics before the first step
+                # (symbolically, in the strategy's scope): the copies with them.
+                adversarial.build(y, y_pred)
+        return super().compute_metrics(x, y, y_pred, sample_weight)
+
+    def get_metrics_result(self):
+        results = {}
+        compiled = self._compiled_metrics()
+        for metric in self.metrics:
+            if any(metric is c for c in compiled) and not metric.built:
+                continue  # the compiled metrics before Keras builds them
+            value = metric.result()
+            if metric is self._adv_compile_metrics:
+                value = {f"adv_{name}": v for name, v in value.items()}
+            if isinstance(value, dict):
+                results.update(value)
+            else:
+                results[metric.name] = value
+        return results
 
     def _num_classes(self):
         """The number of classes if known before the first call, else None."""
@@ -315,7 +388,7 @@ class ADRMixin:
             loss=loss or self.adr_config.attack_loss,
             clip_min=attack.clip_min,
             clip_max=attack.clip_max,
-            unroll=unrolls_training_attack(),
+            unroll=unrolls_training_attack(attack),
         )
 
     def _reference(self, batch):
@@ -431,43 +504,54 @@ class ADRMixin:
         gradients = tape.gradient(scaled_loss, self.trainable_variables)
         self.optimizer.apply(gradients, self.trainable_variables)
 
+        self._update_metrics(x, y, reported_loss, sums, logits, logits_adv)
+        return self._results(adversarial=uses_adversary)
+
+    def test_step(self, data):
+        """The ADR objective and the metrics of `train_step`, on a validation batch.
+
+        `loss` (`val_loss` in `fit`) is the whole objective, as in
+        `train_step` but in inference mode and without an update, so it is
+        the same quantity as the training `loss`; every term (`ce` is the
+        clean cross-entropy), `accuracy`, `adv_accuracy` and the compiled
+        metrics are reported too. The validation attack maximises
+        cross-entropy (also for TRADES), the usual measure of robust
+        accuracy, at `validation_epsilon` if set (else the training
+        attack's epsilon); with TRADES the objective's KL term is taken at
+        those examples (one attack per batch, not also the KL attack).
+        """
+        x, y = _unpack(data)
+        y = checked_labels(y, self._num_classes(), _num_images(x))
+        x_adv = self.adversarial_examples(x, y, loss="ce", epsilon=self.validation_epsilon)
+        uses_adversary = self.adr_config.uses_adversary
+        _, reported_loss, sums, (logits, logits_adv) = self.compute_adr_loss(
+            x, y, x_adv if uses_adversary else None, training=False
+        )
+        if not uses_adversary:
+            logits_adv = self(x_adv, training=False)
+        self._update_metrics(x, y, reported_loss, sums, logits, logits_adv)
+        return self._results(adversarial=True)
+
+    def _update_metrics(self, x, y, reported_loss, sums, logits, logits_adv):
+        """Updates every reported metric with one batch (`logits_adv` may be None)."""
+        y = tf.cast(tf.reshape(y, [-1]), tf.int32)
         local_batch = tf.cast(tf.shape(x)[0], tf.float32)
         self._adr_loss_tracker.update_state(reported_loss, sample_weight=local_batch)
         for tracker in self._term_trackers + self._norm_trackers:
             tracker.update_state(sums[tracker.name] / local_batch, sample_weight=local_batch)
         self._accuracy.update_state(y, logits)
-        if uses_adversary:
+        if logits_adv is not None:
             self._adv_accuracy.update_state(y, logits_adv)
-        return self._results(adversarial=uses_adversary)
-
-    def test_step(self, data):
-        """Clean loss and accuracy, and accuracy under the configured attack.
-
-        The validation attack maximises cross-entropy (also for TRADES), the
-        usual measure of robust accuracy, at `validation_epsilon` if set
-        (else the training attack's epsilon).
-        """
-        x, y = _unpack(data)
-        y = checked_labels(y, self._num_classes(), _num_images(x))
-        logits = self(x, training=False)
-        x_adv = self.adversarial_examples(x, y, loss="ce", epsilon=self.validation_epsilon)
-        logits_adv = self(x_adv, training=False)
-        y = tf.cast(tf.reshape(y, [-1]), tf.int32)
-        local_batch = tf.cast(tf.shape(x)[0], tf.float32)
-        ce = tf.reduce_mean(
-            tf.nn.sparse_softmax_cross_entropy_with_logits(y, tf.cast(logits, tf.float32))
-        )
-        self._adr_loss_tracker.update_state(ce, sample_weight=local_batch)
-        self._accuracy.update_state(y, logits)
-        self._adv_accuracy.update_state(y, logits_adv)
-        return {
-            m.name: m.result() for m in (self._adr_loss_tracker, self._accuracy, self._adv_accuracy)
-        }
+        self.compute_metrics(x, y, logits, y_pred_adv=logits_adv)
 
     def _results(self, adversarial):
-        results = {m.name: m.result() for m in self.metrics}
+        results = self.get_metrics_result()
         if not adversarial:
-            results.pop("adv_accuracy")
+            # No adversarial predictions (the `standard` objective's training).
+            adv_names = {"adv_accuracy"}
+            if self._adv_compile_metrics is not None and self._adv_compile_metrics.built:
+                adv_names |= {f"adv_{name}" for name in self._adv_compile_metrics.result()}
+            results = {k: v for k, v in results.items() if k not in adv_names}
         return results
 
     def fit(self, *args, **kwargs):
@@ -487,6 +571,26 @@ class ADRMixin:
 
     def get_config(self):
         return {**super().get_config(), "adr_config": self.adr_config.get_config()}
+
+
+def _copied_metrics(metrics):
+    """`metrics` (as given to `compile`) with every `keras.metrics.Metric` a fresh copy."""
+    if metrics is None:
+        return None
+    if isinstance(metrics, dict):
+        return {key: _copied_metrics(value) for key, value in metrics.items()}
+    if isinstance(metrics, (list, tuple)):
+        return [_copied_metrics(metric) for metric in metrics]
+    if not isinstance(metrics, keras.metrics.Metric):
+        return metrics  # a name or a function: Keras makes a new metric of it
+    try:
+        return type(metrics).from_config(metrics.get_config())
+    except Exception as error:
+        raise ValueError(
+            f"compile(metrics=...): the metric {metrics.name!r} cannot be copied for its "
+            f"adv_{metrics.name} version ({type(error).__name__}: {error}); give "
+            f"{type(metrics).__name__} a get_config() that returns its constructor arguments."
+        ) from None
 
 
 def _latent_layer(backbone, name):

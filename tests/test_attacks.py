@@ -245,3 +245,16 @@ def test_per_example_uses_the_static_rank_and_never_builds_a_negative_fill():
     )
     with pytest.raises(ValueError, match="must have a batch axis"):
         in_cond(mask)
+
+
+@pytest.mark.parametrize("unroll, loops", [(False, True), (True, False), ("auto", False)])
+def test_adr_model_unrolls_its_training_attack_as_its_config_says(unroll, loops):
+    import keras_adr
+
+    config = keras_adr.presets.get("adr_pgd", attack_steps=2, attack_unroll=unroll)
+    model = keras_adr.ADRModel(keras_adr.models.small_cnn(), config)
+    x = tf.random.uniform([4, 28, 28, 1], seed=1)
+    y = tf.constant([0, 1, 2, 3])
+    types = _op_types(tf.function(model.adversarial_examples), x, y)
+    assert bool({"While", "StatelessWhile"} & types) == loops
+    assert keras_adr.ADRModel.from_config(model.get_config()).adr_config.attack.unroll == unroll

@@ -74,6 +74,8 @@ def test_adr_config_validation(kwargs, match):
         (dict(loss="dlr"), "loss"),
         (dict(clip_min=1.0, clip_max=0.5), "clip_min"),
         (dict(random_start="yes"), "random_start"),
+        (dict(unroll=1), "unroll"),
+        (dict(unroll="yes"), "unroll"),
     ],
 )
 def test_attack_config_validation(kwargs, match):
@@ -211,7 +213,7 @@ def test_standardize_layer_normalises_inside_the_model(tmp_path):
     model = keras.Sequential([keras.Input((4, 4, 3)), layer])
     layer.adapt(images)
     flat = images.reshape(-1, 3).astype(np.float64)
-    np.testing.assert_allclose(layer.mean.numpy(), flat.mean(0), rtol=1e-5)
+    np.testing.assert_allclose(layer.adapt_mean.numpy(), flat.mean(0), rtol=1e-5)
     np.testing.assert_allclose(layer.std.numpy(), flat.std(0), rtol=1e-4)
     out = np.asarray(model(images)).reshape(-1, 3)
     np.testing.assert_allclose(out.mean(0), 0, atol=1e-4)
@@ -274,3 +276,35 @@ def test_adr_train_runs_the_preset_of_python(argv, same_as_preset, step_size):
     ).stdout.split()
     assert out[0] == repr(same_as_preset)
     assert float(out[1]) == pytest.approx(step_size)
+
+
+def test_unroll_is_an_attack_option_that_run_comparisons_ignore():
+    config = keras_adr.presets.get("adr_pgd")
+    assert config.attack.unroll == "auto"  # today's rule: unrolled on CPUs
+    # A config saved before the field loads with the default.
+    old = config.get_config()
+    del old["attack"]["unroll"]
+    assert keras_adr.ADRConfig.from_config(old) == config
+    rolled = config.replace(attack_unroll=False)
+    assert keras_adr.ADRConfig.from_config(rolled.get_config()).attack.unroll is False
+    # Speed only: what run directories and benchmark fingerprints compare.
+    assert rolled.result_config() == config.result_config() == old
+    assert rolled.get_config() != config.get_config()
+
+
+def test_adr_train_attack_unroll_flag():
+    import subprocess
+    import sys
+
+    script = (
+        "import sys\n"
+        "from absl import flags\n"
+        "from keras_adr.cli import train\n"
+        "flags.FLAGS(['adr-train', *sys.argv[1:]])\n"
+        "print(repr(train.adr_config_from_flags().attack.unroll))\n"
+    )
+    for argv, expected in ([], "'auto'"), (["--attack_unroll=false"], "False"):
+        out = subprocess.run(
+            [sys.executable, "-c", script, *argv], capture_output=True, text=True, check=True
+        ).stdout.split()
+        assert out[-1] == expected

@@ -109,6 +109,12 @@ def test_two_replicas_equal_one_device_with_global_pairwise_scope():
     assert _max_difference(out["initial"], single_weights) > 1e-3  # the step did something
     assert _max_difference(single_weights, mirrored_weights) < 1e-5
     assert set(single_metrics) == set(mirrored_metrics)
+    # The compiled metric, clean and adversarial, in training and validation;
+    # the validation objective, of the stepped weights.
+    for prefix in ("", "val_"):
+        for name in ("sparse_top_k_categorical_accuracy", "adv_sparse_top_k_categorical_accuracy"):
+            assert prefix + name in single_metrics
+    assert "val_local_compactness" in single_metrics
     for name, value in single_metrics.items():
         np.testing.assert_allclose(
             mirrored_metrics[name], value, rtol=1e-5, atol=1e-6, err_msg=name
@@ -377,6 +383,20 @@ def test_requirements_pin_the_patched_keras_range():
     low, high = distribute.KERAS_PATCH_RANGE
     assert pins == [f"keras>={low[0]}.{low[1]},<{high[0]}.{high[1]}"]
     distribute.check_keras_version()  # the installed Keras is the tested one
+
+
+def test_ci_tests_the_oldest_supported_pair():
+    # .ci/run's compatibility step installs the lower bounds of requirements.txt.
+    with open(os.path.join(_ROOT, "requirements.txt")) as f:
+        pins = dict(
+            line.strip().split(">=", 1) for line in f if line.startswith(("keras", "tensorflow>"))
+        )
+    with open(os.path.join(_ROOT, ".ci", "run")) as f:
+        ci = f.read()
+    low, _ = distribute.KERAS_PATCH_RANGE
+    assert pins["keras"].startswith(f"{low[0]}.{low[1]},")
+    assert f'OLD_KERAS="keras=={low[0]}.{low[1]}.' in ci
+    assert f'OLD_TENSORFLOW="tensorflow=={pins["tensorflow"].split(",")[0]}.' in ci
 
 
 # --- Helpers ---------------------------------------------------------------

@@ -229,3 +229,37 @@ def test_layers_and_callbacks_under_two_replicas(tmp_path):
     # A bad pixel in the second replica's half fails with the layer's message.
     assert "`pixels` must lie in [clip_min, clip_max] = [0, 1]" in out["pixel_error"]
     assert "[1.5]" in out["pixel_error"]
+
+
+_DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
+
+
+def test_standardize_is_a_keras_normalization_and_loads_models_saved_before():
+    layer = layers.Standardize(mean=[0.1, 0.2, 0.3], std=[0.5, 0.25, 2.0])
+    assert isinstance(layer, keras.layers.Normalization)
+    images = np.random.default_rng(0).uniform(size=(2, 4, 4, 3)).astype(np.float32)
+    expected = (images - np.array([0.1, 0.2, 0.3])) / np.array([0.5, 0.25, 2.0])
+    np.testing.assert_allclose(np.asarray(layer(images)), expected, rtol=1e-6, atol=1e-6)
+    # Written by the Standardize of before (a plain Layer with weights mean
+    # and std, set to these statistics) with Keras 3.10, the oldest supported:
+    # its weights load into the new one.
+    old = keras.saving.load_model(os.path.join(_DATA, "standardize_before_normalization.keras"))
+    standardize = old.get_layer("standardize")
+    assert isinstance(standardize, layers.Standardize)
+    np.testing.assert_allclose(np.asarray(standardize(images)), expected, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(standardize.std.numpy(), [0.5, 0.25, 2.0], rtol=1e-6)
+
+
+def test_standardize_reads_its_weights_at_every_call(tmp_path):
+    # Checkpoint restores (set_weights, load_weights) must take effect at once.
+    model = keras.Sequential([keras.Input((2, 2, 1)), layers.Standardize(name="standardize")])
+    call = tf.function(lambda x: model(x))
+    x = np.full((1, 2, 2, 1), 3.0, np.float32)
+    np.testing.assert_allclose(np.asarray(call(x)), 3.0)
+    mean, variance, count = model.get_layer("standardize").get_weights()
+    model.set_weights([mean + 1.0, variance * 4.0, count])
+    np.testing.assert_allclose(np.asarray(call(x)), 1.0)
+    model.save(tmp_path / "m.keras")
+    restored = keras.saving.load_model(tmp_path / "m.keras")
+    np.testing.assert_allclose(np.asarray(restored(x)), 1.0)
+    assert restored.get_layer("standardize").get_config()["std"] == [2.0]

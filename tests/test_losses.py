@@ -9,6 +9,8 @@ from keras_adr import graph, losses, objective
 
 SCALE = 0.99
 TOL = dict(rtol=1e-5, atol=1e-6)
+# The paper's raw codes; the functions default to the bounded form (RMS-normalised).
+PAPER_Z = dict(normalization="none")
 
 
 def _softmax(a):
@@ -40,10 +42,14 @@ def batch(request):
 def test_local_compactness(batch):
     z, za = batch["z"].astype(np.float64), batch["z_adv"].astype(np.float64)
     np.testing.assert_allclose(
-        losses.local_compactness(batch["z"], batch["z_adv"]), np.abs(z - za).mean(), **TOL
+        losses.local_compactness(batch["z"], batch["z_adv"], **PAPER_Z),
+        np.abs(z - za).mean(),
+        **TOL,
     )
     np.testing.assert_allclose(
-        losses.local_compactness(batch["z"], batch["z_adv"], "l2"), ((z - za) ** 2).mean(), **TOL
+        losses.local_compactness(batch["z"], batch["z_adv"], "l2", **PAPER_Z),
+        ((z - za) ** 2).mean(),
+        **TOL,
     )
 
 
@@ -51,7 +57,9 @@ def test_local_compactness_flattens_higher_rank():
     rng = np.random.default_rng(1)
     z = rng.normal(size=(3, 2, 2, 5)).astype(np.float32)
     za = rng.normal(size=(3, 2, 2, 5)).astype(np.float32)
-    np.testing.assert_allclose(losses.local_compactness(z, za), np.abs(z - za).mean(), **TOL)
+    np.testing.assert_allclose(
+        losses.local_compactness(z, za, **PAPER_Z), np.abs(z - za).mean(), **TOL
+    )
 
 
 def test_local_smoothness(batch):
@@ -76,7 +84,9 @@ def test_global_compactness(batch, method):
     y, z, za = batch["y"], batch["z"].astype(np.float64), batch["z_adv"].astype(np.float64)
     distances = np.abs(za[:, None, :] - z[None, :, :]).mean(-1)  # [i (adv), j (clean)]
     expected = (_np_weights(y, y) * distances).mean()
-    value = losses.global_compactness(y, batch["z"], batch["z_adv"], SCALE, method=method)
+    value = losses.global_compactness(
+        y, batch["z"], batch["z_adv"], SCALE, method=method, **PAPER_Z
+    )
     assert np.isfinite(value)
     np.testing.assert_allclose(value, expected, **TOL)
 
@@ -93,7 +103,7 @@ def test_global_compactness_sorted_matches_naive_with_ties_and_reference():
     for method in ("sorted", "naive"):
         with tf.GradientTape() as tape:
             values[method] = losses.global_compactness_per_example(
-                y, None, z_adv_var, SCALE, reference=(y_ref, z_ref), method=method
+                y, None, z_adv_var, SCALE, reference=(y_ref, z_ref), method=method, **PAPER_Z
             )
             total = tf.reduce_sum(values[method])
         grads[method] = tape.gradient(total, z_adv_var).numpy()
@@ -115,7 +125,7 @@ def test_global_compactness_sorted_is_exact_for_codes_outside_the_clean_range():
     z_adv = (z_ref * rng.choice([-50.0, 0.5, 80.0], size=z_ref.shape)).astype(np.float32)
     z_adv_var = tf.Variable(z_adv)
     with tf.GradientTape() as tape:
-        value = losses.global_compactness_per_example(y, z_ref, z_adv_var, SCALE)
+        value = losses.global_compactness_per_example(y, z_ref, z_adv_var, SCALE, **PAPER_Z)
         total = tf.reduce_sum(value)
     gradient = tape.gradient(total, z_adv_var).numpy()
     weights = _np_weights(y, y)
@@ -137,7 +147,7 @@ def test_global_compactness_sorted_handles_labels_without_references():
     z_adv_var = tf.Variable(z_adv)
     with tf.GradientTape() as tape:
         value = losses.global_compactness_per_example(
-            y, None, z_adv_var, SCALE, reference=(y_ref, z_ref)
+            y, None, z_adv_var, SCALE, reference=(y_ref, z_ref), **PAPER_Z
         )
         total = tf.reduce_sum(value)
     gradient = tape.gradient(total, z_adv_var).numpy()
@@ -158,7 +168,7 @@ def test_global_compactness_gradient_matches_numpy(batch):
     za_var = tf.Variable(za)
     z_var = tf.Variable(z)
     with tf.GradientTape() as tape:
-        value = losses.global_compactness(y, z_var, za_var, SCALE)
+        value = losses.global_compactness(y, z_var, za_var, SCALE, **PAPER_Z)
     grad_adv, grad_clean = tape.gradient(value, [za_var, z_var])
     np.testing.assert_allclose(grad_adv, expected, rtol=1e-5, atol=1e-7)
     assert grad_clean is None  # the clean side is stop-gradient
@@ -170,7 +180,9 @@ def test_global_smoothness(batch):
     log_q = _log_softmax(batch["logits_adv"].astype(np.float64))  # adversarial, row i
     ce = -(p[None, :, :] * log_q[:, None, :]).sum(-1)  # [i, j]
     expected = (_np_weights(y, y) * ce).mean()
-    value = losses.global_smoothness(y, batch["logits"], batch["logits_adv"], SCALE)
+    value = losses.global_smoothness(
+        y, batch["logits"], batch["logits_adv"], SCALE, push="cross_entropy"
+    )
     assert np.isfinite(value)
     np.testing.assert_allclose(value, expected, **TOL)
 
@@ -450,13 +462,13 @@ def test_overlap_global_smoothness_matches_numpy(batch):
     one = np.zeros_like(y)
     np.testing.assert_allclose(
         losses.global_smoothness(one, lg, lga, push="overlap"),
-        losses.global_smoothness(one, lg, lga),
+        losses.global_smoothness(one, lg, lga, push="cross_entropy"),
         **TOL,
     )
 
 
 def _adr_terms(y, z, za, lg, lga, bounded):
-    kw = dict(normalization="rms") if bounded else {}
+    kw = dict(normalization="rms" if bounded else "none")
     push = "overlap" if bounded else "cross_entropy"
     return {
         "local_compactness": losses.local_compactness(z, za, **kw),
@@ -629,3 +641,28 @@ def test_sampled_global_compactness_term_needs_and_uses_the_step_seed(batch):
     )
     other = objective.TERMS["global_compactness"](adr_batch._replace(seed=other_seed), config)
     assert not np.allclose(value, other)
+
+
+def test_functional_losses_default_to_the_bounded_form_of_adr_config(batch):
+    from keras_adr.config import ADRConfig
+
+    config = ADRConfig()
+    assert (config.latent_normalization, config.smoothness_push) == ("rms", "overlap")
+    y, z, za, lg, lga = (batch[k] for k in ("y", "z", "z_adv", "logits", "logits_adv"))
+    bounded = _adr_terms(y, z, za, lg, lga, bounded=True)
+    defaults = {
+        "local_compactness": losses.local_compactness(z, za),
+        "global_compactness": losses.global_compactness(y, z, za, SCALE),
+        "global_smoothness": losses.global_smoothness(y, lg, lga, SCALE),
+        "local_compactness_loss": losses.LocalCompactness()(z, za),
+    }
+    for name in ("local_compactness", "global_compactness", "global_smoothness"):
+        np.testing.assert_allclose(defaults[name], bounded[name], **TOL)
+    np.testing.assert_allclose(
+        defaults["local_compactness_loss"], bounded["local_compactness"], **TOL
+    )
+    # And they differ from the paper's on this batch, so the check above can fail.
+    paper = _adr_terms(y, z, za, lg, lga, bounded=False)
+    if len(set(y.tolist())) > 1:  # with one label both pushes are empty
+        assert not np.isclose(defaults["global_smoothness"], paper["global_smoothness"])
+    assert not np.isclose(defaults["local_compactness"], paper["local_compactness"])

@@ -420,5 +420,5 @@ def test_cifar_pipeline_adapts_the_standardize_layer(tmp_path):
     model = keras.saving.load_model(tmp_path / "run" / "final.keras")
     layer = model.backbone.get_layer("standardize")
     flat = train_images.reshape(-1, 3)
-    np.testing.assert_allclose(layer.mean.numpy(), flat.mean(0), rtol=1e-4)
+    np.testing.assert_allclose(layer.adapt_mean.numpy(), flat.mean(0), rtol=1e-4)
     np.testing.assert_allclose(layer.std.numpy(), flat.std(0), rtol=1e-3)

@@ -164,14 +164,12 @@ def test_fit_reports_every_term_and_test_step():
         "conditional_entropy",
         "latent_norm",
         "logits_norm",
-        "val_loss",
-        "val_accuracy",
-        "val_adv_accuracy",
     }
-    assert set(history.history) == expected
+    # Validation reports what training does (test_step: the same objective).
+    assert set(history.history) == expected | {f"val_{name}" for name in expected}
     assert all(np.isfinite(v[0]) for v in history.history.values())
     results = model.evaluate(x, y, verbose=0, return_dict=True)
-    assert set(results) == {"loss", "accuracy", "adv_accuracy"}
+    assert set(results) == expected
     assert results["adv_accuracy"] <= results["accuracy"] + 1e-6
 
 
@@ -287,8 +285,10 @@ def test_bad_model_arguments():
     with pytest.raises(ValueError, match="ADRConfig"):
         keras_adr.ADRModel(tiny_cnn(), adr_config="adr_pgd")
     model = keras_adr.ADRModel(tiny_cnn(), presets.get("pgd_at"))
-    with pytest.raises(ValueError, match=r"\['loss', 'metrics'\] would be ignored"):
+    with pytest.raises(ValueError, match=r"takes no \['loss'\]: the ADR objective"):
         model.compile(optimizer="adam", loss="mse", metrics=["accuracy"])
+    with pytest.raises(ValueError, match=r"takes no \['loss_weights'\]"):
+        model.compile(optimizer="adam", loss_weights=[1.0])
     with pytest.raises(ValueError, match="images, integer_labels"):
         model.train_step((np.zeros((2, 8, 8, 1)),))
 
@@ -484,3 +484,104 @@ def test_a_sequential_without_input_is_told_what_works():
     with pytest.raises(ValueError, match=r"Sequential without an input shape.*keras\.Input"):
         keras_adr.ADRModel(keras.Sequential(layers))
     keras_adr.ADRModel(keras.Sequential([keras.Input((8, 8, 1)), *layers]))
+
+
+@keras.saving.register_keras_serializable(package="keras_adr_tests")
+class TrueClassMargin(keras.metrics.Metric):
+    """Mean of `logit[y] - max(logits)` (0 when right): a custom metric with state."""
+
+    def __init__(self, name="true_class_margin", **kwargs):
+        super().__init__(name=name, **kwargs)
+        self.total = self.add_variable(shape=(), initializer="zeros", name="total")
+        self.count = self.add_variable(shape=(), initializer="zeros", name="count")
+
+    def update_state(self, y_true, y_pred, sample_weight=None):
+        labels = tf.cast(tf.reshape(y_true, [-1]), tf.int32)
+        logits = tf.cast(y_pred, tf.float32)
+        margin = tf.gather(logits, labels, batch_dims=1) - tf.reduce_max(logits, axis=-1)
+        self.total.assign_add(tf.reduce_sum(margin))
+        self.count.assign_add(tf.cast(tf.shape(logits)[0], tf.float32))
+
+    def result(self):
+        return self.total / tf.maximum(self.count, 1.0)
+
+
+def _margin(logits, y):
+    logits = np.asarray(logits, np.float64)
+    return np.mean(logits[np.arange(len(y)), y] - logits.max(-1))
+
+
+def _top2(logits, y):
+    return np.mean([label in np.argsort(row)[-2:] for row, label in zip(np.asarray(logits), y)])
+
+
+def test_compiled_metrics_on_clean_and_adversarial_predictions_survive_save_load(tmp_path):
+    keras.utils.set_random_seed(11)
+    x, y = blob_data(48, num_classes=3)
+    x_adv = np.clip(x + 0.08 * np.sign(np.sin(9.0 * x)), 0, 1).astype(np.float32)
+    model = keras_adr.ADRModel(tiny_cnn(), presets.get("adr_pgd", attack_steps=1))
+    model.compile(
+        optimizer="adam",
+        metrics=[keras.metrics.SparseTopKCategoricalAccuracy(k=2)],
+        weighted_metrics=[TrueClassMargin()],
+    )
+    names = {"sparse_top_k_categorical_accuracy", "true_class_margin"}
+    history = model.fit(x, y, batch_size=16, epochs=1, verbose=0, validation_data=(x, y))
+    for prefix in ("", "adv_", "val_", "val_adv_"):
+        assert {prefix + name for name in names} <= set(history.history)
+
+    def check(model):
+        # Against independent computations on fixed adversarial examples.
+        model.adversarial_examples = _FixedAdversary(x_adv[:16])
+        model.make_test_function(force=True)  # fit traced it with the real attack
+        results = model.evaluate(x[:16], y[:16], batch_size=16, verbose=0, return_dict=True)
+        results = {name: float(value) for name, value in results.items()}  # tensors before 3.9
+        clean, adversarial = model(x[:16]).numpy(), model(x_adv[:16]).numpy()
+        assert results["sparse_top_k_categorical_accuracy"] == pytest.approx(_top2(clean, y[:16]))
+        assert results["adv_sparse_top_k_categorical_accuracy"] == pytest.approx(
+            _top2(adversarial, y[:16])
+        )
+        assert results["true_class_margin"] == pytest.approx(_margin(clean, y[:16]), abs=1e-5)
+        assert results["adv_true_class_margin"] == pytest.approx(
+            _margin(adversarial, y[:16]), abs=1e-5
+        )
+        assert results["true_class_margin"] != pytest.approx(results["adv_true_class_margin"])
+        return results
+
+    before = check(model)
+    model.save(tmp_path / "model.keras")
+    restored = keras.saving.load_model(tmp_path / "model.keras")
+    after = check(restored)
+    assert after == pytest.approx(before, abs=1e-5)
+
+
+def test_a_metric_without_a_usable_config_is_a_clear_error():
+    class NoConfig(keras.metrics.Mean):
+        def __init__(self, scale):
+            super().__init__(name="no_config")
+            self.scale = scale
+
+    model = keras_adr.ADRModel(tiny_cnn(), presets.get("pgd_at"))
+    with pytest.raises(ValueError, match="'no_config' cannot be copied for its adv_no_config"):
+        model.compile(optimizer="adam", metrics=[NoConfig(2.0)])
+
+
+def test_val_loss_is_the_training_objective_and_early_stopping_watches_it():
+    keras.utils.set_random_seed(12)
+    x, y = blob_data(32, num_classes=3)
+    x_adv = np.clip(x - 0.07, 0, 1).astype(np.float32)
+    model = keras_adr.ADRModel(tiny_cnn(), presets.get("adr_pgd", attack_steps=1))
+    model.adversarial_examples = _FixedAdversary(x_adv)
+    model.compile(optimizer=keras.optimizers.SGD(0.1))
+    stopping = keras.callbacks.EarlyStopping(monitor="val_loss", patience=3)
+    history = model.fit(
+        x, y, batch_size=32, epochs=2, verbose=0, validation_data=(x, y), callbacks=[stopping]
+    )
+    # The objective of the final weights on the validation batch, by hand:
+    # the training step's loss per example, in inference mode.
+    _, objective, sums, _ = model.compute_adr_loss(x, y, x_adv, training=False)
+    val_loss = history.history["val_loss"]
+    assert val_loss[-1] == pytest.approx(float(objective), rel=1e-5)
+    assert history.history["val_ce"][-1] == pytest.approx(float(sums["ce"]) / len(x), rel=1e-5)
+    assert val_loss[-1] > history.history["val_ce"][-1] + 0.1  # not the clean cross-entropy
+    assert stopping.best == pytest.approx(min(val_loss))

@@ -43,9 +43,14 @@ def one_step(strategy, weights, x, y, scope, features):
         backbone.set_weights(weights)
         model = keras_adr.ADRModel(backbone, config)
         model.adversarial_examples = deterministic_adversary
-        model.compile(optimizer=keras.optimizers.SGD(0.5))
+        # User metrics too, clean and adversarial: each replica updates them
+        # on its shard, and the results must be one device's.
+        model.compile(
+            optimizer=keras.optimizers.SGD(0.5),
+            metrics=[keras.metrics.SparseTopKCategoricalAccuracy(k=2)],
+        )
     dataset = tf.data.Dataset.from_tensor_slices((x, y)).batch(len(x))
-    history = model.fit(dataset, epochs=1, verbose=0)
+    history = model.fit(dataset, epochs=1, verbose=0, validation_data=dataset)
     return [w.tolist() for w in backbone.get_weights()], {
         k: float(v[-1]) for k, v in history.history.items()
     }
