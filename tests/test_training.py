@@ -22,7 +22,7 @@ class _FixedAdversary:
     def __init__(self, x_adv):
         self.x_adv = tf.constant(x_adv)
 
-    def __call__(self, x, y, loss=None):
+    def __call__(self, x, y, loss=None, epsilon=None):
         return self.x_adv
 
 
