@@ -6,7 +6,12 @@ and the submodules `attacks`, `callbacks`, `layers`, `losses`, `graph`,
 runs a whole training job and is imported on its own).
 """
 
-from keras_adr import (
+# Before TensorFlow: the programs start quietly (a library import is unchanged).
+from keras_adr import _startup  # isort: skip
+
+_startup.quiet_tensorflow_if_program()
+
+from keras_adr import (  # noqa: E402
     attacks,
     callbacks,
     data,
@@ -20,12 +25,12 @@ from keras_adr import (
     presets,
     serving,
 )
-from keras_adr.config import ADRConfig, AttackConfig
-from keras_adr.training import ADRMixin, ADRModel
-
-__version__ = "0.1.0"
+from keras_adr._version import __version__  # noqa: E402
+from keras_adr.config import ADRConfig, AttackConfig  # noqa: E402
+from keras_adr.training import ADRMixin, ADRModel  # noqa: E402
 
 __all__ = [
+    "__version__",
     "ADRConfig",
     "AttackConfig",
     "ADRMixin",

@@ -126,9 +126,23 @@ def test_two_replicas_sample_the_same_global_compactness_features():
 
 
 def test_replica_pairwise_scope_differs():
-    # Per-replica pairwise terms see half the batch: a different (cheaper) objective.
+    # Per-replica pairwise terms see half the batch: a different (cheaper)
+    # objective, which is the mean of one device's objectives on the halves.
     out = _run_script("mirrored_step.py", "replica")
-    assert _max_difference(out["single"][0], out["mirrored"][0]) > 1e-6
+    initial = [np.array(w) for w in out["initial"]]
+    (single_weights, single_metrics) = out["single"]
+    (mirrored_weights, mirrored_metrics) = out["mirrored"]
+    halves = out["halves"]
+    # One SGD step: the replicas' update is the mean of the halves' updates.
+    for i, start in enumerate(initial):
+        expected = start + np.mean([np.array(h[0][i]) - start for h in halves], axis=0)
+        np.testing.assert_allclose(mirrored_weights[i], expected, rtol=1e-5, atol=1e-6)
+    for name in ("global_compactness", "global_smoothness", "label_propagation"):
+        expected = np.mean([h[1][name] for h in halves])
+        np.testing.assert_allclose(mirrored_metrics[name], expected, rtol=1e-5, err_msg=name)
+        # ... and not the one-device objective over the whole batch.
+        assert abs(single_metrics[name] - mirrored_metrics[name]) > 1e-4, name
+    assert _max_difference(single_weights, mirrored_weights) > 1e-4
 
 
 def test_resnet18_sync_batchnorm_step_on_two_replicas():
