@@ -47,6 +47,7 @@ def test_machine_info_names_the_cpu_and_versions():
     assert (info["tensorflow"], info["keras"]) == (tf.__version__, keras.__version__)
 
 
+@pytest.mark.slow
 def test_scripts_run_as_modules_and_as_files(tmp_path):
     for command in (["-m", "benchmarks.robustness"], [os.path.join("benchmarks", "robustness.py")]):
         result = subprocess.run(
@@ -84,6 +85,7 @@ def _robustness(*flags, timeout=120):
     return _benchmark("robustness", *flags, timeout=timeout)
 
 
+@pytest.mark.slow
 def test_precision_axis_keeps_the_finished_fmnist_rows(tmp_path):
     # Rows of float32-only presets keep their names and fingerprints: the
     # committed fmnist rows are still done.
@@ -102,6 +104,7 @@ def test_precision_axis_keeps_the_finished_fmnist_rows(tmp_path):
     ]
 
 
+@pytest.mark.slow
 def test_precision_preset_trains_each_precision_and_compares_them(tmp_path):
     import keras
 
@@ -219,6 +222,7 @@ def _require_fashion_mnist():
         pytest.skip(f"Fashion-MNIST is not installed: {error}")
 
 
+@pytest.mark.slow
 def test_speed_precision_section_writes_the_precision_table(tmp_path):
     # One process per (defense, precision), 2 timed steps: checks the plumbing, not speed.
     _require_fashion_mnist()
@@ -260,6 +264,7 @@ def test_speed_precision_section_writes_the_precision_table(tmp_path):
     assert (tmp_path / "speed.md").read_text() == text
 
 
+@pytest.mark.slow
 def test_precision_speed_keeps_its_command_line(tmp_path):
     _require_fashion_mnist()
     _benchmark(
@@ -617,6 +622,7 @@ def test_compactness_sampling_pairs_each_variant_row_with_its_seed(tmp_path):
     )
 
 
+@pytest.mark.slow
 def test_attack_agreement_refuses_a_saved_model_before_attacking():
     # ART needs a Keras model: a SavedModel must be refused at once, not after
     # the minutes our own attacks take.
@@ -629,6 +635,7 @@ def test_attack_agreement_refuses_a_saved_model_before_attacking():
     assert "apgd-ce" not in result.stdout  # no attack ran
 
 
+@pytest.mark.slow
 def test_attack_agreement_resumes_from_finished_rows(tmp_path):
     # A killed 1,000-image run must keep what finished: rows already in
     # <output>.rows.json are not run again (so ART is not needed here), and a
@@ -709,6 +716,7 @@ def test_adr_term_cost_switches_off_one_term_at_a_time():
     assert "| adr_pgd | 0.1300 | 1.300 |  | 0.2000 | 1.54 |" in report
 
 
+@pytest.mark.slow
 def test_adr_term_cost_records_wall_and_cpu_time_per_configuration(tmp_path):
     _benchmark(
         "adr_term_cost",
@@ -727,6 +735,7 @@ def test_adr_term_cost_records_wall_and_cpu_time_per_configuration(tmp_path):
     assert "| cores busy |" in (tmp_path / "summary.md").read_text()
 
 
+@pytest.mark.slow
 def test_global_compactness_variants_equal_the_library_and_write_a_report(tmp_path):
     output = tmp_path / "variants.json"
     _benchmark(

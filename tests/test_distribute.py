@@ -102,6 +102,7 @@ def _worker_weights(path):
 # --- One train step --------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_two_replicas_equal_one_device_with_global_pairwise_scope():
     out = _run_script("mirrored_step.py", "global")
     single_weights, single_metrics = out["single"]
@@ -115,6 +116,7 @@ def test_two_replicas_equal_one_device_with_global_pairwise_scope():
         )
 
 
+@pytest.mark.slow
 def test_two_replicas_sample_the_same_global_compactness_features():
     # Each replica draws the step's features from the same seed, so a sampled
     # global compactness still equals one device's.
@@ -125,6 +127,7 @@ def test_two_replicas_sample_the_same_global_compactness_features():
         np.testing.assert_allclose(out["mirrored"][1][name], value, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_replica_pairwise_scope_differs():
     # Per-replica pairwise terms see half the batch: a different (cheaper)
     # objective, which is the mean of one device's objectives on the halves.
@@ -145,6 +148,7 @@ def test_replica_pairwise_scope_differs():
     assert _max_difference(single_weights, mirrored_weights) > 1e-4
 
 
+@pytest.mark.slow
 def test_resnet18_sync_batchnorm_step_on_two_replicas():
     out = _run_script("sync_batchnorm_step.py")
     assert out["num_replicas"] == 2
@@ -188,6 +192,7 @@ def one_device_run(fashion_mnist, tmp_path_factory):
     return metrics, _weights(str(out / "final.keras"))
 
 
+@pytest.mark.slow
 def test_adr_train_mirrored_on_two_cpu_replicas(one_device_run, tmp_path):
     out = tmp_path / "mirrored"
     result = subprocess.run(
@@ -244,6 +249,7 @@ def _readme_multi_worker_commands():
     return commands
 
 
+@pytest.mark.slow
 def test_adr_train_multi_worker_two_processes(one_device_run, tmp_path):
     """The README's two-host command, with the hosts on localhost and tiny settings."""
     try:

@@ -229,6 +229,7 @@ def test_model_trained_one_step_exports_float32_signatures(tmp_path, policy):
     np.testing.assert_allclose(served["logits"], keras_logits, rtol=tolerance, atol=tolerance)
 
 
+@pytest.mark.slow
 def test_adr_export_serves_a_bfloat16_model_in_float32(tmp_path):
     """`adr-export` of a .keras file trained in bfloat16 computes in float32."""
     import subprocess

@@ -191,6 +191,7 @@ with tfds.testing.mock_data(num_examples=64):
 """
 
 
+@pytest.mark.slow
 def test_cifar_mirrored_command(tmp_path):
     """'Distributed training': the CIFAR-10 ResNet-18 command on two logical CPU replicas.
 
