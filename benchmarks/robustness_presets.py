@@ -244,7 +244,7 @@ PRESETS["precision"] = dataclasses.replace(
     precisions=(BASE_PRECISION, "mixed_bfloat16"),
 )
 # Issue 14: global compactness is the whole overhead of adr_pgd over pgd_at in
-# bfloat16 (benchmarks/results/adr_term_cost). Does computing it on a random
+# bfloat16 (docs/mixed-precision.md). Does computing it on a random
 # quarter of the latent features each step (about a quarter of its cost)
 # cost robustness? The precision preset's recipe in mixed bfloat16 (its
 # pgd_at and adr_pgd rows of seeds 0 and 1 have the same fingerprints, so
