@@ -235,7 +235,7 @@ def _free_ports(count):
 
 
 def _readme_multi_worker_commands():
-    """`[(TF_CONFIG dict, adr-train arguments)]` of the README's multi-worker block."""
+    """`[(TF_CONFIG dict, adr-train arguments)]` of the docs multi-worker block."""
     from test_readme import block
 
     text = block("--strategy=multi_worker").replace("\\\n", " ")
@@ -251,7 +251,7 @@ def _readme_multi_worker_commands():
 
 @pytest.mark.slow
 def test_adr_train_multi_worker_two_processes(one_device_run, tmp_path):
-    """The README's two-host command, with the hosts on localhost and tiny settings."""
+    """The two-host command of docs/distributed.md, on localhost with tiny settings."""
     try:
         ports = _free_ports(2)
     except OSError as error:

@@ -82,7 +82,7 @@ def test_train_writes_metrics_checkpoint_and_export(tmp_path):
     assert set(loaded.signatures) >= {"serving_default", "serve_uint8"}
     assert "clean accuracy" in result.stdout
 
-    # The README's adr-export example, on both models adr-train saves.
+    # The adr-export example (docs/serving.md), on both models adr-train saves.
     for name in ("final.keras", "best.keras"):
         export_dir = tmp_path / f"export_{name}"
         exported = subprocess.run(
