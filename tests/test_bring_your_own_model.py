@@ -4,6 +4,7 @@ import os
 
 import keras
 import numpy as np
+import pytest
 from test_readme import _ROOT, code_blocks
 
 import keras_adr
@@ -12,6 +13,7 @@ import keras_adr
 _PAGE = os.path.join(_ROOT, "docs", "bring-your-own-model.md")
 
 
+@pytest.mark.slow
 def test_bring_your_own_model_examples_run(tmp_path, monkeypatch):
     blocks = [(lang, text) for _, lang, text in code_blocks([_PAGE])]
     assert [language for language, _ in blocks] == ["python"] * 4

@@ -381,6 +381,7 @@ def test_evaluate_loads_a_keras_model_in_the_requested_precision(tmp_path):
 # --- adr-train --precision ---------------------------------------------------
 
 
+@pytest.mark.slow
 def test_run_records_the_precision_and_exports_float32(tmp_path):
     from keras_adr import data, pipeline
 

@@ -125,6 +125,7 @@ def fashion_mnist():
         pytest.skip(f"Fashion-MNIST is not installed: {error}")
 
 
+@pytest.mark.slow
 def test_use_it_from_python(fashion_mnist, monkeypatch, tmp_path):
     """'Use it from Python': the three blocks in order, on 64 images instead of 60,000."""
     import keras

@@ -395,6 +395,7 @@ def test_train_examples_above_the_dataset_are_clamped_with_a_warning(caplog):
     assert "--train_examples=1000000" in caplog.text and "using all" in caplog.text
 
 
+@pytest.mark.slow
 def test_cifar_pipeline_adapts_the_standardize_layer(tmp_path):
     """The colour builders normalise inside the model with the training data's statistics."""
     import keras
