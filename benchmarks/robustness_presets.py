@@ -145,8 +145,8 @@ PRESETS = {
     ),
     # Sized by measurement on a 2-core AMD EPYC (AVX-512) machine shared with
     # other jobs: the 16 rows took 17.4 minutes there (1,712 CPU-seconds; see
-    # benchmarks/README.md), so that a 2-core machine 4-5x slower (the one of
-    # /work/shared/FACTS.md) still finishes within 100 minutes.
+    # benchmarks/README.md), so that a 2-core machine 4-5x slower (an older
+    # AVX2-only one) still finishes within 100 minutes.
     "cpu": Preset(
         description="Fashion-MNIST, small CNN, L-inf epsilon 0.1, PGD-5 training (step 0.05), "
         "Adam 1e-3 with x0.1 decay at 50%/75% of training, batch 128, 1 epoch on a "
@@ -244,7 +244,7 @@ PRESETS["precision"] = dataclasses.replace(
     precisions=(BASE_PRECISION, "mixed_bfloat16"),
 )
 # Issue 14: global compactness is the whole overhead of adr_pgd over pgd_at in
-# bfloat16 (benchmarks/results/adr_term_cost). Does computing it on a random
+# bfloat16 (docs/mixed-precision.md). Does computing it on a random
 # quarter of the latent features each step (about a quarter of its cost)
 # cost robustness? The precision preset's recipe in mixed bfloat16 (its
 # pgd_at and adr_pgd rows of seeds 0 and 1 have the same fingerprints, so

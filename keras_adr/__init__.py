@@ -8,9 +8,14 @@ module of the module map, reachable as `keras_adr.<module>` after
 `serving`, `training`.
 """
 
+# Before TensorFlow: the programs start quietly (a library import is unchanged).
+from keras_adr import _startup  # isort: skip
+
+_startup.quiet_tensorflow_if_program()
+
 # `pipeline` imports nothing that the other modules do not import already, so
 # importing it here costs little; the CLIs (`keras_adr.cli`) stay on their own.
-from keras_adr import (
+from keras_adr import (  # noqa: E402
     attacks,
     callbacks,
     config,
@@ -32,12 +37,12 @@ from keras_adr import (
     serving,
     training,
 )
-from keras_adr.config import ADRConfig, AttackConfig
-from keras_adr.training import ADRMixin, ADRModel
-
-__version__ = "0.1.0"
+from keras_adr._version import __version__  # noqa: E402
+from keras_adr.config import ADRConfig, AttackConfig  # noqa: E402
+from keras_adr.training import ADRMixin, ADRModel  # noqa: E402
 
 __all__ = [
+    "__version__",
     "ADRConfig",
     "AttackConfig",
     "ADRMixin",

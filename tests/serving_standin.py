@@ -1,4 +1,4 @@
-"""A stand-in for TF Serving's Predict API, to run the README's client commands.
+"""A stand-in for TF Serving's Predict API, to run the client commands of docs/serving.md.
 
 No Docker engine or TF Serving binary runs where the tests run, so this
 serves what `docker run tensorflow/serving --model_config_file=...` would: it
@@ -146,7 +146,7 @@ class _RestHandler(http.server.BaseHTTPRequestHandler):
 class Server:
     """REST and gRPC servers over `load_models(...)`; a context manager.
 
-    Ports: the given ones (TF Serving's 8501 and 8500 in the README), or free
+    Ports: the given ones (TF Serving's 8501 and 8500 in docs/serving.md), or free
     ephemeral ones when 0. `rest_port` and `grpc_port` hold the bound ports.
     """
 

@@ -108,7 +108,7 @@ def _op_types(function, *args):
 def test_unrolled_pgd_is_the_same_attack_without_a_loop(trained_tiny, loss):
     # Unrolled, the graph has no while loop: TensorFlow's oneDNN rewrite
     # sometimes left the max-pool gradients inside the loop on its own slow
-    # kernel (benchmarks/PRECISION.md, "Slow compilations").
+    # kernel (docs/mixed-precision.md, "Slow compilations").
     model, x, y = trained_tiny
     x, y = tf.constant(x), tf.constant(y)
     kwargs = dict(epsilon=0.1, step_size=0.03, steps=4, random_start=False, loss=loss)

@@ -36,6 +36,7 @@ def test_robustbench_eps_is_written_as_robustbench_writes_it():
     assert evaluation.robustbench_eps(0.5) == "0.5"
 
 
+@pytest.mark.slow
 def test_standard_suite_runs_in_order_on_robust_points_and_is_never_weaker(four_classes, tmp_path):
     model, x, y = four_classes
     epsilon = 0.25
@@ -69,6 +70,7 @@ def test_standard_suite_runs_in_order_on_robust_points_and_is_never_weaker(four_
     assert len(card["keras_adr"]["broken_by"]) == 24
 
 
+@pytest.mark.slow
 def test_l2_standard_suite_runs_fab_t_and_rand_suite_averages_20_gradients(
     four_classes, monkeypatch
 ):

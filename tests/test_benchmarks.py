@@ -47,6 +47,7 @@ def test_machine_info_names_the_cpu_and_versions():
     assert (info["tensorflow"], info["keras"]) == (tf.__version__, keras.__version__)
 
 
+@pytest.mark.slow
 def test_scripts_run_as_modules_and_as_files(tmp_path):
     for command in (["-m", "benchmarks.robustness"], [os.path.join("benchmarks", "robustness.py")]):
         result = subprocess.run(
@@ -84,6 +85,7 @@ def _robustness(*flags, timeout=120):
     return _benchmark("robustness", *flags, timeout=timeout)
 
 
+@pytest.mark.slow
 def test_precision_axis_keeps_the_finished_fmnist_rows(tmp_path):
     # Rows of float32-only presets keep their names and fingerprints: the
     # committed fmnist rows are still done.
@@ -102,6 +104,7 @@ def test_precision_axis_keeps_the_finished_fmnist_rows(tmp_path):
     ]
 
 
+@pytest.mark.slow
 def test_precision_preset_trains_each_precision_and_compares_them(tmp_path):
     import keras
 
@@ -219,6 +222,7 @@ def _require_fashion_mnist():
         pytest.skip(f"Fashion-MNIST is not installed: {error}")
 
 
+@pytest.mark.slow
 def test_speed_precision_section_writes_the_precision_table(tmp_path):
     # One process per (defense, precision), 2 timed steps: checks the plumbing, not speed.
     _require_fashion_mnist()
@@ -260,6 +264,7 @@ def test_speed_precision_section_writes_the_precision_table(tmp_path):
     assert (tmp_path / "speed.md").read_text() == text
 
 
+@pytest.mark.slow
 def test_precision_speed_keeps_its_command_line(tmp_path):
     _require_fashion_mnist()
     _benchmark(
@@ -617,6 +622,7 @@ def test_compactness_sampling_pairs_each_variant_row_with_its_seed(tmp_path):
     )
 
 
+@pytest.mark.slow
 def test_attack_agreement_refuses_a_saved_model_before_attacking():
     # ART needs a Keras model: a SavedModel must be refused at once, not after
     # the minutes our own attacks take.
@@ -629,6 +635,7 @@ def test_attack_agreement_refuses_a_saved_model_before_attacking():
     assert "apgd-ce" not in result.stdout  # no attack ran
 
 
+@pytest.mark.slow
 def test_attack_agreement_resumes_from_finished_rows(tmp_path):
     # A killed 1,000-image run must keep what finished: rows already in
     # <output>.rows.json are not run again (so ART is not needed here), and a
@@ -669,83 +676,6 @@ def test_attack_agreement_resumes_from_finished_rows(tmp_path):
     robust, clean = float(suite["autoattack_acc"]), float(suite["clean_acc"])  # RobustBench: "%.2f"
     assert suite["n_examples"] == 20 and 0 <= robust <= clean
     assert results["suite_minus_worst_art_points"] == pytest.approx(robust - 50, abs=0.01)
-
-
-def test_adr_term_cost_switches_off_one_term_at_a_time():
-    from absl import flags
-
-    from benchmarks import adr_term_cost
-
-    flags.FLAGS(["adr_term_cost", "--attack_steps=3", "--sampled_fractions=0.25"])
-    try:
-        configs = adr_term_cost.configurations()
-    finally:
-        flags.FLAGS.unparse_flags()  # Other tests see absl's flags unparsed.
-    full = configs["adr_pgd"]
-    assert configs["pgd_at"].enabled_terms == () and full.attack.steps == 3
-    ablations = {name: c for name, c in configs.items() if "without" in name}
-    assert len(ablations) == len(full.enabled_terms) > 0
-    for term in full.enabled_terms:
-        config = ablations[f"adr_pgd without {term}"]
-        assert set(full.enabled_terms) - set(config.enabled_terms) == {term}
-        assert config.replace(**{term: getattr(full, term)}) == full  # nothing else changed
-    sampled = configs["adr_pgd, global compactness on 0.25 of features"]
-    assert sampled == full.replace(global_compactness_features=0.25)
-    flags.FLAGS(["adr_term_cost", "--noablations"])
-    try:
-        assert list(adr_term_cost.configurations()) == ["pgd_at", "adr_pgd"]
-    finally:
-        flags.FLAGS.unparse_flags()
-
-    medians = {"pgd_at": 0.1, "adr_pgd": 0.13, "adr_pgd without global_compactness": 0.1}
-    row = {"policy": "p", "median_step_seconds": medians, "rounds": 2}
-    report = adr_term_cost.markdown([dict(row, batch_size=8, attack_steps=3)])
-    assert "| adr_pgd | 0.1300 | 1.300 |  |" in report
-    assert "| adr_pgd without global_compactness | 0.1000 | 1.000 | +30.0 |  |  |" in report
-    cpu = {"pgd_at": 0.17, "adr_pgd": 0.2, "adr_pgd without global_compactness": 0.17}
-    report = adr_term_cost.markdown(
-        [dict(row, batch_size=8, attack_steps=3, median_step_cpu_seconds=cpu)]
-    )
-    assert "| adr_pgd | 0.1300 | 1.300 |  | 0.2000 | 1.54 |" in report
-
-
-def test_adr_term_cost_records_wall_and_cpu_time_per_configuration(tmp_path):
-    _benchmark(
-        "adr_term_cost",
-        "--rounds=2",
-        "--warmup=1",
-        "--attack_steps=1",
-        "--batch_size=16",
-        "--policies=float32",
-        "--noablations",
-        f"--output_dir={tmp_path}",
-    )
-    row = json.loads((tmp_path / "float32.json").read_text())
-    for field in ("median_step_seconds", "median_step_cpu_seconds"):
-        assert set(row[field]) == {"pgd_at", "adr_pgd"}
-        assert all(seconds > 0 for seconds in row[field].values())
-    assert "| cores busy |" in (tmp_path / "summary.md").read_text()
-
-
-def test_global_compactness_variants_equal_the_library_and_write_a_report(tmp_path):
-    output = tmp_path / "variants.json"
-    _benchmark(
-        "global_compactness_variants",
-        "--rounds=1",
-        "--calls=1",
-        "--batch_size=16",
-        "--features=8",
-        f"--output={output}",
-    )
-    results = json.loads(output.read_text())
-    forms = {"sorted (library)", "packed_counts", "int64_class_sort"}
-    assert set(results["ms_per_call"]) == forms | set(results["parts"])
-    assert "reference side (library, no queries)" in results["parts"]
-    # Values and gradients on CHECK_CASES (ties, zeros, 100 labels) equal the library's.
-    assert results["max_difference_from_library"] == {"packed_counts": 0.0, "int64_class_sort": 0.0}
-    report = output.with_suffix(".md").read_text()
-    assert "| packed_counts |" in report and "B = 16, k = 8" in report
-    assert "| one sort of [k, B] int32 keys (TopKV2) |" in report.split("Parts of")[1]
 
 
 def test_precision_speed_names_a_capped_onednn_in_the_summary():

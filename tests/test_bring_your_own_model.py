@@ -1,21 +1,26 @@
-"""README.md's "Bring your own model" examples, run as written, block after block."""
+"""The examples of docs/bring-your-own-model.md, run as written, block after block."""
+
+import os
 
 import keras
 import numpy as np
-from test_readme import code_blocks
+import pytest
+from test_readme import _ROOT, code_blocks
 
 import keras_adr
 
-_SECTION = "Bring your own model"  # test_readme.py leaves this section's blocks to this file.
+# test_readme.py leaves this page's blocks to this file.
+_PAGE = os.path.join(_ROOT, "docs", "bring-your-own-model.md")
 
 
+@pytest.mark.slow
 def test_bring_your_own_model_examples_run(tmp_path, monkeypatch):
-    blocks = [(lang, text) for heading, lang, text in code_blocks() if heading == _SECTION]
+    blocks = [(lang, text) for _, lang, text in code_blocks([_PAGE])]
     assert [language for language, _ in blocks] == ["python"] * 4
     monkeypatch.chdir(tmp_path)  # ModelCheckpoint writes best.keras here.
     namespace = {"__name__": "readme"}
     for _, code in blocks:
-        exec(compile(code, f"README.md ({_SECTION})", "exec"), namespace)
+        exec(compile(code, _PAGE, "exec"), namespace)
 
     functional, sequential, subclassed = (
         namespace[name] for name in ("functional", "sequential", "subclassed")

@@ -4,7 +4,6 @@ FastestCompilation: keeps the fastest of several compilations of the step.
 """
 
 import math
-import time
 
 import keras
 import numpy as np
@@ -200,9 +199,22 @@ def test_divergence_guard_config_round_trip():
 # --- FastestCompilation -------------------------------------------------------------
 
 
+class _Clock:
+    """A clock that moves only when a slowed step runs: step times are exact."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+_CLOCK = _Clock()
+
+
 def _slowed(function, seconds=0.03):
     def call(iterator):
-        time.sleep(seconds)
+        _CLOCK.now += seconds
         return function(iterator)
 
     return call
@@ -240,11 +252,14 @@ def _fit_batches(model, callbacks, batches=12, epochs=1):
 
 def test_fastest_compilation_replaces_a_slow_first_compilation():
     model = _dense_model(keras.Model)
-    slow, fastest = _SlowFirstCompilation(), FastestCompilation(2, steps=3, warmup_steps=1)
+    slow, fastest = (
+        _SlowFirstCompilation(),
+        FastestCompilation(2, steps=3, warmup_steps=1, clock=_CLOCK),
+    )
     before = model.get_weights()[0].copy()
     history = _fit_batches(model, [slow, fastest], epochs=2)
     assert fastest.kept == 1
-    assert fastest.step_seconds[0] > fastest.step_seconds[1] + 0.02
+    assert fastest.step_seconds == [pytest.approx(0.03), 0.0]
     assert model.train_function is not slow.slow_function
     assert len(history.history["loss"]) == 2  # training went on with the new step
     assert not np.allclose(model.get_weights()[0], before)
@@ -252,11 +267,11 @@ def test_fastest_compilation_replaces_a_slow_first_compilation():
 
 def test_fastest_compilation_keeps_the_first_when_recompiling_is_slower():
     model = _dense_model(SlowRecompilations)
-    fastest = FastestCompilation(3, steps=3, warmup_steps=1)
+    fastest = FastestCompilation(3, steps=3, warmup_steps=1, clock=_CLOCK)
     _fit_batches(model, [fastest], batches=20)
     first = model.train_function
-    assert fastest.kept == 0 and len(fastest.step_seconds) == 3
-    assert min(fastest.step_seconds[1:]) > fastest.step_seconds[0] + 0.02
+    assert fastest.kept == 0
+    assert fastest.step_seconds == [0.0, pytest.approx(0.03), pytest.approx(0.03)]
     # A later fit keeps the choice: no new compilation, the same step.
     _fit_batches(model, [fastest])
     assert model.train_function is first and fastest.kept == 0

@@ -41,6 +41,7 @@ def model_file(tmp_path_factory):
     return path
 
 
+@pytest.mark.slow
 def test_adr_export_errors(model_file, tmp_path):
     export_dir = tmp_path / "serving"
     args = [f"--model_path={model_file}", f"--export_dir={export_dir}"]
@@ -87,6 +88,7 @@ def test_adr_export_errors(model_file, tmp_path):
     )
 
 
+@pytest.mark.slow
 def test_adr_evaluate_checks_flags_before_evaluating(model_file, tmp_path):
     a_file = tmp_path / "a_file"
     a_file.write_text("x")
@@ -102,6 +104,7 @@ def test_adr_evaluate_checks_flags_before_evaluating(model_file, tmp_path):
     )
 
 
+@pytest.mark.slow
 def test_adr_train_names_the_flag(tmp_path):
     _assert_user_error(
         *_program(

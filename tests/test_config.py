@@ -257,6 +257,7 @@ print(repr(config == presets.get(flags.FLAGS.defense)), config.attack.resolved_s
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "argv, same_as_preset, step_size",
     [

@@ -507,6 +507,7 @@ def _run_cli(*args):
     )
 
 
+@pytest.mark.slow
 def test_cli_end_to_end(normal_model, tmp_path):
     model_path = tmp_path / "model.keras"
     normal_model.save(model_path)
@@ -531,6 +532,7 @@ def test_cli_end_to_end(normal_model, tmp_path):
     assert (out / "results.md").is_file() and (out / "robust_accuracy_vs_epsilon.png").is_file()
 
 
+@pytest.mark.slow
 def test_cli_fails_on_sanity_check_failure(masked_model, tmp_path):
     # Exported as a SavedModel: the program needs no custom layer to load it.
     _export(masked_model, tmp_path / "serving" / "1")
@@ -554,6 +556,7 @@ def test_cli_fails_on_sanity_check_failure(masked_model, tmp_path):
     assert result.returncode != 0 and "too weak" in result.stderr
 
 
+@pytest.mark.slow
 def test_cli_autoattack_fails_on_its_sanity_checks(masked_model, tmp_path):
     # Binarize gives every input a zero gradient: AutoAttack's zero-gradient check fails.
     _export(masked_model, tmp_path / "serving" / "1")

@@ -101,6 +101,7 @@ def _expected(model, floats):
     }
 
 
+@pytest.mark.slow
 def test_fresh_process_outputs_match_keras(model, images, exported, tmp_path):
     floats = images.astype(np.float32) / 255.0
     np.save(tmp_path / "float.npy", floats)
@@ -136,6 +137,7 @@ def test_fresh_process_outputs_match_keras(model, images, exported, tmp_path):
         np.testing.assert_array_equal(outputs["classes"], expected["classes"])
 
 
+@pytest.mark.slow
 def test_saved_model_cli_shows_both_signatures(exported):
     shown = _run(_saved_model_cli() + ["show", "--dir", exported, "--all"])
     for name in export.SIGNATURE_NAMES:
@@ -146,6 +148,7 @@ def test_saved_model_cli_shows_both_signatures(exported):
         assert f"outputs['{output}']" in shown
 
 
+@pytest.mark.slow
 def test_saved_model_cli_run_gives_same_classes(model, images, exported, tmp_path):
     floats = images.astype(np.float32) / 255.0
     np.save(tmp_path / "images.npy", floats)
@@ -338,6 +341,7 @@ def test_version_directory_honours_umask(model, tmp_path):
     assert os.stat(path).st_mode == os.stat(tmp_path / "sibling").st_mode
 
 
+@pytest.mark.slow
 def test_killed_export_leaves_no_version(model, tmp_path):
     base_dir = tmp_path / "model"
     export.export_saved_model(model, base_dir)

@@ -35,6 +35,7 @@ def test_write_text_failure_keeps_the_old_file(tmp_path, monkeypatch):
     assert os.listdir(tmp_path) == ["models.config"]
 
 
+@pytest.mark.slow
 def test_file_lock_is_exclusive_across_processes_and_names_its_holder(tmp_path):
     path = str(tmp_path / ".lock")
     fd = fileio.try_lock_file(path)

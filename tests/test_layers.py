@@ -206,6 +206,7 @@ def test_standardize_errors():
 # --- MirroredStrategy -------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_layers_and_callbacks_under_two_replicas(tmp_path):
     pytest.importorskip("tensorflow_datasets")
     result = subprocess.run(

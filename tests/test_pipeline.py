@@ -28,6 +28,7 @@ def _quick_options(tmp_path, **fields):
     )
 
 
+@pytest.mark.slow
 def test_run_emits_no_keras_shuffle_warning(tmp_path):
     # The training dataset shuffles itself; `fit(shuffle=True)` (Keras'
     # default) on a tf.data.Dataset only warns that it is ignored.
@@ -61,6 +62,7 @@ def test_compilations_need_a_single_worker(monkeypatch):
         pipeline.TrainOptions(compilations=0)
 
 
+@pytest.mark.slow
 def test_run_records_the_compilations_it_timed(tmp_path):
     steps = 2 * (callbacks.DEFAULT_WARMUP_STEPS + callbacks.DEFAULT_TIMED_STEPS) + 2
     options = _quick_options(

@@ -229,6 +229,7 @@ def test_model_trained_one_step_exports_float32_signatures(tmp_path, policy):
     np.testing.assert_allclose(served["logits"], keras_logits, rtol=tolerance, atol=tolerance)
 
 
+@pytest.mark.slow
 def test_adr_export_serves_a_bfloat16_model_in_float32(tmp_path):
     """`adr-export` of a .keras file trained in bfloat16 computes in float32."""
     import subprocess
@@ -380,6 +381,7 @@ def test_evaluate_loads_a_keras_model_in_the_requested_precision(tmp_path):
 # --- adr-train --precision ---------------------------------------------------
 
 
+@pytest.mark.slow
 def test_run_records_the_precision_and_exports_float32(tmp_path):
     from keras_adr import data, pipeline
 

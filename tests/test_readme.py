@@ -1,9 +1,14 @@
-"""The README's commands and code, run as written (with tiny data where they train).
+"""The code of README.md and of the docs pages (docs/*.md), run as written.
 
-Every fenced block of README.md must be claimed by a test (`_BLOCKS`), so a
-block added without one fails `test_every_code_block_is_run_by_a_test`.
+Every fenced block of README.md and docs/*.md must be claimed by a test:
+`_BLOCKS` maps a marker to the test that runs the block containing it, and a
+page in `_PAGES_RUN_ELSEWHERE` is run block by block by another test file. A
+block added without one fails `test_every_code_block_is_run_by_a_test`. A
+block may appear on several pages (the README repeats some): the one test runs
+its text once. Training blocks run on tiny data.
 """
 
+import glob
 import json
 import os
 import re
@@ -17,6 +22,8 @@ import tensorflow as tf
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _README = os.path.join(_ROOT, "README.md")
+_DOCS = sorted(glob.glob(os.path.join(_ROOT, "docs", "*.md")))
+DOCUMENTS = [_README, *_DOCS]
 _ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES="")
 
 # A substring that identifies each block -> where it is run.
@@ -31,33 +38,37 @@ _BLOCKS = {
     "--dataset=cifar10 --model=resnet18": "test_cifar_mirrored_command",
     "--strategy=multi_worker": "test_distribute.py::test_adr_train_multi_worker_two_processes",
 }
-# Sections whose blocks another test file runs block by block.
-_SECTIONS_RUN_ELSEWHERE = ("Bring your own model",)
+# Pages whose blocks another test file runs block by block.
+_PAGES_RUN_ELSEWHERE = {
+    os.path.join(_ROOT, "docs", "bring-your-own-model.md"): "test_bring_your_own_model.py",
+}
 
 
-def code_blocks():
-    """`[(heading, language, text)]` of every fenced block of README.md."""
-    blocks, heading, inside, lines = [], "", None, []
-    with open(_README) as f:
-        for line in f:
-            if inside is None and line.startswith("#"):
-                heading = line.strip("# \n")
-            elif line.startswith("```"):
-                if inside is None:
-                    inside, lines = line[3:].strip(), []
-                else:
-                    blocks.append((heading, inside, "".join(lines)))
-                    inside = None
-            elif inside is not None:
-                lines.append(line)
+def code_blocks(paths=None):
+    """`[(heading, language, text)]` of every fenced block of `paths` (all documents)."""
+    blocks = []
+    for path in DOCUMENTS if paths is None else paths:
+        heading, inside, lines = "", None, []
+        with open(path) as f:
+            for line in f:
+                if inside is None and line.startswith("#"):
+                    heading = line.strip("# \n")
+                elif line.startswith("```"):
+                    if inside is None:
+                        inside, lines = line[3:].strip(), []
+                    else:
+                        blocks.append((heading, inside, "".join(lines)))
+                        inside = None
+                elif inside is not None:
+                    lines.append(line)
     return blocks
 
 
 def block(marker):
-    """The text of the one README block that contains `marker`."""
-    found = [text for _, _, text in code_blocks() if marker in text]
-    assert len(found) == 1, f"{len(found)} README blocks contain {marker!r}"
-    return found[0]
+    """The text of the block that contains `marker` (the same text wherever it appears)."""
+    found = {text for _, _, text in code_blocks() if marker in text}
+    assert len(found) == 1, f"{len(found)} different blocks contain {marker!r}"
+    return found.pop()
 
 
 def shell_commands(text):
@@ -68,12 +79,40 @@ def shell_commands(text):
     ]
 
 
-def test_every_code_block_is_run_by_a_test():
-    for heading, _, text in code_blocks():
-        if any(section in heading for section in _SECTIONS_RUN_ELSEWHERE):
-            continue
+def test_docs_pages_exist():
+    names = {os.path.basename(path) for path in _DOCS}
+    assert {"index.md", "bring-your-own-model.md", "method.md", "api.md"} <= names
+    assert set(_PAGES_RUN_ELSEWHERE) <= set(_DOCS)
+
+
+@pytest.mark.parametrize("path", DOCUMENTS, ids=os.path.basename)
+def test_every_code_block_is_run_by_a_test(path):
+    if path in _PAGES_RUN_ELSEWHERE:
+        return
+    for heading, _, text in code_blocks([path]):
         claims = [marker for marker in _BLOCKS if marker in text]
-        assert len(claims) == 1, f"README block under {heading!r} is run by no test:\n{text}"
+        assert len(claims) == 1, f"{path}: block under {heading!r} is run by no test:\n{text}"
+
+
+def test_readme_is_a_first_screen():
+    with open(_README) as f:
+        lines = f.read().splitlines()
+    assert len(lines) <= 300
+    assert "<!-- frontier-verdict -->" in lines  # where the frontier study's verdict goes
+    python = [text for _, language, text in code_blocks([_README]) if language == "python"]
+    assert len(python) == 1 and len(python[0].splitlines()) <= 15
+    for page in re.findall(r"\]\((docs/[^)#]+)", "\n".join(lines)):
+        assert os.path.exists(os.path.join(_ROOT, page)), page
+
+
+@pytest.mark.parametrize("path", _DOCS, ids=os.path.basename)
+def test_docs_speak_of_the_project_alone(path):
+    """No issue numbers, commit hashes or development-machine paths on the site."""
+    with open(path) as f:
+        text = f.read()
+    assert not re.search(r"\b[Ii]ssues? \d+", text)
+    assert not re.search(r"\bcommit [0-9a-f]{7,40}\b", text)
+    assert not re.search(r"/work/|/root/|/home/|/tmp/", text)
 
 
 @pytest.fixture
@@ -86,6 +125,7 @@ def fashion_mnist():
         pytest.skip(f"Fashion-MNIST is not installed: {error}")
 
 
+@pytest.mark.slow
 def test_use_it_from_python(fashion_mnist, monkeypatch, tmp_path):
     """'Use it from Python': the three blocks in order, on 64 images instead of 60,000."""
     import keras
@@ -191,6 +231,7 @@ with tfds.testing.mock_data(num_examples=64):
 """
 
 
+@pytest.mark.slow
 def test_cifar_mirrored_command(tmp_path):
     """'Distributed training': the CIFAR-10 ResNet-18 command on two logical CPU replicas.
 

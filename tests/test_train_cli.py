@@ -62,6 +62,7 @@ def _epochs_logged(output_dir):
         return [int(row["epoch"]) for row in csv.DictReader(f)]
 
 
+@pytest.mark.slow
 def test_train_writes_metrics_checkpoint_and_export(tmp_path):
     out = tmp_path / "run"
     result = _run(out, "--epochs=1")
@@ -81,7 +82,7 @@ def test_train_writes_metrics_checkpoint_and_export(tmp_path):
     assert set(loaded.signatures) >= {"serving_default", "serve_uint8"}
     assert "clean accuracy" in result.stdout
 
-    # The README's adr-export example, on both models adr-train saves.
+    # The adr-export example (docs/serving.md), on both models adr-train saves.
     for name in ("final.keras", "best.keras"):
         export_dir = tmp_path / f"export_{name}"
         exported = subprocess.run(
@@ -102,6 +103,7 @@ def test_train_writes_metrics_checkpoint_and_export(tmp_path):
         assert served(images=tf.zeros([2, 28, 28, 1]))["logits"].shape == (2, 10)
 
 
+@pytest.mark.slow
 def test_named_data_dir_is_used_or_rejected(tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -120,6 +122,7 @@ def _backed_up_epoch(out):
         return None
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_from_last_epoch(tmp_path):
     out = tmp_path / "resume"
     flags = ("--epochs=4", "--defense=pgd_at", "--export=false")
@@ -153,6 +156,7 @@ def test_killed_run_resumes_from_last_epoch(tmp_path):
     assert metrics["train_seconds"] > 0
 
 
+@pytest.mark.slow
 def test_divergence_exits_non_zero_with_message(tmp_path):
     result = _run(
         tmp_path / "nan",
@@ -167,6 +171,7 @@ def test_divergence_exits_non_zero_with_message(tmp_path):
     assert not (tmp_path / "nan" / "metrics.json").exists()
 
 
+@pytest.mark.slow
 def test_bad_flags_exit_with_clear_errors(tmp_path):
     result = _run(tmp_path / "bad", "--epsilon=-0.1")
     assert result.returncode == 1 and "epsilon" in result.stderr
@@ -176,12 +181,14 @@ def test_bad_flags_exit_with_clear_errors(tmp_path):
     assert result.returncode == 1 and "APGD" in result.stderr
 
 
+@pytest.mark.slow
 def test_missing_tfds_dataset_is_a_clear_error(tmp_path):
     result = _run(tmp_path / "mnist", f"--data_dir={tmp_path / 'empty'}", "--dataset=mnist")
     assert result.returncode == 1
     assert "mnist" in result.stderr and "data_dir" in result.stderr
 
 
+@pytest.mark.slow
 def test_standard_without_validation_still_checkpoints(tmp_path):
     out = tmp_path / "standard"
     result = _run(
@@ -211,6 +218,7 @@ def _exported_and_checkpoint_logits(metrics, checkpoint):
     return exported, expected
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("choice", ["best", "final"])
 def test_evaluation_and_export_use_the_selected_weights(tmp_path, choice):
     import numpy as np
@@ -264,6 +272,7 @@ def _state(out):
         return {}
 
 
+@pytest.mark.slow
 def test_kill_during_evaluation_or_export_resumes_that_stage(tmp_path):
     out = tmp_path / "stages"
     flags = ("--epochs=2", "--defense=pgd_at")
@@ -291,6 +300,7 @@ def test_kill_during_evaluation_or_export_resumes_that_stage(tmp_path):
     assert metrics["epochs_run"] == 2 and metrics["export_path"].endswith("1")
 
 
+@pytest.mark.slow
 def test_sigkill_at_a_random_point_then_rerun_gives_one_run(tmp_path):
     """A kill anywhere (start-up, an epoch, evaluation, export): the rerun completes one run.
 
@@ -325,6 +335,7 @@ def test_sigkill_at_a_random_point_then_rerun_gives_one_run(tmp_path):
     assert len(metrics["history"]["loss"]) == 2, where
 
 
+@pytest.mark.slow
 def test_other_flags_never_mix_with_a_run(tmp_path):
     out = tmp_path / "run"
     flags = ("--epochs=1", "--defense=pgd_at")
@@ -344,6 +355,7 @@ def test_other_flags_never_mix_with_a_run(tmp_path):
     assert sorted(os.listdir(out / "saved_model")) == ["1"]
 
 
+@pytest.mark.slow
 def test_one_run_per_output_dir(tmp_path):
     out = tmp_path / "busy"
     process = subprocess.Popen(
@@ -364,6 +376,7 @@ def test_one_run_per_output_dir(tmp_path):
         process.wait()
 
 
+@pytest.mark.slow
 def test_output_dir_that_is_a_file(tmp_path):
     path = tmp_path / "a_file"
     path.write_text("x")
@@ -382,6 +395,7 @@ def test_train_examples_above_the_dataset_are_clamped_with_a_warning(caplog):
     assert "--train_examples=1000000" in caplog.text and "using all" in caplog.text
 
 
+@pytest.mark.slow
 def test_cifar_pipeline_adapts_the_standardize_layer(tmp_path):
     """The colour builders normalise inside the model with the training data's statistics."""
     import keras

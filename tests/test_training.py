@@ -189,6 +189,7 @@ def fashion_subset():
         pytest.skip(f"Fashion-MNIST is not installed: {error}")
 
 
+@pytest.mark.slow
 def test_one_epoch_on_fashion_mnist_reduces_loss(fashion_subset):
     keras.utils.set_random_seed(6)
     model = keras_adr.ADRModel(

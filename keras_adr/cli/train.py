@@ -106,7 +106,11 @@ flags.DEFINE_integer(
     "Compile the training step this many times at the start and keep the fastest "
     "(a compiled step can be slow for the whole run; speed only; one worker).",
 )
-flags.DEFINE_integer("verbose", 1, "Keras verbosity: 0 silent, 1 progress bar, 2 one line/epoch.")
+flags.DEFINE_integer(
+    "verbose",
+    None,
+    "Keras verbosity: 0 silent, 1 progress bar, 2 one line/epoch; default 1 on a terminal, else 2.",
+)
 
 # The attack every preset trains against (AttackConfig's defaults); a flag
 # given on the command line replaces the preset's value.
@@ -263,7 +267,7 @@ def options_from_flags():
         divergence_factor=FLAGS.divergence_factor,
         precision=FLAGS.precision,
         compilations=FLAGS.compilations,
-        verbose=FLAGS.verbose,
+        verbose=cli.keras_verbosity(FLAGS.verbose),
         command=" ".join(shlex.quote(a) for a in ["adr-train", *sys.argv[1:]]),
     )
 

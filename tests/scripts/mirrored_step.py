@@ -2,6 +2,7 @@
 
 Run as a subprocess: the CPU must be split before TensorFlow initialises.
 Usage: python mirrored_step.py <pairwise_scope> [<global_compactness_features>]
+With `replica`, also one device's step on each replica's half of the batch.
 """
 
 import json
@@ -74,7 +75,17 @@ def main():
     assert mirrored_strategy.num_replicas_in_sync == 2, mirrored_strategy.num_replicas_in_sync
     mirrored = one_step(mirrored_strategy, weights, x, y, scope, features)
     initial = [w.tolist() for w in weights]
-    print(json.dumps({"initial": initial, "single": single, "mirrored": mirrored}))
+    out = {"initial": initial, "single": single, "mirrored": mirrored}
+    if scope == "replica":
+        # Each replica's half of the batch, on one device with the global scope:
+        # what the replicas of a per-replica scope compute, each on its own.
+        device = tf.distribute.OneDeviceStrategy("/cpu:0")
+        half = len(x) // 2
+        out["halves"] = [
+            one_step(device, weights, x[i : i + half], y[i : i + half], "global", features)
+            for i in (0, half)
+        ]
+    print(json.dumps(out))
 
 
 if __name__ == "__main__":
