@@ -40,7 +40,7 @@ DEFAULT_DIVERGENCE_FACTOR = 3.0
 # minimum would make ordinary noise look like a blow-up.
 DEFAULT_LOSS_FLOOR = 0.1
 # FastestCompilation: a slow compiled step is slow on every step, so a few
-# timed steps tell (benchmarks/PRECISION.md, "Slow compilations").
+# timed steps tell (docs/mixed-precision.md, "Slow compilations").
 DEFAULT_COMPILATIONS = 2
 DEFAULT_TIMED_STEPS = 8
 DEFAULT_WARMUP_STEPS = 2
@@ -298,7 +298,7 @@ class FastestCompilation(keras.callbacks.Callback):
     compilation of `adr_pgd`'s training step in eight ran 1.3-1.5x slower
     than the others: TensorFlow's oneDNN graph rewrite had left the max-pool
     gradients inside the attack's loop on TensorFlow's own kernel, and a
-    new compilation was a new draw (benchmarks/PRECISION.md, "Slow compilations"). That kind
+    new compilation was a new draw (docs/mixed-precision.md, "Slow compilations"). That kind
     is avoided since (the training attack is unrolled on CPUs); this
     callback guards against others. At the start of `fit` it
     times `steps` steps of the step Keras compiled, compiles it anew

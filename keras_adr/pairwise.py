@@ -5,8 +5,8 @@ Global compactness needs, for every adversarial code i and feature d,
 i's label. `l1_sums_sorted` computes both exactly in O((N + M) k log N)
 from sorted orders, binary searches and prefix sums, instead of the
 `[M, N, k]` tensor of `l1_sums_naive` (the reference implementation);
-`benchmarks/global_compactness_variants.py` times other exact forms
-against it.
+Other exact forms were measured and were not faster (docs/benchmarks.md,
+"Removed studies").
 """
 
 from typing import NamedTuple

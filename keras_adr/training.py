@@ -120,7 +120,7 @@ def unrolls_training_attack(attack=None):
     the max-pool gradients inside the attack's `tf.while_loop` on
     TensorFlow's own kernel in about one compilation in eight, a 1.3-1.5x
     slower bfloat16 step for the whole run, and never once unrolled
-    (benchmarks/PRECISION.md, "Slow compilations"). On GPUs the loop compiles faster.
+    (docs/mixed-precision.md, "Slow compilations"). On GPUs the loop compiles faster.
     """
     if attack is not None and isinstance(attack.unroll, bool):
         return attack.unroll

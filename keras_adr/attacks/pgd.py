@@ -67,7 +67,7 @@ def pgd(
             larger and slower to compile. On CPUs TensorFlow's oneDNN graph
             rewrite sometimes leaves the max-pool gradients inside a loop on
             TensorFlow's own kernel, several times slower in bfloat16
-            (benchmarks/PRECISION.md, "Slow compilations"); without the loop it rewrites
+            (docs/mixed-precision.md, "Slow compilations"); without the loop it rewrites
             them all.
 
     Returns:
