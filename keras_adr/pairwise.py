@@ -4,7 +4,7 @@ Global compactness needs, for every adversarial code i and feature d,
 `sum_j |z_ref_j,d - z_query_i,d|` over all clean codes j and over those with
 i's label. `l1_sums_sorted` computes both exactly in O((N + M) k log N)
 from sorted orders, binary searches and prefix sums, instead of the
-`[M, N, k]` tensor of `l1_sums_naive` (the reference implementation);
+`[M, N, k]` tensor of `l1_sums_naive` (the reference implementation).
 Other exact forms were measured and were not faster (docs/benchmarks.md,
 "Removed studies").
 """
