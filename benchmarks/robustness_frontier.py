@@ -27,7 +27,7 @@ import os
 import numpy as np
 
 from benchmarks import results_io
-from benchmarks.robustness_stats import _discordant, _sign_tested
+from benchmarks.robustness_stats import _sign_tested, _summed_discordant, sanity_line
 
 # The points a family's curve is drawn through: defense -> family label.
 FAMILIES = {"pgd_at": "PGD-AT", "trades": "TRADES", "adr_pgd": "ADR-PGD"}
@@ -206,14 +206,9 @@ def _nearest_test(entries, adr_point):
         for e in entries
         if e["point"] == nearest["point"] and e["seed"] in adr
     ]
-    counts = {"clean": [0, 0], "worst case": [0, 0]}
-    for a, b in pairs:
-        pair = _discordant(a, b)
-        if pair is None:
-            return None
-        for what, (a_only, b_only) in pair.items():
-            counts[what][0] += a_only
-            counts[what][1] += b_only
+    counts = _summed_discordant(pairs)
+    if counts is None:
+        return None
     tested = _sign_tested(counts, "adr", "baseline")
     return {"baseline_point": nearest["point"], "seeds": len(pairs), **tested}
 
@@ -355,21 +350,7 @@ def markdown(preset_name, preset, rows, entries, chosen, verdict_, emas, referen
             + "; ".join(f"{label} {_pct(c)} / {_pct(r)}" for label, c, r in references)
             + " (clean / worst case).",
         ]
-    failed = [
-        (e["row"], c["name"])
-        for e in entries
-        for c in e["result"].get("sanity_checks", [])
-        if c["status"] == "failed"
-    ]
-    lines += [
-        "",
-        "Sanity checks per row: "
-        + (
-            "all passed or skipped."
-            if not failed
-            else "**FAILED**: " + ", ".join(f"{n}: {c}" for n, c in failed)
-        ),
-    ]
+    lines += ["", sanity_line([e["result"] for e in entries])]
     return "\n".join(lines) + "\n"
 
 

@@ -13,6 +13,7 @@ from benchmarks.robustness_stats import (
     pooled_pair,
     precision_comparison,
     row_pairs,
+    sanity_line,
     seed_summary,
     variant_pairs,
     verdict,
@@ -170,21 +171,7 @@ def markdown(
                 ["row", "clean", "Δ clean", "worst case", "Δ worst case"], table
             ),
         ]
-    failed = [
-        (r["name"], c["name"])
-        for r in results
-        for c in r.get("sanity_checks", [])
-        if c["status"] == "failed"
-    ]
-    lines += [
-        "",
-        "Sanity checks (`keras_adr.evaluation.sanity_checks` per row): "
-        + (
-            "all passed or skipped."
-            if not failed
-            else "**FAILED**: " + ", ".join(f"{n}: {c}" for n, c in failed)
-        ),
-    ]
+    lines += ["", sanity_line(results)]
     return "\n".join(lines) + "\n"
 
 

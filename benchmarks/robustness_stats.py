@@ -309,3 +309,18 @@ def verdict(seeds, expected_seeds, results=()):
         "robust_difference": a["robust_accuracy"]["mean"] - b["robust_accuracy"]["mean"],
         "paired": paired_comparison(results),
     }
+
+
+def sanity_line(results):
+    """One markdown line: the rows whose sanity checks failed, or that none did."""
+    failed = [
+        (r["name"], c["name"])
+        for r in results
+        for c in r.get("sanity_checks", [])
+        if c["status"] == "failed"
+    ]
+    return "Sanity checks (`keras_adr.evaluation.sanity_checks` per row): " + (
+        "all passed or skipped."
+        if not failed
+        else "**FAILED**: " + ", ".join(f"{n}: {c}" for n, c in failed)
+    )

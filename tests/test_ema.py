@@ -8,6 +8,7 @@ step, then `average = m * average + (1 - m) * w_t`.
 import keras
 import numpy as np
 import pytest
+from test_checkpoint_callbacks import _Killed, _StopAfter
 
 from keras_adr import _keras_compat, data, pipeline, presets
 from keras_adr.callbacks import AtomicBackupAndRestore, AtomicModelCheckpoint
@@ -101,20 +102,6 @@ def test_averaged_weights_need_an_optimizer_that_keeps_them(tmp_path):
         pass
 
 
-class _Stop(Exception):
-    pass
-
-
-class _StopAfter(keras.callbacks.Callback):
-    def __init__(self, epochs):
-        super().__init__()
-        self.epochs = epochs
-
-    def on_epoch_end(self, epoch, logs=None):
-        if epoch + 1 == self.epochs:
-            raise _Stop
-
-
 def test_a_resumed_run_keeps_the_average(tmp_path):
     x, y = _data()
     fit = dict(batch_size=8, epochs=4, shuffle=False, verbose=0)
@@ -122,7 +109,7 @@ def test_a_resumed_run_keeps_the_average(tmp_path):
     uninterrupted.fit(x, y, **fit)
 
     interrupted = _model()
-    with pytest.raises(_Stop):
+    with pytest.raises(_Killed):
         interrupted.fit(
             x,
             y,
