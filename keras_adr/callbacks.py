@@ -404,7 +404,7 @@ class FastestCompilation(keras.callbacks.Callback):
         }
 
 
-class AtomicBackupAndRestore(keras.callbacks.BackupAndRestore):
+class AtomicBackupAndRestore(_keras_compat.BackupAndRestoreHooks):
     """`keras.callbacks.BackupAndRestore` whose training state is replaced atomically.
 
     Each save writes the weights and the epoch into a fresh directory
@@ -423,22 +423,27 @@ class AtomicBackupAndRestore(keras.callbacks.BackupAndRestore):
     _STATE_PREFIX = "state-"
 
     def __init__(self, backup_dir, save_freq="epoch", delete_checkpoint=True):
-        super().__init__(backup_dir, save_freq=save_freq, delete_checkpoint=delete_checkpoint)
-        self._latest = os.path.join(backup_dir, "latest")
-        # Keras' `_load_model` reads these two paths; they resolve through the link.
-        self._weights_path = os.path.join(self._latest, "latest.weights.h5")
-        self._training_metadata_path = os.path.join(self._latest, "training_metadata.json")
+        latest = os.path.join(backup_dir, "latest")
+        # Keras restores from these two paths; they resolve through the link.
+        super().__init__(
+            backup_dir,
+            os.path.join(latest, "latest.weights.h5"),
+            os.path.join(latest, "training_metadata.json"),
+            save_freq=save_freq,
+            delete_checkpoint=delete_checkpoint,
+        )
+        self._latest = latest
 
     def on_train_begin(self, logs=None):
         super().on_train_begin(logs)
         self._remove_stale_states()
 
-    def _save_model(self):
+    def write_state(self, epoch, batch):
         os.makedirs(self.backup_dir, exist_ok=True)
         state, lock_fd = fileio.make_locked_temp_dir(self.backup_dir, self._STATE_PREFIX)
         try:
             self.model.save_weights(os.path.join(state, "latest.weights.h5"))
-            metadata = {"epoch": self._current_epoch, "batch": self._last_batch_seen}
+            metadata = {"epoch": epoch, "batch": batch}
             with open(os.path.join(state, "training_metadata.json"), "w") as f:
                 json.dump(metadata, f)
             fileio.fsync_tree(state)
@@ -471,7 +476,7 @@ def _temp_prefix(name):
     return f".{name}.tmp-"
 
 
-class AtomicModelCheckpoint(keras.callbacks.ModelCheckpoint):
+class AtomicModelCheckpoint(_keras_compat.ModelCheckpointHooks):
     """`keras.callbacks.ModelCheckpoint` whose file is replaced atomically.
 
     The checkpoint is written beside its final path (a hidden name with the
@@ -511,11 +516,7 @@ class AtomicModelCheckpoint(keras.callbacks.ModelCheckpoint):
                 if other.startswith(_temp_prefix(name)):
                     fileio.remove_quietly(os.path.join(directory, other))
 
-    def _save_model(self, epoch, batch, logs):
-        final_path = self._get_file_path(epoch, batch, logs)
-        # Also updates `self.best`, as in Keras.
-        if not self._should_save_model(epoch, batch, logs, final_path):
-            return
+    def write_checkpoint(self, final_path):
         directory, name = os.path.split(os.path.abspath(final_path))
         os.makedirs(directory, exist_ok=True)
         suffix = ".weights.h5" if name.endswith(".weights.h5") else os.path.splitext(name)[1]

@@ -9,11 +9,11 @@ replicas (see `keras_adr.training`).
 
 import json
 import os
-import re
 import shutil
 
-import keras
 import tensorflow as tf
+
+from keras_adr import _keras_compat
 
 STRATEGIES = ("auto", "default", "mirrored", "multi_worker")
 
@@ -81,49 +81,20 @@ def is_chief(strategy):
     )
 
 
-# The Keras versions whose TensorFlow trainer `patch_keras_fit` replaces a
-# private method of (`_maybe_symbolic_build(iterator=None, data_batch=None)`,
-# the same from 3.8 to 3.15), and that the tests cover: the newest release and
-# the oldest supported one (.ci/run's compatibility step). requirements.txt
-# pins the same range; it starts at 3.10 because callbacks.AtomicModelCheckpoint
-# needs ModelCheckpoint._should_save_model (3.10 has it, 3.8 not).
-# Upstream: https://github.com/keras-team/keras/issues/20585
-KERAS_PATCH_RANGE = ((3, 10), (3, 16))
-
-
-class UnsupportedKerasError(ValueError):
-    """The installed Keras is outside `KERAS_PATCH_RANGE` (a setup error, not a bug)."""
-
-
-def _version_text(version):
-    return ".".join(map(str, version))
-
-
-def check_keras_version(version=None):
-    """Raises `UnsupportedKerasError` unless Keras is in `KERAS_PATCH_RANGE`.
-
-    Args:
-        version: A version string; defaults to the installed `keras.version()`.
-    """
-    version = version or keras.version()
-    match = re.match(r"(\d+)\.(\d+)", version)
-    low, high = KERAS_PATCH_RANGE
-    if match is None or not low <= tuple(map(int, match.groups())) < high:
-        raise UnsupportedKerasError(
-            f"Distributed training patches Keras >={_version_text(low)},<{_version_text(high)} "
-            f"but Keras {version} is installed: pip install "
-            f"'keras>={_version_text(low)},<{_version_text(high)}' (requirements.txt), or train "
-            "without a tf.distribute strategy (adr-train --strategy=default)."
-        )
+# The range of Keras versions the tests cover (the private method that
+# `patch_keras_fit` replaces is fenced by it); kept here under its old name.
+KERAS_PATCH_RANGE = _keras_compat.KERAS_RANGE
+UnsupportedKerasError = _keras_compat.UnsupportedKerasError
+check_keras_version = _keras_compat.check_keras_version
 
 
 def patch_keras_fit(model):
     """Fixes Keras 3 `fit` of a model built inside a `tf.distribute` strategy scope.
 
     Keras' TensorFlow trainer (3.10 to 3.15), before the first step, builds the model
-    symbolically from one batch that it *reads from the dataset*
-    (`TensorFlowTrainer._maybe_symbolic_build`), whether or not the model is
-    already built (`tests/test_distribute.py` checks that building it before
+    symbolically from one batch that it *reads from the dataset* (the method
+    that `keras_adr._keras_compat.replace_symbolic_build` replaces), whether or
+    not the model is already built (`tests/test_distribute.py` checks that building it before
     `fit` does not help). That has two consequences:
 
     - The read opens one extra iterator, which consumes one shuffle order of
@@ -167,18 +138,16 @@ def patch_keras_fit(model):
     if strategy is tf.distribute.get_strategy():
         return model  # Built outside any scope: Keras reads no batch before `fit`.
     check_keras_version()
-    # Private Keras API, fenced by `check_keras_version`.
-    original_build = model._maybe_symbolic_build
 
-    def maybe_symbolic_build(iterator=None, data_batch=None):
+    def maybe_symbolic_build(original, iterator=None, data_batch=None):
         if iterator is not None and data_batch is None:
             dataset = getattr(getattr(iterator, "data_adapter", None), "get_tf_dataset", None)
             if dataset is None:
-                return original_build(iterator=iterator)
+                return original(iterator=iterator)
             data_batch = dataset().element_spec  # Shapes and dtypes: reads no data.
-        return original_build(data_batch=data_batch)
+        return original(data_batch=data_batch)
 
-    model._maybe_symbolic_build = maybe_symbolic_build
+    _keras_compat.replace_symbolic_build(model, maybe_symbolic_build)
     if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy) and (
         num_workers(strategy) > 1
     ):

@@ -19,7 +19,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from keras_adr import attacks, graph
+from keras_adr import _keras_compat, attacks, graph
 from keras_adr import objective as adr_objective
 from keras_adr.config import ADRConfig
 from keras_adr.layers import Latent
@@ -261,7 +261,7 @@ class ADRMixin:
             # A second container of the same kind (Keras' `CompileMetrics`,
             # which resolves names like "accuracy" from the shapes) over fresh
             # copies, so that the adversarial updates do not mix with the clean.
-            self._adv_compile_metrics = type(self._compile_metrics)(
+            self._adv_compile_metrics = type(_keras_compat.compile_metrics(self))(
                 _copied_metrics(metrics), _copied_metrics(weighted_metrics)
             )
 
@@ -286,7 +286,7 @@ class ADRMixin:
 
     def _compiled_metrics(self):
         """The containers of the user's compiled metrics: clean, then adversarial."""
-        clean = getattr(self, "_compile_metrics", None) if self.compiled else None
+        clean = _keras_compat.compile_metrics(self) if self.compiled else None
         return [m for m in (clean, self._adv_compile_metrics) if m is not None]
 
     def compute_metrics(self, x, y, y_pred, sample_weight=None, y_pred_adv=None):
