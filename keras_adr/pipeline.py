@@ -651,8 +651,11 @@ def format_summary(metrics):
         f"eval={metrics['eval_seconds']:.0f}s",
         f"clean accuracy:  {metrics['clean_accuracy']:.2%}",
     ]
+    # Runs from before the cascade attacked every example with every attack.
+    after = not evaluation_results.get("standalone_attacks", True)
     for name, accuracy in evaluation_results.get("attack_accuracy", {}).items():
-        lines.append(f"{name + ' accuracy:':17s}{accuracy:.2%}")
+        label = f"after {name}:" if after else f"{name} accuracy:"
+        lines.append(f"{label:17s}{accuracy:.2%}")
     lines.append(
         f"robust accuracy: {metrics['robust_accuracy']:.2%} (worst case per example "
         "over the attacks above)"
