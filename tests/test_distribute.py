@@ -73,6 +73,15 @@ def _adr_train(output_dir, *flags):
     ]
 
 
+def _history_tolerance(name):
+    """Tolerance of a logged metric between one device and several replicas."""
+    if name.startswith("val_"):
+        # Validation attacks the final weights, equal only to _WEIGHT_TOLERANCE:
+        # a sign step of the attack can carry a last-bit difference further.
+        return dict(rtol=1e-4, atol=1e-5)
+    return dict(rtol=1e-5, atol=1e-6)
+
+
 def _max_difference(a, b):
     assert len(a) == len(b)
     return max(float(np.abs(np.array(x) - np.array(y)).max()) for x, y in zip(a, b))
@@ -223,7 +232,7 @@ def test_adr_train_mirrored_on_two_cpu_replicas(one_device_run, tmp_path):
     assert _max_difference(reference_weights, weights) < _WEIGHT_TOLERANCE
     for name, values in reference_metrics["history"].items():
         np.testing.assert_allclose(
-            metrics["history"][name], values, rtol=1e-5, atol=1e-6, err_msg=name
+            metrics["history"][name], values, err_msg=name, **_history_tolerance(name)
         )
 
 
@@ -314,7 +323,7 @@ def test_adr_train_multi_worker_two_processes(one_device_run, tmp_path):
     )
     for name, values in reference_metrics["history"].items():
         np.testing.assert_allclose(
-            metrics["history"][name], values, rtol=1e-5, atol=1e-6, err_msg=name
+            metrics["history"][name], values, err_msg=name, **_history_tolerance(name)
         )
 
 
