@@ -290,22 +290,26 @@ PRESETS["compactness_sampling_fmnist"] = dataclasses.replace(
 _FRONTIER_STEPS = 10
 
 
-def _pgd_at_point(epsilon, ema=0.0):
-    tag = f"{epsilon:g}".replace(".", "p")
+def _point(name, defense, label, overrides, ema=0.0):
+    """A frontier `Point`; with `ema`, its name and label say so."""
     return Point(
-        f"pgd_at_eps{tag}" + ("_ema" if ema else ""),
+        name + ("_ema" if ema else ""), defense, label + (", EMA" if ema else ""), overrides, ema
+    )
+
+
+def _pgd_at_point(epsilon, ema=0.0):
+    step = round(2.5 * epsilon / _FRONTIER_STEPS, 6)
+    return _point(
+        f"pgd_at_eps{epsilon:g}".replace(".", "p"),
         "pgd_at",
-        f"PGD-AT, training eps {epsilon:g}" + (", EMA" if ema else ""),
-        (
-            ("attack_epsilon", epsilon),
-            ("attack_step_size", round(2.5 * epsilon / _FRONTIER_STEPS, 6)),
-        ),
+        f"PGD-AT, training eps {epsilon:g}",
+        (("attack_epsilon", epsilon), ("attack_step_size", step)),
         ema,
     )
 
 
 def _trades_point(beta):
-    return Point(
+    return _point(
         f"trades_beta{beta:g}".replace(".", "p"),
         "trades",
         f"TRADES, beta {beta:g}",
@@ -314,12 +318,11 @@ def _trades_point(beta):
 
 
 def _adr_point(scale, ema=0.0):
-    tag = f"{scale:g}".replace(".", "p")
     # ABLATED_TERMS: the ADR weights that are 1 in adr_pgd (label propagation is 0).
-    return Point(
-        f"adr_pgd_x{tag}" + ("_ema" if ema else ""),
+    return _point(
+        f"adr_pgd_x{scale:g}".replace(".", "p"),
         "adr_pgd",
-        f"ADR-PGD, ADR weights x{scale:g}" + (", EMA" if ema else ""),
+        f"ADR-PGD, ADR weights x{scale:g}",
         tuple((t, float(scale)) for t in ABLATED_TERMS),
         ema,
     )
