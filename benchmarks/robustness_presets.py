@@ -11,6 +11,9 @@ import dataclasses
 import hashlib
 import json
 
+from keras_adr import config as config_lib
+from keras_adr.recipe import RECIPE
+
 DEFENSES = ("standard", "pgd_at", "trades", "adr_pgd", "adr_trades")
 HEADLINE = ("pgd_at", "adr_pgd")
 ABLATED_TERMS = (
@@ -110,6 +113,24 @@ _LATER_CONFIG_FIELDS = {"global_compactness_features": 1.0}
 _LATER_PRESET_FIELDS = {"standalone_attacks": True, "validation_epsilon": None}
 
 
+def _recipe_fields(recipe=RECIPE):
+    """The `Preset` fields that a `keras_adr.recipe.Recipe` sets."""
+    return dict(
+        dataset=recipe.dataset,
+        model=recipe.model,
+        epsilon=recipe.epsilon,
+        attack_steps=recipe.attack_steps,
+        step_size=recipe.attack_step_size,
+        epochs=recipe.epochs,
+        validation_examples=recipe.validation_examples,
+        batch_size=recipe.batch_size,
+        optimizer=recipe.optimizer,
+        learning_rate=recipe.learning_rate,
+        lr_decay_fractions=recipe.lr_decay_fractions,
+        weight_decay=recipe.weight_decay,
+    )
+
+
 PRESETS = {
     # The issue-9 benchmark: a real training budget. 10 epochs of the whole
     # training split minus 2,000 validation images (4,540 steps), the training
@@ -120,21 +141,10 @@ PRESETS = {
         description="Fashion-MNIST, small CNN, L-inf epsilon 0.1, PGD-5 training (step 0.05), "
         "Adam 1e-3 with x0.1 decay at 50%/75% of training, batch 128, 10 epochs on "
         "58,000 training images",
-        dataset="fashion_mnist",
-        model="small_cnn",
-        epsilon=0.1,
-        attack_steps=5,
-        step_size=0.05,
-        epochs=10,
+        **_recipe_fields(),
         train_examples=None,
-        validation_examples=2000,
-        batch_size=128,
-        optimizer="adam",
-        learning_rate=1e-3,
-        lr_decay_fractions=(0.5, 0.75),
-        weight_decay=0.0,
         test_examples=None,
-        eval_attacks=("pgd20", "apgd_ce", "apgd_dlr_t"),
+        eval_attacks=config_lib.EVAL_ATTACKS,
         restarts=1,
         apgd_targets=3,
         budget="9 rows x (about 50 min training + 30 min evaluation) of one core here",
@@ -151,19 +161,8 @@ PRESETS = {
         description="Fashion-MNIST, small CNN, L-inf epsilon 0.1, PGD-5 training (step 0.05), "
         "Adam 1e-3 with x0.1 decay at 50%/75% of training, batch 128, 1 epoch on a "
         "training subset",
-        dataset="fashion_mnist",
-        model="small_cnn",
-        epsilon=0.1,
-        attack_steps=5,
-        step_size=0.05,
-        epochs=1,
+        **{**_recipe_fields(), "epochs": 1, "validation_examples": 500},
         train_examples=15_500,
-        validation_examples=500,
-        batch_size=128,
-        optimizer="adam",
-        learning_rate=1e-3,
-        lr_decay_fractions=(0.5, 0.75),
-        weight_decay=0.0,
         test_examples=256,
         eval_attacks=("pgd20", "pgd100", "apgd_ce", "apgd_dlr_t"),
         restarts=2,
@@ -287,7 +286,7 @@ PRESETS["compactness_sampling_fmnist"] = dataclasses.replace(
 # checkpoint chosen on validation by PGD at the test epsilon. Each family is
 # a curve: PGD-AT over the training epsilon, TRADES over beta, bounded ADR
 # over a scale lambda of every ADR weight; EMA of the weights on and off.
-_FRONTIER_STEPS = 10
+_FRONTIER_RECIPE = dataclasses.replace(RECIPE, attack_steps=10)
 
 
 def _point(name, defense, label, overrides, ema=0.0):
@@ -298,7 +297,7 @@ def _point(name, defense, label, overrides, ema=0.0):
 
 
 def _pgd_at_point(epsilon, ema=0.0):
-    step = round(2.5 * epsilon / _FRONTIER_STEPS, 6)
+    step = dataclasses.replace(_FRONTIER_RECIPE, epsilon=epsilon).attack_step_size
     return _point(
         f"pgd_at_eps{epsilon:g}".replace(".", "p"),
         "pgd_at",
@@ -352,8 +351,7 @@ PRESETS["frontier"] = dataclasses.replace(
     "on 58,000 training images, in mixed bfloat16; checkpoints chosen on 2,000 validation "
     "images by PGD-10 at eps 0.1; PGD-AT over the training eps, TRADES over beta, ADR-PGD "
     "over a scale of its weights, EMA of the weights on and off",
-    attack_steps=_FRONTIER_STEPS,
-    step_size=round(2.5 * 0.1 / _FRONTIER_STEPS, 6),
+    **_recipe_fields(_FRONTIER_RECIPE),
     budget="12 points + 6 seed rows, each about 1 core-hour of training and 15 min of "
     "evaluation here",
     defenses=(),

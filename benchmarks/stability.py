@@ -53,6 +53,7 @@ _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if not __package__:  # `python benchmarks/stability.py`: import as `python -m` would.
     sys.path[0] = _REPO
 from benchmarks import results_io  # noqa: E402
+from keras_adr import recipe  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer(
@@ -81,7 +82,9 @@ flags.DEFINE_string(
 )
 flags.DEFINE_string("data_dir", None, "Dataset directory (IDX files).")
 flags.DEFINE_integer("train_examples", None, "Smoke tests: use the first N training images.")
-flags.DEFINE_integer("validation_examples", 2000, "Held out from the end of train.")
+flags.DEFINE_integer(
+    "validation_examples", recipe.RECIPE.validation_examples, "Held out from the end of train."
+)
 flags.DEFINE_integer("threads", 0, "TensorFlow intra-op threads (0 = TensorFlow's choice).")
 flags.DEFINE_integer("verbose", 2, "Keras fit verbosity.")
 flags.DEFINE_bool("list", False, "Print the runs and their status, run nothing.")
@@ -93,18 +96,19 @@ flags.DEFINE_float(
 )
 flags.DEFINE_bool("report_only", False, "Only rewrite the summary from finished runs.")
 
-# The training recipe, shared with robustness.py's fmnist preset.
+# The library's training recipe (keras_adr.recipe.RECIPE), in the form this
+# study's results and fingerprints record it.
 RECIPE = dict(
-    dataset="fashion_mnist",
-    model="small_cnn",
-    epsilon=0.1,
-    attack_steps=5,
-    step_size=0.05,
-    batch_size=128,
-    optimizer="adam",
-    learning_rate=1e-3,
-    lr_decay_fractions=(0.5, 0.75),
-    seed=0,
+    dataset=recipe.RECIPE.dataset,
+    model=recipe.RECIPE.model,
+    epsilon=recipe.RECIPE.epsilon,
+    attack_steps=recipe.RECIPE.attack_steps,
+    step_size=recipe.RECIPE.attack_step_size,
+    batch_size=recipe.RECIPE.batch_size,
+    optimizer=recipe.RECIPE.optimizer,
+    learning_rate=recipe.RECIPE.learning_rate,
+    lr_decay_fractions=recipe.RECIPE.lr_decay_fractions,
+    seed=recipe.RECIPE.seed,
 )
 TERMS = (
     "local_compactness",

@@ -4,8 +4,8 @@ Public API: `ADRConfig`, `AttackConfig`, `ADRModel`, `ADRMixin`, and every
 module of the module map, reachable as `keras_adr.<module>` after
 `import keras_adr`: `attacks`, `callbacks`, `config`, `data`, `distribute`,
 `evaluation`, `export`, `fileio`, `graph`, `layers`, `losses`, `models`,
-`objective`, `pairwise`, `pipeline`, `precision`, `presets`, `rundir`,
-`serving`, `training`.
+`objective`, `pairwise`, `pipeline`, `precision`, `presets`, `recipe`,
+`rundir`, `serving`, `training`.
 """
 
 # Before TensorFlow: the programs start quietly (a library import is unchanged).
@@ -33,6 +33,7 @@ from keras_adr import (  # noqa: E402
     pipeline,
     precision,
     presets,
+    recipe,
     rundir,
     serving,
     training,
@@ -64,6 +65,7 @@ __all__ = [
     "pipeline",
     "precision",
     "presets",
+    "recipe",
     "rundir",
     "serving",
     "training",

@@ -32,7 +32,8 @@ from absl import logging
 
 from keras_adr import callbacks as adr_callbacks
 from keras_adr import data, distribute, evaluation, export, fileio, models, precision, rundir
-from keras_adr.config import ADRConfig
+from keras_adr.config import EVAL_ATTACKS, ADRConfig
+from keras_adr.recipe import RECIPE
 from keras_adr.training import ADRModel
 
 OPTIMIZERS = ("sgd", "adam")
@@ -46,6 +47,8 @@ class TrainingDivergedError(RuntimeError):
 @dataclasses.dataclass(frozen=True)
 class TrainOptions:
     """Everything about a run that is not an ADR hyperparameter.
+
+    The training defaults are those of `keras_adr.recipe.RECIPE`.
 
     Attributes:
         dataset: A name of `keras_adr.data.DATASETS`.
@@ -101,22 +104,22 @@ class TrainOptions:
         command: The command line, recorded in the outputs.
     """
 
-    dataset: str = data.DEFAULT_DATASET
-    model: str = "small_cnn"
+    dataset: str = RECIPE.dataset
+    model: str = RECIPE.model
     defense: str = "adr_pgd"
-    epochs: int = 1
-    batch_size: int = 128
-    optimizer: str = "adam"
-    learning_rate: float = 1e-3
-    lr_decay_fractions: tuple = (0.5, 0.75)
-    weight_decay: float = 0.0
+    epochs: int = RECIPE.epochs
+    batch_size: int = RECIPE.batch_size
+    optimizer: str = RECIPE.optimizer
+    learning_rate: float = RECIPE.learning_rate
+    lr_decay_fractions: tuple = RECIPE.lr_decay_fractions
+    weight_decay: float = RECIPE.weight_decay
     ema_momentum: float = 0.0
-    seed: int = 0
+    seed: int = RECIPE.seed
     train_examples: int = None
-    validation_examples: int = 2000
+    validation_examples: int = RECIPE.validation_examples
     validation_epsilon: float = None
     test_examples: int = None
-    eval_attacks: tuple = ("pgd20", "apgd_ce")
+    eval_attacks: tuple = EVAL_ATTACKS
     output_dir: str = "runs/default"
     data_dir: str = None
     strategy: str = "auto"

@@ -1,0 +1,51 @@
+"""The one training recipe and the one default evaluation suite."""
+
+import dataclasses
+
+import pytest
+
+from keras_adr import callbacks, config, pipeline, recipe
+
+
+def test_adr_train_defaults_are_the_recipe():
+    options = pipeline.TrainOptions()
+    for field in dataclasses.fields(recipe.Recipe):
+        if hasattr(options, field.name):
+            assert getattr(options, field.name) == getattr(recipe.RECIPE, field.name), field.name
+    attack = config.ADRConfig().attack
+    assert attack.epsilon == recipe.RECIPE.epsilon
+    assert attack.steps == recipe.RECIPE.attack_steps
+    assert attack.resolved_step_size == pytest.approx(recipe.RECIPE.attack_step_size)
+
+
+def test_the_benchmarks_start_from_the_recipe():
+    presets = pytest.importorskip("benchmarks.robustness_presets")
+    stability = pytest.importorskip("benchmarks.stability")
+    fmnist = presets.PRESETS["fmnist"]
+    assert (fmnist.epochs, fmnist.batch_size, fmnist.learning_rate) == (
+        recipe.RECIPE.epochs,
+        recipe.RECIPE.batch_size,
+        recipe.RECIPE.learning_rate,
+    )
+    assert (fmnist.attack_steps, fmnist.step_size) == (
+        recipe.RECIPE.attack_steps,
+        recipe.RECIPE.attack_step_size,
+    )
+    frontier = presets.PRESETS["frontier"]
+    assert frontier.step_size == pytest.approx(config.pgd_step_size(0.1, 10))
+    assert stability.RECIPE["step_size"] == recipe.RECIPE.attack_step_size
+    assert stability.RECIPE["lr_decay_fractions"] == recipe.RECIPE.lr_decay_fractions
+
+
+def test_one_default_evaluation_suite():
+    assert pipeline.TrainOptions().eval_attacks == config.EVAL_ATTACKS
+    assert config.EvalConfig().attacks == config.EVAL_ATTACKS
+    robust = callbacks.RobustAccuracy(([], []), epsilon=0.1)
+    assert robust.options["attacks"] == config.EVAL_ATTACKS
+    presets = pytest.importorskip("benchmarks.robustness_presets")
+    assert presets.PRESETS["fmnist"].eval_attacks == config.EVAL_ATTACKS
+
+
+def test_the_step_size_follows_epsilon_and_steps():
+    assert recipe.RECIPE.attack_step_size == 0.05
+    assert dataclasses.replace(recipe.RECIPE, attack_steps=10).attack_step_size == 0.025
