@@ -62,6 +62,27 @@ class EpochSeconds(keras.callbacks.Callback):
             logs["epoch_seconds"] = time.time() - self._started
 
 
+class EpochVariable(keras.callbacks.Callback):
+    """Sets a variable to the epoch number at the start of every epoch.
+
+    `keras_adr.data.load(..., shuffle=True, epoch=variable)` draws each
+    epoch's order from it, so the order depends on the epoch's number, not
+    on how many epochs this process has run: a run resumed by
+    `BackupAndRestore` at epoch N shuffles as an uninterrupted one did.
+
+    Args:
+        variable: A scalar int64 `tf.Variable`, created outside any
+            distribution strategy's scope.
+    """
+
+    def __init__(self, variable):
+        super().__init__()
+        self.variable = variable
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.variable.assign(epoch)
+
+
 class RobustAccuracy(keras.callbacks.Callback):
     """Logs the worst-case accuracy over an attack suite every `every` epochs.
 
@@ -184,6 +205,12 @@ class DivergenceGuard(keras.callbacks.Callback):
         loss_floor: Smallest reference magnitude (>= 0).
         restore_best_weights: Restore the weights of the best epoch on stop.
         monitor: The logged loss to watch.
+        logged_epochs: For a resumed run, `{epoch: logs}` of the epochs an
+            earlier process trained (e.g. from its `CSVLogger` file). Those
+            before the epoch `fit` resumes at count as if this guard had
+            seen them, so the resumed run stops where an uninterrupted one
+            would. Their weights are gone: a stop restores weights only of
+            an epoch this process trained.
     """
 
     def __init__(
@@ -192,6 +219,7 @@ class DivergenceGuard(keras.callbacks.Callback):
         loss_floor=DEFAULT_LOSS_FLOOR,
         restore_best_weights=True,
         monitor="loss",
+        logged_epochs=None,
     ):
         super().__init__()
         if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not factor > 1:
@@ -206,6 +234,7 @@ class DivergenceGuard(keras.callbacks.Callback):
         self.loss_floor = float(loss_floor)
         self.restore_best_weights = restore_best_weights
         self.monitor = monitor
+        self.logged_epochs = dict(logged_epochs or {})
         self._reset()
 
     def _reset(self):
@@ -215,9 +244,20 @@ class DivergenceGuard(keras.callbacks.Callback):
         self._best_magnitude = math.inf
         self._best_logs = None
         self._best_weights = None
+        self._replayed = False
 
     def on_train_begin(self, logs=None):
         self._reset()
+
+    def on_epoch_begin(self, epoch, logs=None):
+        if self._replayed:
+            return
+        # The first epoch of this `fit`: `BackupAndRestore` has chosen it.
+        self._replayed = True
+        for logged in sorted(e for e in self.logged_epochs if e < epoch):
+            value = self.logged_epochs[logged].get(self.monitor)
+            if value is not None and math.isfinite(value) and abs(value) < self._best_magnitude:
+                self._remember(logged, self.logged_epochs[logged], weights=False)
 
     def on_train_batch_end(self, batch, logs=None):
         value = (logs or {}).get(self.monitor)
@@ -247,11 +287,14 @@ class DivergenceGuard(keras.callbacks.Callback):
             )
             return
         if abs(value) < self._best_magnitude:
-            self._best_magnitude = abs(value)
-            self.best_epoch = epoch
-            self._best_logs = {k: float(v) for k, v in logs.items()}
-            if self.restore_best_weights:
-                self._best_weights = [np.array(w) for w in self.model.get_weights()]
+            self._remember(epoch, logs, weights=self.restore_best_weights)
+
+    def _remember(self, epoch, logs, weights):
+        """Makes `epoch` the best so far (with its weights if `weights`)."""
+        self._best_magnitude = abs(float(logs[self.monitor]))
+        self.best_epoch = epoch
+        self._best_logs = {k: float(v) for k, v in logs.items() if v is not None}
+        self._best_weights = [np.array(w) for w in self.model.get_weights()] if weights else None
 
     def _grown_most(self, logs):
         """`(term, before, now)` of the term whose magnitude grew most since the best epoch."""

@@ -28,6 +28,7 @@ import shutil
 import time
 
 import keras
+import tensorflow as tf
 from absl import logging
 
 from keras_adr import callbacks as adr_callbacks
@@ -100,6 +101,11 @@ class TrainOptions:
             speed; 1 = compile once). A guard against slow compilations;
             the one kind measured is avoided anyway (`pgd(unroll=True)`).
             More than 1 needs a single worker.
+        deterministic: Run TensorFlow's ops deterministically
+            (`tf.config.experimental.enable_op_determinism`): the same
+            command gives the same weights, and a run killed and resumed
+            ends with the weights of an uninterrupted one. Slower on some
+            ops; off by default.
         verbose: Keras verbosity for `fit` (0, 1 or 2).
         command: The command line, recorded in the outputs.
     """
@@ -130,6 +136,7 @@ class TrainOptions:
     # float32 until bfloat16 training is shown to keep robustness (issue 14).
     precision: str = "float32"
     compilations: int = 1
+    deterministic: bool = False
     verbose: int = 1
     command: str = ""
 
@@ -249,9 +256,16 @@ def _splits(options, dataset_info):
     return train_split, validation_split, train_size - held_out
 
 
-def _guard(options):
+def _guard(options, history_path):
     # A factor of 0 keeps only the non-finite check (an infinite factor).
-    return adr_callbacks.DivergenceGuard(factor=options.divergence_factor or math.inf)
+    history = read_history(history_path)
+    logged = {
+        epoch: {k: v[i] for k, v in history.items() if k != "epoch"}
+        for i, epoch in enumerate(history.get("epoch", []))
+    }
+    return adr_callbacks.DivergenceGuard(
+        factor=options.divergence_factor or math.inf, logged_epochs=logged
+    )
 
 
 def _checkpoint_monitor(has_validation, uses_adversary):
@@ -356,7 +370,11 @@ def _run_config(options, adr_config, policy="float32"):
     skipped = ("verbose", "command", "output_dir", "precision", "compilations")
     stored = {k: v for k, v in dataclasses.asdict(options).items() if k not in skipped}
     # Options added later, at the value every earlier run had: those runs still resume.
-    for name, earlier in (("ema_momentum", 0.0), ("validation_epsilon", None)):
+    for name, earlier in (
+        ("ema_momentum", 0.0),
+        ("validation_epsilon", None),
+        ("deterministic", False),
+    ):
         if stored[name] == earlier:
             del stored[name]
     if policy != "float32":
@@ -416,6 +434,8 @@ def run(options, adr_config):
     # First: MultiWorkerMirroredStrategy must configure collectives before
     # TensorFlow runs anything.
     strategy = distribute.get_strategy(options.strategy)
+    if options.deterministic:
+        tf.config.experimental.enable_op_determinism()
     out = distribute.work_dir(strategy, options.output_dir)
     if options.precision == "auto":
         policy, why = precision.auto_choice()
@@ -452,7 +472,10 @@ def _run_stages(options, adr_config, strategy, run_dir, policy):
             **kw,
         )
     )
-    train_ds = load(train_split, shuffle=True, augment=True)
+    # Each epoch's order follows its number (set by `EpochVariable`), so a
+    # resumed run sees the order of an uninterrupted one.
+    epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
+    train_ds = load(train_split, shuffle=True, augment=True, epoch=epoch)
     validation_ds = load(validation_split) if validation_split else None
     _check_splits(options, info, train_split, evaluate=not run_dir.state.get("evaluation"))
     steps_per_epoch = math.ceil(num_train / options.batch_size)
@@ -465,7 +488,7 @@ def _run_stages(options, adr_config, strategy, run_dir, policy):
 
     monitor = _checkpoint_monitor(validation_ds is not None, adr_config.uses_adversary)
     if not run_dir.state.get("trained"):
-        _train(model, options, strategy, run_dir, train_ds, validation_ds, monitor)
+        _train(model, options, strategy, run_dir, (train_ds, epoch), validation_ds, monitor)
     else:
         model.set_weights(keras.saving.load_model(run_dir.file("final.keras")).get_weights())
     history = read_history(run_dir.file("history.csv"))
@@ -516,9 +539,13 @@ def _run_stages(options, adr_config, strategy, run_dir, policy):
     return metrics
 
 
-def _train(model, options, strategy, run_dir, train_ds, validation_ds, monitor):
-    """The training stage: `fit`, then `final.keras` and the run directory's record."""
-    guard = _guard(options)
+def _train(model, options, strategy, run_dir, train, validation_ds, monitor):
+    """The training stage: `fit`, then `final.keras` and the run directory's record.
+
+    `train` is the training dataset and the epoch variable its order follows.
+    """
+    train_ds, epoch = train
+    guard = _guard(options, run_dir.file("history.csv"))
     fastest = adr_callbacks.FastestCompilation(_compilations(options, strategy))
     # The dataset shuffles itself (seeded, every epoch); Keras' own shuffle
     # does not apply to a tf.data.Dataset and would only warn.
@@ -526,7 +553,10 @@ def _train(model, options, strategy, run_dir, train_ds, validation_ds, monitor):
         train_ds,
         epochs=options.epochs,
         validation_data=validation_ds,
-        callbacks=_callbacks(run_dir.path, monitor, guard, fastest, bool(options.ema_momentum)),
+        callbacks=[
+            adr_callbacks.EpochVariable(epoch),
+            *_callbacks(run_dir.path, monitor, guard, fastest, bool(options.ema_momentum)),
+        ],
         verbose=options.verbose,
         shuffle=False,
     )

@@ -200,10 +200,11 @@ class ADRMixin:
         self._norm_trackers = [keras.metrics.Mean(name=name) for name in DIAGNOSTICS]
         # The compiled metrics on the adversarial predictions (see `compile`).
         self._adv_compile_metrics = None
-        # With the optimizer's step, the seed of the step's sampled features;
-        # the same for the same `keras.utils.set_random_seed`. Drawn only when
-        # sampling, so that other runs consume the same random numbers as before.
-        self._sampling_salt = int(np.random.randint(2**31 - 1)) if config.samples_features else 0
+        # With the optimizer's step, the seed of the step's random choices (the
+        # attack's start, the sampled features): the same for the same
+        # `keras.utils.set_random_seed`, and a function of the step alone, so
+        # that a resumed run repeats an uninterrupted one.
+        self._step_salt = int(np.random.randint(2**31 - 1))
 
     @staticmethod
     def _objective_weights(config):
@@ -361,7 +362,7 @@ class ADRMixin:
         adversarial = self._forward(x_adv, training) if x_adv is not None else (None, None)
         return clean, adversarial
 
-    def adversarial_examples(self, x, y, loss=None, epsilon=None):
+    def adversarial_examples(self, x, y, loss=None, epsilon=None, seed=None):
         """Adversarial examples of `(x, y)` under the configured attack.
 
         Args:
@@ -370,6 +371,9 @@ class ADRMixin:
             loss: Attack loss; defaults to the objective's (`"kl"` for TRADES).
             epsilon: Radius; defaults to the configured one. Another radius
                 keeps the configured step size relative to it.
+            seed: Seed of the random start (see `attacks.pgd`); None: the
+                stateful generator. `train_step` passes one derived from the
+                optimizer's step and the replica.
 
         Returns:
             Stop-gradient adversarial images.
@@ -389,6 +393,7 @@ class ADRMixin:
             clip_min=attack.clip_min,
             clip_max=attack.clip_max,
             unroll=unrolls_training_attack(attack),
+            seed=seed,
         )
 
     def _reference(self, batch):
@@ -436,7 +441,18 @@ class ADRMixin:
         """
         optimizer = getattr(self, "optimizer", None)
         step = tf.cast(optimizer.iterations, tf.int64) if optimizer is not None else 0
-        return tf.stack([tf.constant(self._sampling_salt, tf.int64), step])
+        return tf.stack([tf.constant(self._step_salt, tf.int64), step])
+
+    def _attack_seed(self, validation=False):
+        """`[2]` int64 seed of this step's attack: its own on every replica.
+
+        Validation attacks every batch after a training step with the same
+        seed (another one than training's): a random start is still uniform
+        for every example, and validation repeats exactly after a resume.
+        """
+        context = tf.distribute.get_replica_context()
+        replica = tf.cast(context.replica_id_in_sync_group if context is not None else 0, tf.int64)
+        return tf.random.fold_in(self._step_seed(), -(replica + 1) if validation else replica + 1)
 
     def _global_batch_size(self, local_batch_size):
         context = tf.distribute.get_replica_context()
@@ -497,7 +513,9 @@ class ADRMixin:
         x, y = _unpack(data)
         y = checked_labels(y, self._num_classes(), _num_images(x))
         uses_adversary = self.adr_config.uses_adversary
-        x_adv = self.adversarial_examples(x, y) if uses_adversary else None
+        x_adv = (
+            self.adversarial_examples(x, y, seed=self._attack_seed()) if uses_adversary else None
+        )
         with tf.GradientTape() as tape:
             loss, reported_loss, sums, (logits, logits_adv) = self.compute_adr_loss(x, y, x_adv)
             scaled_loss = self.optimizer.scale_loss(loss)
@@ -522,7 +540,13 @@ class ADRMixin:
         """
         x, y = _unpack(data)
         y = checked_labels(y, self._num_classes(), _num_images(x))
-        x_adv = self.adversarial_examples(x, y, loss="ce", epsilon=self.validation_epsilon)
+        x_adv = self.adversarial_examples(
+            x,
+            y,
+            loss="ce",
+            epsilon=self.validation_epsilon,
+            seed=self._attack_seed(validation=True),
+        )
         uses_adversary = self.adr_config.uses_adversary
         _, reported_loss, sums, (logits, logits_adv) = self.compute_adr_loss(
             x, y, x_adv if uses_adversary else None, training=False

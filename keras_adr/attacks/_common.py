@@ -69,15 +69,31 @@ def _project(x_adv, x, epsilon, norm, clip_min, clip_max):
     return tf.clip_by_value(x + delta, clip_min, clip_max)
 
 
-def _random_start(x, epsilon, norm):
+def _uniform(shape, seed, minval=0.0, maxval=1.0, dtype=tf.float32):
+    """Stateful `tf.random.uniform` when `seed` is None, else its stateless form."""
+    if seed is None:
+        return tf.random.uniform(shape, minval, maxval, dtype=dtype)
+    return tf.random.stateless_uniform(shape, seed, minval, maxval, dtype=dtype)
+
+
+def _normal(shape, seed, dtype=tf.float32):
+    """Stateful `tf.random.normal` when `seed` is None, else its stateless form."""
+    if seed is None:
+        return tf.random.normal(shape, dtype=dtype)
+    return tf.random.stateless_normal(shape, seed, dtype=dtype)
+
+
+def _random_start(x, epsilon, norm, seed=None):
+    """A uniform random point of the ball around `x`; `seed`: see `pgd`."""
+    keys = [None, None] if seed is None else tf.unstack(tf.random.split(seed, 2))
     if norm == "linf":
-        return x + tf.random.uniform(tf.shape(x), -epsilon, epsilon, dtype=x.dtype)
+        return x + _uniform(tf.shape(x), keys[0], -epsilon, epsilon, dtype=x.dtype)
     # Uniform in the L2 ball: a uniform direction and radius eps * U^(1/d).
-    direction = tf.random.normal(tf.shape(x), dtype=x.dtype)
+    direction = _normal(tf.shape(x), keys[0], dtype=x.dtype)
     direction /= _per_example_norm(direction)
     dims = tf.cast(tf.reduce_prod(tf.shape(x)[1:]), x.dtype)
     shape = tf.concat([tf.shape(x)[:1], tf.ones([tf.rank(x) - 1], tf.int32)], 0)
-    radius = epsilon * tf.random.uniform(shape, dtype=x.dtype) ** (1.0 / dims)
+    radius = epsilon * _uniform(shape, keys[1], dtype=x.dtype) ** (1.0 / dims)
     return x + direction * radius
 
 

@@ -5,6 +5,7 @@ import tensorflow as tf
 from keras_adr.attacks._common import (
     _TINY,
     _ascent_direction,
+    _normal,
     _project,
     _random_start,
     _validate,
@@ -44,6 +45,7 @@ def pgd(
     clip_min=0.0,
     clip_max=1.0,
     unroll=False,
+    seed=None,
 ):
     """Projected gradient descent (Madry et al. 2018), or the TRADES KL attack.
 
@@ -69,6 +71,11 @@ def pgd(
             TensorFlow's own kernel, several times slower in bfloat16
             (docs/mixed-precision.md, "Slow compilations"); without the loop it rewrites
             them all.
+        seed: None: the random start comes from TensorFlow's stateful
+            generator (seeded by `tf.random.set_seed`). A `[2]` integer
+            tensor: from stateless random ops keyed by it, so the same seed
+            gives the same start whatever ran before (a resumed training run
+            repeats the starts of an uninterrupted one).
 
     Returns:
         Adversarial images, same shape and dtype as `x`, without gradient.
@@ -96,10 +103,12 @@ def pgd(
     x = tf.stop_gradient(x)
     objective = _loss_fn(model_fn, x, y, loss)
 
+    if seed is not None:
+        seed = tf.cast(seed, tf.int64)
     if loss == "kl":
-        x_adv = x + _TRADES_START_STD * tf.random.normal(tf.shape(x), dtype=x.dtype)
+        x_adv = x + _TRADES_START_STD * _normal(tf.shape(x), seed, dtype=x.dtype)
     elif random_start:
-        x_adv = _random_start(x, epsilon, norm)
+        x_adv = _random_start(x, epsilon, norm, seed)
     else:
         x_adv = x
     x_adv = _project(x_adv, x, epsilon, norm, clip_min, clip_max)

@@ -78,6 +78,12 @@ flags.DEFINE_integer(
 )
 flags.DEFINE_bool("sync_batchnorm", False, "Synchronized BatchNorm (ResNets, multi-replica).")
 flags.DEFINE_bool("export", True, "Export a SavedModel at the end.")
+flags.DEFINE_bool(
+    "deterministic",
+    _DEFAULTS.deterministic,
+    "Deterministic TensorFlow ops: the same command gives the same weights, also "
+    "across a kill and resume.",
+)
 flags.DEFINE_enum(
     "export_weights",
     _DEFAULTS.export_weights,
@@ -267,6 +273,7 @@ def options_from_flags():
         divergence_factor=FLAGS.divergence_factor,
         precision=FLAGS.precision,
         compilations=FLAGS.compilations,
+        deterministic=FLAGS.deterministic,
         verbose=cli.keras_verbosity(FLAGS.verbose),
         command=" ".join(shlex.quote(a) for a in ["adr-train", *sys.argv[1:]]),
     )

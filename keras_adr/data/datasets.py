@@ -131,6 +131,7 @@ def load(
     take=None,
     seed=None,
     drop_remainder=False,
+    epoch=None,
 ):
     """Loads a dataset split as batched `(images, labels)`.
 
@@ -165,6 +166,13 @@ def load(
             gives the same sequence of epochs (each epoch still differs from
             the previous one). `None` draws fresh randomness.
         drop_remainder: Whether to drop the last, smaller batch.
+        epoch: With `shuffle`, an optional scalar int64 `tf.Variable` that
+            holds the epoch being trained (`keras_adr.callbacks.EpochVariable`
+            sets it). Each iteration then shuffles with a seed drawn from
+            `seed` and the epoch, so the order of an epoch depends only on
+            its number: a run resumed at epoch N sees the order an
+            uninterrupted run saw. None: the dataset reshuffles at each
+            iteration from its own generator.
 
     Returns:
         A prefetched `tf.data.Dataset` of `(images, labels)`: `float32`
@@ -186,7 +194,9 @@ def load(
     else:
         ds, num_examples = tfds.load(name, split, data_dir, take, _INFOS[name].num_train)
 
-    if shuffle:
+    if shuffle and epoch is not None:
+        ds = _shuffled_by_epoch(ds, max(num_examples, 1), seed, epoch)
+    elif shuffle:
         ds = ds.shuffle(max(num_examples, 1), seed=seed, reshuffle_each_iteration=True)
     augmenter = augmentation(name, seed=seed) if augment else None
     if augmenter is not None:
@@ -196,6 +206,24 @@ def load(
         ds = ds.map(lambda image, label: (augmenter(image[None], training=True)[0], label))
     ds = ds.batch(batch_size, drop_remainder=drop_remainder)
     return ds.map(_to_float, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
+
+
+def _shuffled_by_epoch(ds, buffer_size, seed, epoch):
+    """`ds` in an order drawn, at each iteration, from `seed` and `epoch`'s value.
+
+    The whole split is one buffer (as `shuffle`'s is here), permuted by a
+    stateless shuffle, which op determinism also allows.
+    """
+    if seed is None:
+        seed = int(tf.random.uniform([], 0, 2**31 - 1, dtype=tf.int64))
+
+    def permute(*examples):
+        # Read when an iteration starts, after `fit` has set the epoch.
+        key = tf.stack([tf.constant(seed, tf.int64), tf.cast(epoch.read_value(), tf.int64)])
+        order = tf.random.experimental.stateless_shuffle(tf.range(tf.shape(examples[0])[0]), key)
+        return tuple(tf.gather(t, order) for t in examples)
+
+    return ds.batch(buffer_size).map(permute).unbatch()
 
 
 def augmentation(name, seed=None):

@@ -20,7 +20,7 @@ import keras_adr  # noqa: E402
 from keras_adr import presets  # noqa: E402
 
 
-def deterministic_adversary(x, y, loss=None, epsilon=None):
+def deterministic_adversary(x, y, loss=None, epsilon=None, seed=None):
     # A fixed function of x: each replica perturbs its own shard exactly as
     # one device perturbs the same examples.
     return tf.clip_by_value(x + 0.05 * tf.sin(37.0 * x + 1.0), 0.0, 1.0)

@@ -24,7 +24,7 @@ SHAPE = (16, 16, 3)
 BATCH = 8
 
 
-def deterministic_adversary(x, y, loss=None, epsilon=None):
+def deterministic_adversary(x, y, loss=None, epsilon=None, seed=None):
     return tf.clip_by_value(x + 0.03 * tf.sin(37.0 * x + 1.0), 0.0, 1.0)
 
 
