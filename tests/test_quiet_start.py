@@ -71,6 +71,7 @@ def test_adr_train_log_is_short_and_quiet(tmp_path):
         result = subprocess.run(
             [
                 *_program("adr-train"),
+                "--epochs=1",  # one line per epoch: the default 10 only add 9 lines
                 "--train_examples=2048",
                 "--test_examples=128",
                 f"--output_dir={tmp_path / 'x'}",
