@@ -11,7 +11,7 @@ import dataclasses
 import hashlib
 import json
 
-from keras_adr import config as config_lib
+from keras_adr import specs
 from keras_adr.recipe import RECIPE
 
 DEFENSES = ("standard", "pgd_at", "trades", "adr_pgd", "adr_trades")
@@ -144,7 +144,7 @@ PRESETS = {
         **_recipe_fields(),
         train_examples=None,
         test_examples=None,
-        eval_attacks=config_lib.EVAL_ATTACKS,
+        eval_attacks=specs.EVAL_ATTACKS,
         restarts=1,
         apgd_targets=3,
         budget="9 rows x (about 50 min training + 30 min evaluation) of one core here",

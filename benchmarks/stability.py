@@ -251,7 +251,7 @@ def train_run(run, row_path):
 
     from keras_adr import callbacks as adr_callbacks
     from keras_adr import data, models, pipeline
-    from keras_adr.training import ADRModel
+    from keras_adr.adr_model import ADRModel
 
     num_train, steps_per_epoch, epochs = _plan()
     fp = fingerprint(run, epochs)

@@ -30,8 +30,7 @@ import keras
 import numpy as np
 from absl import logging
 
-from keras_adr import _keras_compat, distribute, fileio
-from keras_adr import config as config_lib
+from keras_adr import _keras_compat, distribute, fileio, specs
 
 # A healthy run's epoch loss does not triple; the paper's ADR objective, when it
 # runs away, passes 3x its minimum magnitude within one epoch (2.32 -> -8.43 in
@@ -100,7 +99,7 @@ class RobustAccuracy(keras.callbacks.Callback):
         epsilon: Radius of the threat model.
         norm: `"linf"` or `"l2"`.
         attacks: The suite (at least one PGD and one APGD attack); default
-            `keras_adr.config.EVAL_ATTACKS`.
+            `keras_adr.specs.EVAL_ATTACKS`.
         every: Evaluate every this many epochs.
         restarts, apgd_targets, seed, batch_size: See `evaluate_robustness`.
         name: The log key.
@@ -114,7 +113,7 @@ class RobustAccuracy(keras.callbacks.Callback):
         *,
         epsilon,
         norm="linf",
-        attacks=config_lib.EVAL_ATTACKS,
+        attacks=specs.EVAL_ATTACKS,
         every=1,
         restarts=1,
         apgd_targets=3,

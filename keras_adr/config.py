@@ -1,20 +1,35 @@
-"""Hyperparameters of an ADR run (the attack and the weighted objective) and of an evaluation.
+"""Hyperparameters of an ADR run: the attack and the weighted objective.
 
 `ADRConfig` is the single source of truth for every training hyperparameter.
 Command line flags build one, `ADRModel` stores it in its Keras config, and
-exported models record it in their metadata. `EvalConfig` is the same for a
-robustness evaluation (`keras_adr.evaluation`, `adr-evaluate`).
+exported models record it in their metadata. `keras_adr.specs.EvalConfig` is
+the same for a robustness evaluation (`keras_adr.evaluation`, `adr-evaluate`).
 """
 
 import dataclasses
-import math
+
+from keras_adr._checks import check_choice, check_number
 
 NORMS = ("linf", "l2")
 ATTACK_LOSSES = ("auto", "ce", "kl")
 OBJECTIVES = ("standard", "pgd", "trades")
 DISTANCES = ("l1", "l2")
-# The bounded-ADR choices; what each means is explained in keras_adr.losses.
+# The bounded-ADR choices (keras_adr.losses computes them). How the latent
+# codes enter the compactness terms:
+#   "none": raw codes, as in the paper. The different-label pairs of global
+#     compactness carry a negative weight on an unbounded distance, so the
+#     objective falls without bound as `z` grows.
+#   "rms": each code divided by its root mean square (`z / rms(z)`), so every
+#     code has RMS 1: distances are bounded (mean L1 <= 2, mean squared <= 4)
+#     and invariant to the scale of `z`, which the network can then not
+#     exploit.
 LATENT_NORMALIZATIONS = ("none", "rms")
+# What different-label pairs of global smoothness push apart:
+#   "cross_entropy": the paper's `W_ij CE(p_j, q_i)` with `W_ij < 0`, which
+#     falls without bound as `q_i` puts vanishing mass on the classes `p_j`
+#     predicts.
+#   "overlap": `(1/scale - 1) <p_j, q_i>`, a positive weight on the
+#     probability overlap in [0, 1]: the same push, bounded below by 0.
 SMOOTHNESS_PUSHES = ("cross_entropy", "overlap")
 PAIRWISE_SCOPES = ("global", "replica")
 # `AttackConfig.unroll`: "auto" (unroll on machines without a GPU), or a bool.
@@ -27,17 +42,10 @@ SPEED_ONLY_ATTACK_FIELDS = ("unroll",)
 # 2.5 * epsilon / steps, so that it can walk across the ball and back.
 PGD_STEP_FACTOR = 2.5
 
-# Evaluation defaults: those of EvalConfig (keras_adr.evaluation, adr-evaluate),
-# adr-train's final evaluation, `callbacks.RobustAccuracy` and the Fashion-MNIST
-# benchmarks. The worst case over PGD-20, APGD-CE and targeted APGD-DLR, each
-# on what the earlier ones left standing.
-EVAL_ATTACKS = ("pgd20", "apgd_ce", "apgd_dlr_t")
-EVAL_RESTARTS = 1
-EVAL_BATCH_SIZE = 128
-APGD_STEPS = 100
-# Target classes of targeted APGD-DLR: 3 for the fast suite (AutoAttack's
-# standard version uses 9).
-APGD_TARGETS = 3
+# `DivergenceGuard` (and `adr-train --divergence_factor`): a healthy run's
+# epoch loss does not triple; the paper's ADR objective, when it runs away,
+# passes 3x its minimum magnitude within one epoch (docs/method.md).
+DEFAULT_DIVERGENCE_FACTOR = 3.0
 
 # The ADR terms, in the order they are reported.
 ADR_TERMS = (
@@ -53,39 +61,6 @@ ADR_TERMS = (
 def pgd_step_size(epsilon, steps):
     """The PGD step size of Madry et al.: `2.5 * epsilon / steps`."""
     return PGD_STEP_FACTOR * epsilon / steps
-
-
-def _check_choice(name, value, allowed):
-    if value not in allowed:
-        raise ValueError(f"`{name}` must be one of {', '.join(map(repr, allowed))}; got {value!r}.")
-
-
-def _check_number(
-    name,
-    value,
-    *,
-    minimum=None,
-    exclusive_minimum=None,
-    maximum=None,
-    exclusive_maximum=None,
-    integer=False,
-):
-    kind = "an integer" if integer else "a number"
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, (int, float))
-        or (integer and not float(value).is_integer())
-        or not math.isfinite(value)
-    ):
-        raise ValueError(f"`{name}` must be {kind}; got {value!r}.")
-    if minimum is not None and value < minimum:
-        raise ValueError(f"`{name}` must be >= {minimum}; got {value!r}.")
-    if exclusive_minimum is not None and value <= exclusive_minimum:
-        raise ValueError(f"`{name}` must be > {exclusive_minimum}; got {value!r}.")
-    if maximum is not None and value > maximum:
-        raise ValueError(f"`{name}` must be <= {maximum}; got {value!r}.")
-    if exclusive_maximum is not None and value >= exclusive_maximum:
-        raise ValueError(f"`{name}` must be < {exclusive_maximum}; got {value!r}.")
 
 
 @dataclasses.dataclass(frozen=True, repr=False)
@@ -131,14 +106,14 @@ class AttackConfig:
         # `1 in UNROLL_CHOICES` holds (1 == True): only a bool or "auto".
         if not (isinstance(self.unroll, bool) or self.unroll == "auto"):
             raise ValueError(f"`unroll` must be 'auto', True or False; got {self.unroll!r}.")
-        _check_choice("norm", self.norm, NORMS)
-        _check_choice("loss", self.loss, ATTACK_LOSSES)
-        _check_number("epsilon", self.epsilon, exclusive_minimum=0)
+        check_choice("norm", self.norm, NORMS)
+        check_choice("loss", self.loss, ATTACK_LOSSES)
+        check_number("epsilon", self.epsilon, exclusive_minimum=0)
         if self.step_size is not None:
-            _check_number("step_size", self.step_size, exclusive_minimum=0)
-        _check_number("steps", self.steps, minimum=1, integer=True)
-        _check_number("clip_min", self.clip_min)
-        _check_number("clip_max", self.clip_max)
+            check_number("step_size", self.step_size, exclusive_minimum=0)
+        check_number("steps", self.steps, minimum=1, integer=True)
+        check_number("clip_min", self.clip_min)
+        check_number("clip_max", self.clip_max)
         if not isinstance(self.random_start, bool):
             raise ValueError(f"`random_start` must be a bool; got {self.random_start!r}.")
         if self.clip_min >= self.clip_max:
@@ -253,24 +228,24 @@ class ADRConfig:
             object.__setattr__(self, "attack", AttackConfig(**self.attack))
         if not isinstance(self.attack, AttackConfig):
             raise ValueError(f"`attack` must be an AttackConfig or a dict; got {self.attack!r}.")
-        _check_choice("objective", self.objective, OBJECTIVES)
-        _check_choice("compactness_distance", self.compactness_distance, DISTANCES)
-        _check_choice("latent_normalization", self.latent_normalization, LATENT_NORMALIZATIONS)
-        _check_choice("smoothness_push", self.smoothness_push, SMOOTHNESS_PUSHES)
-        _check_choice("pairwise_scope", self.pairwise_scope, PAIRWISE_SCOPES)
+        check_choice("objective", self.objective, OBJECTIVES)
+        check_choice("compactness_distance", self.compactness_distance, DISTANCES)
+        check_choice("latent_normalization", self.latent_normalization, LATENT_NORMALIZATIONS)
+        check_choice("smoothness_push", self.smoothness_push, SMOOTHNESS_PUSHES)
+        check_choice("pairwise_scope", self.pairwise_scope, PAIRWISE_SCOPES)
         for name in ("natural_weight", "adversarial_weight", "trades_beta") + ADR_TERMS:
-            _check_number(name, getattr(self, name), minimum=0)
-        _check_number("label_scale", self.label_scale, exclusive_minimum=0, exclusive_maximum=1)
-        _check_number(
+            check_number(name, getattr(self, name), minimum=0)
+        check_number("label_scale", self.label_scale, exclusive_minimum=0, exclusive_maximum=1)
+        check_number(
             "global_compactness_features",
             self.global_compactness_features,
             exclusive_minimum=0,
             maximum=1,
         )
-        _check_number(
+        check_number(
             "propagation_alpha", self.propagation_alpha, exclusive_minimum=0, exclusive_maximum=1
         )
-        _check_number("propagation_neighbors", self.propagation_neighbors, minimum=1, integer=True)
+        check_number("propagation_neighbors", self.propagation_neighbors, minimum=1, integer=True)
         object.__setattr__(self, "propagation_neighbors", int(self.propagation_neighbors))
         if self.objective == "standard" and self.enabled_terms:
             raise ValueError(
@@ -347,115 +322,3 @@ def without_speed_fields(config):
             k: v for k, v in config["attack"].items() if k not in SPEED_ONLY_ATTACK_FIELDS
         }
     return config
-
-
-def _plain(value):
-    """A numpy scalar as the Python number it holds; anything else unchanged."""
-    return value.item() if type(value).__module__ == "numpy" and hasattr(value, "item") else value
-
-
-@dataclasses.dataclass(frozen=True)
-class EvalConfig:
-    """How a robustness evaluation runs: the threat model, the attack suite and its budget.
-
-    `keras_adr.evaluation.evaluate_robustness` and `epsilon_sweep` take one
-    (or build one from these names as keyword arguments); `adr-evaluate`
-    builds one from its flags, whose defaults are these.
-
-    Attributes:
-        epsilon: Radius of the threat model, >= 0 (0 runs the identity
-            attack). In an `epsilon_sweep`, the headline epsilon.
-        norm: `"linf"` or `"l2"`.
-        attacks: Attack names (see `keras_adr.evaluation.specs`): at least
-            one PGD and one APGD attack, e.g. `("pgd20", "apgd_ce")`. A list
-            is stored as a tuple. An `apgd_*` name without steps runs
-            `APGD_STEPS` steps.
-        restarts: Runs per randomized attack (PGD: fresh random starts; APGD:
-            restarts per target class). An example counts as robust only if
-            every run of every attack fails.
-        num_examples: Evaluate only the first `num_examples` examples; None:
-            all of them.
-        seed: Integer seed of the random starts, or None for fresh randomness.
-        batch_size: Examples per attack call.
-        apgd_targets: Target classes of `apgd_dlr_t` (AutoAttack: 9).
-        clip_min: Smallest valid pixel value.
-        clip_max: Largest valid pixel value.
-        precision: The Keras dtype policy in which a model given as a path
-            computes (`keras_adr.precision.POLICIES`; a SavedModel computes in
-            its exported precision, so only float32). A model object is
-            evaluated as it is.
-        standalone_attacks: False (default): each attack runs only on the
-            examples still standing (classified correctly clean and under
-            every earlier attack), AutoAttack's rule, and an attack's
-            accuracy is the accuracy *after* it, in the order the attacks
-            run. True: every attack on every example, each with its own
-            accuracy (for comparing attacks). The worst case is the same
-            quantity either way.
-    """
-
-    epsilon: float = AttackConfig.epsilon
-    norm: str = "linf"
-    attacks: tuple = EVAL_ATTACKS
-    restarts: int = EVAL_RESTARTS
-    num_examples: int = None
-    seed: int = 0
-    batch_size: int = EVAL_BATCH_SIZE
-    apgd_targets: int = APGD_TARGETS
-    clip_min: float = 0.0
-    clip_max: float = 1.0
-    precision: str = "float32"
-    standalone_attacks: bool = False
-
-    def __post_init__(self):
-        # Imported here: both import this module.
-        from keras_adr import precision as precision_lib
-        from keras_adr.evaluation import specs
-
-        for field in dataclasses.fields(self):
-            object.__setattr__(self, field.name, _plain(getattr(self, field.name)))
-        _check_number("epsilon", self.epsilon, minimum=0)
-        _check_choice("norm", self.norm, NORMS)
-        specs.parse_suite(self.attacks)
-        for name in ("restarts", "batch_size", "apgd_targets"):
-            _check_number(name, getattr(self, name), minimum=1, integer=True)
-        if self.num_examples is not None:
-            _check_number("num_examples", self.num_examples, minimum=1, integer=True)
-        if self.seed is not None:
-            _check_number("seed", self.seed, integer=True)
-        _check_number("clip_min", self.clip_min)
-        _check_number("clip_max", self.clip_max)
-        if self.clip_min >= self.clip_max:
-            raise ValueError(
-                f"`clip_min` ({self.clip_min}) must be smaller than `clip_max` ({self.clip_max})."
-            )
-        _check_choice("precision", self.precision, precision_lib.POLICIES)
-        if not isinstance(self.standalone_attacks, bool):
-            raise ValueError(
-                f"`standalone_attacks` must be True or False; got {self.standalone_attacks!r}."
-            )
-        object.__setattr__(self, "epsilon", float(self.epsilon))
-        object.__setattr__(self, "attacks", tuple(self.attacks))
-        for name in ("restarts", "batch_size", "apgd_targets", "num_examples", "seed"):
-            if getattr(self, name) is not None:
-                object.__setattr__(self, name, int(getattr(self, name)))
-        object.__setattr__(self, "clip_min", float(self.clip_min))
-        object.__setattr__(self, "clip_max", float(self.clip_max))
-
-    def replace(self, **overrides):
-        """A copy with some fields changed (validated again)."""
-        unknown = set(overrides) - {f.name for f in dataclasses.fields(self)}
-        if unknown:
-            raise ValueError(
-                f"Unknown EvalConfig field(s) {sorted(unknown)}; valid fields: "
-                f"{[f.name for f in dataclasses.fields(self)]}."
-            )
-        return dataclasses.replace(self, **overrides)
-
-    def get_config(self):
-        config = dataclasses.asdict(self)
-        config["attacks"] = list(self.attacks)  # JSON has no tuples.
-        return config
-
-    @classmethod
-    def from_config(cls, config):
-        return cls(**config)

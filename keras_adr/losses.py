@@ -22,6 +22,7 @@ import tensorflow as tf
 
 from keras_adr import graph, pairwise
 from keras_adr.config import LATENT_NORMALIZATIONS, SMOOTHNESS_PUSHES, ADRConfig
+from keras_adr.pairwise import sample_features  # noqa: F401 - losses.sample_features
 
 DEFAULT_LABEL_SCALE = 0.99
 # The functions default to the bounded form, as `ADRConfig` does; pass
@@ -30,21 +31,6 @@ DEFAULT_NORMALIZATION = ADRConfig.latent_normalization
 DEFAULT_PUSH = ADRConfig.smoothness_push
 _TINY = 1e-12
 
-# How the latent codes enter the compactness terms.
-#   "none": raw codes, as in the paper. The different-label pairs of global
-#     compactness carry a negative weight on an unbounded distance, so the
-#     objective falls without bound as `z` grows.
-#   "rms": each code divided by its root mean square (`z / rms(z)`), so every
-#     code has RMS 1: distances are bounded (mean L1 <= 2, mean squared <= 4)
-#     and invariant to the scale of `z`, which the network can then not
-#     exploit.
-# What different-label pairs of global smoothness push apart.
-#   "cross_entropy": the paper's `W_ij CE(p_j, q_i)` with `W_ij < 0`, which
-#     falls without bound as `q_i` puts vanishing mass on the classes `p_j`
-#     predicts.
-#   "overlap": `(1/scale - 1) <p_j, q_i>`, a positive weight on the
-#     probability overlap in [0, 1]: the same push, bounded below by 0.
-# (Both choices are listed once, in keras_adr.config.)
 # Added to the mean square before the RMS division: keeps the gradient finite
 # (at most ~1e3 times) for an all-zero code, e.g. a dead ReLU layer.
 _RMS_EPSILON = 1e-6
@@ -114,25 +100,6 @@ def pair_weights(y, y_other=None, scale=DEFAULT_LABEL_SCALE):
     same = tf.cast(tf.equal(y[:, None], y_other[None, :]), tf.float32)
     different_weight = 1.0 - 1.0 / scale
     return same + (1.0 - same) * different_weight
-
-
-def sample_features(num_features, fraction, seed):
-    """Sorted indices of a uniform random subset of `round(fraction * num_features)` features.
-
-    Args:
-        num_features: Scalar: how many features there are.
-        fraction: Python float in (0, 1]: the share to keep (at least one).
-        seed: `[2]` int stateless seed: the same seed gives the same subset
-            (on every replica and device).
-
-    Returns:
-        `[k']` int32, increasing.
-    """
-    num_features = tf.cast(num_features, tf.int32)
-    kept = tf.maximum(1, tf.cast(tf.round(fraction * tf.cast(num_features, tf.float32)), tf.int32))
-    # The ranks of i.i.d. uniform keys are a uniform random permutation.
-    keys = tf.random.stateless_uniform([num_features], seed)
-    return tf.sort(tf.argsort(keys)[:kept])
 
 
 def global_compactness_per_example(

@@ -163,3 +163,22 @@ def l1_sums_sorted(z_ref, y_ref, z_query, y_query, num_classes):
 def _pad_front(prefix):
     """Prefix sums `[k, N]` -> `[k, N + 1]` starting at 0."""
     return tf.pad(prefix, [[0, 0], [1, 0]])
+
+
+def sample_features(num_features, fraction, seed):
+    """Sorted indices of a uniform random subset of `round(fraction * num_features)` features.
+
+    Args:
+        num_features: Scalar: how many features there are.
+        fraction: Python float in (0, 1]: the share to keep (at least one).
+        seed: `[2]` int stateless seed: the same seed gives the same subset
+            (on every replica and device).
+
+    Returns:
+        `[k']` int32, increasing.
+    """
+    num_features = tf.cast(num_features, tf.int32)
+    kept = tf.maximum(1, tf.cast(tf.round(fraction * tf.cast(num_features, tf.float32)), tf.int32))
+    # The ranks of i.i.d. uniform keys are a uniform random permutation.
+    keys = tf.random.stateless_uniform([num_features], seed)
+    return tf.sort(tf.argsort(keys)[:kept])

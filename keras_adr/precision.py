@@ -238,8 +238,7 @@ def with_policy(model, policy="float32"):
         raise ValueError(f"`policy` must be one of {', '.join(POLICIES)}; got {policy!r}.")
     if all(layer.dtype_policy.name == policy for layer in _layers(model)):
         return model
-    import keras_adr  # noqa: F401 - registers the custom objects.
-
+    # The model's classes are registered: their modules defined them.
     config = keras.saving.serialize_keras_object(model)
     config.pop("compile_config", None)
     copy = keras.saving.deserialize_keras_object(_replace_policies(config, policy))

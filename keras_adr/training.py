@@ -13,17 +13,15 @@ global batch (gathered across replicas), so R replicas compute exactly what
 one device would.
 """
 
-import warnings
-
 import keras
 import numpy as np
 import tensorflow as tf
 
-from keras_adr import _keras_compat, attacks, graph
+from keras_adr import attacks, graph
 from keras_adr import objective as adr_objective
+from keras_adr._model_inputs import checked_labels, num_images, unpack
+from keras_adr._training_metrics import MetricsMixin
 from keras_adr.config import ADRConfig
-from keras_adr.layers import Latent
-from keras_adr.models import LATENT_LAYER
 
 # Reported by the train step besides the loss terms: mean L2 norms of the clean
 # latent codes and logits.
@@ -43,75 +41,6 @@ def _as_config(config):
     return config
 
 
-def _unpack(data):
-    if isinstance(data, (tuple, list)) and len(data) == 2:
-        return data[0], data[1]
-    raise ValueError(
-        "ADR training expects batches of (images, integer_labels); got "
-        f"{type(data).__name__} of length {len(data) if isinstance(data, (tuple, list)) else 1}. "
-        "Sample weights are not supported."
-    )
-
-
-def _num_images(x):
-    """The batch size of `x`: an int if static, else a scalar tensor."""
-    return x.shape[0] if x.shape[0] is not None else tf.shape(x)[0]
-
-
-def checked_labels(y, num_classes=None, num_images=None):
-    """`[B]` int32 labels, with run-time checks that they are class indices.
-
-    Fails (also inside `tf.function`) on fractional float labels, negative
-    labels and, when `num_classes` is known, labels >= `num_classes`: such
-    labels would otherwise surface as an error deep inside a loss term (or
-    be truncated silently by a cast), and on one-hot rows: statically for
-    `[B, K]` labels, at run time for more labels than `num_images`.
-    """
-    y = tf.convert_to_tensor(y)
-    if y.shape.rank == 2 and y.shape[-1] is not None and y.shape[-1] > 1:
-        # Flattened, one-hot rows would fail later as "labels.shape=(640,)".
-        raise ValueError(
-            f"ADR training: labels must be class indices; got one-hot rows of shape "
-            f"{tuple(y.shape)} (use argmax, e.g. y.argmax(-1))."
-        )
-    y = tf.reshape(y, [-1])
-    what = "ADR training needs integer class labels in [0, num_classes)"
-    checks = []
-    if y.dtype.is_floating:
-        checks.append(
-            tf.debugging.assert_equal(y, tf.round(y), message=f"{what}; got fractional labels")
-        )
-    elif not y.dtype.is_integer:
-        raise ValueError(f"{what}; got labels of dtype {y.dtype.name}.")
-    labels = tf.cast(y, tf.int32)
-    checks.append(tf.debugging.assert_non_negative(labels, message=f"{what}; got a negative label"))
-    one_per_image = (
-        "ADR training: labels must be class indices, one per image (flattened one-hot rows: "
-        "use argmax; an unbatched tf.data.Dataset: call .batch())"
-    )
-    if isinstance(num_images, int) and labels.shape[0] is not None:
-        if labels.shape[0] != num_images:
-            raise ValueError(
-                f"{one_per_image}; got {labels.shape[0]} labels for {num_images} images."
-            )
-    elif num_images is not None:
-        checks.append(
-            tf.debugging.assert_equal(
-                tf.size(labels), tf.cast(num_images, tf.int32), message=one_per_image
-            )
-        )
-    if num_classes:
-        checks.append(
-            tf.debugging.assert_less(
-                labels,
-                tf.constant(num_classes, tf.int32),
-                message=f"{what} with num_classes={num_classes}; got a label >= {num_classes}",
-            )
-        )
-    with tf.control_dependencies(checks):
-        return tf.identity(labels)
-
-
 def unrolls_training_attack(attack=None):
     """Whether the training attack is traced step by step (`pgd(unroll=True)`).
 
@@ -127,7 +56,7 @@ def unrolls_training_attack(attack=None):
     return not tf.config.list_logical_devices("GPU")
 
 
-class ADRMixin:
+class ADRMixin(MetricsMixin):
     """Adds the ADR `train_step` / `test_step` to a `keras.Model` subclass.
 
     The model's `call(x, training=False, return_latent=False)` must return
@@ -217,116 +146,6 @@ class ADRMixin:
             weights = {"ce": 1.0, "trades_kl": config.trades_beta}
         weights.update({name: getattr(config, name) for name in config.enabled_terms})
         return weights
-
-    def compile(
-        self,
-        optimizer="rmsprop",
-        loss=None,
-        metrics=None,
-        weighted_metrics=None,
-        loss_weights=None,
-        **kwargs,
-    ):
-        """Compiles with an optimizer and metrics; the objective comes from `ADRConfig`.
-
-        Args:
-            optimizer: As for `keras.Model.compile`.
-            loss: Must be None: the objective is the `ADRConfig`'s.
-            metrics: Metrics of `(labels, logits)` as for `keras.Model.compile`
-                (names, functions or `keras.metrics.Metric` objects). Each is
-                updated on the clean predictions under its name and, as a copy
-                (`from_config(get_config())`), on the adversarial predictions
-                under `adv_<name>`, in `fit` and `evaluate`.
-            weighted_metrics: The same (ADR batches carry no sample weights,
-                so they equal `metrics`).
-            loss_weights: Must be None.
-            **kwargs: Passed to `keras.Model.compile` (`run_eagerly`,
-                `steps_per_execution`, `jit_compile`, ...).
-
-        Raises:
-            ValueError: If `loss` or `loss_weights` is given (the ADR step would
-                ignore them), or a metric object cannot be copied.
-        """
-        given = {name for name, value in (("loss", loss), ("loss_weights", loss_weights)) if value}
-        if given:
-            raise ValueError(
-                f"{type(self).__name__}.compile() takes no {sorted(given)}: the ADR objective "
-                "comes from the ADRConfig, so they would be ignored. Change the objective with "
-                "keras_adr.presets.get(...)."
-            )
-        super().compile(
-            optimizer=optimizer, metrics=metrics, weighted_metrics=weighted_metrics, **kwargs
-        )
-        self._adv_compile_metrics = None
-        if metrics is not None or weighted_metrics is not None:
-            # A second container of the same kind (Keras' `CompileMetrics`,
-            # which resolves names like "accuracy" from the shapes) over fresh
-            # copies, so that the adversarial updates do not mix with the clean.
-            self._adv_compile_metrics = type(_keras_compat.compile_metrics(self))(
-                _copied_metrics(metrics), _copied_metrics(weighted_metrics)
-            )
-
-    def compile_from_config(self, config):
-        # Keras skips compiling on load when `compile` is overridden; this is
-        # its own restore path, through the checks above.
-        config = keras.saving.deserialize_keras_object(config)
-        self.compile(**config)
-        if self.built:
-            self.optimizer.build(self.trainable_variables)
-
-    @property
-    def metrics(self):
-        return [
-            self._adr_loss_tracker,
-            self._accuracy,
-            self._adv_accuracy,
-            *self._term_trackers,
-            *self._norm_trackers,
-            *self._compiled_metrics(),
-        ]
-
-    def _compiled_metrics(self):
-        """The containers of the user's compiled metrics: clean, then adversarial."""
-        clean = _keras_compat.compile_metrics(self) if self.compiled else None
-        return [m for m in (clean, self._adv_compile_metrics) if m is not None]
-
-    def compute_metrics(self, x, y, y_pred, sample_weight=None, y_pred_adv=None):
-        """Updates the compiled metrics on `y_pred` and, under `adv_` names, on `y_pred_adv`.
-
-        Args:
-            x: The images (unused, as in `keras.Model.compute_metrics`).
-            y: Integer labels.
-            y_pred: Clean logits.
-            sample_weight: Unused by the ADR steps (always None).
-            y_pred_adv: Adversarial logits, or None (no `adv_` update).
-
-        Returns:
-            `get_metrics_result()`.
-        """
-        adversarial = self._adv_compile_metrics
-        if adversarial is not None:
-            if y_pred_adv is not None:
-                adversarial.update_state(y, y_pred_adv, sample_weight)
-            elif not adversarial.built:
-                # Keras builds the compiled metrics before the first step
-                # (symbolically, in the strategy's scope): the copies with them.
-                adversarial.build(y, y_pred)
-        return super().compute_metrics(x, y, y_pred, sample_weight)
-
-    def get_metrics_result(self):
-        results = {}
-        compiled = self._compiled_metrics()
-        for metric in self.metrics:
-            if any(metric is c for c in compiled) and not metric.built:
-                continue  # the compiled metrics before Keras builds them
-            value = metric.result()
-            if metric is self._adv_compile_metrics:
-                value = {f"adv_{name}": v for name, v in value.items()}
-            if isinstance(value, dict):
-                results.update(value)
-            else:
-                results[metric.name] = value
-        return results
 
     def _num_classes(self):
         """The number of classes if known before the first call, else None."""
@@ -510,8 +329,8 @@ class ADRMixin:
         return loss, reported_loss, sums, (logits, logits_adv)
 
     def train_step(self, data):
-        x, y = _unpack(data)
-        y = checked_labels(y, self._num_classes(), _num_images(x))
+        x, y = unpack(data)
+        y = checked_labels(y, self._num_classes(), num_images(x))
         uses_adversary = self.adr_config.uses_adversary
         x_adv = (
             self.adversarial_examples(x, y, seed=self._attack_seed()) if uses_adversary else None
@@ -538,8 +357,8 @@ class ADRMixin:
         attack's epsilon); with TRADES the objective's KL term is taken at
         those examples (one attack per batch, not also the KL attack).
         """
-        x, y = _unpack(data)
-        y = checked_labels(y, self._num_classes(), _num_images(x))
+        x, y = unpack(data)
+        y = checked_labels(y, self._num_classes(), num_images(x))
         x_adv = self.adversarial_examples(
             x,
             y,
@@ -555,28 +374,6 @@ class ADRMixin:
             logits_adv = self(x_adv, training=False)
         self._update_metrics(x, y, reported_loss, sums, logits, logits_adv)
         return self._results(adversarial=True)
-
-    def _update_metrics(self, x, y, reported_loss, sums, logits, logits_adv):
-        """Updates every reported metric with one batch (`logits_adv` may be None)."""
-        y = tf.cast(tf.reshape(y, [-1]), tf.int32)
-        local_batch = tf.cast(tf.shape(x)[0], tf.float32)
-        self._adr_loss_tracker.update_state(reported_loss, sample_weight=local_batch)
-        for tracker in self._term_trackers + self._norm_trackers:
-            tracker.update_state(sums[tracker.name] / local_batch, sample_weight=local_batch)
-        self._accuracy.update_state(y, logits)
-        if logits_adv is not None:
-            self._adv_accuracy.update_state(y, logits_adv)
-        self.compute_metrics(x, y, logits, y_pred_adv=logits_adv)
-
-    def _results(self, adversarial):
-        results = self.get_metrics_result()
-        if not adversarial:
-            # No adversarial predictions (the `standard` objective's training).
-            adv_names = {"adv_accuracy"}
-            if self._adv_compile_metrics is not None and self._adv_compile_metrics.built:
-                adv_names |= {f"adv_{name}" for name in self._adv_compile_metrics.result()}
-            results = {k: v for k, v in results.items() if k not in adv_names}
-        return results
 
     def fit(self, *args, **kwargs):
         """`keras.Model.fit`; raises if no training step ran (no training data).
@@ -595,188 +392,3 @@ class ADRMixin:
 
     def get_config(self):
         return {**super().get_config(), "adr_config": self.adr_config.get_config()}
-
-
-def _copied_metrics(metrics):
-    """`metrics` (as given to `compile`) with every `keras.metrics.Metric` a fresh copy."""
-    if metrics is None:
-        return None
-    if isinstance(metrics, dict):
-        return {key: _copied_metrics(value) for key, value in metrics.items()}
-    if isinstance(metrics, (list, tuple)):
-        return [_copied_metrics(metric) for metric in metrics]
-    if not isinstance(metrics, keras.metrics.Metric):
-        return metrics  # a name or a function: Keras makes a new metric of it
-    try:
-        return type(metrics).from_config(metrics.get_config())
-    except Exception as error:
-        raise ValueError(
-            f"compile(metrics=...): the metric {metrics.name!r} cannot be copied for its "
-            f"adv_{metrics.name} version ({type(error).__name__}: {error}); give "
-            f"{type(metrics).__name__} a get_config() that returns its constructor arguments."
-        ) from None
-
-
-def _latent_layer(backbone, name):
-    """The layer of `backbone` whose output is `z`: by `name`, else the one `Latent` layer."""
-    if name is None:
-        marked = [layer for layer in backbone.layers if isinstance(layer, Latent)]
-        if len(marked) == 1:
-            return marked[0]
-        if len(marked) > 1:
-            raise ValueError(
-                f"The backbone has {len(marked)} Latent layers "
-                f"({[layer.name for layer in marked]}); keep one, or pass "
-                "latent_layer=<the name of the one to use>."
-            )
-        name = LATENT_LAYER  # Models built before the Latent layer existed.
-    try:
-        return backbone.get_layer(name)
-    except ValueError:
-        names = [layer.name for layer in backbone.layers]
-        raise ValueError(
-            f"The backbone has no keras_adr.layers.Latent layer and no layer named {name!r} to "
-            f"use as the latent code; its layers are: {names}. Add a Latent layer after the "
-            "features, or pass latent_layer=<one of them>."
-        ) from None
-
-
-# A probe row counts as probabilities within this tolerance: bfloat16 rounds
-# a softmax's sum by up to about 2**-8 per term.
-_PROBABILITY_TOLERANCE = 2e-2
-
-
-def _check_logits(backbone, allow_probabilities):
-    """Raises (or warns) if `backbone` outputs probabilities rather than logits.
-
-    The outputs are checked, not the last layer's `activation`, so that a
-    `Softmax` layer, a softmax `Dense`/`Activation` or a normalising `Lambda`
-    are all found: on a probe batch of two images in [0, 1] (zeros and
-    uniform noise), rows all in [0, 1] that sum to 1 are probabilities. Where
-    the probe cannot run eagerly (inside a `tf.function`) or the input shape
-    has unknown dimensions, only a softmax activation of the last layer is
-    checked.
-    """
-    last = backbone.layers[-1].name
-    shape = tuple(backbone.inputs[0].shape[1:])
-    if tf.executing_eagerly() and all(d is not None for d in shape):
-        rng = np.random.default_rng(0)
-        probe = np.stack([np.zeros(shape), rng.uniform(0.0, 1.0, shape)]).astype(np.float32)
-        outputs = tf.cast(backbone(probe, training=False), tf.float32).numpy()
-        probabilities = (
-            outputs.ndim == 2
-            and outputs.shape[-1] > 1
-            and outputs.min() >= -_PROBABILITY_TOLERANCE
-            and outputs.max() <= 1 + _PROBABILITY_TOLERANCE
-            and np.allclose(outputs.sum(-1), 1.0, atol=_PROBABILITY_TOLERANCE)
-        )
-    else:
-        layer = backbone.layers[-1]
-        probabilities = isinstance(layer, keras.layers.Softmax) or (
-            getattr(layer, "activation", None) is keras.activations.softmax
-        )
-    if not probabilities:
-        return
-    message = (
-        f"The backbone outputs probabilities (rows in [0, 1] that sum to 1; last layer "
-        f"{last!r}), but ADR and the attacks need logits: remove the softmax from {last!r} "
-        "(use from_logits=True losses elsewhere), or pass allow_probabilities=True if the "
-        "outputs are logits that only look like probabilities."
-    )
-    if not allow_probabilities:
-        raise ValueError(message)
-    warnings.warn(message, stacklevel=3)
-
-
-@keras.saving.register_keras_serializable(package="keras_adr")
-class ADRModel(ADRMixin, keras.Model):
-    """Wraps a functional classifier that outputs logits for ADR training.
-
-    `call(x)` returns the backbone's logits, so `predict`, `evaluate`-style
-    use and export behave like the backbone; `fit` runs the ADR step.
-
-    Args:
-        backbone: A functional `keras.Model` from images in [0, 1] to logits.
-        adr_config: An `ADRConfig` (default: `ADRConfig()`, ADR on PGD-AT).
-        latent_layer: Name of the layer whose output is the latent code `z`.
-            Default: the backbone's one `keras_adr.layers.Latent` layer, or
-            for models built without one, the layer named `"latent"`.
-        allow_probabilities: Accept a backbone whose outputs look like
-            probabilities (with a warning) instead of raising. ADR's losses
-            and the attacks treat the outputs as logits, so this is only for
-            a backbone known to output logits that sum to 1.
-        **kwargs: Passed to `keras.Model` (e.g. `name`).
-
-    Raises:
-        ValueError: If `backbone` is not a functional model with one output,
-            has several `Latent` layers, or has neither a `Latent` layer nor a
-            layer named `latent_layer` (the messages list the candidates); or
-            if its outputs are probabilities (see `_check_logits`) and
-            `allow_probabilities` is False.
-    """
-
-    def __init__(
-        self, backbone, adr_config=None, latent_layer=None, allow_probabilities=False, **kwargs
-    ):
-        super().__init__(adr_config=adr_config, **kwargs)
-        if isinstance(backbone, keras.Sequential) and getattr(backbone, "outputs", None) is None:
-            raise ValueError(
-                "`backbone` is a keras.Sequential without an input shape: start it with "
-                "keras.Input(shape=...) (or call backbone.build((None, *image_shape))), so that "
-                "its layers are connected; a functional keras.Model(inputs, logits) works too."
-            )
-        if (
-            not isinstance(backbone, keras.Model)
-            or not hasattr(backbone, "outputs")
-            or (backbone.outputs is None)
-        ):
-            raise ValueError(
-                "`backbone` must be a keras.Model built on keras.Input (functional, or a "
-                "Sequential starting with keras.Input) that outputs logits; got "
-                f"{type(backbone).__name__}. For subclassed models use ADRMixin instead."
-            )
-        if len(backbone.outputs) != 1:
-            raise ValueError(
-                f"`backbone` must have one output (the logits); it has {len(backbone.outputs)}."
-            )
-        latent = _latent_layer(backbone, latent_layer)
-        _check_logits(backbone, allow_probabilities)
-        self.allow_probabilities = bool(allow_probabilities)
-        self.backbone = backbone
-        self.latent_layer = latent.name
-        # Shares the backbone's layers; kept out of Keras' attribute tracking
-        # so that the weights are saved once, under `backbone`.
-        object.__setattr__(
-            self,
-            "_logits_and_latent",
-            keras.Model(backbone.inputs, [backbone.outputs[0], latent.output]),
-        )
-        # The backbone's weights exist already: the wrapper is built (needed by
-        # callbacks such as BackupAndRestore before the first batch).
-        self.built = True
-
-    def _num_classes(self):
-        return self.backbone.outputs[0].shape[-1]
-
-    def call(self, x, training=False, return_latent=False):
-        if return_latent:
-            logits, z = self._logits_and_latent(x, training=training)
-            return logits, z
-        return self.backbone(x, training=training)
-
-    def get_config(self):
-        return {
-            "name": self.name,
-            "backbone": keras.saving.serialize_keras_object(self.backbone),
-            "adr_config": self.adr_config.get_config(),
-            "latent_layer": self.latent_layer,
-            "allow_probabilities": self.allow_probabilities,
-        }
-
-    @classmethod
-    def from_config(cls, config, custom_objects=None):
-        config = dict(config)
-        backbone = keras.saving.deserialize_keras_object(
-            config.pop("backbone"), custom_objects=custom_objects
-        )
-        return cls(backbone=backbone, **config)

@@ -8,7 +8,7 @@ import pytest
 
 import keras_adr
 from keras_adr import config as config_lib
-from keras_adr import models, presets
+from keras_adr import models, presets, specs
 
 
 def test_defaults_follow_the_authors_with_the_bounded_formulation():
@@ -84,13 +84,13 @@ def test_attack_config_validation(kwargs, match):
 
 
 def test_eval_config_defaults_and_round_trip():
-    config = config_lib.EvalConfig()
-    assert config.attacks == config_lib.EVAL_ATTACKS
-    assert config.restarts == config_lib.EVAL_RESTARTS
-    assert config.batch_size == config_lib.EVAL_BATCH_SIZE
-    assert config.apgd_targets == config_lib.APGD_TARGETS
+    config = specs.EvalConfig()
+    assert config.attacks == specs.EVAL_ATTACKS
+    assert config.restarts == specs.EVAL_RESTARTS
+    assert config.batch_size == specs.EVAL_BATCH_SIZE
+    assert config.apgd_targets == specs.APGD_TARGETS
     assert config.epsilon == keras_adr.AttackConfig().epsilon and config.norm == "linf"
-    config = config_lib.EvalConfig(
+    config = specs.EvalConfig(
         epsilon=np.float32(0.25),
         norm="l2",
         attacks=["pgd10", "apgd_dlr_t50"],
@@ -107,8 +107,8 @@ def test_eval_config_defaults_and_round_trip():
     assert config.attacks == ("pgd10", "apgd_dlr_t50") and type(config.restarts) is int
     assert config.epsilon == pytest.approx(0.25) and type(config.epsilon) is float
     serialised = json.loads(json.dumps(config.get_config()))
-    assert config_lib.EvalConfig.from_config(serialised) == config
-    assert hash(config) == hash(config_lib.EvalConfig.from_config(serialised))
+    assert specs.EvalConfig.from_config(serialised) == config
+    assert hash(config) == hash(specs.EvalConfig.from_config(serialised))
     assert config.replace(epsilon=0.5).epsilon == 0.5 and config.epsilon == pytest.approx(0.25)
     with pytest.raises(dataclasses.FrozenInstanceError):
         config.epsilon = 0.3
@@ -139,7 +139,7 @@ def test_eval_config_defaults_and_round_trip():
 )
 def test_eval_config_validation(kwargs, match):
     with pytest.raises(ValueError, match=match):
-        config_lib.EvalConfig(**kwargs)
+        specs.EvalConfig(**kwargs)
 
 
 def test_presets():

@@ -4,7 +4,7 @@ import dataclasses
 
 import pytest
 
-from keras_adr import callbacks, config, pipeline, recipe
+from keras_adr import callbacks, config, pipeline, recipe, specs
 
 
 def test_adr_train_defaults_are_the_recipe():
@@ -38,12 +38,12 @@ def test_the_benchmarks_start_from_the_recipe():
 
 
 def test_one_default_evaluation_suite():
-    assert pipeline.TrainOptions().eval_attacks == config.EVAL_ATTACKS
-    assert config.EvalConfig().attacks == config.EVAL_ATTACKS
+    assert pipeline.TrainOptions().eval_attacks == specs.EVAL_ATTACKS
+    assert specs.EvalConfig().attacks == specs.EVAL_ATTACKS
     robust = callbacks.RobustAccuracy(([], []), epsilon=0.1)
-    assert robust.options["attacks"] == config.EVAL_ATTACKS
+    assert robust.options["attacks"] == specs.EVAL_ATTACKS
     presets = pytest.importorskip("benchmarks.robustness_presets")
-    assert presets.PRESETS["fmnist"].eval_attacks == config.EVAL_ATTACKS
+    assert presets.PRESETS["fmnist"].eval_attacks == specs.EVAL_ATTACKS
 
 
 def test_the_step_size_follows_epsilon_and_steps():

@@ -199,13 +199,13 @@ def test_standard_without_validation_still_checkpoints(tmp_path):
 
 
 def test_resumed_checkpoint_keeps_the_best_logged_value(tmp_path):
-    from keras_adr import pipeline
+    from keras_adr import _run_history as run_history
 
     history = tmp_path / "history.csv"
-    assert pipeline._best_logged(str(history), "val_adv_accuracy") is None
+    assert run_history.best_logged(str(history), "val_adv_accuracy") is None
     history.write_text("epoch,loss,val_adv_accuracy\n0,1.0,0.41\n1,0.9,0.47\n2,nan,nan\n")
-    assert pipeline._best_logged(str(history), "val_adv_accuracy") == 0.47
-    assert pipeline._best_logged(str(history), "adv_accuracy") is None
+    assert run_history.best_logged(str(history), "val_adv_accuracy") == 0.47
+    assert run_history.best_logged(str(history), "adv_accuracy") is None
 
 
 def _exported_and_checkpoint_logits(metrics, checkpoint):
@@ -385,12 +385,13 @@ def test_output_dir_that_is_a_file(tmp_path):
 
 
 def test_train_examples_above_the_dataset_are_clamped_with_a_warning(caplog):
+    from keras_adr import _run_inputs as run_inputs
     from keras_adr import pipeline
 
     info = data.info("fashion_mnist")
     options = pipeline.TrainOptions(train_examples=10**6, validation_examples=1000)
     with caplog.at_level("WARNING"):
-        train_split, _, num_train = pipeline._splits(options, info)
+        train_split, _, num_train = run_inputs.splits(options, info)
     assert num_train == info.num_train - 1000
     assert "--train_examples=1000000" in caplog.text and "using all" in caplog.text
 

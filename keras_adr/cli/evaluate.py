@@ -4,7 +4,7 @@ Runs a suite of attacks (FGSM, PGD-20, PGD-100, APGD-CE, APGD-T by default)
 and reports the worst-case robust accuracy per example, an epsilon sweep and
 the gradient-masking sanity checks; --suite=autoattack runs AutoAttack's
 standard version with AutoAttack's checks instead. The flags build one
-`keras_adr.config.EvalConfig` (their defaults are its defaults). Exits with a
+`keras_adr.specs.EvalConfig` (their defaults are its defaults). Exits with a
 non-zero status if a sanity check fails, unless --allow_sanity_failures.
 
 Example:
@@ -19,7 +19,7 @@ import sys
 
 from absl import app, flags, logging
 
-from keras_adr import cli
+from keras_adr import cli, specs
 from keras_adr import config as config_lib
 
 FLAGS = flags.FLAGS
@@ -34,7 +34,7 @@ flags.DEFINE_string("dataset", "fashion_mnist", "Dataset name (see keras_adr.dat
 flags.DEFINE_string("data_dir", None, "Directory of the dataset files or a TFDS data_dir.")
 flags.DEFINE_string("split", "test", "Split to evaluate, e.g. 'test' or 'test[:1000]'.")
 # The defaults of the evaluation's flags are EvalConfig's; main builds one EvalConfig from them.
-_DEFAULTS = config_lib.EvalConfig
+_DEFAULTS = specs.EvalConfig
 
 flags.DEFINE_integer(
     "num_examples", _DEFAULTS.num_examples, "Evaluate only the first N examples of the split."
@@ -101,7 +101,7 @@ flags.mark_flag_as_required("model_path")
 
 def _config():
     """The EvalConfig of the flags."""
-    return config_lib.EvalConfig(
+    return specs.EvalConfig(
         epsilon=FLAGS.epsilon,
         norm=FLAGS.norm,
         attacks=FLAGS.attacks,

@@ -86,7 +86,8 @@ def _load(path):
 
     import keras
 
-    import keras_adr
+    # Registers the custom objects (ADRModel and, through it, the layers).
+    from keras_adr.adr_model import ADRModel
 
     if not os.path.exists(path):
         _fail(f"--model_path {path!r} does not exist.")
@@ -106,7 +107,7 @@ def _load(path):
             f"--model_path {path!r} is corrupt or not a keras-adr model: "
             f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
         )
-    if isinstance(model, keras_adr.ADRModel):
+    if isinstance(model, ADRModel):
         # What adr-train saves: serve the classifier it wraps, as adr-train's
         # own export does.
         model = model.backbone

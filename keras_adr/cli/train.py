@@ -246,6 +246,29 @@ def _fractions(values):
         ) from None
 
 
+def format_summary(metrics):
+    """A few readable lines about a finished run."""
+    evaluation_results = metrics["evaluation"]
+    lines = [
+        f"dataset={metrics['dataset']} train_examples={metrics['train_examples']} "
+        f"epochs={metrics['epochs_run']} train={metrics['train_seconds']:.0f}s "
+        f"eval={metrics['eval_seconds']:.0f}s",
+        f"clean accuracy:  {metrics['clean_accuracy']:.2%}",
+    ]
+    # Runs from before the cascade attacked every example with every attack.
+    after = not evaluation_results.get("standalone_attacks", True)
+    for name, accuracy in evaluation_results.get("attack_accuracy", {}).items():
+        label = f"after {name}:" if after else f"{name} accuracy:"
+        lines.append(f"{label:17s}{accuracy:.2%}")
+    lines.append(
+        f"robust accuracy: {metrics['robust_accuracy']:.2%} (worst case per example "
+        "over the attacks above)"
+    )
+    if "export_path" in metrics:
+        lines.append(f"exported to {metrics['export_path']}")
+    return "\n".join(lines)
+
+
 def options_from_flags():
     return pipeline.TrainOptions(
         dataset=FLAGS.dataset,
@@ -310,7 +333,7 @@ def main(argv):
             raise
         message = cli.disk_full_message(error, FLAGS.output_dir, _run_bytes())
         sys.exit(f"adr-train: error: {message}")
-    print(pipeline.format_summary(metrics))
+    print(format_summary(metrics))
 
 
 def run():

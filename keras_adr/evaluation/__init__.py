@@ -3,9 +3,10 @@
 Two suites:
 
 - The default, fast one (`evaluate_robustness`, `epsilon_sweep`): FGSM, PGD
-  and APGD attacks by name (`specs`), every attack on every example, the
-  worst case per example (`suite`), configured by one
-  `keras_adr.config.EvalConfig` (or its fields as keyword arguments).
+  and APGD attacks by name (`keras_adr.specs`), each on the examples the
+  earlier ones left standing (or every attack on every example), the worst
+  case per example (`suite`), configured by one
+  `keras_adr.specs.EvalConfig` (or its fields as keyword arguments).
 - AutoAttack's standard version (`autoattack`, `autoattack_suite`): APGD-CE,
   APGD-T, FAB-T and Square, each on the points still robust, reported in
   RobustBench's format too.
@@ -28,7 +29,6 @@ print(evaluation.format_summary(sweep, checks))
 ```
 """
 
-from keras_adr.config import EvalConfig
 from keras_adr.evaluation.autoattack_suite import autoattack
 from keras_adr.evaluation.loading import (
     LoadedModel,
@@ -69,7 +69,6 @@ from keras_adr.evaluation.sanity import (
     comparison_tolerance,
     sanity_checks,
 )
-from keras_adr.evaluation.specs import AttackSpec, parse_attack, parse_suite, worst_case_correct
 from keras_adr.evaluation.suite import (
     LARGE_EPSILON_FRACTION,
     epsilon_sweep,
@@ -77,6 +76,7 @@ from keras_adr.evaluation.suite import (
     evaluate_robustness,
     large_epsilon,
 )
+from keras_adr.specs import AttackSpec, EvalConfig, parse_attack, parse_suite, worst_case_correct
 
 __all__ = [
     "COMPARISON_TOLERANCE",

@@ -110,7 +110,7 @@ def load_model(path, precision="float32"):
         )
     kind, resolved = resolve_model_path(path)
     if kind == "keras":
-        import keras_adr  # noqa: F401 - registers the custom objects.
+        from keras_adr import adr_model, layers  # noqa: F401 - registers the custom objects.
 
         model = precision_lib.with_policy(
             keras.models.load_model(resolved, compile=False), precision

@@ -10,7 +10,7 @@ import math
 
 import numpy as np
 
-from keras_adr import config as config_lib
+from keras_adr import specs
 
 
 @dataclasses.dataclass
@@ -60,7 +60,7 @@ class RobustnessResult:
     image_shape: tuple
     clip_min: float = 0.0
     clip_max: float = 1.0
-    apgd_targets: int = config_lib.APGD_TARGETS
+    apgd_targets: int = specs.APGD_TARGETS
     seed: int = None
     standalone_attacks: bool = True
     attacked_examples: dict = None

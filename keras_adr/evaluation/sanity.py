@@ -42,7 +42,8 @@ import logging
 
 import numpy as np
 
-from keras_adr.evaluation import specs, suite
+from keras_adr import specs
+from keras_adr.evaluation import suite
 from keras_adr.evaluation.results import AutoAttackResult, as_sweep
 
 # The highest robust accuracy a sound attack may leave at the large epsilon.

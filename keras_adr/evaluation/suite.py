@@ -14,7 +14,7 @@ every example. Each attack's reported accuracy is then the accuracy *after*
 it. `EvalConfig.standalone_attacks=True` runs every attack on every example,
 for comparing the attacks themselves.
 
-How an evaluation runs is one `keras_adr.config.EvalConfig` (threat model,
+How an evaluation runs is one `keras_adr.specs.EvalConfig` (threat model,
 attacks, restarts, examples, seed, batch size, APGD-T targets, pixel range,
 precision of a model loaded from a path). `evaluate_robustness` and
 `epsilon_sweep` take it as `config=`, or build it from the same names as
@@ -35,9 +35,10 @@ import tensorflow as tf
 
 from keras_adr import attacks as attacks_lib
 from keras_adr import config as config_lib
-from keras_adr.config import EvalConfig
-from keras_adr.evaluation import loading, specs
+from keras_adr import specs
+from keras_adr.evaluation import loading
 from keras_adr.evaluation.results import RobustnessResult, SweepResult
+from keras_adr.specs import EvalConfig
 
 # The "large" epsilon of the sanity check, as a fraction of the pixel range
 # (L-inf; times sqrt(number of pixels) for L2).
@@ -69,7 +70,7 @@ def eval_config(config=None, /, *, caller="evaluate_robustness", **options):
     if config is None:
         return EvalConfig(**options)
     if not isinstance(config, EvalConfig):
-        raise ValueError(f"`config` must be a keras_adr.config.EvalConfig; got {config!r}.")
+        raise ValueError(f"`config` must be a keras_adr.specs.EvalConfig; got {config!r}.")
     return config.replace(**options) if options else config
 
 
