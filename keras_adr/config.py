@@ -44,7 +44,8 @@ PGD_STEP_FACTOR = 2.5
 
 # `DivergenceGuard` (and `adr-train --divergence_factor`): a healthy run's
 # epoch loss does not triple; the paper's ADR objective, when it runs away,
-# passes 3x its minimum magnitude within one epoch (docs/method.md).
+# passes 3x its minimum magnitude within one epoch (2.32 -> -8.43 in
+# benchmarks/results/stability.md, where the model collapsed to chance).
 DEFAULT_DIVERGENCE_FACTOR = 3.0
 
 # The ADR terms, in the order they are reported.

@@ -289,9 +289,9 @@ def test_fastest_compilation_needs_enough_steps_and_one_compilation_does_nothing
 
 
 def test_fastest_compilation_refuses_several_workers(monkeypatch):
-    from keras_adr import callbacks
+    from keras_adr.callbacks import fastest_compilation
 
-    monkeypatch.setattr(callbacks.distribute, "num_workers", lambda strategy: 2)
+    monkeypatch.setattr(fastest_compilation.distribute, "num_workers", lambda strategy: 2)
     with pytest.raises(ValueError, match="several workers"):
         _fit_batches(_dense_model(), [FastestCompilation(2)])
     _fit_batches(_dense_model(), [FastestCompilation(1)])  # nothing to choose, nothing to refuse
