@@ -5,7 +5,7 @@ module of the module map, reachable as `keras_adr.<module>` after
 `import keras_adr`: `attacks`, `callbacks`, `config`, `data`, `distribute`,
 `evaluation`, `export`, `fileio`, `graph`, `layers`, `losses`, `models`,
 `objective`, `pairwise`, `pipeline`, `precision`, `presets`, `recipe`,
-`rundir`, `serving`, `training`.
+`rundir`, `serving`, `signatures`, `training`.
 """
 
 # Before TensorFlow: the programs start quietly (a library import is unchanged).
@@ -36,6 +36,7 @@ from keras_adr import (  # noqa: E402
     recipe,
     rundir,
     serving,
+    signatures,
     training,
 )
 from keras_adr._version import __version__  # noqa: E402
@@ -68,5 +69,6 @@ __all__ = [
     "recipe",
     "rundir",
     "serving",
+    "signatures",
     "training",
 ]
