@@ -5,7 +5,7 @@ module of the module map, reachable as `keras_adr.<module>` after
 `import keras_adr`: `adr_model`, `attacks`, `callbacks`, `config`, `data`,
 `distribute`, `evaluation`, `export`, `fileio`, `graph`, `layers`, `losses`,
 `models`, `objective`, `pairwise`, `pipeline`, `precision`, `presets`,
-`recipe`, `rundir`, `serving`, `specs`, `training`.
+`recipe`, `rundir`, `serving`, `signatures`, `specs`, `training`.
 """
 
 # Before TensorFlow: the programs start quietly (a library import is unchanged).
@@ -37,6 +37,7 @@ from keras_adr import (  # noqa: E402
     recipe,
     rundir,
     serving,
+    signatures,
     specs,
     training,
 )
@@ -73,5 +74,6 @@ __all__ = [
     "rundir",
     "serving",
     "specs",
+    "signatures",
     "training",
 ]

@@ -2,8 +2,10 @@
 
 Builds TF Serving REST and gRPC predict requests and parses their responses.
 Nothing here needs a running server. Input and output names and dtypes are
-parameters that default to what `export_saved_model()` writes, so the same
-helpers work with other signatures.
+parameters that default to what `export_saved_model()` writes (the names of
+`keras_adr.signatures`), so the same helpers work with other signatures.
+`grpc_predict_request` is `keras_adr.signatures.grpc_predict_request`, which
+the export also uses for its warm-up requests.
 
 REST example:
 
@@ -34,7 +36,19 @@ import urllib.parse
 
 import numpy as np
 
-from keras_adr import export, layers
+from keras_adr import signatures
+from keras_adr.signatures import grpc_predict_request
+
+__all__ = [
+    "ROW_FORMAT",
+    "COLUMNAR_FORMAT",
+    "ServingError",
+    "rest_predict_body",
+    "rest_predict_url",
+    "parse_rest_response",
+    "grpc_predict_request",
+    "parse_grpc_response",
+]
 
 ROW_FORMAT = "instances"
 COLUMNAR_FORMAT = "inputs"
@@ -47,9 +61,9 @@ class ServingError(RuntimeError):
 def rest_predict_body(
     images,
     *,
-    signature_name=export.SERVING_DEFAULT,
+    signature_name=signatures.SERVING_DEFAULT,
     format=ROW_FORMAT,
-    input_name=export.INPUT_NAME,
+    input_name=signatures.INPUT_NAME,
     input_dtype=None,
 ):
     """Builds the JSON body of a TF Serving REST `:predict` request.
@@ -64,7 +78,7 @@ def rest_predict_body(
         input_name: Name of the signature's image input.
         input_dtype: The signature input's dtype, `"float32"` or `"uint8"`.
             Defaults to the dtype of `signature_name` in
-            `export.SIGNATURE_INPUT_DTYPES`, else to that of `images`.
+            `signatures.SIGNATURE_INPUT_DTYPES`, else to that of `images`.
             uint8 images sent to a float32 input are divided by 255.
 
     Returns:
@@ -79,7 +93,7 @@ def rest_predict_body(
         raise ValueError(
             f"`format` must be {ROW_FORMAT!r} or {COLUMNAR_FORMAT!r}. Received: {format!r}"
         )
-    images = _encode_images(images, signature_name, input_dtype)
+    images = signatures.encode_images(images, signature_name, input_dtype)
     # tolist() yields Python ints/floats, which `json` can serialise.
     values = images.tolist()
     body = {"signature_name": signature_name}
@@ -108,15 +122,15 @@ def rest_predict_url(*, model_name, host="localhost", port=8501, version=None, s
         host = f"[{host}]"  # IPv6 literal.
     path = f"/v1/models/{urllib.parse.quote(model_name, safe='')}"
     if version is not None:
-        path += f"/versions/{export._validate_version(version)}"
+        path += f"/versions/{signatures.validate_version(version)}"
     return f"{scheme}://{host}:{int(port)}{path}:predict"
 
 
 def parse_rest_response(
     response_json,
     *,
-    classes_key=export.OUTPUT_CLASSES,
-    probabilities_key=export.OUTPUT_PROBABILITIES,
+    classes_key=signatures.OUTPUT_CLASSES,
+    probabilities_key=signatures.OUTPUT_PROBABILITIES,
 ):
     """Parses a TF Serving REST `:predict` response.
 
@@ -155,51 +169,11 @@ def parse_rest_response(
     return _classes_and_probabilities(outputs, classes_key, probabilities_key)
 
 
-def grpc_predict_request(
-    images,
-    *,
-    model_name,
-    signature_name=export.SERVING_DEFAULT,
-    version=None,
-    input_name=export.INPUT_NAME,
-    input_dtype=None,
-):
-    """Builds a TF Serving gRPC `PredictRequest`.
-
-    Args:
-        images: Array-like of shape `(batch, H, W, C)`, either uint8 pixels
-            or floats in `[0, 1]`.
-        model_name: Name of the model in the server's `models.config`.
-        signature_name: Signature to call.
-        version: Optional version to pin; defaults to the latest served.
-        input_name: Name of the signature's image input.
-        input_dtype: See `rest_predict_body()`.
-
-    Returns:
-        A `tensorflow_serving.apis.predict_pb2.PredictRequest`.
-
-    Raises:
-        ImportError: If `tensorflow-serving-api` is not installed.
-        ValueError: As `rest_predict_body()`.
-    """
-    predict_pb2 = _import_predict_pb2()
-    import tensorflow as tf
-
-    images = _encode_images(images, signature_name, input_dtype)
-    request = predict_pb2.PredictRequest()
-    request.model_spec.name = model_name
-    request.model_spec.signature_name = signature_name
-    if version is not None:
-        request.model_spec.version.value = export._validate_version(version)
-    request.inputs[input_name].CopyFrom(tf.make_tensor_proto(images, shape=images.shape))
-    return request
-
-
 def parse_grpc_response(
     response,
     *,
-    classes_key=export.OUTPUT_CLASSES,
-    probabilities_key=export.OUTPUT_PROBABILITIES,
+    classes_key=signatures.OUTPUT_CLASSES,
+    probabilities_key=signatures.OUTPUT_PROBABILITIES,
 ):
     """Parses a TF Serving gRPC `PredictResponse`.
 
@@ -223,52 +197,6 @@ def parse_grpc_response(
         if key in response.outputs
     }
     return _classes_and_probabilities(outputs, classes_key, probabilities_key)
-
-
-def _import_predict_pb2():
-    try:
-        from tensorflow_serving.apis import predict_pb2
-    except ImportError as err:
-        raise ImportError(
-            "gRPC requests need the `tensorflow-serving-api` package: "
-            "`pip install keras-adr[serving]`."
-        ) from err
-    return predict_pb2
-
-
-def _encode_images(images, signature_name, input_dtype):
-    """Validates images and converts them to the signature's input dtype."""
-    images = np.asarray(images)
-    if images.ndim != 4:
-        raise ValueError(
-            f"`images` must have rank 4, (batch, H, W, C). Received shape: {images.shape}"
-        )
-    if input_dtype is None:
-        input_dtype = export.SIGNATURE_INPUT_DTYPES.get(signature_name, images.dtype)
-    input_dtype = np.dtype(input_dtype)
-    is_uint8 = images.dtype == np.uint8
-    if not (is_uint8 or np.issubdtype(images.dtype, np.floating)):
-        raise ValueError(
-            f"`images` must be uint8 pixels or floats in [0, 1]. Received dtype: {images.dtype}"
-        )
-    if input_dtype == np.uint8:
-        if not is_uint8:
-            # Quantising floats would silently change the request.
-            raise ValueError(
-                f"Signature {signature_name!r} takes uint8 pixels; received "
-                f"{images.dtype}. Send uint8 images, or use a float32 "
-                f"signature such as {export.SERVING_DEFAULT!r}."
-            )
-        return images
-    if input_dtype != np.float32:
-        raise ValueError(f"`input_dtype` must be float32 or uint8. Received: {input_dtype}")
-    if is_uint8:
-        return images.astype(np.float32) / np.float32(255.0)
-    images = images.astype(np.float32)
-    # The server rejects these too (the same check runs in the signature);
-    # failing here gives a clearer message, and strict JSON cannot encode
-    # NaN or Inf anyway.
-    return layers.check_pixels(images, 0.0, 1.0, hint="Divide uint8 pixels by 255.")
 
 
 def _columns_from_rows(predictions, keys):

@@ -196,7 +196,7 @@ def test_in_graph_checks_catch_what_the_signature_spec_misses():
     # TensorSpec check, so the graph itself must reject bad images.
     @tf.function(input_signature=[tf.TensorSpec(None, tf.float32)])
     def checked(images):
-        return export._checked_float_images(images, _INPUT_SHAPE)
+        return export.signature_graphs._checked_float_images(images, _INPUT_SHAPE)
 
     with pytest.raises(tf.errors.InvalidArgumentError, match="compatible"):
         checked(tf.zeros((1, 28, 28, 3)))
@@ -462,7 +462,7 @@ def test_models_config_is_tf_servings_proto(monkeypatch):
     (entry,) = parsed.model_config_list.config
     assert (entry.name, entry.base_path, entry.model_platform) == ("m", 'C:\\x"y/é', "tf")
     # Without tensorflow-serving-api the same text is written by hand.
-    monkeypatch.setattr(export, "_model_server_config_pb2", lambda: None)
+    monkeypatch.setattr(export.server_config, "_model_server_config_pb2", lambda: None)
     assert export.models_config("m", 'C:\\x"y/é', model_platform="tf") == text
 
 
@@ -496,6 +496,6 @@ def test_bad_metadata_is_refused_before_the_saved_model_is_written(
     def no_writing(*args, **kwargs):
         raise AssertionError("the SavedModel was written before the metadata was checked")
 
-    monkeypatch.setattr(export, "_write_saved_model", no_writing)
+    monkeypatch.setattr(export.saved_model, "write_saved_model", no_writing)
     with pytest.raises(ValueError, match="reserved|JSON"):
         export.export_saved_model(model, tmp_path / "serving", metadata=metadata)

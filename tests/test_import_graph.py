@@ -15,10 +15,10 @@ _PACKAGE = os.path.join(os.path.dirname(os.path.dirname(__file__)), "keras_adr")
 # Bottom to top, by the first name under keras_adr (a subpackage is one unit).
 LAYERS = (
     # foundations: no keras_adr imports but each other's
-    ("_version", "_startup", "_checks", "_keras_compat", "fileio", "graph", "signatures"),
+    ("_version", "_startup", "_checks", "_keras_compat", "fileio", "graph"),
     # configuration and building blocks
     ("config", "precision", "data", "layers", "pairwise"),
-    ("specs", "presets", "models", "losses", "_model_inputs"),
+    ("specs", "presets", "models", "losses", "_model_inputs", "signatures"),
     # the recipe, the objective, the attacks, the distribution helpers
     ("recipe", "objective", "attacks", "distribute", "rundir"),
     # training, evaluation, export and serving

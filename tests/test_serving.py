@@ -6,7 +6,9 @@ names, dtypes and shapes are never only compared with the same constants
 the code uses.
 """
 
+import ast
 import json
+import pathlib
 import sys
 
 import keras
@@ -266,3 +268,28 @@ def test_grpc_without_serving_api_says_how_to_install(monkeypatch, pixels):
     monkeypatch.setitem(sys.modules, "tensorflow_serving.apis", None)
     with pytest.raises(ImportError, match=r"keras-adr\[serving\]"):
         serving.grpc_predict_request(pixels, model_name="m")
+
+
+def _imported_modules(path):
+    """Every module `path` imports, at its top or inside a function (`from a import b`: a, a.b)."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            assert node.level == 0, f"{path}: a relative import"
+            names.add(node.module)
+            names.update(f"{node.module}.{alias.name}" for alias in node.names)
+    return names
+
+
+def test_export_and_serving_do_not_import_each_other():
+    # What both need is in keras_adr.signatures, below them.
+    package = pathlib.Path(serving.__file__).parent
+    export_files = sorted((package / "export").glob("*.py"))
+    assert len(export_files) > 1
+    for path in export_files:
+        assert "keras_adr.serving" not in _imported_modules(path), path
+    serving_imports = _imported_modules(package / "serving.py")
+    assert "keras_adr.signatures" in serving_imports
+    assert not {name for name in serving_imports if name.split(".")[:2] == ["keras_adr", "export"]}
