@@ -1,11 +1,14 @@
 """tf.distribute: 2 CPU replicas (one process, or two workers) train exactly as one device."""
 
+import csv
 import json
 import os
 import shlex
+import signal
 import socket
 import subprocess
 import sys
+import time
 import types
 
 import keras
@@ -500,3 +503,101 @@ def test_split_cpu_errors():
     tf.config.list_logical_devices("CPU")  # initialises TensorFlow in this process
     with pytest.raises(ValueError, match="already initialised"):
         distribute.split_cpu(2)
+
+
+# --- A lost worker ----------------------------------------------------------
+
+
+def _start_workers(out, ports, *flags):
+    """Two adr-train workers on localhost (worker 0 is the chief)."""
+    cluster = {"worker": [f"localhost:{port}" for port in ports]}
+    return [
+        subprocess.Popen(
+            _adr_train(out, "--strategy=multi_worker", *flags),
+            cwd=_ROOT,
+            env=dict(
+                _ENV,
+                TF_CONFIG=json.dumps({"cluster": cluster, "task": {"type": "worker", "index": i}}),
+            ),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
+
+
+def _finish(processes, timeout=300):
+    outputs = []
+    try:
+        for process in processes:
+            outputs.append(process.communicate(timeout=timeout))
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+                process.communicate()
+    for index, (process, (_, stderr)) in enumerate(zip(processes, outputs)):
+        assert process.returncode == 0, f"worker {index}:\n{stderr[-3000:]}"
+
+
+def _backup_epoch(run_dir):
+    try:
+        return json.loads((run_dir / "backup" / "latest" / "training_metadata.json").read_text())[
+            "epoch"
+        ]
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+@pytest.mark.slow
+def test_a_lost_worker_resumes_when_all_workers_restart(fashion_mnist, tmp_path):
+    """SIGKILL one of two workers in epoch 2; restarting both resumes at the epoch boundary.
+
+    The surviving worker cannot finish an all-reduce alone: the user restarts
+    every worker with the same command (docs/distributed.md).
+    """
+    try:
+        ports = _free_ports(2)
+    except OSError as error:
+        pytest.skip(f"cannot bind localhost ports for the workers: {error}")
+    flags = ("--epochs=3", "--train_examples=1024", "--deterministic", "--export=false")
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    _finish(_start_workers(whole, ports, *flags))
+
+    workers = _start_workers(resumed, ports, *flags)
+    try:
+        deadline = time.time() + 240
+        while _backup_epoch(resumed) is None and time.time() < deadline:
+            assert all(w.poll() is None for w in workers), "a worker ended before epoch 2"
+            time.sleep(0.01)
+        workers[1].send_signal(signal.SIGKILL)  # in epoch 2
+        workers[1].wait()
+        # The chief waits in a collective for the lost worker: the user stops it too.
+        time.sleep(2)
+        assert workers[0].poll() is None or workers[0].returncode != 0
+    finally:
+        for worker in workers:
+            if worker.poll() is None:
+                worker.send_signal(signal.SIGKILL)
+            worker.communicate()
+    backed_up = _backup_epoch(resumed)
+    assert backed_up in (1, 2), backed_up
+    # Nothing of a finished run was published, and only the chief's directory holds outputs.
+    assert not (resumed / "metrics.json").exists() and not (resumed / "final.keras").exists()
+
+    _finish(_start_workers(resumed, ports, *flags))
+    logged = [int(row["epoch"]) for row in csv.DictReader(open(resumed / "history.csv"))]
+    assert logged[-1] == 2 and sorted(set(logged)) == [0, 1, 2], logged
+    metrics = json.loads((resumed / "metrics.json").read_text())
+    assert metrics["num_workers"] == 2 and metrics["epochs_run"] == 3
+    assert not (resumed / "workertemp_1").exists()
+    assert (
+        _max_difference(
+            _weights(str(whole / "final.keras")), _weights(str(resumed / "final.keras"))
+        )
+        < 1e-6
+    )
+    chief, other = (_worker_weights(str(resumed / f"worker_{i}.weights.h5")) for i in range(2))
+    for name in chief:
+        np.testing.assert_array_equal(chief[name], other[name], err_msg=name)
