@@ -551,7 +551,7 @@ def _backup_epoch(run_dir):
 
 
 @pytest.mark.slow
-def test_a_lost_worker_resumes_when_all_workers_restart(fashion_mnist, tmp_path):
+def test_multi_worker_run_resumes_after_a_lost_worker(fashion_mnist, tmp_path):
     """SIGKILL one of two workers in epoch 2; restarting both resumes at the epoch boundary.
 
     The surviving worker cannot finish an all-reduce alone: the user restarts
