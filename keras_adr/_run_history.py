@@ -53,3 +53,21 @@ def check_finite(history):
                     "the run was stopped. Lower --learning_rate, or check the ADR weights "
                     "and the data."
                 )
+
+
+def logged_epochs(path):
+    """`{epoch: {column: value}}` of `history.csv` (empty if there is none)."""
+    history = read_history(path)
+    return {
+        epoch: {k: v[i] for k, v in history.items() if k != "epoch"}
+        for i, epoch in enumerate(history.get("epoch", []))
+    }
+
+
+def best_epoch(path, monitor):
+    """The 1-based epoch of the best (largest) `monitor` value logged, or None."""
+    history = read_history(path)
+    values = [-math.inf if v is None else v for v in history.get(monitor, [])]
+    if not values:
+        return None
+    return history["epoch"][values.index(max(values))] + 1

@@ -39,13 +39,9 @@ from keras_adr.recipe import EXPORT_WEIGHTS, OPTIMIZERS, TrainOptions  # noqa: F
 
 def _guard(options, history_path):
     # A factor of 0 keeps only the non-finite check (an infinite factor).
-    history = run_history.read_history(history_path)
-    logged = {
-        epoch: {k: v[i] for k, v in history.items() if k != "epoch"}
-        for i, epoch in enumerate(history.get("epoch", []))
-    }
     return adr_callbacks.DivergenceGuard(
-        factor=options.divergence_factor or math.inf, logged_epochs=logged
+        factor=options.divergence_factor or math.inf,
+        logged_epochs=run_history.logged_epochs(history_path),
     )
 
 
@@ -68,8 +64,11 @@ def _compilations(options, strategy):
     return options.compilations
 
 
-def _callbacks(out, monitor, guard, fastest, ema):
+def _callbacks(out, monitor, guard, fastest, ema, chief_dir):
+    """`fit`'s callbacks. Every worker reads the chief's history and backup (in
+    `chief_dir`), so all resume at one epoch and save alike (saves may need collectives)."""
     history_path = os.path.join(out, "history.csv")
+    chief_history = os.path.join(chief_dir, "history.csv")
     return [
         fastest,
         adr_callbacks.EpochSeconds(),
@@ -81,7 +80,7 @@ def _callbacks(out, monitor, guard, fastest, ema):
             monitor=monitor,
             mode="max",
             save_best_only=True,
-            initial_value_threshold=run_history.best_logged(history_path, monitor),
+            initial_value_threshold=run_history.best_logged(chief_history, monitor),
             save_averaged_weights=ema,
         ),
         keras.callbacks.CSVLogger(history_path, append=True),
@@ -91,7 +90,11 @@ def _callbacks(out, monitor, guard, fastest, ema):
         # row) instead of leaving it out of `history.csv`. Kept until the run
         # records its training as finished: a kill between the end of `fit`
         # and that record resumes at the end, not epoch 1.
-        adr_callbacks.AtomicBackupAndRestore(os.path.join(out, "backup"), delete_checkpoint=False),
+        adr_callbacks.AtomicBackupAndRestore(
+            os.path.join(out, "backup"),
+            delete_checkpoint=False,
+            restore_from=os.path.join(chief_dir, "backup"),
+        ),
     ]
 
 
@@ -111,11 +114,7 @@ def _select_weights(model, options, out, monitor):
     best = keras.saving.load_model(path)
     model.set_weights(best.get_weights())
     del best
-    history = run_history.read_history(os.path.join(out, "history.csv"))
-    values = [-math.inf if v is None else v for v in history.get(monitor, [])]
-    if not values:
-        return None
-    return history["epoch"][values.index(max(values))] + 1
+    return run_history.best_epoch(os.path.join(out, "history.csv"), monitor)
 
 
 def _run_config(options, adr_config, policy="float32"):
@@ -282,7 +281,8 @@ def _train(model, options, strategy, run_dir, train, validation_ds, monitor):
     `train` is the training dataset and the epoch variable its order follows.
     """
     train_ds, epoch = train
-    guard = _guard(options, run_dir.file("history.csv"))
+    # The chief's history, on every worker (see `_callbacks`).
+    guard = _guard(options, os.path.join(options.output_dir, "history.csv"))
     fastest = adr_callbacks.FastestCompilation(_compilations(options, strategy))
     # The dataset shuffles itself (seeded, every epoch); Keras' own shuffle
     # does not apply to a tf.data.Dataset and would only warn.
@@ -292,7 +292,14 @@ def _train(model, options, strategy, run_dir, train, validation_ds, monitor):
         validation_data=validation_ds,
         callbacks=[
             adr_callbacks.EpochVariable(epoch),
-            *_callbacks(run_dir.path, monitor, guard, fastest, bool(options.ema_momentum)),
+            *_callbacks(
+                run_dir.path,
+                monitor,
+                guard,
+                fastest,
+                bool(options.ema_momentum),
+                options.output_dir,
+            ),
         ],
         verbose=options.verbose,
         shuffle=False,

@@ -27,21 +27,25 @@ class AtomicBackupAndRestore(_keras_compat.BackupAndRestoreHooks):
         backup_dir: Directory of the training state (this callback's alone).
         save_freq: `"epoch"` or a number of batches, as in Keras.
         delete_checkpoint: Delete `backup_dir` when `fit` ends, as in Keras.
+        restore_from: The `backup_dir` whose state is restored (default:
+            `backup_dir`). In a multi-worker run every worker restores the
+            chief's state, so that all resume at the same epoch even when a
+            worker died before writing its own.
     """
 
     _STATE_PREFIX = "state-"
 
-    def __init__(self, backup_dir, save_freq="epoch", delete_checkpoint=True):
-        latest = os.path.join(backup_dir, "latest")
+    def __init__(self, backup_dir, save_freq="epoch", delete_checkpoint=True, restore_from=None):
+        restored = os.path.join(restore_from or backup_dir, "latest")
         # Keras restores from these two paths; they resolve through the link.
         super().__init__(
             backup_dir,
-            os.path.join(latest, "latest.weights.h5"),
-            os.path.join(latest, "training_metadata.json"),
+            os.path.join(restored, "latest.weights.h5"),
+            os.path.join(restored, "training_metadata.json"),
             save_freq=save_freq,
             delete_checkpoint=delete_checkpoint,
         )
-        self._latest = latest
+        self._latest = os.path.join(backup_dir, "latest")
 
     def on_train_begin(self, logs=None):
         super().on_train_begin(logs)
