@@ -208,6 +208,7 @@ def test_adr_train_on_a_full_disk_is_one_line(tmp_path):
         64,
         "keras_adr.cli.train",
         f"--output_dir={run_dir}",
+        "--epochs=1",
         "--train_examples=96",
         "--validation_examples=32",
         "--test_examples=32",

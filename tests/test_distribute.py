@@ -26,6 +26,7 @@ _SCRIPTS = os.path.join(os.path.dirname(__file__), "scripts")
 # can be compared with one device weight for weight (Adam would amplify
 # float round-off in near-zero gradients; random starts differ per replica).
 _TINY = [
+    "--epochs=1",
     "--train_examples=256",
     "--validation_examples=64",
     "--test_examples=64",

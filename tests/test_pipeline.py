@@ -24,7 +24,11 @@ def _needs_fashion_mnist():
 def _quick_options(tmp_path, **fields):
     """A run on one device, without export or progress bar, into `tmp_path`."""
     return pipeline.TrainOptions(
-        output_dir=str(tmp_path), strategy="default", export=False, verbose=0, **fields
+        **{"epochs": 1, **fields},
+        output_dir=str(tmp_path),
+        strategy="default",
+        export=False,
+        verbose=0,
     )
 
 

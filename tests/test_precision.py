@@ -390,6 +390,7 @@ def test_run_records_the_precision_and_exports_float32(tmp_path):
     except data.DatasetNotFoundError as error:
         pytest.skip(f"Fashion-MNIST is not installed: {error}")
     options = pipeline.TrainOptions(
+        epochs=1,
         train_examples=64,
         validation_examples=0,
         test_examples=32,
