@@ -45,6 +45,12 @@ _TINY = [
     # Even raw codes have a few ties (both codes 0 after ReLU), so weights
     # agree to ~1e-6 after 3 steps, not bit for bit: _WEIGHT_TOLERANCE.
     "--defense=adr_pgd_paper",
+    # Seed 0's first three batches (in the epoch-numbered order of
+    # `data.load(..., epoch=)`) hold such ties that flip a subgradient's sign:
+    # measured 1e-4 relative in adv_ce and 0.04 in the weights, one device
+    # against two replicas. Seeds 1 and 2 agree to 1e-6, as every seed did
+    # with the earlier order; the test keeps to round-off with seed 1.
+    "--seed=1",
 ]
 # Measured: 1.5e-8 to 1.5e-6 depending on the summation order of the terms (a
 # reordering that changes no value by more than 1 ulp moves it). An objective
