@@ -575,7 +575,10 @@ def test_multi_worker_run_resumes_after_a_lost_worker(fashion_mnist, tmp_path):
     workers = _start_workers(resumed, ports, *flags)
     try:
         deadline = time.time() + 240
-        while _backup_epoch(resumed) is None and time.time() < deadline:
+        # Both workers have finished epoch 1 (backups and best.keras written).
+        while (
+            _backup_epoch(resumed) is None or _backup_epoch(resumed / "workertemp_1") is None
+        ) and time.time() < deadline:
             assert all(w.poll() is None for w in workers), "a worker ended before epoch 2"
             time.sleep(0.01)
         workers[1].send_signal(signal.SIGKILL)  # in epoch 2

@@ -195,7 +195,7 @@ def load(
         ds, num_examples = tfds.load(name, split, data_dir, take, _INFOS[name].num_train)
 
     if shuffle and epoch is not None:
-        ds = _shuffled_by_epoch(ds, max(num_examples, 1), seed, epoch)
+        ds = _shuffled_by_epoch(ds, num_examples, seed, epoch)
     elif shuffle:
         ds = ds.shuffle(max(num_examples, 1), seed=seed, reshuffle_each_iteration=True)
     augmenter = augmentation(name, seed=seed) if augment else None
@@ -208,7 +208,7 @@ def load(
     return ds.map(_to_float, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
 
 
-def _shuffled_by_epoch(ds, buffer_size, seed, epoch):
+def _shuffled_by_epoch(ds, num_examples, seed, epoch):
     """`ds` in an order drawn, at each iteration, from `seed` and `epoch`'s value.
 
     The whole split is one buffer (as `shuffle`'s is here), permuted by a
@@ -223,7 +223,10 @@ def _shuffled_by_epoch(ds, buffer_size, seed, epoch):
         order = tf.random.experimental.stateless_shuffle(tf.range(tf.shape(examples[0])[0]), key)
         return tuple(tf.gather(t, order) for t in examples)
 
-    return ds.batch(buffer_size).map(permute).unbatch()
+    shuffled = ds.batch(max(num_examples, 1)).map(permute).unbatch()
+    # `unbatch` forgets the count; Keras needs it to know an epoch's steps
+    # (else it warns "Your input ran out of data" at every epoch's end).
+    return shuffled.apply(tf.data.experimental.assert_cardinality(num_examples))
 
 
 def augmentation(name, seed=None):
