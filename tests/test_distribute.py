@@ -302,17 +302,7 @@ def test_adr_train_multi_worker_two_processes(one_device_run, tmp_path):
                 text=True,
             )
         )
-    outputs = []
-    try:
-        for process in processes:
-            outputs.append(process.communicate(timeout=240))
-    finally:
-        for process in processes:
-            if process.poll() is None:
-                process.kill()
-                process.communicate()
-    for index, (process, (_, stderr)) in enumerate(zip(processes, outputs)):
-        assert process.returncode == 0, f"worker {index}:\n{stderr[-3000:]}"
+    outputs = _finish(processes, timeout=240)
 
     # The chief (worker 0) wrote the outputs; worker 1 cleaned its private directory.
     metrics = json.loads((out / "metrics.json").read_text())
@@ -535,6 +525,7 @@ def _start_workers(out, ports, *flags):
 
 
 def _finish(processes, timeout=300):
+    """Waits for the workers; asserts each succeeded; returns their `(stdout, stderr)`."""
     outputs = []
     try:
         for process in processes:
@@ -546,6 +537,7 @@ def _finish(processes, timeout=300):
                 process.communicate()
     for index, (process, (_, stderr)) in enumerate(zip(processes, outputs)):
         assert process.returncode == 0, f"worker {index}:\n{stderr[-3000:]}"
+    return outputs
 
 
 def _backup_epoch(run_dir):

@@ -219,17 +219,8 @@ def write_report(results, output_dir, *, checks=None, metadata=None):
 
 
 def read_report(output_dir, marker_name=REPORT_MARKER):
-    """The completion marker of the report set in `output_dir`, after checking the set.
-
-    Args:
-        output_dir: A directory written by `write_report` (or, with
-            `marker_name=ROBUSTBENCH_MARKER`, by `write_autoattack_result`).
-        marker_name: The set's marker file name.
-
-    Returns:
-        The marker: `{"complete": True, "metadata": ..., "files": ...}`;
-        `metadata` tells what the set came from (for `adr-evaluate`, its
-        command and `EvalConfig`).
+    """`result_set.read_set` of a `write_report` set (or, with `ROBUSTBENCH_MARKER`, an
+    AutoAttack one): its completion marker, after checking every file against it.
 
     Raises:
         IncompleteReportError: If the marker is missing or a file does not match it.
