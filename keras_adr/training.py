@@ -1,4 +1,4 @@
-"""The ADR training step: `ADRMixin` for any Keras model, `ADRModel` as a wrapper.
+"""The ADR training step: `ADRMixin` for any Keras model (`keras_adr.adr_model.ADRModel` wraps one).
 
 One step: craft adversarial examples with the configured attack (model in
 inference mode), run one training-mode forward pass on the clean and one on
