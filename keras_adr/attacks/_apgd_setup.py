@@ -16,7 +16,7 @@ The attack loop and the public `apgd` / `apgd_dlr_targeted` are in
 import numpy as np
 import tensorflow as tf
 
-from keras_adr.attacks._common import _per_example_norm, _validate
+from keras_adr.attacks._common import _normal, _per_example_norm, _uniform, _validate
 
 APGD_LOSSES = ("ce", "dlr")
 # Checkpoints: p_0 = 0, p_1 = 0.22, p_{j+1} = p_j + max(p_j - p_{j-1} - 0.03, 0.06).
@@ -60,15 +60,8 @@ def _apgd_start(x, epsilon, norm, seed):
     """
     shape = tf.shape(x)
     if norm == "linf":
-        if seed is None:
-            noise = tf.random.uniform(shape, -1.0, 1.0, dtype=x.dtype)
-        else:
-            noise = tf.random.stateless_uniform(shape, seed, -1.0, 1.0, dtype=x.dtype)
-        return x + epsilon * noise
-    if seed is None:
-        noise = tf.random.normal(shape, dtype=x.dtype)
-    else:
-        noise = tf.random.stateless_normal(shape, seed, dtype=x.dtype)
+        return x + epsilon * _uniform(shape, seed, -1.0, 1.0, dtype=x.dtype)
+    noise = _normal(shape, seed, dtype=x.dtype)
     return x + epsilon * noise / _per_example_norm(noise)
 
 
