@@ -14,8 +14,6 @@ import os
 
 from keras_adr.evaluation import sanity
 from keras_adr.evaluation.result_set import (  # noqa: F401 - re-exported
-    KILL_AT_ENV,
-    TEMP_REPORT_PREFIX,
     IncompleteReportError,
     ReportWriteError,
     json_bytes,
