@@ -459,3 +459,41 @@ def test_explicit_data_dir_is_the_only_place_searched(tmp_path, no_default_dirs,
     # Unset, the fallbacks still apply.
     _, labels = _collect(data.load("fashion_mnist", "test", batch_size=8))
     assert labels.shape == (6,)
+
+
+def test_augmentation_by_epoch_depends_only_on_the_epoch(tmp_path):
+    """With an epoch variable, an epoch's crops and flips are the same in a
+    resumed run as in an uninterrupted one: they follow the epoch, not the
+    iterations before it."""
+    tfds = pytest.importorskip("tensorflow_datasets")
+    epoch = tf.Variable(0, dtype=tf.int64)
+
+    def epoch_images(number, seed=3):
+        epoch.assign(number)
+        ds = data.load(
+            "cifar10",
+            "train",
+            batch_size=16,
+            data_dir=tmp_path,
+            augment=True,
+            seed=seed,
+            epoch=epoch,
+        )
+        return _collect(ds)[0]
+
+    with tfds.testing.mock_data(num_examples=16):
+        plain, _ = _collect(data.load("cifar10", "train", batch_size=16, data_dir=tmp_path))
+        first, second = epoch_images(0), epoch_images(1)
+        resumed = epoch_images(1)  # A new pipeline, as after a restart, at epoch 1.
+        other = epoch_images(0, seed=4)
+    np.testing.assert_array_equal(resumed, second)
+    assert not np.array_equal(first, second)  # Each epoch draws afresh...
+    assert not np.array_equal(first, other)  # ...and the seed matters.
+    offsets, num_flipped = set(), 0
+    for original, result in zip(plain, first):
+        windows = _windows(original, padding=4, flip=True)
+        matches = [i for i, w in enumerate(windows) if np.array_equal(w, result)]
+        assert matches, "augmented image is not a padded crop of the original"
+        offsets.add(min(matches) % 81)
+        num_flipped += min(matches) >= 81
+    assert len(offsets) > 1 and 0 < num_flipped < 16

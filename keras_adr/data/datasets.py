@@ -147,7 +147,9 @@ def load(
     crop and a random horizontal flip, for `svhn_cropped` the crop only, and
     nothing for `fashion_mnist` and `mnist`. It happens in the data
     pipeline, so the attack of an adversarial training step crafts its
-    examples on the augmented batch.
+    examples on the augmented batch. With `epoch`, the same crops and flips
+    are drawn statelessly from `seed`, the epoch and each example's position,
+    so that a resumed run sees the images an uninterrupted run saw.
 
     Args:
         name: Dataset name, one of `DATASETS`.
@@ -166,13 +168,14 @@ def load(
             gives the same sequence of epochs (each epoch still differs from
             the previous one). `None` draws fresh randomness.
         drop_remainder: Whether to drop the last, smaller batch.
-        epoch: With `shuffle`, an optional scalar int64 `tf.Variable` that
+        epoch: An optional scalar int64 `tf.Variable` that
             holds the epoch being trained (`keras_adr.callbacks.EpochVariable`
             sets it). Each iteration then shuffles with a seed drawn from
             `seed` and the epoch, so the order of an epoch depends only on
             its number: a run resumed at epoch N sees the order an
-            uninterrupted run saw. None: the dataset reshuffles at each
-            iteration from its own generator.
+            uninterrupted run saw; the same holds for the augmentation.
+            None: the dataset reshuffles and augments at each iteration
+            from its own generators.
 
     Returns:
         A prefetched `tf.data.Dataset` of `(images, labels)`: `float32`
@@ -194,12 +197,17 @@ def load(
     else:
         ds, num_examples = tfds.load(name, split, data_dir, take, _INFOS[name].num_train)
 
+    if epoch is not None and seed is None:
+        # One seed for the whole run: each epoch's order and crops follow from it.
+        seed = int(tf.random.uniform([], 0, 2**31 - 1, dtype=tf.int64))
     if shuffle and epoch is not None:
         ds = _shuffled_by_epoch(ds, num_examples, seed, epoch)
     elif shuffle:
         ds = ds.shuffle(max(num_examples, 1), seed=seed, reshuffle_each_iteration=True)
-    augmenter = augmentation(name, seed=seed) if augment else None
-    if augmenter is not None:
+    augmenter = augmentation(name, seed=seed) if augment and epoch is None else None
+    if augment and epoch is not None:
+        ds = _augmented_by_epoch(ds, name, seed, epoch)
+    elif augmenter is not None:
         # One example at a time (Keras' RandomCrop takes one window per
         # call) and in order (the layers draw from their seeded generators,
         # so a parallel map would hand the draws to examples in any order).
@@ -214,8 +222,6 @@ def _shuffled_by_epoch(ds, num_examples, seed, epoch):
     The whole split is one buffer (as `shuffle`'s is here), permuted by a
     stateless shuffle, which op determinism also allows.
     """
-    if seed is None:
-        seed = int(tf.random.uniform([], 0, 2**31 - 1, dtype=tf.int64))
 
     def permute(*examples):
         # Read when an iteration starts, after `fit` has set the epoch.
@@ -227,6 +233,34 @@ def _shuffled_by_epoch(ds, num_examples, seed, epoch):
     # `unbatch` forgets the count; Keras needs it to know an epoch's steps
     # (else it warns "Your input ran out of data" at every epoch's end).
     return shuffled.apply(tf.data.experimental.assert_cardinality(num_examples))
+
+
+def _augmented_by_epoch(ds, name, seed, epoch):
+    """`ds` with `augmentation(name)`'s crops and flips, drawn statelessly.
+
+    Each example's draws depend only on `seed`, the epoch's value and the
+    example's position in the epoch, so a run resumed at epoch N sees the
+    images an uninterrupted run saw (the layers' generators would restart
+    from their seed), and examples can be augmented in parallel.
+    """
+    crop, flip = _AUGMENTATIONS[name]
+    if not (crop or flip):
+        return ds
+    shape = _INFOS[name].input_shape
+    pad = [[_CROP_PADDING, _CROP_PADDING], [_CROP_PADDING, _CROP_PADDING], [0, 0]]
+    fold_in = tf.random.experimental.stateless_fold_in
+
+    def augment(position, example):
+        image, label = example
+        key = tf.constant([seed, 0], tf.int64)
+        key = fold_in(fold_in(key, tf.cast(epoch.read_value(), tf.int64)), position)
+        if crop:
+            image = tf.image.stateless_random_crop(tf.pad(image, pad), shape, fold_in(key, 0))
+        if flip:
+            image = tf.image.stateless_random_flip_left_right(image, fold_in(key, 1))
+        return image, label
+
+    return ds.enumerate().map(augment, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
 
 
 def augmentation(name, seed=None):
