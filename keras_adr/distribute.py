@@ -191,11 +191,25 @@ def work_dir(strategy, output_dir):
     but only the chief writes the real outputs; each other worker writes into
     `<output_dir>/workertemp_<index>`, which it deletes when the run ends (see
     `remove_work_dir`). Its `BackupAndRestore` state lives there while the run
-    is in progress, so a restarted worker resumes from its own backup.
+    is in progress. A restarted run restores every worker from the chief's
+    backup and selects the chief's `best.keras`, so that a worker lost before
+    writing its own resumes like the others.
     """
     if is_chief(strategy):
         return output_dir
     return os.path.join(output_dir, f"workertemp_{worker_index(strategy)}")
+
+
+def barrier(strategy):
+    """Returns once every worker has called it: an all-reduce of one number.
+
+    A no-op without a cluster. After it, each worker sees what the others
+    wrote before calling it (such as the chief's `best.keras`).
+    """
+    if num_workers(strategy) > 1:
+        strategy.reduce(
+            tf.distribute.ReduceOp.SUM, strategy.run(lambda: tf.constant(1.0)), axis=None
+        )
 
 
 def remove_work_dir(strategy, output_dir):

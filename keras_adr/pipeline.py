@@ -229,7 +229,10 @@ def _run_stages(options, adr_config, strategy, run_dir, policy):
         model.set_weights(keras.saving.load_model(run_dir.file("final.keras")).get_weights())
     history = run_history.read_history(run_dir.file("history.csv"))
     run_history.check_finite(history)
-    best_epoch = _select_weights(model, options, run_dir.path, monitor)
+    # Every worker takes the chief's best.keras, once written (a worker lost
+    # before its own save has none, or an older one).
+    distribute.barrier(strategy)
+    best_epoch = _select_weights(model, options, options.output_dir, monitor)
 
     results, eval_seconds = _evaluate(model, options, adr_config, run_dir)
 

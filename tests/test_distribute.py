@@ -587,6 +587,9 @@ def test_multi_worker_run_resumes_after_a_lost_worker(fashion_mnist, tmp_path):
     assert backed_up in (1, 2), backed_up
     # Nothing of a finished run was published, and only the chief's directory holds outputs.
     assert not (resumed / "metrics.json").exists() and not (resumed / "final.keras").exists()
+    # As if the worker had died between the chief's best.keras and its own:
+    # every worker selects the chief's.
+    (resumed / "workertemp_1" / "best.keras").unlink(missing_ok=True)
 
     _finish(_start_workers(resumed, ports, *flags))
     logged = [int(row["epoch"]) for row in csv.DictReader(open(resumed / "history.csv"))]
