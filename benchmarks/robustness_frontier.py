@@ -444,7 +444,14 @@ def plot(preset_name, entries, references, verdict_, path):
                     )
     for label, clean, robust in references:
         axes.plot(100 * clean, 100 * robust, marker="s", color="grey", linestyle="none")
-        axes.annotate(label, (100 * clean, 100 * robust), fontsize="x-small", color="grey")
+        axes.annotate(
+            label,
+            (100 * clean, 100 * robust),
+            xytext=(5, 3),  # beside the marker, not under it
+            textcoords="offset points",
+            fontsize="x-small",
+            color="grey",
+        )
     axes.set_xlabel("clean accuracy (%)")
     axes.set_ylabel("worst-case robust accuracy (%)")
     title = f"{preset_name}: higher and to the right is better"
