@@ -32,7 +32,13 @@ setuptools.setup(
     packages=setuptools.find_packages(include=["keras_adr", "keras_adr.*"]),
     install_requires=_requirements(),
     extras_require={
-        "test": ["pytest>=8", "tensorflow-serving-api>=2.20,<2.22", "ruff==0.17.6", "build>=1.2"],
+        "test": [
+            "pytest>=8",
+            "pytest-xdist>=3.5",
+            "tensorflow-serving-api>=2.20,<2.22",
+            "ruff==0.17.6",
+            "build>=1.2",
+        ],
         # The documentation site: `mkdocs serve`, `mkdocs build --strict` (CI).
         "docs": [
             "mkdocs==1.6.1",

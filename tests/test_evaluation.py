@@ -579,6 +579,4 @@ def test_cli_autoattack_fails_on_its_sanity_checks(masked_model, tmp_path):
     assert card["keras_adr"]["checks"]["zero_gradient_fraction"] == 1.0
     assert card["defense"] == "binarized" and card["name"] == str(tmp_path / "serving")
     assert card["keras_adr"]["sanity_checks_passed"] is False
-
-    result = _run_cli(*args, "--allow_sanity_failures")
-    assert result.returncode == 0, result.stderr[-3000:]
+    # --allow_sanity_failures (one code path for every suite): the test above.
