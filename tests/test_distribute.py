@@ -560,7 +560,7 @@ def test_multi_worker_run_resumes_after_a_lost_worker(fashion_mnist, tmp_path):
         ports = _free_ports(2)
     except OSError as error:
         pytest.skip(f"cannot bind localhost ports for the workers: {error}")
-    flags = ("--epochs=3", "--train_examples=1024", "--deterministic", "--export=false")
+    flags = ("--epochs=3", "--train_examples=512", "--deterministic", "--export=false")
     whole, resumed = tmp_path / "whole", tmp_path / "resumed"
     _finish(_start_workers(whole, ports, *flags))
 

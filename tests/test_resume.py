@@ -100,7 +100,7 @@ def test_a_resumed_guard_stops_where_an_uninterrupted_one_does():
 
 
 _FLAGS = [
-    "--train_examples=1536",
+    "--train_examples=768",
     "--validation_examples=128",
     "--test_examples=32",
     "--batch_size=64",
