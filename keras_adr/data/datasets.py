@@ -204,10 +204,9 @@ def load(
         ds = _shuffled_by_epoch(ds, num_examples, seed, epoch)
     elif shuffle:
         ds = ds.shuffle(max(num_examples, 1), seed=seed, reshuffle_each_iteration=True)
-    augmenter = augmentation(name, seed=seed) if augment and epoch is None else None
     if augment and epoch is not None:
         ds = _augmented_by_epoch(ds, name, seed, epoch)
-    elif augmenter is not None:
+    elif augment and (augmenter := augmentation(name, seed=seed)) is not None:
         # One example at a time (Keras' RandomCrop takes one window per
         # call) and in order (the layers draw from their seeded generators,
         # so a parallel map would hand the draws to examples in any order).
