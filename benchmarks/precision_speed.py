@@ -100,7 +100,8 @@ _ONEDNN_CREATE = re.compile(r"onednn_verbose,(?:v\d+,)?primitive,create[^,]*,cpu
 class Settings:
     """How every process measures (the same for every configuration)."""
 
-    steps: int = 16  # timed training steps per process
+    steps: int = 16  # timed training steps per round
+    rounds: int = 1  # rounds of timed steps per process (issue 30: the speed changes between them)
     warmup: int = 3  # untimed steps first (tracing, oneDNN primitive creation)
     batch_size: int = 128
     attack_steps: int = 10  # PGD steps of the training attack
@@ -120,7 +121,12 @@ def define_flags():
     flags.DEFINE_list("policies", list(DEFAULT_POLICIES), "Keras dtype policies to time.")
     flags.DEFINE_list("defenses", list(DEFAULT_DEFENSES), "Defenses to time.")
     flags.DEFINE_integer("runs", DEFAULT_PROCESSES, "Processes per (policy, defense).")
-    flags.DEFINE_integer("steps", defaults.steps, "Timed training steps per process.")
+    flags.DEFINE_integer("steps", defaults.steps, "Timed training steps per round.")
+    flags.DEFINE_integer(
+        "rounds",
+        defaults.rounds,
+        "Rounds of --steps timed steps per process, each with its own cores and machine load.",
+    )
     flags.DEFINE_integer(
         "warmup", defaults.warmup, "Untimed steps first (tracing, oneDNN primitive creation)."
     )
@@ -159,6 +165,7 @@ def _settings_from_flags():
     f = flags.FLAGS
     return Settings(
         steps=f.steps,
+        rounds=f.rounds,
         warmup=f.warmup,
         batch_size=f.batch_size,
         attack_steps=f.attack_steps,
@@ -188,6 +195,7 @@ def run_child(policy, defense, settings):
         "benchmarks.precision_speed",
         f"--child={policy}:{defense}",
         f"--steps={settings.steps}",
+        f"--rounds={settings.rounds}",
         f"--warmup={settings.warmup}",
         f"--batch_size={settings.batch_size}",
         f"--attack_steps={settings.attack_steps}",

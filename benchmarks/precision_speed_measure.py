@@ -92,6 +92,7 @@ def measure(policy, defense, settings):
     row.update(
         step_seconds=[round(t, 5) for t in first["step_seconds"]],
         median_step_seconds=statistics.median(first["step_seconds"]),
+        rounds=first["rounds"],
         machine_per_step=first["machine_per_step"],
         per_step=first["per_step"],
         load_after=os.getloadavg(),
@@ -120,17 +121,27 @@ def measure(policy, defense, settings):
 
 
 def _time_compiled_step(step, settings):
-    """Times `settings.steps` calls of `step` with this process's and the machine's CPU use.
+    """Times `settings.rounds` rounds of `settings.steps` calls of `step`, with CPU use.
 
+    Per round: the median step, the cores this process kept busy, the
+    machine's busy and stolen cores, and the busiest threads' cores
+    (`_round`): issue 30's one-core rounds (one thread at work) and rounds
+    slowed by another process (the machine busier than this process) then
+    look different. `machine_per_step` and `per_step` are over all rounds.
     With `settings.op_profile`, then as many calls again under the profiler
     (the same compiled step, so a slow one is still slow): which ops take
     the time.
     """
     usage_before = resource.getrusage(resource.RUSAGE_SELF)
     machine_before = _machine_cpu_seconds()
-    times = _call_seconds(step, settings.steps)
+    times, rounds = [], []
+    for _ in range(settings.rounds):
+        round_times, round_record = _round(step, settings.steps)
+        times += round_times
+        rounds.append(round_record)
     timing = {
         "step_seconds": times,
+        "rounds": rounds,
         "machine_per_step": _machine_per_step(machine_before, _machine_cpu_seconds(), len(times)),
         "per_step": _usage_per_step(
             usage_before, resource.getrusage(resource.RUSAGE_SELF), len(times)
@@ -144,6 +155,70 @@ def _time_compiled_step(step, settings):
             median_step_seconds=statistics.median(profiled),
         )
     return timing
+
+
+def _round(step, steps):
+    """`(step_seconds, record)` of one round of `steps` calls of `step`.
+
+    The record has the round's median step and, over its wall time, the
+    cores this process used (CPU seconds / wall seconds), the cores the
+    whole machine was busy (user, nice, system, irq, softirq) and stolen by
+    the hypervisor, and the three busiest threads' cores.
+    """
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    machine = _machine_cpu_seconds()
+    threads = _thread_cpu_seconds()
+    started = time.perf_counter()
+    times = _call_seconds(step, steps)
+    wall = time.perf_counter() - started
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    cpu = after.ru_utime + after.ru_stime - usage.ru_utime - usage.ru_stime
+    record = {"median_step_seconds": round(statistics.median(times), 5)}
+    record["process_cores"] = round(cpu / wall, 3)
+    machine_after = _machine_cpu_seconds()
+    if machine and machine_after:
+        delta = {name: machine_after[name] - machine[name] for name in machine}
+        busy = sum(delta[name] for name in ("user", "nice", "system", "irq", "softirq"))
+        record["machine_busy_cores"] = round(busy / wall, 3)
+        record["machine_steal_cores"] = round(delta["steal"] / wall, 3)
+    threads_after = _thread_cpu_seconds()
+    if threads and threads_after:
+        # Which threads worked: TensorFlow's inter-op threads are named
+        # `tf_Compute`, its intra-op pool's keep the process's name.
+        used = sorted(
+            (
+                (seconds - threads.get(tid, (name, 0.0))[1], name)
+                for tid, (name, seconds) in threads_after.items()
+            ),
+            reverse=True,
+        )
+        record["busiest_threads"] = [[round(s / wall, 3), name] for s, name in used[:3]]
+    return times, record
+
+
+def _thread_cpu_seconds(task_dir="/proc/self/task"):
+    """`{thread id: (name, user + system CPU seconds)}` of this process's threads, or None.
+
+    Linux only (`proc(5)`): None where `task_dir` cannot be read.
+    """
+    try:
+        tids = os.listdir(task_dir)
+    except OSError:
+        return None
+    ticks = os.sysconf("SC_CLK_TCK")
+    threads = {}
+    for tid in tids:
+        try:
+            with open(os.path.join(task_dir, tid, "stat")) as f:
+                text = f.read()
+            # `pid (name) state ...`: the name may hold spaces and parentheses;
+            # utime and stime are the 14th and 15th fields.
+            name = text[text.index("(") + 1 : text.rindex(")")]
+            fields = text[text.rindex(")") + 1 :].split()
+            threads[tid] = (name, (int(fields[11]) + int(fields[12])) / ticks)
+        except (OSError, ValueError, IndexError):
+            continue  # The thread ended.
+    return threads
 
 
 def _call_seconds(call, repeats):

@@ -11,7 +11,7 @@ import collections
 import statistics
 
 from benchmarks import precision_speed_compilations as compilations
-from benchmarks import results_io
+from benchmarks import precision_speed_rounds, results_io
 
 # Issue 14's targets: every process of TARGET_POLICY at least MIN_SPEEDUP
 # times faster than the median process of BASE_POLICY, for every defense;
@@ -330,6 +330,9 @@ def summary(rows):
         "",
         *kernel_lines(rows),
     ]
+    rounds = precision_speed_rounds.round_lines(rows)
+    if rounds:
+        lines += ["", "## Rounds within each process (`--rounds`)", "", *rounds]
     parts = part_lines(rows)
     if parts:
         lines += [

@@ -1,9 +1,9 @@
-"""What a run is built from: its data splits (checked before training), model and optimizer."""
+"""What a run is built from: its data splits (checked first), model, optimizer and precision."""
 
 import keras
 from absl import logging
 
-from keras_adr import data, models
+from keras_adr import data, distribute, models, precision, rundir
 from keras_adr.adr_model import ADRModel
 
 
@@ -83,3 +83,26 @@ def check_splits(options, info, train_split, evaluate):
                 f"but {options.dataset} images are {expected}: give a --data_dir whose train "
                 "and test files both hold them."
             )
+
+
+def training_policy(options, strategy, out):
+    """`(policy, reason)`: the dtype policy this run trains in, and why (for the log).
+
+    `--precision=auto` may ask a start-up probe (CPUs with AVX512_BF16 and no
+    AMX), whose answer can differ between processes. So a run directory that
+    already holds a run keeps the policy it recorded (a resumed run is not
+    mixed), and the workers of a multi-worker run do not probe (they would
+    not agree): they take what the CPU alone decides.
+    """
+    if options.precision != "auto":
+        return precision.resolve(options.precision), f"--precision={options.precision}"
+    stored = rundir.stored_config(out)
+    if stored is not None:
+        # `_run_config` leaves float32 unrecorded.
+        policy = stored.get("options", {}).get("precision", "float32")
+        return policy, "--precision=auto: what this run directory's run trained in"
+    single = distribute.num_workers(strategy) == 1
+    policy, why = precision.auto_choice(
+        probe=precision.process_bfloat16_speedup if single else None
+    )
+    return policy, f"--precision=auto: {why}"

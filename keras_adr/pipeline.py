@@ -171,11 +171,7 @@ def run(options, adr_config):
     if options.deterministic:
         tf.config.experimental.enable_op_determinism()
     out = distribute.work_dir(strategy, options.output_dir)
-    if options.precision == "auto":
-        policy, why = precision.auto_choice()
-        why = f"--precision=auto: {why}"
-    else:
-        policy, why = precision.resolve(options.precision), f"--precision={options.precision}"
+    policy, why = run_inputs.training_policy(options, strategy, out)
     with rundir.RunDirectory(out, _run_config(options, adr_config, policy)) as run_dir:
         if run_dir.state.get("complete") and os.path.exists(run_dir.file("metrics.json")):
             return fileio.read_json(run_dir.file("metrics.json"))

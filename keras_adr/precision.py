@@ -13,9 +13,12 @@
   attacks rescale their gradients themselves (`keras_adr.attacks`).
 * `"auto"`: `"mixed_bfloat16"` where its speed-up held in every measured
   process (CPUs with AMX that oneDNN may use, GPUs of compute capability
-  8.0 and newer; `resolve`), else `"float32"`. Opt-in: bfloat16 training
-  measured no robustness cost (`benchmarks/results/precision.md`), but
-  without AMX its speed on a CPU ranged from 0.7x to 2x float32's (issue 14).
+  8.0 and newer; `resolve`); on CPUs with AVX512_BF16 but no AMX, where
+  bfloat16's speed varied from process to process (0.7x to 2x float32's,
+  issues 14 and 30), whichever of the two a start-up probe times faster in
+  this process (`probe_bfloat16_speedup`); else `"float32"`. Opt-in:
+  bfloat16 training measured no robustness cost
+  (`benchmarks/results/precision.md`).
 
 Whatever a model was trained in, `adr-train` and `adr-evaluate` evaluate it
 in float32 by default (`with_policy`), and the exported SavedModel computes
@@ -29,6 +32,7 @@ with keras_adr.precision.policy_scope(policy):
 """
 
 import contextlib
+import functools
 import os
 
 import keras
@@ -43,7 +47,8 @@ BFLOAT16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
 # ran 2.5x float32's speed or more (benchmarks/results/precision_speed_int_keys).
 # Without AMX, oneDNN's avx512_core_bf16 kernels ran at 0.7x float32's speed
 # (a Xeon with oneDNN capped at them, precision_speed_no_amx) or at 1x-2x
-# from process to process (an AMD EPYC, issue 14): `auto` keeps float32 there.
+# from process to process (an AMD EPYC, issues 14 and 30): there `auto` asks
+# the start-up probe.
 AUTO_BFLOAT16_CPU_FLAGS = ("amx_bf16",)
 # NVIDIA GPUs multiply bfloat16 from Ampere (compute capability 8.0) on.
 BFLOAT16_GPU_CAPABILITY = (8, 0)
@@ -51,6 +56,19 @@ CPUINFO = "/proc/cpuinfo"
 # `probe_bfloat16_speedup`: below this float32/bfloat16 time ratio the
 # process is on a slow bfloat16 path (fast processes measured 2.2x and more).
 PROBE_MIN_SPEEDUP = 1.5
+# `auto` on a CPU with AVX512_BF16 and no AMX trains in bfloat16 when the
+# probe times it at least this much faster than float32: a margin over the
+# probe's noise, so that `auto` never picks the slower precision.
+AUTO_PROBE_MIN_SPEEDUP = 1.2
+
+
+@functools.cache
+def process_bfloat16_speedup():
+    """`probe_bfloat16_speedup()`, measured once per process.
+
+    `auto`'s choice and the speed warnings then read the same measurement.
+    """
+    return probe_bfloat16_speedup()
 
 
 def cpu_flags(cpuinfo=CPUINFO):
@@ -105,15 +123,17 @@ def gpu_compute_capabilities():
     return capabilities
 
 
-def resolve(precision, *, cpuinfo=CPUINFO, gpu_capabilities=None, environ=None):
+def resolve(precision, *, cpuinfo=CPUINFO, gpu_capabilities=None, environ=None, probe=None):
     """The Keras dtype policy name that `precision` means on this machine.
 
     `"auto"` is `"mixed_bfloat16"` when every visible GPU has compute
     capability >= 8.0, or when there is no GPU and the CPU has AMX and
-    oneDNN may use it (`onednn_may_use_amx`); `"float32"` otherwise, also on
-    CPUs with AVX512_BF16 but no AMX, where bfloat16's speed-up did not hold
-    (`AUTO_BFLOAT16_CPU_FLAGS`; `--precision=mixed_bfloat16` still uses
-    them). Other values are returned as they are.
+    oneDNN may use it (`onednn_may_use_amx`). On a CPU with AVX512_BF16 but
+    no AMX, where bfloat16's speed-up did not hold in every process
+    (`AUTO_BFLOAT16_CPU_FLAGS`), it is `"mixed_bfloat16"` when `probe`
+    times bfloat16 at least `AUTO_PROBE_MIN_SPEEDUP` times faster than
+    float32, and `"float32"` otherwise or without a probe. Otherwise
+    `"float32"`. Other values are returned as they are.
 
     Args:
         precision: One of `PRECISIONS`.
@@ -122,6 +142,10 @@ def resolve(precision, *, cpuinfo=CPUINFO, gpu_capabilities=None, environ=None):
             TensorFlow (`gpu_compute_capabilities`).
         environ: The environment to read oneDNN's settings from; None
             means `os.environ`.
+        probe: A callable returning bfloat16's speed-up over float32 in
+            this process: by default `process_bfloat16_speedup` (measured
+            once per process, about 0.3 s), or a test's fake; None: no
+            probe, float32 on CPUs without AMX.
 
     Returns:
         One of `POLICIES`.
@@ -133,13 +157,18 @@ def resolve(precision, *, cpuinfo=CPUINFO, gpu_capabilities=None, environ=None):
         raise ValueError(f"`precision` must be one of {', '.join(PRECISIONS)}; got {precision!r}.")
     if precision != "auto":
         return precision
-    return auto_choice(cpuinfo=cpuinfo, gpu_capabilities=gpu_capabilities, environ=environ)[0]
+    return auto_choice(
+        cpuinfo=cpuinfo, gpu_capabilities=gpu_capabilities, environ=environ, probe=probe
+    )[0]
 
 
-def auto_choice(*, cpuinfo=CPUINFO, gpu_capabilities=None, environ=None):
+def auto_choice(
+    *, cpuinfo=CPUINFO, gpu_capabilities=None, environ=None, probe=process_bfloat16_speedup
+):
     """`(policy, reason)`: what `resolve("auto")` picks here, and why (a log line's end).
 
-    Args: as `resolve`.
+    Args: as `resolve`. The probe runs only on a CPU with AVX512_BF16 and no
+    AMX (and oneDNN on).
     """
     if gpu_capabilities is None:
         gpu_capabilities = gpu_compute_capabilities()
@@ -156,10 +185,22 @@ def auto_choice(*, cpuinfo=CPUINFO, gpu_capabilities=None, environ=None):
             "ONEDNN_MAX_CPU_ISA)"
         )
     if any(flag in flags for flag in BFLOAT16_CPU_FLAGS):
-        return "float32", (
-            "the CPU has AVX512_BF16 but no AMX, where bfloat16 ran 0.7x-2x float32's speed "
-            "(issue 14); --precision=mixed_bfloat16 uses it anyway"
+        without_amx = "the CPU has AVX512_BF16 but no AMX"
+        if onednn_off(environ):
+            return "float32", f"{without_amx}, and oneDNN is off (TF_ENABLE_ONEDNN_OPTS)"
+        if probe is None:
+            return "float32", (
+                f"{without_amx}, where bfloat16 ran 0.7x-2x float32's speed from process to "
+                "process (issues 14, 30), and no start-up probe ran; "
+                "--precision=mixed_bfloat16 uses it anyway"
+            )
+        speedup = probe()
+        measured = (
+            f"{without_amx}; a start-up probe timed bfloat16 at {speedup:.2f}x float32's speed"
         )
+        if speedup >= AUTO_PROBE_MIN_SPEEDUP:
+            return "mixed_bfloat16", f"{measured} (at least {AUTO_PROBE_MIN_SPEEDUP}x)"
+        return "float32", f"{measured} (below {AUTO_PROBE_MIN_SPEEDUP}x)"
     return "float32", "the CPU has no bfloat16 instructions"
 
 
@@ -348,7 +389,7 @@ def probe_bfloat16_speedup(repeats=7, timer=None):
     return float32_seconds / max(median_seconds(tf.bfloat16), 1e-12)
 
 
-def log_speed_warnings(policy, *, probe=probe_bfloat16_speedup, **kwargs):
+def log_speed_warnings(policy, *, probe=process_bfloat16_speedup, **kwargs):
     """Logs `speed_warnings(policy, probe=probe)` as warnings; returns them."""
     warnings = speed_warnings(policy, probe=probe, **kwargs)
     for warning in warnings:

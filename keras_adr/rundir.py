@@ -57,6 +57,12 @@ def config_differences(stored, current):
     ]
 
 
+def stored_config(path):
+    """The configuration of the run `path` holds (its `run_config.json`), or None."""
+    config_path = os.path.join(os.fspath(path), CONFIG_FILE)
+    return fileio.read_json(config_path) if os.path.exists(config_path) else None
+
+
 class RunDirectory:
     """Context manager over a run's output directory; see the module docstring.
 
@@ -131,9 +137,8 @@ class RunDirectory:
         self._lock_fd = None
 
     def _check_config(self):
-        config_path = os.path.join(self.path, CONFIG_FILE)
-        if os.path.exists(config_path):
-            stored = fileio.read_json(config_path)
+        stored = stored_config(self.path)
+        if stored is not None:
             differences = config_differences(stored, self.config)
             if differences:
                 raise RunDirectoryError(
@@ -148,4 +153,4 @@ class RunDirectory:
                 f"--output_dir {self.path!r} holds outputs ({', '.join(foreign)}) of a run "
                 f"without a recorded configuration ({CONFIG_FILE}); use a new --output_dir."
             )
-        fileio.write_json(config_path, self.config)
+        fileio.write_json(os.path.join(self.path, CONFIG_FILE), self.config)

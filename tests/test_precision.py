@@ -57,7 +57,11 @@ def _cpuinfo(tmp_path, flags):
 )
 def test_auto_picks_what_the_machine_supports(tmp_path, flags, gpus, expected):
     cpuinfo = _cpuinfo(tmp_path, flags)
-    assert precision.resolve("auto", cpuinfo=cpuinfo, gpu_capabilities=gpus, environ={}) == expected
+    # No probe: on AVX512_BF16 without AMX, float32 (the probe is tested below).
+    chosen = precision.resolve(
+        "auto", cpuinfo=cpuinfo, gpu_capabilities=gpus, environ={}, probe=None
+    )
+    assert chosen == expected
 
 
 @pytest.mark.parametrize(
@@ -84,7 +88,7 @@ def test_auto_needs_onednn_free_to_use_amx(tmp_path, environ, expected):
     [
         (["amx_bf16"], [], {}, "mixed_bfloat16", "the CPU has AMX"),
         (["amx_bf16"], [], {"ONEDNN_MAX_CPU_ISA": "AVX2"}, "float32", "capped below it"),
-        (["avx512_bf16"], [], {}, "float32", "AVX512_BF16 but no AMX"),
+        (["avx512_bf16"], [], {}, "float32", "no start-up probe ran"),
         (["avx2"], [], {}, "float32", "no bfloat16 instructions"),
         ([], [(8, 0)], {}, "mixed_bfloat16", "compute capability 8.0 or more"),
         ([], [(7, 5)], {}, "float32", "below 8.0"),
@@ -92,11 +96,68 @@ def test_auto_needs_onednn_free_to_use_amx(tmp_path, environ, expected):
 )
 def test_auto_choice_says_why(tmp_path, flags, gpus, environ, policy, reason):
     cpuinfo = _cpuinfo(tmp_path, flags)
-    chosen, why = precision.auto_choice(cpuinfo=cpuinfo, gpu_capabilities=gpus, environ=environ)
+    kwargs = dict(cpuinfo=cpuinfo, gpu_capabilities=gpus, environ=environ, probe=None)
+    chosen, why = precision.auto_choice(**kwargs)
     assert chosen == policy and reason in why
-    assert precision.resolve("auto", cpuinfo=cpuinfo, gpu_capabilities=gpus, environ=environ) == (
-        policy
+    assert precision.resolve("auto", **kwargs) == policy
+
+
+def _fake_probe(speedup, calls):
+    return lambda: calls.append(speedup) or speedup
+
+
+@pytest.mark.parametrize(
+    "speedup, policy, reason",
+    [
+        (2.1, "mixed_bfloat16", "timed bfloat16 at 2.10x float32's speed (at least 1.2x)"),
+        (1.2, "mixed_bfloat16", "at 1.20x"),
+        (1.15, "float32", "timed bfloat16 at 1.15x float32's speed (below 1.2x)"),
+        (0.7, "float32", "at 0.70x"),  # slower: never picked
+    ],
+)
+def test_auto_asks_the_probe_on_avx512_bf16_without_amx(tmp_path, speedup, policy, reason):
+    calls = []
+    chosen, why = precision.auto_choice(
+        cpuinfo=_cpuinfo(tmp_path, ["avx512f", "avx512_bf16"]),
+        gpu_capabilities=[],
+        environ={},
+        probe=_fake_probe(speedup, calls),
     )
+    assert (chosen, calls) == (policy, [speedup])
+    assert "AVX512_BF16 but no AMX" in why and reason in why
+
+
+@pytest.mark.parametrize(
+    "flags, gpus, environ, policy",
+    [
+        (["avx512_bf16", "amx_bf16"], [], {}, "mixed_bfloat16"),  # AMX: no probe needed
+        (["avx2"], [], {}, "float32"),  # no bfloat16 instructions: emulated
+        (["avx512_bf16"], [(8, 0)], {}, "mixed_bfloat16"),  # the GPU computes
+        (["avx512_bf16"], [(7, 5)], {}, "float32"),
+        (["avx512_bf16"], [], {"TF_ENABLE_ONEDNN_OPTS": "0"}, "float32"),  # Eigen's kernels
+    ],
+)
+def test_auto_probes_only_on_avx512_bf16_without_amx(tmp_path, flags, gpus, environ, policy):
+    calls = []
+    chosen = precision.resolve(
+        "auto",
+        cpuinfo=_cpuinfo(tmp_path, flags),
+        gpu_capabilities=gpus,
+        environ=environ,
+        probe=_fake_probe(3.0, calls),
+    )
+    assert (chosen, calls) == (policy, [])
+
+
+def test_process_speedup_is_measured_once(monkeypatch):
+    calls = []
+    monkeypatch.setattr(precision, "probe_bfloat16_speedup", lambda: calls.append(1) or 1.8)
+    precision.process_bfloat16_speedup.cache_clear()
+    try:
+        assert precision.process_bfloat16_speedup() == precision.process_bfloat16_speedup() == 1.8
+        assert calls == [1]
+    finally:
+        precision.process_bfloat16_speedup.cache_clear()
 
 
 def test_cpu_flags_reads_the_first_processor(tmp_path):
@@ -433,7 +494,7 @@ def test_run_records_the_precision_and_exports_float32(tmp_path):
 def test_auto_run_logs_the_policy_it_picked_and_why(tmp_path, monkeypatch):
     from keras_adr import pipeline
 
-    monkeypatch.setattr(precision, "auto_choice", lambda: ("float32", "a stated reason"))
+    monkeypatch.setattr(precision, "auto_choice", lambda **_: ("float32", "a stated reason"))
     built, logged = [], []
     monkeypatch.setattr(
         pipeline,
@@ -448,3 +509,49 @@ def test_auto_run_logs_the_policy_it_picked_and_why(tmp_path, monkeypatch):
     pipeline.run(options, keras_adr.presets.get("pgd_at"))
     assert built == ["float32"]
     assert "Training precision: float32 (--precision=auto: a stated reason)." in logged
+
+
+_AUTO_CHOICE = precision.auto_choice  # before any test replaces it
+
+
+def _auto_policy_of_a_run(tmp_path, monkeypatch, speedup, workers=1):
+    """The policy `pipeline.run` trains in with --precision=auto on a CPU with
+    AVX512_BF16 and no AMX whose probe says `speedup`; and whether it probed."""
+    from keras_adr import pipeline
+
+    cpu = _cpuinfo(tmp_path, ["avx512_bf16"])
+    probed = []
+
+    def choice(probe=None):
+        fake = probe and (lambda: probed.append(speedup) or speedup)
+        return _AUTO_CHOICE(cpuinfo=cpu, gpu_capabilities=[], environ={}, probe=fake)
+
+    monkeypatch.setattr(precision, "auto_choice", choice)
+    monkeypatch.setattr(precision, "log_speed_warnings", lambda policy: [])
+    monkeypatch.setattr(pipeline.distribute, "num_workers", lambda strategy: workers)
+    built = []
+    monkeypatch.setattr(
+        pipeline,
+        "_run_stages",
+        lambda options, config, strategy, run_dir, policy: built.append(policy),
+    )
+    options = pipeline.TrainOptions(
+        output_dir=str(tmp_path / "run"), strategy="default", precision="auto", verbose=0
+    )
+    pipeline.run(options, keras_adr.presets.get("pgd_at"))
+    return built[-1], bool(probed)
+
+
+def test_auto_resumes_in_the_policy_its_run_recorded(tmp_path, monkeypatch):
+    # The probe's answer can change between processes; a resumed run must not.
+    assert _auto_policy_of_a_run(tmp_path, monkeypatch, 2.0) == ("mixed_bfloat16", True)
+    assert _auto_policy_of_a_run(tmp_path, monkeypatch, 1.0) == ("mixed_bfloat16", False)
+    other = tmp_path / "other"
+    other.mkdir()
+    assert _auto_policy_of_a_run(other, monkeypatch, 1.0) == ("float32", True)
+    assert _auto_policy_of_a_run(other, monkeypatch, 2.0) == ("float32", False)
+
+
+def test_auto_does_not_probe_on_several_workers(tmp_path, monkeypatch):
+    # Each worker's probe could answer differently: they take the CPU's answer alone.
+    assert _auto_policy_of_a_run(tmp_path, monkeypatch, 2.0, workers=2) == ("float32", False)

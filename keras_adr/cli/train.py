@@ -102,9 +102,10 @@ flags.DEFINE_enum(
     _DEFAULTS.precision,
     precision.PRECISIONS,
     "Training precision (Keras dtype policy): auto = mixed_bfloat16 on CPUs with AMX "
-    "and on GPUs of compute capability >= 8.0, else float32 (also on CPUs with "
-    "AVX512_BF16 but no AMX, where bfloat16 ran 0.7x-2x float32's speed). The "
-    "final evaluation and the export compute in float32 whatever this is.",
+    "and on GPUs of compute capability >= 8.0; on CPUs with AVX512_BF16 but no AMX, "
+    "whichever a start-up probe times faster (a resumed run keeps its precision); "
+    "else float32. The final evaluation and the export compute in float32 whatever "
+    "this is.",
 )
 flags.DEFINE_integer(
     "compilations",
