@@ -169,13 +169,7 @@ def markdown_lines(analysis):
             "Per round: the median over rounds of the ratio of the two processes of "
             "one round, which ran back to back.",
         ]
-    if analysis["targets"]:
-        lines += ["", "Targets of issue 14:", ""]
-        lines += [
-            f"- {t['target']}: {t['value']:.3f} -> **{'met' if t['met'] else 'not met'}**"
-            for t in analysis["targets"]
-        ]
-    return lines
+    return lines + results_io.target_lines("Targets of issue 14:", analysis["targets"])
 
 
 def kernel_lines(rows):

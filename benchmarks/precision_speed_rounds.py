@@ -143,11 +143,7 @@ def round_lines(rows):
         f"machine (other processes kept {MAX_OTHER_CORES} cores or more busy); left out "
         "of the targets.",
     ]
-    analysis = analyse_rounds(rows)
-    if analysis["targets"]:
-        lines += ["", "Targets of issue 30 (free-machine rounds):", ""]
-        lines += [
-            f"- {t['target']}: {t['value']:.2f} -> **{'met' if t['met'] else 'not met'}**"
-            for t in analysis["targets"]
-        ]
-    return lines
+    targets = analyse_rounds(rows)["targets"]
+    return lines + results_io.target_lines(
+        "Targets of issue 30 (free-machine rounds):", targets, ".2f"
+    )

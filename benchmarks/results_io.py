@@ -141,3 +141,17 @@ def set_threads(threads, inter_op_threads=0):
         tf.config.threading.set_inter_op_parallelism_threads(threads)
     if inter_op_threads:
         tf.config.threading.set_inter_op_parallelism_threads(inter_op_threads)
+
+
+def target_lines(title, targets, spec=".3f"):
+    """Markdown lines: `title`, then each target's value and whether it is met.
+
+    `targets`: dicts with `target` (its wording), `value` and `met`; none
+    gives no lines.
+    """
+    if not targets:
+        return []
+    return ["", title, ""] + [
+        f"- {t['target']}: {t['value']:{spec}} -> **{'met' if t['met'] else 'not met'}**"
+        for t in targets
+    ]
