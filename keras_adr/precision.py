@@ -123,7 +123,14 @@ def gpu_compute_capabilities():
     return capabilities
 
 
-def resolve(precision, *, cpuinfo=CPUINFO, gpu_capabilities=None, environ=None, probe=None):
+def resolve(
+    precision,
+    *,
+    cpuinfo=CPUINFO,
+    gpu_capabilities=None,
+    environ=None,
+    probe=process_bfloat16_speedup,
+):
     """The Keras dtype policy name that `precision` means on this machine.
 
     `"auto"` is `"mixed_bfloat16"` when every visible GPU has compute

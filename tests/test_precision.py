@@ -149,6 +149,19 @@ def test_auto_probes_only_on_avx512_bf16_without_amx(tmp_path, flags, gpus, envi
     assert (chosen, calls) == (policy, [])
 
 
+def test_resolve_auto_probes_by_default(tmp_path, monkeypatch):
+    # `resolve("auto")` for one's own model chooses as adr-train does.
+    monkeypatch.setattr(precision, "probe_bfloat16_speedup", lambda: 1.9)
+    precision.process_bfloat16_speedup.cache_clear()
+    try:
+        cpu = _cpuinfo(tmp_path, ["avx512_bf16"])
+        assert precision.resolve("auto", cpuinfo=cpu, gpu_capabilities=[], environ={}) == (
+            "mixed_bfloat16"
+        )
+    finally:
+        precision.process_bfloat16_speedup.cache_clear()
+
+
 def test_process_speedup_is_measured_once(monkeypatch):
     calls = []
     monkeypatch.setattr(precision, "probe_bfloat16_speedup", lambda: calls.append(1) or 1.8)
