@@ -11,14 +11,11 @@
 * `"mixed_float16"`: layers compute in float16 (GPUs). Keras wraps the
   optimizer in a `LossScaleOptimizer` (the ADR step scales its loss); the
   attacks rescale their gradients themselves (`keras_adr.attacks`).
-* `"auto"`: `"mixed_bfloat16"` where its speed-up held in every measured
-  process (CPUs with AMX that oneDNN may use, GPUs of compute capability
-  8.0 and newer; `resolve`); on CPUs with AVX512_BF16 but no AMX, where
-  bfloat16's speed varied from process to process (0.7x to 2x float32's,
-  issues 14 and 30), whichever of the two a start-up probe times faster in
-  this process (`probe_bfloat16_speedup`); else `"float32"`. Opt-in:
-  bfloat16 training measured no robustness cost
-  (`benchmarks/results/precision.md`).
+* `"auto"`: `"mixed_bfloat16"` on CPUs with AMX that oneDNN may use and on
+  GPUs of compute capability 8.0 and newer; on CPUs with AVX512_BF16 but no
+  AMX, whichever a start-up probe times faster in this process; else
+  `"float32"` (`resolve`). Opt-in: bfloat16 training measured no robustness
+  cost (`benchmarks/results/precision.md`).
 
 Whatever a model was trained in, `adr-train` and `adr-evaluate` evaluate it
 in float32 by default (`with_policy`), and the exported SavedModel computes
@@ -56,9 +53,8 @@ CPUINFO = "/proc/cpuinfo"
 # `probe_bfloat16_speedup`: below this float32/bfloat16 time ratio the
 # process is on a slow bfloat16 path (fast processes measured 2.2x and more).
 PROBE_MIN_SPEEDUP = 1.5
-# `auto` on a CPU with AVX512_BF16 and no AMX trains in bfloat16 when the
-# probe times it at least this much faster than float32: a margin over the
-# probe's noise, so that `auto` never picks the slower precision.
+# `auto` on a CPU with AVX512_BF16 and no AMX trains in bfloat16 when the probe
+# times it this much faster than float32 (a margin over the probe's noise).
 AUTO_PROBE_MIN_SPEEDUP = 1.2
 
 
