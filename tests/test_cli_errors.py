@@ -248,6 +248,9 @@ def test_adr_train_interrupted_says_how_to_resume(tmp_path):
         text=True,
         cwd=_ROOT,
         env=_ENV,
+        # Ctrl-C's default action, whatever this process inherited: a shell
+        # starting a job in the background (`cmd &`) ignores SIGINT for it.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     history = run_dir / "history.csv"
     # Interrupted once an epoch is logged: a run with something to resume.
