@@ -171,28 +171,28 @@ def _round(step, steps):
     started = time.perf_counter()
     times = _call_seconds(step, steps)
     wall = time.perf_counter() - started
-    after = resource.getrusage(resource.RUSAGE_SELF)
-    cpu = after.ru_utime + after.ru_stime - usage.ru_utime - usage.ru_stime
-    record = {"median_step_seconds": round(statistics.median(times), 5)}
-    record["process_cores"] = round(cpu / wall, 3)
-    machine_after = _machine_cpu_seconds()
-    if machine and machine_after:
-        delta = {name: machine_after[name] - machine[name] for name in machine}
-        busy = sum(delta[name] for name in ("user", "nice", "system", "irq", "softirq"))
-        record["machine_busy_cores"] = round(busy / wall, 3)
-        record["machine_steal_cores"] = round(delta["steal"] / wall, 3)
+    cores = lambda seconds: round(seconds / wall, 3)
+    used = _usage_per_step(usage, resource.getrusage(resource.RUSAGE_SELF), 1)
+    record = {
+        "median_step_seconds": round(statistics.median(times), 5),
+        "process_cores": cores(used["user_cpu_seconds"] + used["system_cpu_seconds"]),
+    }
+    delta = _machine_per_step(machine, _machine_cpu_seconds(), 1)
+    if delta:
+        record["machine_busy_cores"] = cores(sum(delta[name] for name in _BUSY_STATES))
+        record["machine_steal_cores"] = cores(delta["steal"])
     threads_after = _thread_cpu_seconds()
     if threads and threads_after:
         # Which threads worked: TensorFlow's inter-op threads are named
         # `tf_Compute`, its intra-op pool's keep the process's name.
-        used = sorted(
+        by_thread = sorted(
             (
                 (seconds - threads.get(tid, (name, 0.0))[1], name)
                 for tid, (name, seconds) in threads_after.items()
             ),
             reverse=True,
         )
-        record["busiest_threads"] = [[round(s / wall, 3), name] for s, name in used[:3]]
+        record["busiest_threads"] = [[cores(s), name] for s, name in by_thread[:3]]
     return times, record
 
 
@@ -288,6 +288,8 @@ def _median_call_seconds(function, args, repeats):
 
 # The first fields of the `cpu` line of /proc/stat, in clock ticks (proc(5)).
 _PROC_STAT_FIELDS = ("user", "nice", "system", "idle", "iowait", "irq", "softirq", "steal")
+# Of those, the states in which a CPU runs a process (or the kernel for one).
+_BUSY_STATES = ("user", "nice", "system", "irq", "softirq")
 
 
 def _machine_cpu_seconds(path="/proc/stat"):
