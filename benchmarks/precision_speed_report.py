@@ -12,12 +12,11 @@ import statistics
 
 from benchmarks import precision_speed_compilations as compilations
 from benchmarks import precision_speed_rounds, results_io
+from benchmarks.precision_speed_rounds import BASE_POLICY, TARGET_POLICY
 
 # Issue 14's targets: every process of TARGET_POLICY at least MIN_SPEEDUP
 # times faster than the median process of BASE_POLICY, for every defense;
 # and, in every policy, `adr_pgd`'s median at most MAX_ADR_RATIO x `pgd_at`'s.
-BASE_POLICY = "float32"
-TARGET_POLICY = "mixed_bfloat16"
 MIN_SPEEDUP = 1.7
 MAX_ADR_RATIO = 1.05
 

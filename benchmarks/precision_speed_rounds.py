@@ -17,6 +17,8 @@ import statistics
 
 from benchmarks import results_io
 
+# The precision compared and the one it is compared with (issue 14's targets in
+# `precision_speed_report` too).
 BASE_POLICY = "float32"
 TARGET_POLICY = "mixed_bfloat16"
 # Issue 30: every bfloat16 round of a free machine at least this many times
