@@ -19,7 +19,8 @@ finished rows into `<preset>.{json,md,png}`:
   least +1 point at equal clean accuracy over the best family in every seed;
 - the EMA pairs (the same point with and without EMA);
 - the figure: clean (x) against worst-case (y) accuracy, a curve per
-  family, seed min-max bars, EMA points hollow, and reference points.
+  family, seed min-max bars, EMA points hollow, adr-train's default recipe
+  (a point on no curve), and reference points.
 """
 
 import os
@@ -27,6 +28,7 @@ import os
 import numpy as np
 
 from benchmarks import results_io
+from benchmarks.robustness_presets import DEFAULT_GROUP
 from benchmarks.robustness_stats import _sign_tested, _summed_discordant, sanity_line
 
 # The points a family's curve is drawn through: defense -> family label.
@@ -63,7 +65,8 @@ def _entries(rows, results):
                 "row": row.name,
                 "point": row.name.replace(f"_seed{row.seed}", ""),
                 "label": row.label,
-                "family": row.defense,
+                # adr-train's default point is on no family's curve.
+                "family": row.defense if row.group != DEFAULT_GROUP else DEFAULT_GROUP,
                 "seed": row.seed,
                 "ema": bool(row.ema_momentum),
                 "overrides": dict(row.overrides),
@@ -272,7 +275,9 @@ def markdown(preset_name, preset, rows, entries, chosen, verdict_, emas, referen
         "scale of best validation robust accuracy; the baseline points run at more seeds are "
         "the two of each family whose validation clean accuracy brackets it.",
         f"- Figure `{preset_name}.png`: a point is the mean over the seeds run, its bars the "
-        "min-max; hollow points have an EMA of the weights; grey squares are reference points.",
+        "min-max; hollow points have an EMA of the weights; the star is adr-train's default "
+        "recipe (on no curve; `frontier_defaults.md` compares it on validation); grey squares "
+        "are reference points.",
         f"- Rows finished: {len(done)}/{len(rows)}. Pending: "
         + (", ".join(row.name for row in rows if row.name not in done) or "none")
         + ".",
@@ -442,6 +447,17 @@ def plot(preset_name, entries, references, verdict_, path):
                         capsize=3,
                         linewidth=1,
                     )
+    defaults = [e for e in entries if e["family"] == DEFAULT_GROUP]
+    for index, e in enumerate(defaults):
+        axes.plot(
+            100 * e["clean_accuracy"],
+            100 * e["robust_accuracy"],
+            marker="*",
+            markersize=11,
+            color=_COLORS[ADR],
+            linestyle="none",
+            label=None if index else "ADR-PGD, PGD-5 training (adr-train's default)",
+        )
     for label, clean, robust in references:
         axes.plot(100 * clean, 100 * robust, marker="s", color="grey", linestyle="none")
         axes.annotate(

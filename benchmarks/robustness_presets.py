@@ -88,7 +88,13 @@ class Point:
     label: str
     overrides: tuple = ()  # ((ADRConfig field, value), ...)
     ema_momentum: float = 0.0
+    # "main": a point of its family's curve; DEFAULT_GROUP: adr-train's default
+    # recipe, compared with the frontier's choices on validation, on no curve.
+    group: str = "main"
 
+
+# The group of a frontier's point for adr-train's default recipe.
+DEFAULT_GROUP = "default"
 
 # Fields that choose rows or where a model comes from, not what a row computes
 # (a row's precision is in the row).
@@ -327,6 +333,17 @@ def _adr_point(scale, ema=0.0):
     )
 
 
+# adr-train's default recipe (ADR weights x1, the PGD-5 training attack of
+# `keras_adr.recipe.RECIPE`, no EMA), trained and selected like the points:
+# the reference that the frontier's choices must beat on validation to
+# become the defaults (benchmarks/frontier_defaults.py).
+_DEFAULT_POINT = Point(
+    "adr_pgd_x1_pgd5",
+    "adr_pgd",
+    f"ADR-PGD, ADR weights x1, PGD-{RECIPE.attack_steps} training (adr-train's default)",
+    (("attack_steps", RECIPE.attack_steps), ("attack_step_size", RECIPE.attack_step_size)),
+    group=DEFAULT_GROUP,
+)
 # EMA momentum of the frontier's EMA points (about 2 epochs of 454 steps).
 FRONTIER_EMA_MOMENTUM = 0.999
 # In the order they run: the two headline points first, then what brackets them.
@@ -343,6 +360,7 @@ FRONTIER_POINTS = (
     _adr_point(0.25),
     _adr_point(1, FRONTIER_EMA_MOMENTUM),
     _pgd_at_point(0.10, FRONTIER_EMA_MOMENTUM),
+    _DEFAULT_POINT,
 )
 PRESETS["frontier"] = dataclasses.replace(
     PRESETS["fmnist"],
@@ -352,7 +370,7 @@ PRESETS["frontier"] = dataclasses.replace(
     "images by PGD-10 at eps 0.1; PGD-AT over the training eps, TRADES over beta, ADR-PGD "
     "over a scale of its weights, EMA of the weights on and off",
     **_recipe_fields(_FRONTIER_RECIPE),
-    budget="12 points + 6 seed rows, each about 1 core-hour of training and 15 min of "
+    budget="13 points + 6 seed rows, each about 1 core-hour of training and 15 min of "
     "evaluation here",
     defenses=(),
     seeds=(0, 1, 2),
@@ -479,7 +497,7 @@ def point_rows(preset):
             ema_momentum=point.ema_momentum,
         )
 
-    rows = [row(p, first, "main") for p in preset.points]
+    rows = [row(p, first, p.group) for p in preset.points]
     return rows + [row(by_name[n], s, "seeds") for n in preset.seeded_points for s in others]
 
 

@@ -712,6 +712,7 @@ def test_frontier_summary_chooses_on_validation_and_interpolates_the_baselines(t
         ("adr_pgd_x1", 0): (0.85, 0.76, 0.86, 0.78),
         ("adr_pgd_x0p5", 0): (0.855, 0.75, 0.865, 0.77),  # test-best would be chosen on test
         ("adr_pgd_x1_ema", 0): (0.86, 0.765, 0.87, 0.785),  # EMA points are not candidates
+        ("adr_pgd_x1_pgd5", 0): (0.86, 0.77, 0.87, 0.79),  # nor adr-train's default point
         ("adr_pgd_x1", 1): (0.85, 0.75, 0.86, 0.77),
         ("trades_beta6", 1): (0.845, 0.735, 0.855, 0.745),
         ("trades_beta3", 1): (0.87, 0.72, 0.875, 0.73),
@@ -743,6 +744,8 @@ def test_frontier_summary_chooses_on_validation_and_interpolates_the_baselines(t
     summary = json.loads((tmp_path / "frontier.json").read_text())
     chosen = summary["choices_on_validation"]
     assert chosen["adr_point"] == "adr_pgd_x1" + tag
+    families = {r["point"]: r["family"] for r in summary["rows"]}
+    assert families["adr_pgd_x1_pgd5" + tag] == "default"
     assert chosen["brackets"] == {
         "pgd_at": ["pgd_at_eps0p12" + tag, "pgd_at_eps0p1" + tag],
         "trades": ["trades_beta6" + tag, "trades_beta3" + tag],
