@@ -876,3 +876,96 @@ def test_round_targets_of_issue_30_count_only_free_machine_rounds():
     assert "**not met**" in text
     # Rows from before --rounds have none: no section.
     assert precision_speed_rounds.round_lines([{"policy": "float32", "defense": "pgd_at"}]) == []
+
+
+def test_frontier_defaults_compare_one_change_at_a_time_with_the_default():
+    from benchmarks import frontier_defaults as fd
+    from benchmarks import robustness_presets as rp
+    from benchmarks.robustness_stats import bits
+
+    preset = rp.PRESETS["frontier"]
+    rows = rp.rows_of(preset)
+    tag = "_mixed_bfloat16"
+    listed = fd.candidates(rows, "adr_pgd_x2" + tag)
+    assert [(r.name, c) for r, c in listed] == [
+        ("adr_pgd_x1_pgd5" + tag, fd.TODAY),
+        ("adr_pgd_x1" + tag, "PGD-10 training attack"),
+        ("adr_pgd_x2" + tag, "PGD-10, the weight scale chosen on validation"),
+        ("adr_pgd_x1_ema" + tag, "PGD-10, EMA of the weights"),
+    ]
+    steps = [rp.adr_config(preset, r).attack.steps for r, _ in listed]
+    assert steps == [5, 10, 10, 10]  # the default trains as adr-train does
+    # The chosen point at scale 1 is not listed twice.
+    assert len(fd.candidates(rows, "adr_pgd_x1" + tag)) == 3
+
+    def evaluated(clean, robust):
+        return {
+            "clean_accuracy": sum(clean) / 4,
+            "robust_accuracy": sum(robust) / 4,
+            "clean_correct_bits": bits(clean),
+            "robust_correct_bits": bits(robust),
+            "evaluation": {"num_examples": 4},
+        }
+
+    models = [
+        (listed[0][0], fd.TODAY, evaluated([1, 1, 1, 0], [1, 1, 0, 0])),
+        (listed[1][0], listed[1][1], evaluated([1, 1, 1, 1], [1, 1, 1, 0])),
+        (listed[3][0], listed[3][1], evaluated([1, 1, 1, 0], [0, 1, 0, 0])),
+    ]
+    decision = fd.decide(models)
+    assert decision["best"] == "adr_pgd_x1" + tag and decision["change"] is True
+    first, ema = decision["comparisons"]
+    assert first["robust_difference"] == pytest.approx(0.25)
+    assert first["sign_test"]["worst case"] == {
+        "candidate_only": 1,
+        "default_only": 0,
+        "p_value": 1.0,
+    }
+    assert ema["sign_test"]["worst case"]["default_only"] == 1
+    text = fd.markdown(preset, {**decision, "not_evaluated": []}, models, {})
+    assert "Decision: **change**" in text and "`adr_pgd_x1_pgd5" in text
+
+    # No candidate above the default: keep it.
+    models[0] = (listed[0][0], fd.TODAY, evaluated([1, 1, 1, 1], [1, 1, 1, 1]))
+    decision = fd.decide(models)
+    assert decision["change"] is False
+    text = fd.markdown(preset, {**decision, "not_evaluated": ["x"]}, models, {})
+    assert "Decision: **keep**" in text and "Provisional: x" in text
+
+
+def test_frontier_defaults_evaluate_on_the_split_the_rows_validated_on(tmp_path):
+    import dataclasses
+    import types
+
+    import keras
+
+    from benchmarks import frontier_defaults as fd
+    from benchmarks import robustness_presets as rp
+    from keras_adr import _run_inputs, data
+
+    preset = dataclasses.replace(
+        rp.PRESETS["frontier"],
+        validation_examples=64,
+        eval_attacks=("pgd5", "apgd_ce5"),
+        apgd_targets=1,
+    )
+    info = data.info(preset.dataset)
+    options = types.SimpleNamespace(
+        train_examples=None, validation_examples=64, dataset=preset.dataset
+    )
+    _, validation_split, _ = _run_inputs.splits(options, info)
+    try:
+        data.load(preset.dataset, validation_split, batch_size=8, take=8)
+    except data.DatasetNotFoundError as error:
+        pytest.skip(f"Fashion-MNIST is not installed: {error}")
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((28, 28, 1))
+    model = keras.Model(inputs, keras.layers.Dense(10)(keras.layers.Flatten()(inputs)))
+    checkpoint = str(tmp_path / "best.keras")
+    model.save(checkpoint)
+
+    result = fd.evaluate(checkpoint, preset)
+    assert result["split"] == validation_split  # the images every row selected on
+    assert result["evaluation"]["num_examples"] == 64
+    assert 0 <= result["robust_accuracy"] <= result["clean_accuracy"] <= 1
+    assert list(result["attack_accuracy"]) == ["pgd5", "apgd_ce5"]
