@@ -1,77 +1,110 @@
-"""Publishes the reference model: the best `adr_pgd` model of the fmnist benchmark.
+"""Publishes the reference model: the best validation row of adr-train's defaults study.
 
-Among the finished `adr_pgd` rows of `results/fmnist_rows/` (any seed), the
-one with the highest robust validation accuracy (PGD-5 on the 2,000 held-out
-training images, the value its checkpoint was selected by) is exported with
-`keras_adr.export.export_saved_model` as the next version of
-`saved_models/fashion_mnist_adr`. The test-set numbers of its row go into the
-metadata; they play no part in the choice.
+Among the models `frontier_defaults.py` evaluated on the validation split
+(adr-train's default recipe and the changes the frontier measured, seed 0),
+the one with the best validation worst case (today's default on a tie) is
+exported with `keras_adr.export.export_saved_model` as the next version of
+`saved_models/fashion_mnist_adr`. The test-set numbers of its row go into
+the metadata; they play no part in the choice.
 
-Usage (from the repository root, after `robustness.py --preset=fmnist`):
-    python -m benchmarks.export_reference
+Usage (from the repository root, after `robustness.py --preset=frontier` and
+`frontier_defaults.py`):
+    python -m benchmarks.export_reference --workdir=runs/benchmarks/frontier
     python -m benchmarks.export_reference --dry_run   # print the choice only
 """
 
-import glob
 import json
 import os
 
 from absl import app, flags
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_RESULTS = os.path.join(_REPO, "benchmarks", "results")
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string(
-    "rows_dir",
-    os.path.join(_REPO, "benchmarks", "results", "fmnist_rows"),
-    "Finished rows of the fmnist benchmark.",
-)
-flags.DEFINE_string(
-    "export_dir",
-    os.path.join(_REPO, "saved_models", "fashion_mnist_adr"),
-    "TF Serving base directory of the reference model.",
-)
-flags.DEFINE_string(
-    "models_config",
-    os.path.join(_REPO, "saved_models", "models.config"),
-    "TF Serving model config file written for the reference model.",
-)
-flags.DEFINE_string(
-    "serving_base_path",
-    "/models/fashion_mnist_adr",
-    "The model's base path as the server sees it (in its container).",
-)
-flags.DEFINE_string("defense", "adr_pgd", "Defense whose rows are candidates.")
-flags.DEFINE_bool("dry_run", False, "Print the chosen row, export nothing.")
 
 
-def choose(rows):
-    """The row with the best validation robust accuracy (ties: lower seed)."""
+def _define_flags():
+    """The command line (defined when run, so that tests can import the module)."""
+    flags.DEFINE_string(
+        "defaults_summary",
+        os.path.join(_RESULTS, "frontier_defaults.json"),
+        "The validation comparison of frontier_defaults.py.",
+    )
+    flags.DEFINE_string(
+        "rows_dir", os.path.join(_RESULTS, "frontier_rows"), "Finished rows of the frontier study."
+    )
+    flags.DEFINE_string(
+        "workdir",
+        os.path.join(_REPO, "runs", "benchmarks", "frontier"),
+        "The frontier's run directories (<workdir>/<row>/best.keras).",
+    )
+    flags.DEFINE_string(
+        "export_dir",
+        os.path.join(_REPO, "saved_models", "fashion_mnist_adr"),
+        "TF Serving base directory of the reference model.",
+    )
+    flags.DEFINE_string(
+        "models_config",
+        os.path.join(_REPO, "saved_models", "models.config"),
+        "TF Serving model config file written for the reference model.",
+    )
+    flags.DEFINE_string(
+        "serving_base_path",
+        "/models/fashion_mnist_adr",
+        "The model's base path as the server sees it (in its container).",
+    )
+    flags.DEFINE_bool("dry_run", False, "Print the chosen row, export nothing.")
 
-    def best_validation(row):
-        values = [v for v in row["history"].get("val_adv_accuracy", []) if v is not None]
-        return max(values) if values else -1.0
 
-    return max(rows, key=lambda row: (best_validation(row), -row["seed"])), best_validation
+def choose(models):
+    """The evaluated model of best validation worst case (the first, today's default, on a tie)."""
+    return max(models, key=lambda m: m["robust_accuracy"])
+
+
+def train_command(row):
+    """The adr-train command that trains as the row's benchmark run did."""
+    from keras_adr import presets
+
+    attack = row["adr_config"]["attack"]
+    preset = presets.get(row["defense"])
+    flags_ = [
+        f"--defense={row['defense']}",
+        "--epochs=10",
+        f"--epsilon={attack['epsilon']:g}",
+        f"--attack_steps={attack['steps']}",
+        f"--step_size={attack['step_size']:g}",
+        f"--precision={row['precision']}",
+        f"--seed={row['seed']}",
+    ]
+    if row.get("validation_epsilon") not in (None, attack["epsilon"]):
+        flags_.append(f"--validation_epsilon={row['validation_epsilon']:g}")
+    flags_ += [
+        f"--{k}={v:g}"
+        for k, v in row["overrides"].items()
+        if not k.startswith("attack_") and getattr(preset, k) != v
+    ]
+    if row.get("ema_momentum"):
+        flags_.append(f"--ema_momentum={row['ema_momentum']:g}")
+    return "adr-train " + " ".join(flags_)
 
 
 def main(argv):
     del argv
-    rows = []
-    for path in sorted(glob.glob(os.path.join(FLAGS.rows_dir, "*.json"))):
-        with open(path) as f:
-            row = json.load(f)
-        if row["defense"] == FLAGS.defense and not row["overrides"] and row.get("history"):
-            rows.append(row)
-    if not rows:
+    with open(FLAGS.defaults_summary) as f:
+        summary = json.load(f)
+    if summary["decision"].get("not_evaluated"):
         raise app.UsageError(
-            f"No finished {FLAGS.defense} rows with a history in "
-            f"{FLAGS.rows_dir}; run benchmarks/robustness.py --preset=fmnist."
+            f"{FLAGS.defaults_summary} is provisional (not evaluated yet: "
+            f"{', '.join(summary['decision']['not_evaluated'])}); run "
+            "benchmarks/frontier_defaults.py when those rows have finished."
         )
-    row, best_validation = choose(rows)
+    chosen = choose(summary["models"])
+    with open(os.path.join(FLAGS.rows_dir, chosen["row"] + ".json")) as f:
+        row = json.load(f)
     print(
-        f"chosen: {row['name']} (seed {row['seed']}), best validation PGD-5 accuracy "
-        f"{best_validation(row):.4f}, among {[r['name'] for r in rows]}"
+        f"chosen: {row['name']} ({chosen['change']}), validation worst case "
+        f"{chosen['robust_accuracy']:.4f}, among {[m['row'] for m in summary['models']]}"
     )
     if FLAGS.dry_run:
         return
@@ -82,28 +115,30 @@ def main(argv):
 
     from keras_adr import data, export
 
-    checkpoint = os.path.join(_REPO, row["checkpoint"])
+    checkpoint = os.path.join(FLAGS.workdir, row["name"], "best.keras")
     model = keras.saving.load_model(checkpoint, compile=False)
     metadata = {
         "dataset": "fashion_mnist",
         "class_names": list(data.info("fashion_mnist").class_names),
         "defense": row["defense"],
         "adr_config": row["adr_config"],
+        "ema_momentum": row.get("ema_momentum", 0.0),
+        "training_precision": row["precision"],
         "attack_budget": {
             "norm": row["adr_config"]["attack"]["norm"],
             "epsilon": row["adr_config"]["attack"]["epsilon"],
         },
         "robustness": row["evaluation"],
         "command": (
-            f"python benchmarks/robustness.py --preset=fmnist --rows={row['name']} "
-            "(trained as `adr-train --epochs=10` would: see benchmarks/README.md)"
+            f"python -m benchmarks.robustness --preset=frontier --rows={row['name']} "
+            f"(trains as `{train_command(row)}` would: see docs/benchmarks.md)"
         ),
         "trained_by": row.get("trained_by"),
         "selection": {
-            "rows": [r["name"] for r in rows],
+            "models": [m["row"] for m in summary["models"]],
             "chosen": row["name"],
-            "by": "best val_adv_accuracy (PGD-5, 2,000 held-out training images)",
-            "val_adv_accuracy": best_validation(row),
+            "by": "best worst case on the 2,000 validation images (frontier_defaults.md)",
+            "validation": {k: chosen[k] for k in ("split", "clean_accuracy", "robust_accuracy")},
         },
         "benchmark_row": os.path.relpath(
             os.path.join(FLAGS.rows_dir, row["name"] + ".json"), _REPO
@@ -143,4 +178,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    _define_flags()
     app.run(main)

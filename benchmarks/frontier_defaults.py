@@ -36,15 +36,19 @@ TODAY = "today's default"
 _WEIGHTS_X1 = tuple((term, 1.0) for term in ABLATED_TERMS)
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("results_dir", os.path.join(_REPO, "benchmarks", "results"), "Results.")
-flags.DEFINE_string(
-    "workdir",
-    os.path.join(_REPO, "runs", "benchmarks", PRESET),
-    "The frontier's run directories (<workdir>/<row>/best.keras).",
-)
-flags.DEFINE_string("data_dir", None, "Dataset directory (see keras_adr.data.load).")
-flags.DEFINE_integer("threads", 1, "TensorFlow intra-op threads (0: TensorFlow's default).")
-flags.DEFINE_bool("report_only", False, "Rewrite the summary from the evaluated models only.")
+
+
+def _define_flags():
+    """The command line (defined when run, so that tests can import the module)."""
+    flags.DEFINE_string("results_dir", os.path.join(_REPO, "benchmarks", "results"), "Results.")
+    flags.DEFINE_string(
+        "workdir",
+        os.path.join(_REPO, "runs", "benchmarks", PRESET),
+        "The frontier's run directories (<workdir>/<row>/best.keras).",
+    )
+    flags.DEFINE_string("data_dir", None, "Dataset directory (see keras_adr.data.load).")
+    flags.DEFINE_integer("threads", 1, "TensorFlow intra-op threads (0: TensorFlow's default).")
+    flags.DEFINE_bool("report_only", False, "Rewrite the summary from the evaluated models only.")
 
 
 def candidates(rows, chosen_point):
@@ -245,8 +249,8 @@ def main(argv):
         evaluated.append((row, change, done))
     if not evaluated or evaluated[0][1] != TODAY:
         raise app.UsageError(
-            "adr-train's default point is not evaluated yet: run robustness.py "
-            f"--preset={PRESET} --rows=adr_pgd_x1_pgd5_mixed_bfloat16 first."
+            "adr-train's default point has no finished row or validation evaluation yet: "
+            f"run robustness.py --preset={PRESET} --rows=adr_pgd_x1_pgd5_mixed_bfloat16 first."
         )
     decision = {**decide(evaluated), "not_evaluated": missing}
     base = os.path.join(FLAGS.results_dir, "frontier_defaults")
@@ -264,4 +268,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    _define_flags()
     app.run(main)

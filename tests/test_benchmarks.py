@@ -969,3 +969,63 @@ def test_frontier_defaults_evaluate_on_the_split_the_rows_validated_on(tmp_path)
     assert result["evaluation"]["num_examples"] == 64
     assert 0 <= result["robust_accuracy"] <= result["clean_accuracy"] <= 1
     assert list(result["attack_accuracy"]) == ["pgd5", "apgd_ce5"]
+
+
+_ADR_TRAIN_FLAGS = """
+import json, sys
+from absl import flags
+from keras_adr.cli import train
+F = flags.FLAGS
+for argv in json.loads(sys.stdin.read()):
+    F.unparse_flags()
+    F(["adr-train", *argv])
+    print(json.dumps([train.adr_config_from_flags().result_config(), F.precision,
+                      F.ema_momentum, F.validation_epsilon, F.seed, F.epochs]))
+"""
+
+
+def test_reference_export_chooses_on_validation_and_names_its_adr_train_command():
+    import shlex
+
+    from benchmarks import export_reference
+    from benchmarks import robustness_presets as rp
+
+    models = [{"row": "today", "robust_accuracy": 0.7}, {"row": "b", "robust_accuracy": 0.7}]
+    assert export_reference.choose(models)["row"] == "today"  # a tie keeps the default
+    models.append({"row": "c", "robust_accuracy": 0.71})
+    assert export_reference.choose(models)["row"] == "c"
+
+    # The command of a row trains it as the benchmark did (ADRConfig and options).
+    preset = rp.PRESETS["frontier"]
+    points = ("pgd_at_eps0p1_ema", "pgd_at_eps0p14", "adr_pgd_x0p5", "adr_pgd_x1_pgd5")
+    rows = [r for r in rp.rows_of(preset) if r.name in {f"{p}_mixed_bfloat16" for p in points}]
+    assert len(rows) == len(points)
+    commands = []
+    for row in rows:
+        result = {
+            "defense": row.defense,
+            "adr_config": rp.adr_config(preset, row).get_config(),
+            "overrides": dict(row.overrides),
+            "precision": row.precision,
+            "seed": row.seed,
+            "ema_momentum": row.ema_momentum,
+            "validation_epsilon": preset.validation_epsilon,
+        }
+        command = shlex.split(export_reference.train_command(result))
+        assert command[0] == "adr-train"
+        commands.append(command[1:])
+    out = subprocess.run(
+        [sys.executable, "-c", _ADR_TRAIN_FLAGS],
+        input=json.dumps(commands),
+        capture_output=True,
+        text=True,
+        check=True,
+        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"),
+    ).stdout.splitlines()[-len(rows) :]
+    for row, line in zip(rows, out):
+        config = rp.adr_config(preset, row)
+        parsed, policy, ema, validation_epsilon, seed, epochs = json.loads(line)
+        assert parsed == json.loads(json.dumps(config.result_config())), row.name
+        assert (policy, ema, seed, epochs) == (row.precision, row.ema_momentum, 0, preset.epochs)
+        expected = None if config.attack.epsilon == preset.validation_epsilon else 0.1
+        assert validation_epsilon == expected, row.name
