@@ -359,7 +359,9 @@ FRONTIER_POINTS = (
     _adr_point(2),
     _adr_point(0.25),
     _adr_point(1, FRONTIER_EMA_MOMENTUM),
-    _pgd_at_point(0.10, FRONTIER_EMA_MOMENTUM),
+    # The PGD-AT point nearest ADR x1 in validation clean accuracy (86.7% against
+    # 86.9%; eps 0.1: 87.35%), once the seed-0 points had run.
+    _pgd_at_point(0.12, FRONTIER_EMA_MOMENTUM),
     _DEFAULT_POINT,
 )
 PRESETS["frontier"] = dataclasses.replace(

@@ -997,7 +997,7 @@ def test_reference_export_chooses_on_validation_and_names_its_adr_train_command(
 
     # The command of a row trains it as the benchmark did (ADRConfig and options).
     preset = rp.PRESETS["frontier"]
-    points = ("pgd_at_eps0p1_ema", "pgd_at_eps0p14", "adr_pgd_x0p5", "adr_pgd_x1_pgd5")
+    points = ("pgd_at_eps0p12_ema", "pgd_at_eps0p14", "adr_pgd_x0p5", "adr_pgd_x1_pgd5")
     rows = [r for r in rp.rows_of(preset) if r.name in {f"{p}_mixed_bfloat16" for p in points}]
     assert len(rows) == len(points)
     commands = []
