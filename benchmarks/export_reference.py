@@ -94,7 +94,7 @@ def main(argv):
     with open(FLAGS.defaults_summary) as f:
         summary = json.load(f)
     if summary["decision"].get("not_evaluated"):
-        raise app.UsageError(
+        raise SystemExit(
             f"{FLAGS.defaults_summary} is provisional (not evaluated yet: "
             f"{', '.join(summary['decision']['not_evaluated'])}); run "
             "benchmarks/frontier_defaults.py when those rows have finished."

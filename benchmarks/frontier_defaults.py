@@ -248,7 +248,7 @@ def main(argv):
             results_io.write_json_atomic(path, done)
         evaluated.append((row, change, done))
     if not evaluated or evaluated[0][1] != TODAY:
-        raise app.UsageError(
+        raise SystemExit(
             "adr-train's default point has no finished row or validation evaluation yet: "
             f"run robustness.py --preset={PRESET} --rows=adr_pgd_x1_pgd5_mixed_bfloat16 first."
         )
