@@ -26,7 +26,13 @@ from absl import app, flags, logging
 
 from benchmarks import results_io
 from benchmarks.robustness_frontier import ADR
-from benchmarks.robustness_presets import ABLATED_TERMS, DEFAULT_GROUP, PRESETS, rows_of
+from benchmarks.robustness_presets import (
+    ABLATED_TERMS,
+    DEFAULT_GROUP,
+    PRESETS,
+    eval_options,
+    rows_of,
+)
 from benchmarks.robustness_stats import _discordant, _sign_tested, bits
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -78,16 +84,7 @@ def evaluate(checkpoint, preset, data_dir=None):
     split = f"train[{num_train - preset.validation_examples}:{num_train}]"
     validation = data.load(preset.dataset, split, batch_size=256, data_dir=data_dir)
     started = time.time()
-    result = evaluation.evaluate_robustness(
-        checkpoint,
-        validation,
-        epsilon=preset.epsilon,
-        attacks=preset.eval_attacks,
-        restarts=preset.restarts,
-        seed=preset.eval_seed,
-        apgd_targets=preset.apgd_targets,
-        precision="float32",
-    )
+    result = evaluation.evaluate_robustness(checkpoint, validation, **eval_options(preset))
     return {
         "split": split,
         "clean_accuracy": result.clean_accuracy,

@@ -62,6 +62,7 @@ from benchmarks.robustness_presets import (  # noqa: E402
     BASE_PRECISION,
     PRESETS,
     adr_config,
+    eval_options,
     fingerprint,
     rows_of,
 )
@@ -309,18 +310,7 @@ def run_row(preset, row, row_path, workdir):
     )
     eval_started = time.time()
     result = evaluation.evaluate_robustness(
-        checkpoint,
-        test,
-        epsilon=preset.epsilon,
-        norm=config.attack.norm,
-        attacks=preset.eval_attacks,
-        restarts=preset.restarts,
-        seed=preset.eval_seed,
-        apgd_targets=preset.apgd_targets,
-        # A float32 copy of the weights, whatever the row trained in: the
-        # precisions are compared on the same footing.
-        precision=BASE_PRECISION,
-        standalone_attacks=preset.standalone_attacks,
+        checkpoint, test, **eval_options(preset, config.attack.norm)
     )
     eval_seconds = time.time() - eval_started
     checks = evaluation.sanity_checks(result)

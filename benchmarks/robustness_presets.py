@@ -514,6 +514,24 @@ def adr_config(preset, row):
     return presets.get(row.defense, **{**options, **dict(row.overrides)})
 
 
+def eval_options(preset, norm="linf"):
+    """`keras_adr.evaluation.evaluate_robustness` options of a preset's evaluation.
+
+    Every model is evaluated in float32, whatever it trained in: the
+    precisions are compared on the same footing.
+    """
+    return dict(
+        epsilon=preset.epsilon,
+        norm=norm,
+        attacks=preset.eval_attacks,
+        restarts=preset.restarts,
+        seed=preset.eval_seed,
+        apgd_targets=preset.apgd_targets,
+        precision=BASE_PRECISION,
+        standalone_attacks=preset.standalone_attacks,
+    )
+
+
 def fingerprint(preset, row):
     """A hash of everything that determines a row's result (not its description)."""
     row_fields = dataclasses.asdict(row)
