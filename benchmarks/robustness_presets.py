@@ -375,7 +375,7 @@ PRESETS["frontier"] = dataclasses.replace(
     "images by PGD-10 at eps 0.1; PGD-AT over the training eps, TRADES over beta, ADR-PGD "
     "over a scale of its weights, EMA of the weights on and off",
     **_recipe_fields(_FRONTIER_RECIPE),
-    budget="13 points + 6 seed rows, each about 1 core-hour of training and 15 min of "
+    budget="14 points + 6 seed rows, each about 1 core-hour of training and 30 min of "
     "evaluation here",
     defenses=(),
     seeds=(0, 1, 2),
