@@ -361,6 +361,9 @@ FRONTIER_POINTS = (
     # Validation robust accuracy rose with the scale up to x2, the grid's edge
     # (76.15, 76.45, 76.75, 77.35% at x0.25-x2): one more scale past it.
     _adr_point(4),
+    # ADR x2's test clean accuracy (85.38%) fell below eps 0.14's (85.45%): a
+    # PGD-AT point with less clean accuracy, so that the curve brackets it.
+    _pgd_at_point(0.16),
     _adr_point(1, FRONTIER_EMA_MOMENTUM),
     # The PGD-AT point nearest ADR x1 in validation clean accuracy (86.7% against
     # 86.9%; eps 0.1: 87.35%), once the seed-0 points had run.
@@ -375,7 +378,7 @@ PRESETS["frontier"] = dataclasses.replace(
     "images by PGD-10 at eps 0.1; PGD-AT over the training eps, TRADES over beta, ADR-PGD "
     "over a scale of its weights, EMA of the weights on and off",
     **_recipe_fields(_FRONTIER_RECIPE),
-    budget="14 points + 6 seed rows, each about 1 core-hour of training and 30 min of "
+    budget="15 points + 6 seed rows, each about 1 core-hour of training and 30 min of "
     "evaluation here",
     defenses=(),
     seeds=(0, 1, 2),
