@@ -781,6 +781,20 @@ def test_frontier_summary_chooses_on_validation_and_interpolates_the_baselines(t
         json.loads((tmp_path / "frontier.json").read_text())["verdict"]["moves_frontier"] is False
     )
 
+    # ADR's clean accuracy below every measured baseline point at seed 0:
+    # no best family and no verdict yet, whatever the other seed gains.
+    result["robust_accuracy"] = 0.75
+    (rows_dir / f"{row.name}.json").write_text(json.dumps(result))
+    first = by_point[("adr_pgd_x1" + tag, 0)]
+    result = json.loads((rows_dir / f"{first.name}.json").read_text())
+    result["clean_accuracy"] = 0.815
+    (rows_dir / f"{first.name}.json").write_text(json.dumps(result))
+    robustness_report.write_summary("frontier", preset, rows, str(rows_dir), str(tmp_path))
+    verdict = json.loads((tmp_path / "frontier.json").read_text())["verdict"]
+    assert verdict["per_seed"][0]["gain_over_best"] is None
+    assert verdict["moves_frontier"] is None
+    assert "**not decided yet**" in (tmp_path / "frontier.md").read_text()
+
 
 def test_thread_cpu_seconds_reads_names_with_spaces_and_parentheses(tmp_path):
     import os
