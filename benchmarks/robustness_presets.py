@@ -378,7 +378,7 @@ PRESETS["frontier"] = dataclasses.replace(
     "images by PGD-10 at eps 0.1; PGD-AT over the training eps, TRADES over beta, ADR-PGD "
     "over a scale of its weights, EMA of the weights on and off",
     **_recipe_fields(_FRONTIER_RECIPE),
-    budget="15 points + 6 seed rows, each about 1 core-hour of training and 30 min of "
+    budget="15 points + 8 seed rows, each about 1 core-hour of training and 30 min of "
     "evaluation here",
     defenses=(),
     seeds=(0, 1, 2),
@@ -387,6 +387,13 @@ PRESETS["frontier"] = dataclasses.replace(
     validation_epsilon=0.1,
     precisions=("mixed_bfloat16",),
     points=FRONTIER_POINTS,
+    # Chosen on validation at seed 0: ADR x2 (77.35% robust; x4 ties it with
+    # less clean accuracy, 85.3% against 86.4%) and the PGD-AT points around
+    # its validation clean accuracy (eps 0.14: 86.0%, eps 0.12: 86.7%).
+    # PGD-AT is the best family on validation there. Eps 0.16 too: at seed 0
+    # ADR x2's test clean accuracy fell below eps 0.14's, and the curve of
+    # every seed must reach it.
+    seeded_points=("adr_pgd_x2", "pgd_at_eps0p14", "pgd_at_eps0p12", "pgd_at_eps0p16"),
 )
 
 
