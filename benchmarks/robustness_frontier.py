@@ -109,7 +109,8 @@ def choices(entries):
     adr = [e for e in adr if e["val_robust_accuracy"] is not None]
     if not adr:
         return None
-    chosen = max(adr, key=lambda e: (e["val_robust_accuracy"], -e["val_clean_accuracy"]))
+    # On a tie in robust accuracy, the point with more clean accuracy dominates.
+    chosen = max(adr, key=lambda e: (e["val_robust_accuracy"], e["val_clean_accuracy"]))
     out = {"adr_point": chosen["point"], "criterion": "best validation robust accuracy"}
     brackets = {}
     for family in BASELINES:

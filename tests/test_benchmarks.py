@@ -711,6 +711,7 @@ def test_frontier_summary_chooses_on_validation_and_interpolates_the_baselines(t
         ("trades_beta3", 0): (0.87, 0.72, 0.875, 0.73),
         ("adr_pgd_x1", 0): (0.85, 0.76, 0.86, 0.78),
         ("adr_pgd_x0p5", 0): (0.855, 0.75, 0.865, 0.77),  # test-best would be chosen on test
+        ("adr_pgd_x2", 0): (0.84, 0.77, 0.85, 0.78),  # ties x1 with less clean accuracy
         ("adr_pgd_x1_ema", 0): (0.86, 0.765, 0.87, 0.785),  # EMA points are not candidates
         ("adr_pgd_x1_pgd5", 0): (0.86, 0.77, 0.87, 0.79),  # nor adr-train's default point
         ("adr_pgd_x1", 1): (0.85, 0.75, 0.86, 0.77),
