@@ -181,10 +181,11 @@ def verdict(entries, chosen):
     # Every family bracketed at the first seed (the curves); at the others,
     # the runs of the bracketing points that were seeded.
     # No as soon as one seed gains less than the margin; undecided (None)
-    # while a curve does not reach ADR's clean accuracy.
+    # while a seed has no gain (at the first, a curve that does not reach
+    # ADR's clean accuracy leaves it without one).
     if any(g is not None and g < FRONTIER_MARGIN for g in gains):
         moves = False
-    elif None in gains or any(g["gain"] is None for g in families.values()):
+    elif None in gains:
         moves = None
     else:
         moves = True
@@ -280,8 +281,8 @@ def markdown(preset_name, preset, rows, entries, chosen, verdict_, emas, referen
         "= correct under every attack (per example). Models evaluated in float32.",
         "- Choices on the validation split (2,000 images held out of train; each row's "
         "selected epoch is its best validation robust accuracy): the ADR point is the weight "
-        "scale of best validation robust accuracy; the baseline points run at more seeds are "
-        "the two of each family whose validation clean accuracy brackets it.",
+        "scale of best validation robust accuracy; the baseline points run at more seeds "
+        "(`seeded_points`) are chosen around its validation clean accuracy.",
         f"- Figure `{preset_name}.png`: a point is the mean over the seeds run, its bars the "
         "min-max; hollow points have an EMA of the weights; the star is adr-train's default "
         "recipe (on no curve; `frontier_defaults.md` compares it on validation); grey squares "
