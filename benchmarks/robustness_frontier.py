@@ -369,10 +369,54 @@ def markdown(preset_name, preset, rows, entries, chosen, verdict_, emas, referen
 
 
 _ANSWERS = {True: "yes", False: "no", None: "not decided yet"}
+_HEADLINE_ANSWERS = {
+    True: "ADR moves the robustness-accuracy frontier here",
+    False: "ADR does not move the robustness-accuracy frontier here",
+    None: "Whether ADR moves the robustness-accuracy frontier is not decided yet",
+}
+
+
+def _seed_list(seeds):
+    return f"seed {seeds[0]}" if len(seeds) == 1 else "seeds " + ", ".join(map(str, seeds))
+
+
+def headline(v):
+    """The verdict in two sentences: the README quotes them between its frontier-verdict markers."""
+    if not v:
+        return None
+    seeds = [s["seed"] for s in v["per_seed"]]
+    gains = []
+    for family in BASELINES:
+        measured = [
+            (s["seed"], s["families"][family]["gain"])
+            for s in v["per_seed"]
+            if s["families"].get(family, {}).get("gain") is not None
+        ]
+        if not measured:
+            continue
+        family_seeds, values = zip(*measured)
+        text = f"{_pct(np.mean(values), True)} points over the {FAMILIES[family]} curve"
+        if len(values) > 1:
+            per_seed = ", ".join(_pct(g, True) for g in values)
+            text += f" ({_seed_list(family_seeds)}: {per_seed})"
+        elif len(seeds) > 1:
+            text += f" ({_seed_list(family_seeds)} only)"
+        gains.append(text)
+    clean = np.mean([s["adr_clean"] for s in v["per_seed"]])
+    robust = np.mean([s["adr_robust"] for s in v["per_seed"]])
+    return (
+        f"**{_HEADLINE_ANSWERS[v['moves_frontier']]}** (the bar: at least "
+        f"+{100 * v['margin']:.0f} point of worst-case accuracy over the best baseline curve at "
+        "equal clean accuracy, in every seed). The ADR point chosen on validation has "
+        f"{_pct(clean)}% clean and {_pct(robust)}% worst-case accuracy "
+        f"({_seed_list(seeds)}{'' if len(seeds) == 1 else ', mean'}), "
+        + " and ".join(gains or ["and no baseline curve reaches its clean accuracy yet"])
+        + "."
+    )
 
 
 def _verdict_lines(v):
-    lines = ["## Verdict", ""]
+    lines = ["## Verdict", "", f"Headline (quoted by the README): {headline(v)}", ""]
     for s in v["per_seed"]:
         parts = []
         for family, g in s["families"].items():

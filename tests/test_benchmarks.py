@@ -690,8 +690,8 @@ def test_precision_speed_names_a_capped_onednn_in_the_summary():
 def test_frontier_summary_chooses_on_validation_and_interpolates_the_baselines(tmp_path):
     import dataclasses
 
+    from benchmarks import robustness_frontier, robustness_report
     from benchmarks import robustness_presets as rp
-    from benchmarks import robustness_report
     from benchmarks.robustness_stats import bits
 
     preset = dataclasses.replace(
@@ -769,6 +769,14 @@ def test_frontier_summary_chooses_on_validation_and_interpolates_the_baselines(t
     assert summary["ema_pairs"][0]["robust_difference"] == pytest.approx(0.005)
     text = (tmp_path / "frontier.md").read_text()
     assert "ADR moves the frontier" in text and "**yes**" in text
+    assert robustness_frontier.headline(verdict) == (
+        "**ADR moves the robustness-accuracy frontier here** (the bar: at least +1 point of "
+        "worst-case accuracy over the best baseline curve at equal clean accuracy, in every "
+        "seed). The ADR point chosen on validation has 85.0% clean and 75.5% worst-case "
+        "accuracy (seeds 0, 1, mean), +3.5 points over the PGD-AT curve (seed 0 only) and "
+        "+2.3 points over the TRADES curve (seeds 0, 1: +2.8, +1.8)."
+    )
+    assert robustness_frontier.headline(verdict) in text
     assert (tmp_path / "frontier.png").read_bytes()[:4] == b"\x89PNG"
 
     # A seed where ADR gains less than a point: no.

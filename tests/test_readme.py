@@ -105,6 +105,17 @@ def test_readme_is_a_first_screen():
         assert os.path.exists(os.path.join(_ROOT, page)), page
 
 
+def test_readme_quotes_the_frontier_studys_verdict():
+    """The two sentences between the markers are the script's, from the committed JSON."""
+    from benchmarks import results_io, robustness_frontier
+
+    with open(_README) as f:
+        text = f.read()
+    block = text.split("<!-- frontier-verdict -->\n", 1)[1].split("<!-- /frontier-verdict -->")[0]
+    summary = results_io.read_json(os.path.join(_ROOT, "benchmarks", "results", "frontier.json"))
+    assert " ".join(block.split()) == robustness_frontier.headline(summary["verdict"])
+
+
 @pytest.mark.parametrize("path", _DOCS, ids=os.path.basename)
 def test_docs_speak_of_the_project_alone(path):
     """No issue numbers, commit hashes or development-machine paths on the site."""
