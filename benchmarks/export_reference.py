@@ -65,6 +65,7 @@ def choose(models):
 def train_command(row):
     """The adr-train command that trains as the row's benchmark run did."""
     from keras_adr import presets
+    from keras_adr.config import FLOAT_FIELDS
 
     attack = row["adr_config"]["attack"]
     preset = presets.get(row["defense"])
@@ -79,10 +80,13 @@ def train_command(row):
     ]
     if row.get("validation_epsilon") not in (None, attack["epsilon"]):
         flags_.append(f"--validation_epsilon={row['validation_epsilon']:g}")
+    # Every float field the row's config holds apart from the library
+    # preset's (the studies pin their ADR weights; the library's may move).
+    recorded = row["adr_config"]
     flags_ += [
-        f"--{k}={v:g}"
-        for k, v in row["overrides"].items()
-        if not k.startswith("attack_") and getattr(preset, k) != v
+        f"--{k}={recorded[k]:g}"
+        for k in FLOAT_FIELDS
+        if k in recorded and getattr(preset, k) != recorded[k]
     ]
     if row.get("ema_momentum"):
         flags_.append(f"--ema_momentum={row['ema_momentum']:g}")

@@ -48,9 +48,12 @@ def _train(defense, train_ds):
     import keras
 
     import keras_adr
+    from benchmarks.robustness_presets import PGD5_RECIPE, pinned_config
 
     keras.utils.set_random_seed(0)
-    model = keras_adr.ADRModel(keras_adr.models.small_cnn(), keras_adr.presets.get(defense))
+    # The recipe of the committed results, whatever adr-train's defaults are.
+    config = pinned_config(defense, attack_steps=PGD5_RECIPE.attack_steps)
+    model = keras_adr.ADRModel(keras_adr.models.small_cnn(), config)
     model.compile(optimizer=keras.optimizers.Adam(1e-3))
     model.fit(train_ds, epochs=1, verbose=0, shuffle=False)
     return model.backbone

@@ -119,7 +119,23 @@ _LATER_CONFIG_FIELDS = {"global_compactness_features": 1.0}
 _LATER_PRESET_FIELDS = {"standalone_attacks": True, "validation_epsilon": None}
 
 
-def _recipe_fields(recipe=RECIPE):
+# What adr-train trained with before the frontier study (PGD-5 of step 0.05,
+# every bounded ADR weight at 1): the studies run on it pin it, so that their
+# rows keep their meaning and fingerprints when the library's defaults move.
+PGD5_RECIPE = dataclasses.replace(RECIPE, attack_steps=5)
+UNIT_ADR_WEIGHTS = {term: 1.0 for term in ABLATED_TERMS}
+_BOUNDED_ADR = ("adr_pgd", "adr_trades")
+
+
+def pinned_config(defense, **overrides):
+    """`keras_adr.presets.get(defense, **overrides)`, bounded ADR at the studies' unit weights."""
+    from keras_adr import presets
+
+    pinned = UNIT_ADR_WEIGHTS if defense in _BOUNDED_ADR else {}
+    return presets.get(defense, **{**pinned, **overrides})
+
+
+def _recipe_fields(recipe=PGD5_RECIPE):
     """The `Preset` fields that a `keras_adr.recipe.Recipe` sets."""
     return dict(
         dataset=recipe.dataset,
@@ -292,7 +308,7 @@ PRESETS["compactness_sampling_fmnist"] = dataclasses.replace(
 # checkpoint chosen on validation by PGD at the test epsilon. Each family is
 # a curve: PGD-AT over the training epsilon, TRADES over beta, bounded ADR
 # over a scale lambda of every ADR weight; EMA of the weights on and off.
-_FRONTIER_RECIPE = dataclasses.replace(RECIPE, attack_steps=10)
+_FRONTIER_RECIPE = dataclasses.replace(PGD5_RECIPE, attack_steps=10)
 
 
 def _point(name, defense, label, overrides, ema=0.0):
@@ -333,15 +349,18 @@ def _adr_point(scale, ema=0.0):
     )
 
 
-# adr-train's default recipe (ADR weights x1, the PGD-5 training attack of
-# `keras_adr.recipe.RECIPE`, no EMA), trained and selected like the points:
-# the reference that the frontier's choices must beat on validation to
-# become the defaults (benchmarks/frontier_defaults.py).
+# adr-train's default recipe when the frontier started (ADR weights x1, the
+# PGD-5 training attack, no EMA), trained and selected like the points: the
+# reference that the frontier's choices must beat on validation to become
+# the defaults (benchmarks/frontier_defaults.py).
 _DEFAULT_POINT = Point(
     "adr_pgd_x1_pgd5",
     "adr_pgd",
-    f"ADR-PGD, ADR weights x1, PGD-{RECIPE.attack_steps} training (adr-train's default)",
-    (("attack_steps", RECIPE.attack_steps), ("attack_step_size", RECIPE.attack_step_size)),
+    f"ADR-PGD, ADR weights x1, PGD-{PGD5_RECIPE.attack_steps} training (adr-train's default)",
+    (
+        ("attack_steps", PGD5_RECIPE.attack_steps),
+        ("attack_step_size", PGD5_RECIPE.attack_step_size),
+    ),
     group=DEFAULT_GROUP,
 )
 # EMA momentum of the frontier's EMA points (about 2 epochs of 454 steps).
@@ -517,14 +536,13 @@ def point_rows(preset):
 
 
 def adr_config(preset, row):
-    from keras_adr import presets
 
     options = dict(
         attack_epsilon=preset.epsilon,
         attack_steps=preset.attack_steps,
         attack_step_size=preset.step_size,
     )
-    return presets.get(row.defense, **{**options, **dict(row.overrides)})
+    return pinned_config(row.defense, **{**options, **dict(row.overrides)})
 
 
 def eval_options(preset, norm="linf"):

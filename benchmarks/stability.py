@@ -53,7 +53,7 @@ _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if not __package__:  # `python benchmarks/stability.py`: import as `python -m` would.
     sys.path[0] = _REPO
 from benchmarks import results_io  # noqa: E402
-from keras_adr import recipe  # noqa: E402
+from benchmarks.robustness_presets import PGD5_RECIPE, pinned_config  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer(
@@ -83,7 +83,7 @@ flags.DEFINE_string(
 flags.DEFINE_string("data_dir", None, "Dataset directory (IDX files).")
 flags.DEFINE_integer("train_examples", None, "Smoke tests: use the first N training images.")
 flags.DEFINE_integer(
-    "validation_examples", recipe.RECIPE.validation_examples, "Held out from the end of train."
+    "validation_examples", PGD5_RECIPE.validation_examples, "Held out from the end of train."
 )
 flags.DEFINE_integer("threads", 0, "TensorFlow intra-op threads (0 = TensorFlow's choice).")
 flags.DEFINE_integer("verbose", 2, "Keras fit verbosity.")
@@ -96,19 +96,20 @@ flags.DEFINE_float(
 )
 flags.DEFINE_bool("report_only", False, "Only rewrite the summary from finished runs.")
 
-# The library's training recipe (keras_adr.recipe.RECIPE), in the form this
-# study's results and fingerprints record it.
+# The studies' training recipe (robustness_presets.PGD5_RECIPE: the library's
+# PGD-5 recipe, pinned), in the form this study's results and fingerprints
+# record it.
 RECIPE = dict(
-    dataset=recipe.RECIPE.dataset,
-    model=recipe.RECIPE.model,
-    epsilon=recipe.RECIPE.epsilon,
-    attack_steps=recipe.RECIPE.attack_steps,
-    step_size=recipe.RECIPE.attack_step_size,
-    batch_size=recipe.RECIPE.batch_size,
-    optimizer=recipe.RECIPE.optimizer,
-    learning_rate=recipe.RECIPE.learning_rate,
-    lr_decay_fractions=recipe.RECIPE.lr_decay_fractions,
-    seed=recipe.RECIPE.seed,
+    dataset=PGD5_RECIPE.dataset,
+    model=PGD5_RECIPE.model,
+    epsilon=PGD5_RECIPE.epsilon,
+    attack_steps=PGD5_RECIPE.attack_steps,
+    step_size=PGD5_RECIPE.attack_step_size,
+    batch_size=PGD5_RECIPE.batch_size,
+    optimizer=PGD5_RECIPE.optimizer,
+    learning_rate=PGD5_RECIPE.learning_rate,
+    lr_decay_fractions=PGD5_RECIPE.lr_decay_fractions,
+    seed=PGD5_RECIPE.seed,
 )
 TERMS = (
     "local_compactness",
@@ -190,9 +191,7 @@ def runs():
 
 
 def adr_config(run):
-    from keras_adr import presets
-
-    return presets.get(
+    return pinned_config(
         run.defense,
         attack_epsilon=RECIPE["epsilon"],
         attack_steps=RECIPE["attack_steps"],

@@ -57,6 +57,12 @@ ADR_TERMS = (
     "conditional_entropy",
     "label_propagation",
 )
+# The float hyperparameters of `ADRConfig` (one `adr-train` flag each).
+FLOAT_FIELDS = (
+    ("natural_weight", "adversarial_weight", "trades_beta")
+    + ADR_TERMS
+    + ("global_compactness_features", "label_scale", "propagation_alpha")
+)
 
 
 def pgd_step_size(epsilon, steps):

@@ -173,12 +173,7 @@ def _preset_values(field):
 
 # One flag per objective weight / ADR hyperparameter; the default is the
 # --defense preset's value, which --help lists.
-_FLOAT_FIELDS = (
-    ("natural_weight", "adversarial_weight", "trades_beta")
-    + config_lib.ADR_TERMS
-    + ("global_compactness_features", "label_scale", "propagation_alpha")
-)
-for _name in _FLOAT_FIELDS:
+for _name in config_lib.FLOAT_FIELDS:
     flags.DEFINE_float(
         _name, None, f"ADRConfig.{_name}; default from --defense: {_preset_values(_name)}."
     )
@@ -225,7 +220,7 @@ def adr_config_from_flags():
     }
     if "attack_unroll" in overrides:
         overrides["attack_unroll"] = _UNROLL_VALUES[overrides["attack_unroll"]]
-    for name in _FLOAT_FIELDS + (
+    for name in config_lib.FLOAT_FIELDS + (
         "propagation_neighbors",
         "compactness_distance",
         "latent_normalization",
