@@ -30,8 +30,9 @@ def get(name, **overrides):
     Args:
         name: One of `NAMES`: `"standard"` (clean training), `"pgd_at"`,
             `"trades"`, `"adr_pgd"`, `"adr_trades"` (ADR in its bounded
-            form), `"adr_pgd_paper"`, `"adr_trades_paper"` (the authors'
-            exact objective).
+            form; `"adr_pgd"` with every ADR weight at 2, `"adr_trades"` at
+            1), `"adr_pgd_paper"`, `"adr_trades_paper"` (the authors' exact
+            objective, weights 1).
         **overrides: `ADRConfig` fields to change; `attack_<field>` changes a
             field of the attack (e.g. `attack_epsilon=0.3`).
 
