@@ -241,7 +241,7 @@ def test_step_size_follows_the_pgd_rule_unless_given():
     moved = presets.get("adr_pgd", attack_epsilon=0.3, attack_steps=10).attack
     assert moved.resolved_step_size == pytest.approx(0.075)
     assert presets.get("adr_pgd", attack_step_size=0.01).attack.resolved_step_size == 0.01
-    assert "step_size=None (2.5 * epsilon / steps = 0.05)" in repr(presets.get("adr_pgd"))
+    assert "step_size=None (2.5 * epsilon / steps = 0.025)" in repr(presets.get("adr_pgd"))
     round_trip = config_lib.AttackConfig.from_config(moved.get_config())
     assert round_trip == moved and round_trip.resolved_step_size == pytest.approx(0.075)
 
@@ -261,8 +261,8 @@ print(repr(config == presets.get(flags.FLAGS.defense)), config.attack.resolved_s
 @pytest.mark.parametrize(
     "argv, same_as_preset, step_size",
     [
-        ([], True, 0.05),
-        (["--defense=trades"], True, 0.05),
+        ([], True, 0.025),
+        (["--defense=trades"], True, 0.025),
         (["--epsilon=0.2"], False, 0.1),
         (["--epsilon=0.2", "--step_size=0.03"], False, 0.03),
     ],

@@ -19,21 +19,21 @@ def test_adr_train_defaults_are_the_recipe():
 
 
 def test_the_benchmarks_start_from_the_recipe():
+    """The studies run the recipe with the PGD-5 attack they were measured with, pinned."""
     presets = pytest.importorskip("benchmarks.robustness_presets")
     stability = pytest.importorskip("benchmarks.stability")
+    pinned = presets.PGD5_RECIPE
+    assert pinned == dataclasses.replace(recipe.RECIPE, attack_steps=5)
     fmnist = presets.PRESETS["fmnist"]
     assert (fmnist.epochs, fmnist.batch_size, fmnist.learning_rate) == (
         recipe.RECIPE.epochs,
         recipe.RECIPE.batch_size,
         recipe.RECIPE.learning_rate,
     )
-    assert (fmnist.attack_steps, fmnist.step_size) == (
-        recipe.RECIPE.attack_steps,
-        recipe.RECIPE.attack_step_size,
-    )
+    assert (fmnist.attack_steps, fmnist.step_size) == (5, 0.05)
     frontier = presets.PRESETS["frontier"]
     assert frontier.step_size == pytest.approx(config.pgd_step_size(0.1, 10))
-    assert stability.RECIPE["step_size"] == recipe.RECIPE.attack_step_size
+    assert stability.RECIPE["step_size"] == pinned.attack_step_size == 0.05
     assert stability.RECIPE["lr_decay_fractions"] == recipe.RECIPE.lr_decay_fractions
 
 
@@ -47,5 +47,5 @@ def test_one_default_evaluation_suite():
 
 
 def test_the_step_size_follows_epsilon_and_steps():
-    assert recipe.RECIPE.attack_step_size == 0.05
-    assert dataclasses.replace(recipe.RECIPE, attack_steps=10).attack_step_size == 0.025
+    assert recipe.RECIPE.attack_step_size == 0.025
+    assert dataclasses.replace(recipe.RECIPE, attack_steps=5).attack_step_size == 0.05

@@ -94,8 +94,9 @@ def test_default_adr_step_equals_functional_terms(preset):
     assert set(sums) == set(expected) | set(diagnostics)
     for name, value in {**expected, **diagnostics}.items():
         np.testing.assert_allclose(sums[name] / len(x), value, rtol=1e-5, err_msg=name)
-    weights = {name: 1.0 for name in expected}
-    weights["label_propagation"] = 0.5
+    weights = {"ce": config.natural_weight, "adv_ce": config.adversarial_weight}
+    weights |= {name: getattr(config, name) for name in expected if name not in weights}
+    assert weights["label_propagation"] == 0.5
     np.testing.assert_allclose(loss, sum(weights[n] * expected[n] for n in expected), rtol=1e-5)
 
 
