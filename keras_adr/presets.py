@@ -9,7 +9,7 @@ _PAPER = dict(latent_normalization="none", smoothness_push="cross_entropy")
 
 # The bounded ADR weights of `adr_pgd`: every term x2, the weight scale the
 # frontier study chose on validation (benchmarks/results/frontier_defaults.md).
-_ADR_PGD_WEIGHTS = {name: 2.0 for name in ADR_TERMS if name != "label_propagation"}
+_ADR_PGD_WEIGHTS = {name: 2.0 for name in ADR_TERMS if name != "label_propagation"}  # (stays off)
 
 _PRESETS = {
     "standard": dict(objective="standard", **_NO_ADR),

@@ -49,3 +49,25 @@ def test_one_default_evaluation_suite():
 def test_the_step_size_follows_epsilon_and_steps():
     assert recipe.RECIPE.attack_step_size == 0.025
     assert dataclasses.replace(recipe.RECIPE, attack_steps=5).attack_step_size == 0.05
+
+
+def test_adr_train_defaults_are_the_frontier_point_chosen_on_validation():
+    """`adr_pgd` with the library's attack is the frontier row frontier_defaults chose."""
+    import os
+
+    rp = pytest.importorskip("benchmarks.robustness_presets")
+    from benchmarks import results_io
+    from keras_adr import presets
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    summary = results_io.read_json(
+        os.path.join(root, "benchmarks", "results", "frontier_defaults.json")
+    )
+    assert summary["decision"]["change"] is True
+    frontier = rp.PRESETS["frontier"]
+    chosen = next(r for r in rp.rows_of(frontier) if r.name == summary["decision"]["best"])
+    library = presets.get(chosen.defense)
+    # The rows give the step size; the library computes the same 2.5 * eps / steps.
+    library = library.replace(attack_step_size=library.attack.resolved_step_size)
+    assert rp.adr_config(frontier, chosen).result_config() == library.result_config()
+    assert chosen.ema_momentum == pipeline.TrainOptions().ema_momentum == 0.0
