@@ -7,9 +7,10 @@ _NO_ADR = {name: 0.0 for name in ADR_TERMS}
 # push), which is unbounded below; see benchmarks/results/stability.md.
 _PAPER = dict(latent_normalization="none", smoothness_push="cross_entropy")
 
-# The bounded ADR weights of `adr_pgd`: every term x2, the weight scale the
-# frontier study chose on validation (benchmarks/results/frontier_defaults.md).
-_ADR_PGD_WEIGHTS = {name: 2.0 for name in ADR_TERMS if name != "label_propagation"}  # (stays off)
+# The bounded ADR weights of `adr_pgd`: each term at 2 (label propagation
+# stays off), the weight scale the frontier study chose on validation
+# (benchmarks/results/frontier_defaults.md).
+_ADR_PGD_WEIGHTS = {name: 2.0 for name in ADR_TERMS if name != "label_propagation"}
 
 _PRESETS = {
     "standard": dict(objective="standard", **_NO_ADR),
