@@ -263,7 +263,7 @@ print(repr(config == presets.get(flags.FLAGS.defense)), config.attack.resolved_s
     [
         ([], True, 0.025),
         (["--defense=trades"], True, 0.025),
-        (["--epsilon=0.2"], False, 0.1),
+        (["--epsilon=0.2"], False, 0.05),
         (["--epsilon=0.2", "--step_size=0.03"], False, 0.03),
     ],
 )
