@@ -536,7 +536,7 @@ def point_rows(preset):
 
 
 def adr_config(preset, row):
-
+    """The row's `ADRConfig`: the preset's training attack, the row's overrides, pinned weights."""
     options = dict(
         attack_epsilon=preset.epsilon,
         attack_steps=preset.attack_steps,
