@@ -19,8 +19,8 @@ finished rows into `<preset>.{json,md,png}`:
   least +1 point at equal clean accuracy over the best family in every seed;
 - the EMA pairs (the same point with and without EMA);
 - the figure: clean (x) against worst-case (y) accuracy, a curve per
-  family, seed min-max bars, EMA points hollow, adr-train's default recipe
-  (a point on no curve), and reference points.
+  family, seed min-max bars, EMA points hollow, adr-train's former default
+  recipe (a point on no curve), and reference points.
 """
 
 import os
@@ -39,6 +39,16 @@ ADR = "adr_pgd"
 FRONTIER_MARGIN = 0.01
 # Reference points from an earlier benchmark of the same setup (PGD-5 training).
 REFERENCE_PRESET = "fmnist"
+
+
+def _display_label(row):
+    """The row's label, naming the default point for what it is now: the former default.
+
+    Labels are part of a row's fingerprint, so the point keeps the label it ran with.
+    """
+    if row.group == DEFAULT_GROUP:
+        return row.label.replace("(adr-train's default)", "(adr-train's former default)")
+    return row.label
 
 
 def selected_validation(result):
@@ -64,7 +74,7 @@ def _entries(rows, results):
             {
                 "row": row.name,
                 "point": row.name.replace(f"_seed{row.seed}", ""),
-                "label": row.label,
+                "label": _display_label(row),
                 # adr-train's default point is on no family's curve.
                 "family": row.defense if row.group != DEFAULT_GROUP else DEFAULT_GROUP,
                 "seed": row.seed,
@@ -284,9 +294,10 @@ def markdown(preset_name, preset, rows, entries, chosen, verdict_, emas, referen
         "scale of best validation robust accuracy; the baseline points run at more seeds "
         "(`seeded_points`) are chosen around its validation clean accuracy.",
         f"- Figure `{preset_name}.png`: a point is the mean over the seeds run, its bars the "
-        "min-max; hollow points have an EMA of the weights; the star is adr-train's default "
-        "recipe (on no curve; `frontier_defaults.md` compares it on validation); grey squares "
-        "are reference points.",
+        "min-max; hollow points have an EMA of the weights; the star is adr-train's former "
+        "default recipe (ADR x1, PGD-5; on no curve; `frontier_defaults.md` compares it on "
+        "validation with the frontier's choices, and the defaults moved to the chosen ADR "
+        "point); grey squares are reference points.",
         f"- Rows finished: {len(done)}/{len(rows)}. Pending: "
         + (", ".join(row.name for row in rows if row.name not in done) or "none")
         + ".",
@@ -518,7 +529,7 @@ def plot(preset_name, entries, references, verdict_, path):
             markersize=11,
             color=_COLORS[ADR],
             linestyle="none",
-            label=None if index else "ADR-PGD, PGD-5 training (adr-train's default)",
+            label=None if index else "ADR-PGD x1, PGD-5 training (adr-train's former default)",
         )
     for label, clean, robust in references:
         axes.plot(100 * clean, 100 * robust, marker="s", color="grey", linestyle="none")
