@@ -762,6 +762,7 @@ def test_frontier_summary_chooses_on_validation_and_interpolates_the_baselines(t
     assert seed1["gain_over_best"] == pytest.approx(0.018)
     assert seed1["families"]["pgd_at"]["gain"] is None  # no seed-1 PGD-AT runs
     assert verdict["mean_gain_over_best"] == pytest.approx(0.023)
+    assert verdict["gain_seeds"] == [0, 1]  # the seeds the mean is over
     assert verdict["moves_frontier"] is True and verdict["seeds_complete"] is False
     nearest = verdict["nearest_baseline_test"]
     assert nearest["baseline_point"] == "trades_beta6" + tag and nearest["seeds"] == 2
