@@ -451,7 +451,7 @@ def _verdict_lines(v):
     lines.append(
         (
             f"- ADR minus the best baseline family: {_pct(mean, True)} points on average over "
-            f"seeds {v.get('gain_seeds', v['seeds'])}"
+            f"seeds {v['gain_seeds']}"
             if not unbracketed
             else f"- ADR minus the best baseline family: not known until the {unbracketed[0]} "
             "curve reaches ADR's clean accuracy"
