@@ -295,7 +295,9 @@ def markdown(preset_name, preset, rows, entries, chosen, verdict_, emas, referen
         "- Choices on the validation split (2,000 images held out of train; each row's "
         "selected epoch is its best validation robust accuracy): the ADR point is the weight "
         "scale of best validation robust accuracy; the baseline points run at more seeds "
-        "(`seeded_points`) are chosen around its validation clean accuracy.",
+        "(`seeded_points`) are chosen around its validation clean accuracy, plus the PGD-AT "
+        "points a seed's test curve needs to reach the ADR point's test clean accuracy (never "
+        "chosen by worst-case accuracy).",
         f"- Figure `{preset_name}.png`: a point is the mean over the seeds run, its bars the "
         "min-max; hollow points have an EMA of the weights; the star is adr-train's former "
         "default recipe (ADR x1, PGD-5; on no curve; `frontier_defaults.md` compares it on "
