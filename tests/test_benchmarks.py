@@ -687,6 +687,33 @@ def test_precision_speed_names_a_capped_onednn_in_the_summary():
     assert precision_speed_report._isa_note({}) == ""  # rows from before the field
 
 
+def test_frontier_curve_follows_the_family_knob_not_clean_accuracy():
+    from benchmarks import robustness_frontier
+
+    def entry(point, epsilon, seed, clean, robust):
+        return {
+            "family": "pgd_at",
+            "ema": False,
+            "point": point,
+            "seed": seed,
+            "overrides": {"attack_epsilon": epsilon},
+            "clean_accuracy": clean,
+            "robust_accuracy": robust,
+        }
+
+    entries = [
+        entry("eps0p16", 0.16, 0, 0.856, 0.70),
+        entry("eps0p14", 0.14, 0, 0.855, 0.74),
+        entry("eps0p14", 0.14, 1, 0.853, 0.72),
+        entry("eps0p1", 0.10, 0, 0.866, 0.727),
+    ]
+    # By clean accuracy the order would be eps0p14 (85.4), eps0p16 (85.6), eps0p1.
+    curve = robustness_frontier.curve(entries, "pgd_at", ema=False)
+    assert [runs[0]["point"] for _, _, runs in curve] == ["eps0p1", "eps0p14", "eps0p16"]
+    assert curve[1][:2] == pytest.approx((85.4, 73.0))  # the mean over the seeds run
+    assert robustness_frontier.curve(entries, "trades", ema=False) == []
+
+
 def test_frontier_summary_chooses_on_validation_and_interpolates_the_baselines(tmp_path):
     import dataclasses
 
