@@ -562,7 +562,10 @@ def plot(preset_name, entries, references, verdict_, path):
     title = f"{preset_name}: higher and to the right is better"
     if verdict_ and verdict_["mean_gain_over_best"] is not None:
         gain = 100 * verdict_["mean_gain_over_best"]
-        title += f"\nADR - best baseline at equal clean accuracy: {gain:+.1f} points"
+        title += (
+            f"\nADR - best baseline at equal clean accuracy: {gain:+.1f} points "
+            f"({_seed_list(verdict_['gain_seeds'])})"
+        )
     axes.set_title(title, fontsize="medium")
     axes.grid(alpha=0.3)
     axes.legend(fontsize="small", loc="lower left")
