@@ -20,7 +20,8 @@ finished rows into `<preset>.{json,md,png}`:
 - the EMA pairs (the same point with and without EMA);
 - the figure: clean (x) against worst-case (y) accuracy, a curve per
   family, seed min-max bars, EMA points hollow, adr-train's former default
-  recipe (a point on no curve), and reference points.
+  recipe (a point on no curve), and reference points; every point on the
+  left, a zoom around the ADR curve on the right.
 """
 
 import os
@@ -135,8 +136,23 @@ def choices(entries):
     return out
 
 
-def verdict(entries, chosen):
-    """The test-set comparison of the chosen ADR point with each baseline family."""
+def pending(rows, entries):
+    """`(family, seed)` of every expected row that has not finished."""
+    finished = {e["row"] for e in entries}
+    return {
+        (row.defense if row.group != DEFAULT_GROUP else DEFAULT_GROUP, row.seed)
+        for row in rows
+        if row.name not in finished
+    }
+
+
+def verdict(entries, chosen, pending_=frozenset()):
+    """The test-set comparison of the chosen ADR point with each baseline family.
+
+    `pending_` holds the `(family, seed)` of rows still to run: a family that
+    does not reach ADR's clean accuracy at a seed is "to run" while it has
+    some, and "unreachable" (no gain at equal clean accuracy) once it has none.
+    """
     if not chosen:
         return None
     seeds = sorted({e["seed"] for e in entries if e["point"] == chosen["adr_point"]})
@@ -169,6 +185,7 @@ def verdict(entries, chosen):
                     "note": f"ADR's clean accuracy is {side} measured point"
                     if points
                     else "no points",
+                    "unreachable": bool(points) and (family, seed) not in pending_,
                 }
         measured = {f: g for f, g in gains.items() if g["gain"] is not None}
         if seed == first and len(measured) < len(gains):
@@ -202,6 +219,11 @@ def verdict(entries, chosen):
     else:
         moves = True
     gain_seeds = [s["seed"] for s in per_seed if s["gain_over_best"] is not None]
+    # The seeds where a family's every planned point ran and none brackets ADR.
+    unreachable = {
+        family: [s["seed"] for s in per_seed if s["families"][family].get("unreachable")]
+        for family in BASELINES
+    }
     gains = [g for g in gains if g is not None]
     return {
         "adr_point": chosen["adr_point"],
@@ -213,7 +235,9 @@ def verdict(entries, chosen):
         "gain_seeds": gain_seeds,
         "margin": FRONTIER_MARGIN,
         "moves_frontier": moves,
-        "seeds_complete": len(gain_seeds) >= 3,
+        "unreachable_seeds": {f: seeds_ for f, seeds_ in unreachable.items() if seeds_},
+        # Three seeds, and none waiting for rows that could still give it a gain.
+        "seeds_complete": len(seeds) >= 3 and not any(s > first for _, s in pending_),
         "nearest_baseline_test": nearest,
     }
 
@@ -300,7 +324,8 @@ def markdown(preset_name, preset, rows, entries, chosen, verdict_, emas, referen
         "(`seeded_points`) are chosen around its validation clean accuracy, plus the PGD-AT "
         "points a seed's test curve needs to reach the ADR point's test clean accuracy (never "
         "chosen by worst-case accuracy).",
-        f"- Figure `{preset_name}.png`: a point is the mean over the seeds run, its bars the "
+        f"- Figure `{preset_name}.png`: every point on the left, the dashed box around the ADR "
+        "curve enlarged on the right; a point is the mean over the seeds run, its bars the "
         "min-max; hollow points have an EMA of the weights; the star is adr-train's former "
         "default recipe (ADR x1, PGD-5; on no curve; `frontier_defaults.md` compares it on "
         "validation with the frontier's choices, and the defaults moved to the chosen ADR "
@@ -414,11 +439,17 @@ def headline(v):
             continue
         family_seeds, values = zip(*measured)
         text = f"{_pct(np.mean(values), True)} points over the {FAMILIES[family]} curve"
+        unreachable = v.get("unreachable_seeds", {}).get(family)
+        why = (
+            f": at {_seed_list(unreachable)} that curve does not reach ADR's clean accuracy"
+            if unreachable
+            else ""
+        )
         if len(values) > 1:
             per_seed = ", ".join(_pct(g, True) for g in values)
-            text += f" ({_seed_list(family_seeds)}: {per_seed})"
+            text += f" ({_seed_list(family_seeds)}: {per_seed}{why.replace(':', ';', 1)})"
         elif len(seeds) > 1:
-            text += f" ({_seed_list(family_seeds)} only)"
+            text += f" ({_seed_list(family_seeds)} only{why})"
         gains.append(text)
     clean = np.mean([s["adr_clean"] for s in v["per_seed"]])
     robust = np.mean([s["adr_robust"] for s in v["per_seed"]])
@@ -439,7 +470,8 @@ def _verdict_lines(v):
         parts = []
         for family, g in s["families"].items():
             if g["gain"] is None:
-                parts.append(f"{family}: {g.get('note')}")
+                done = " (every planned point has run)" if g.get("unreachable") else ""
+                parts.append(f"{family}: {g.get('note')}{done}")
             else:
                 parts.append(
                     f"{family} {_pct(g['interpolated_robust'])} "
@@ -461,6 +493,11 @@ def _verdict_lines(v):
             "curve reaches ADR's clean accuracy"
         )
         + ("" if v["seeds_complete"] else " (seeds incomplete)")
+        + "".join(
+            f"; at {_seed_list(seeds_)} the {FAMILIES[family]} curve does not reach ADR's "
+            "clean accuracy, so they have no gain at equal clean accuracy (no extrapolation)"
+            for family, seeds_ in v.get("unreachable_seeds", {}).items()
+        )
         + f". ADR moves the frontier (at least +{100 * v['margin']:.0f} point over the best "
         f"family in every seed): **{_ANSWERS[v['moves_frontier']]}**."
     )
@@ -501,13 +538,13 @@ def curve(entries, family, ema):
     return sorted(means, key=lambda m: m[2][0]["overrides"][KNOBS[family]])
 
 
-def plot(preset_name, entries, references, verdict_, path):
-    from matplotlib.figure import Figure
+# The zoomed panel: the ADR curve's box, widened by this many points of clean
+# accuracy each side and of worst-case accuracy below and above (% points).
+_ZOOM_MARGINS = (1.0, 6.0, 1.0)
 
-    if not entries:
-        return
-    figure = Figure(figsize=(7, 5), dpi=110)
-    axes = figure.add_subplot()
+
+def _draw(axes, entries, references):
+    """The curves, seed bars, EMA points, the former default and references, on `axes`."""
     for family, label in FAMILIES.items():
         for ema in (False, True):
             means = curve(entries, family, ema)
@@ -559,6 +596,39 @@ def plot(preset_name, entries, references, verdict_, path):
         )
     axes.set_xlabel("clean accuracy (%)")
     axes.set_ylabel("worst-case robust accuracy (%)")
+    axes.grid(alpha=0.3)
+
+
+def zoom_box(entries):
+    """`(x0, x1, y0, y1)` in %: every ADR run, with `_ZOOM_MARGINS` around it, or None."""
+    adr = [e for e in entries if e["family"] == ADR]
+    if not adr:
+        return None
+    clean = [100 * e["clean_accuracy"] for e in adr]
+    robust = [100 * e["robust_accuracy"] for e in adr]
+    side, below, above = _ZOOM_MARGINS
+    return min(clean) - side, max(clean) + side, min(robust) - below, max(robust) + above
+
+
+def plot(preset_name, entries, references, verdict_, path):
+    """Two panels: every point, and a zoom on the ADR curve where the verdict is read."""
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Rectangle
+
+    if not entries:
+        return
+    figure = Figure(figsize=(12, 5), dpi=110)
+    overview, zoom = figure.subplots(1, 2)
+    for axes in (overview, zoom):
+        _draw(axes, entries, references)
+    box = zoom_box(entries)
+    if box:
+        x0, x1, y0, y1 = box
+        zoom.set_xlim(x0, x1)
+        zoom.set_ylim(y0, y1)
+        overview.add_patch(
+            Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, linestyle="--", color="grey")
+        )
     title = f"{preset_name}: higher and to the right is better"
     if verdict_ and verdict_["mean_gain_over_best"] is not None:
         gain = 100 * verdict_["mean_gain_over_best"]
@@ -566,10 +636,13 @@ def plot(preset_name, entries, references, verdict_, path):
             f"\nADR - best baseline at equal clean accuracy: {gain:+.1f} points "
             f"({_seed_list(verdict_['gain_seeds'])})"
         )
-    axes.set_title(title, fontsize="medium")
-    axes.grid(alpha=0.3)
-    axes.legend(fontsize="small", loc="lower left")
-    figure.tight_layout()
+    overview.set_title(title, fontsize="medium")
+    zoom.set_title("the dashed box, around the ADR curve", fontsize="medium")
+    # Under both panels, where it hides no point.
+    figure.legend(
+        *overview.get_legend_handles_labels(), loc="lower center", ncol=4, fontsize="small"
+    )
+    figure.tight_layout(rect=(0, 0.1, 1, 1))
     figure.savefig(path)
 
 
@@ -577,7 +650,7 @@ def write_frontier_summary(preset_name, preset, rows, results, results_dir):
     """Rewrites `<results_dir>/<preset_name>.{json,md,png}` of a frontier preset."""
     entries = _entries(rows, results)
     chosen = choices(entries)
-    verdict_ = verdict(entries, chosen)
+    verdict_ = verdict(entries, chosen, pending(rows, entries))
     emas = ema_pairs(entries)
     references = reference_points(results_dir)
     base = os.path.join(results_dir, preset_name)

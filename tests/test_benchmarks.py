@@ -712,6 +712,57 @@ def test_frontier_curve_follows_the_family_knob_not_clean_accuracy():
     assert [runs[0]["point"] for _, _, runs in curve] == ["eps0p1", "eps0p14", "eps0p16"]
     assert curve[1][:2] == pytest.approx((85.4, 73.0))  # the mean over the seeds run
     assert robustness_frontier.curve(entries, "trades", ema=False) == []
+    assert robustness_frontier.zoom_box(entries) is None  # no ADR run to zoom on
+    entries.append({**entry("adr", 0.0, 0, 0.85, 0.75), "family": "adr_pgd"})
+    side, below, above = robustness_frontier._ZOOM_MARGINS
+    assert robustness_frontier.zoom_box(entries) == pytest.approx(
+        (85 - side, 85 + side, 75 - below, 75 + above)
+    )
+
+
+def test_frontier_verdict_tells_a_curve_still_to_run_from_one_that_cannot_reach_adr():
+    from benchmarks import robustness_frontier
+
+    def entry(point, family, seed, clean, robust):
+        return {
+            "family": family,
+            "ema": False,
+            "point": point,
+            "seed": seed,
+            "clean_accuracy": clean,
+            "robust_accuracy": robust,
+            "result": {"evaluation": {"num_examples": 4}},  # no per-example bits: no sign test
+        }
+
+    entries = [entry("adr", "adr_pgd", seed, 0.85, 0.75) for seed in (0, 1, 2)]
+    entries += [
+        entry("eps0p1", "pgd_at", 0, 0.86, 0.72),
+        entry("eps0p14", "pgd_at", 0, 0.84, 0.74),
+        # Seeds 1 and 2: both PGD-AT points land above ADR's clean accuracy.
+        *(entry(p, "pgd_at", s, c, 0.73) for s in (1, 2) for p, c in (("a", 0.86), ("b", 0.87))),
+        entry("beta6", "trades", 0, 0.84, 0.70),
+        entry("beta1", "trades", 0, 0.88, 0.66),
+    ]
+    chosen = {"adr_point": "adr"}
+    waiting = robustness_frontier.verdict(entries, chosen, {("pgd_at", 1), ("pgd_at", 2)})
+    assert waiting["unreachable_seeds"] == {} and waiting["seeds_complete"] is False
+    assert waiting["per_seed"][1]["families"]["pgd_at"]["unreachable"] is False
+    assert waiting["moves_frontier"] is None  # seeds 1 and 2 may still gain
+    assert "(seeds incomplete)" in "\n".join(robustness_frontier._verdict_lines(waiting))
+
+    done = robustness_frontier.verdict(entries, chosen, {("pgd_at", 0)})  # seed 0: a curve point
+    assert done["unreachable_seeds"] == {"pgd_at": [1, 2]} and done["seeds_complete"] is True
+    assert done["gain_seeds"] == [0] and done["mean_gain_over_best"] == pytest.approx(0.02)
+    # Undecided all the same: the bar is a gain at every seed, never an extrapolated one.
+    assert done["moves_frontier"] is None
+    lines = "\n".join(robustness_frontier._verdict_lines(done))
+    assert "(seeds incomplete)" not in lines
+    assert "at seeds 1, 2 the PGD-AT curve does not reach ADR's clean accuracy" in lines
+    assert "every planned point has run" in lines
+    assert (
+        "+2.0 points over the PGD-AT curve (seed 0 only: at seeds 1, 2 that curve does not "
+        "reach ADR's clean accuracy)" in robustness_frontier.headline(done)
+    )
 
 
 def test_frontier_summary_chooses_on_validation_and_interpolates_the_baselines(tmp_path):
