@@ -739,7 +739,11 @@ def test_frontier_verdict_tells_a_curve_still_to_run_from_one_that_cannot_reach_
         entry("eps0p1", "pgd_at", 0, 0.86, 0.72),
         entry("eps0p14", "pgd_at", 0, 0.84, 0.74),
         # Seeds 1 and 2: both PGD-AT points land above ADR's clean accuracy.
-        *(entry(p, "pgd_at", s, c, 0.73) for s in (1, 2) for p, c in (("a", 0.86), ("b", 0.87))),
+        *(
+            entry(p, "pgd_at", s, c, r)
+            for s in (1, 2)
+            for p, c, r in (("a", 0.86, 0.73), ("b", 0.87, 0.72))
+        ),
         entry("beta6", "trades", 0, 0.84, 0.70),
         entry("beta1", "trades", 0, 0.88, 0.66),
     ]
@@ -759,6 +763,11 @@ def test_frontier_verdict_tells_a_curve_still_to_run_from_one_that_cannot_reach_
     assert "(seeds incomplete)" not in lines
     assert "at seeds 1, 2 the PGD-AT curve does not reach ADR's clean accuracy" in lines
     assert "every planned point has run" in lines
+    # No interpolation: seed 1's most robust PGD-AT point that is as accurate as ADR.
+    over = done["per_seed"][1]["families"]["pgd_at"]["over_more_accurate"]
+    assert over == {"point": "a", "robust": 0.73, "gain": pytest.approx(0.02)}
+    assert "`a`, has 73.0 (ADR +2.0 points)" in lines
+    assert done["per_seed"][0]["families"]["pgd_at"]["over_more_accurate"]["point"] == "eps0p1"
     assert (
         "+2.0 points over the PGD-AT curve (seed 0 only: at seeds 1, 2 that curve does not "
         "reach ADR's clean accuracy)" in robustness_frontier.headline(done)
