@@ -148,6 +148,58 @@ def pending(rows, entries):
     }
 
 
+def curve_height(entries, family, seed, x):
+    """The highest worst-case accuracy the family's line (its points of `seed`, in
+    the knob's order, as drawn) reaches at clean accuracy `x`, or None.
+
+    A line that turns back (PGD-AT's largest epsilon gains clean accuracy and
+    loses robustness) crosses `x` more than once; the highest crossing is the
+    strongest reading of the baseline.
+    """
+    points = [e for e in entries if e["family"] == family and not e["ema"] and e["seed"] == seed]
+    points.sort(key=lambda e: e["overrides"][KNOBS[family]])
+    heights = [
+        interpolate(*sorted((a, b), key=lambda e: e["clean_accuracy"]), x)
+        for a, b in zip(points, points[1:])
+        if min(a["clean_accuracy"], b["clean_accuracy"])
+        <= x
+        <= max(a["clean_accuracy"], b["clean_accuracy"])
+    ]
+    return max(heights, default=None)
+
+
+def adr_curve_lines(entries):
+    """Each ADR point of the first seed against every baseline line's height there."""
+    first = min(e["seed"] for e in entries)
+    adr = [e for e in entries if e["family"] == ADR and not e["ema"] and e["seed"] == first]
+    if not adr:
+        return []
+    lines = [
+        f"Each ADR point of seed {first} against the highest the baseline lines of the figure "
+        "reach at its clean accuracy (outside the verdict; '-' where a line does not reach it):",
+        "",
+        "| ADR point | clean | worst case | "
+        + " | ".join(f"{FAMILIES[f]} there | ADR minus {FAMILIES[f]}" for f in BASELINES)
+        + " |",
+        "|---|---:|---:|" + "---:|---:|" * len(BASELINES),
+    ]
+    for e in sorted(adr, key=lambda e: e["overrides"][KNOBS[ADR]]):
+        cells = []
+        for family in BASELINES:
+            height = curve_height(entries, family, first, e["clean_accuracy"])
+            cells += (
+                [_pct(height), _pct(e["robust_accuracy"] - height, True)]
+                if height is not None
+                else ["-", "-"]
+            )
+        lines.append(
+            f"| {e['label']} | {_pct(e['clean_accuracy'])} | {_pct(e['robust_accuracy'])} | "
+            + " | ".join(cells)
+            + " |"
+        )
+    return lines + [""]
+
+
 def _over_more_accurate(adr, points):
     """ADR against the family's most robust point with at least its clean accuracy, or None.
 
@@ -259,7 +311,23 @@ def verdict(entries, chosen, pending_=frozenset()):
         # Three seeds, and none waiting for rows that could still give it a gain.
         "seeds_complete": len(seeds) >= 3 and not any(s > first for _, s in pending_),
         "nearest_baseline_test": nearest,
+        "seeded_baseline_tests": seeded_tests(entries, chosen["adr_point"]),
     }
+
+
+def _pooled_test(entries, adr, baseline_point):
+    """Sign test of the ADR runs `{seed: entry}` against a baseline point, pooled
+    over the seeds both ran, or None without per-example bits."""
+    pairs = [
+        (adr[e["seed"]]["result"], e["result"])
+        for e in entries
+        if e["point"] == baseline_point and e["seed"] in adr
+    ]
+    counts = _summed_discordant(pairs)
+    if counts is None:
+        return None
+    tested = _sign_tested(counts, "adr", "baseline")
+    return {"baseline_point": baseline_point, "seeds": len(pairs), **tested}
 
 
 def _nearest_test(entries, adr_point):
@@ -272,16 +340,20 @@ def _nearest_test(entries, adr_point):
     if not candidates:
         return None
     nearest = min(candidates, key=lambda e: abs(e["clean_accuracy"] - adr[first]["clean_accuracy"]))
-    pairs = [
-        (adr[e["seed"]]["result"], e["result"])
-        for e in entries
-        if e["point"] == nearest["point"] and e["seed"] in adr
-    ]
-    counts = _summed_discordant(pairs)
-    if counts is None:
-        return None
-    tested = _sign_tested(counts, "adr", "baseline")
-    return {"baseline_point": nearest["point"], "seeds": len(pairs), **tested}
+    return _pooled_test(entries, adr, nearest["point"])
+
+
+def seeded_tests(entries, adr_point):
+    """Sign tests of the ADR point against every baseline point run at all of its seeds."""
+    adr = {e["seed"]: e for e in entries if e["point"] == adr_point}
+    if len(adr) < 2:
+        return []
+    seeds = {}
+    for e in entries:
+        if e["family"] in BASELINES and not e["ema"] and e["seed"] in adr:
+            seeds.setdefault(e["point"], set()).add(e["seed"])
+    tests = [_pooled_test(entries, adr, p) for p, s in seeds.items() if s == set(adr)]
+    return [t for t in tests if t]
 
 
 def ema_pairs(entries):
@@ -356,7 +428,7 @@ def markdown(preset_name, preset, rows, entries, chosen, verdict_, emas, referen
         "",
     ]
     if verdict_:
-        lines += _verdict_lines(verdict_)
+        lines += _verdict_lines(verdict_) + adr_curve_lines(entries)
     table = [
         [
             e["label"],
@@ -538,6 +610,24 @@ def _verdict_lines(v):
             f"(p = {w['p_value']:.3f}); clean {c['adr_only']} vs {c['baseline_only']} "
             f"(p = {c['p_value']:.3f})."
         )
+    tests = v.get("seeded_baseline_tests")
+    if tests:
+        lines += [
+            "",
+            "Per example against every baseline point run at all of ADR's seeds, pooled over "
+            "the seeds (examples correct under ADR only vs under the baseline only; exact sign "
+            "test):",
+            "",
+            "| baseline point | seeds | worst case | p | clean | p |",
+            "|---|---:|---:|---:|---:|---:|",
+        ]
+        for t in tests:
+            w, c = t["worst case"], t["clean"]
+            lines.append(
+                f"| `{t['baseline_point']}` | {t['seeds']} | {w['adr_only']} vs "
+                f"{w['baseline_only']} | {w['p_value']:.3g} | {c['adr_only']} vs "
+                f"{c['baseline_only']} | {c['p_value']:.3g} |"
+            )
     return lines + [""]
 
 

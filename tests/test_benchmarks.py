@@ -713,6 +713,19 @@ def test_frontier_curve_follows_the_family_knob_not_clean_accuracy():
     assert curve[1][:2] == pytest.approx((85.4, 73.0))  # the mean over the seeds run
     assert robustness_frontier.curve(entries, "trades", ema=False) == []
     assert robustness_frontier.zoom_box(entries) is None  # no ADR run to zoom on
+    # Seed 0's line in knob order: 0.1 (86.6) -> 0.14 (85.5) -> 0.16 (85.6), then a
+    # larger epsilon that turns back (more clean accuracy, far less robust).
+    turned = entries + [entry("eps0p2", 0.2, 0, 0.864, 0.57)]
+    # 85.55 is crossed by 0.1-0.14 (73.94) and 0.14-0.16 (72.0); 85.7 by 0.1-0.14
+    # (73.76) and 0.16-0.2 (68.4): the highest crossing counts.
+    assert robustness_frontier.curve_height(turned, "pgd_at", 0, 0.8555) == pytest.approx(
+        0.74 - 0.013 / 22
+    )
+    assert robustness_frontier.curve_height(turned, "pgd_at", 0, 0.857) == pytest.approx(
+        0.74 - 0.013 * 2 / 11
+    )
+    assert robustness_frontier.curve_height(turned, "pgd_at", 0, 0.87) is None
+    assert robustness_frontier.curve_height(turned, "trades", 0, 0.86) is None
     entries.append({**entry("adr", 0.0, 0, 0.85, 0.75), "family": "adr_pgd"})
     side, below, above = robustness_frontier._ZOOM_MARGINS
     assert robustness_frontier.zoom_box(entries) == pytest.approx(
@@ -854,6 +867,10 @@ def test_frontier_summary_chooses_on_validation_and_interpolates_the_baselines(t
     nearest = verdict["nearest_baseline_test"]
     assert nearest["baseline_point"] == "trades_beta6" + tag and nearest["seeds"] == 2
     assert nearest["worst case"] == {"adr_only": 2, "baseline_only": 0, "p_value": 0.5}
+    # trades_beta6 and beta3 ran at both of ADR's seeds (0 and 1); PGD-AT at seed 0 only.
+    tested = verdict["seeded_baseline_tests"]
+    assert [t["baseline_point"] for t in tested] == ["trades_beta6" + tag, "trades_beta3" + tag]
+    assert tested[0] == nearest
     assert summary["ema_pairs"][0]["robust_difference"] == pytest.approx(0.005)
     text = (tmp_path / "frontier.md").read_text()
     assert "ADR moves the frontier" in text and "**yes**" in text
