@@ -7,7 +7,7 @@ import numpy as np
 from absl import logging
 
 from benchmarks import results_io
-from benchmarks.robustness_frontier import write_frontier_summary
+from benchmarks.robustness_frontier_report import write_frontier_summary
 from benchmarks.robustness_presets import BASE_PRECISION, fingerprint
 from benchmarks.robustness_stats import (
     pooled_pair,

@@ -688,7 +688,7 @@ def test_precision_speed_names_a_capped_onednn_in_the_summary():
 
 
 def test_frontier_curve_follows_the_family_knob_not_clean_accuracy():
-    from benchmarks import robustness_frontier
+    from benchmarks import robustness_frontier, robustness_frontier_report
 
     def entry(point, epsilon, seed, clean, robust):
         return {
@@ -712,7 +712,7 @@ def test_frontier_curve_follows_the_family_knob_not_clean_accuracy():
     assert [runs[0]["point"] for _, _, runs in curve] == ["eps0p1", "eps0p14", "eps0p16"]
     assert curve[1][:2] == pytest.approx((85.4, 73.0))  # the mean over the seeds run
     assert robustness_frontier.curve(entries, "trades", ema=False) == []
-    assert robustness_frontier.zoom_box(entries) is None  # no ADR run to zoom on
+    assert robustness_frontier_report.zoom_box(entries) is None  # no ADR run to zoom on
     # Seed 0's line in knob order: 0.1 (86.6) -> 0.14 (85.5) -> 0.16 (85.6), then a
     # larger epsilon that turns back (more clean accuracy, far less robust).
     turned = entries + [entry("eps0p2", 0.2, 0, 0.864, 0.57)]
@@ -727,14 +727,14 @@ def test_frontier_curve_follows_the_family_knob_not_clean_accuracy():
     assert robustness_frontier.curve_height(turned, "pgd_at", 0, 0.87) is None
     assert robustness_frontier.curve_height(turned, "trades", 0, 0.86) is None
     entries.append({**entry("adr", 0.0, 0, 0.85, 0.75), "family": "adr_pgd"})
-    side, below, above = robustness_frontier._ZOOM_MARGINS
-    assert robustness_frontier.zoom_box(entries) == pytest.approx(
+    side, below, above = robustness_frontier_report._ZOOM_MARGINS
+    assert robustness_frontier_report.zoom_box(entries) == pytest.approx(
         (85 - side, 85 + side, 75 - below, 75 + above)
     )
 
 
 def test_frontier_verdict_tells_a_curve_still_to_run_from_one_that_cannot_reach_adr():
-    from benchmarks import robustness_frontier
+    from benchmarks import robustness_frontier, robustness_frontier_report
 
     def entry(point, family, seed, clean, robust):
         return {
@@ -765,14 +765,14 @@ def test_frontier_verdict_tells_a_curve_still_to_run_from_one_that_cannot_reach_
     assert waiting["unreachable_seeds"] == {} and waiting["seeds_complete"] is False
     assert waiting["per_seed"][1]["families"]["pgd_at"]["unreachable"] is False
     assert waiting["moves_frontier"] is None  # seeds 1 and 2 may still gain
-    assert "(seeds incomplete)" in "\n".join(robustness_frontier._verdict_lines(waiting))
+    assert "(seeds incomplete)" in "\n".join(robustness_frontier_report._verdict_lines(waiting))
 
     done = robustness_frontier.verdict(entries, chosen, {("pgd_at", 0)})  # seed 0: a curve point
     assert done["unreachable_seeds"] == {"pgd_at": [1, 2]} and done["seeds_complete"] is True
     assert done["gain_seeds"] == [0] and done["mean_gain_over_best"] == pytest.approx(0.02)
     # Undecided all the same: the bar is a gain at every seed, never an extrapolated one.
     assert done["moves_frontier"] is None
-    lines = "\n".join(robustness_frontier._verdict_lines(done))
+    lines = "\n".join(robustness_frontier_report._verdict_lines(done))
     assert "(seeds incomplete)" not in lines
     assert "at seeds 1, 2 the PGD-AT curve does not reach ADR's clean accuracy" in lines
     assert "every planned point has run" in lines
@@ -783,14 +783,14 @@ def test_frontier_verdict_tells_a_curve_still_to_run_from_one_that_cannot_reach_
     assert done["per_seed"][0]["families"]["pgd_at"]["over_more_accurate"]["point"] == "eps0p1"
     assert (
         "+2.0 points over the PGD-AT curve (seed 0 only: at seeds 1, 2 that curve does not "
-        "reach ADR's clean accuracy)" in robustness_frontier.headline(done)
+        "reach ADR's clean accuracy)" in robustness_frontier_report.headline(done)
     )
 
 
 def test_frontier_summary_chooses_on_validation_and_interpolates_the_baselines(tmp_path):
     import dataclasses
 
-    from benchmarks import robustness_frontier, robustness_report
+    from benchmarks import robustness_frontier_report, robustness_report
     from benchmarks import robustness_presets as rp
     from benchmarks.robustness_stats import bits
 
@@ -874,14 +874,14 @@ def test_frontier_summary_chooses_on_validation_and_interpolates_the_baselines(t
     assert summary["ema_pairs"][0]["robust_difference"] == pytest.approx(0.005)
     text = (tmp_path / "frontier.md").read_text()
     assert "ADR moves the frontier" in text and "**yes**" in text
-    assert robustness_frontier.headline(verdict) == (
+    assert robustness_frontier_report.headline(verdict) == (
         "**ADR moves the robustness-accuracy frontier here** (the bar: at least +1 point of "
         "worst-case accuracy over the best baseline curve at equal clean accuracy, in every "
         "seed). The ADR point chosen on validation has 85.0% clean and 75.5% worst-case "
         "accuracy (seeds 0, 1, mean), +3.5 points over the PGD-AT curve (seed 0 only) and "
         "+2.3 points over the TRADES curve (seeds 0, 1: +2.8, +1.8)."
     )
-    assert robustness_frontier.headline(verdict) in text
+    assert robustness_frontier_report.headline(verdict) in text
     assert (tmp_path / "frontier.png").read_bytes()[:4] == b"\x89PNG"
 
     # A seed where ADR gains less than a point: no.

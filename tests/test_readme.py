@@ -107,13 +107,13 @@ def test_readme_is_a_first_screen():
 
 def test_readme_quotes_the_frontier_studys_verdict():
     """The two sentences between the markers are the script's, from the committed JSON."""
-    from benchmarks import results_io, robustness_frontier
+    from benchmarks import results_io, robustness_frontier_report
 
     with open(_README) as f:
         text = f.read()
     block = text.split("<!-- frontier-verdict -->\n", 1)[1].split("<!-- /frontier-verdict -->")[0]
     summary = results_io.read_json(os.path.join(_ROOT, "benchmarks", "results", "frontier.json"))
-    assert " ".join(block.split()) == robustness_frontier.headline(summary["verdict"])
+    assert " ".join(block.split()) == robustness_frontier_report.headline(summary["verdict"])
 
 
 @pytest.mark.parametrize("path", _DOCS, ids=os.path.basename)
