@@ -68,6 +68,16 @@ def selected_validation(result):
     return history["val_accuracy"][best], robust[best]
 
 
+def _family(row):
+    """The row's family: its defense, or adr-train's default point, which is on no curve."""
+    return row.defense if row.group != DEFAULT_GROUP else DEFAULT_GROUP
+
+
+def _runs(entries, family, seed):
+    """The family's runs at `seed`, without EMA: the points its curve is read from."""
+    return [e for e in entries if e["family"] == family and not e["ema"] and e["seed"] == seed]
+
+
 def _entries(rows, results):
     """One dict per finished row: its point, family, seed, EMA and accuracies."""
     by_name = {r["name"]: r for r in results}
@@ -82,8 +92,7 @@ def _entries(rows, results):
                 "row": row.name,
                 "point": row.name.replace(f"_seed{row.seed}", ""),
                 "label": _display_label(row),
-                # adr-train's default point is on no family's curve.
-                "family": row.defense if row.group != DEFAULT_GROUP else DEFAULT_GROUP,
+                "family": _family(row),
                 "seed": row.seed,
                 "ema": bool(row.ema_momentum),
                 "overrides": dict(row.overrides),
@@ -122,8 +131,7 @@ def interpolate(low, high, x, key_x="clean_accuracy", key_y="robust_accuracy"):
 def choices(entries):
     """What the validation split chooses: the ADR point and each family's bracketing points."""
     first = min((e["seed"] for e in entries), default=0)
-    adr = [e for e in entries if e["family"] == ADR and not e["ema"] and e["seed"] == first]
-    adr = [e for e in adr if e["val_robust_accuracy"] is not None]
+    adr = [e for e in _runs(entries, ADR, first) if e["val_robust_accuracy"] is not None]
     if not adr:
         return None
     # On a tie in robust accuracy, the point with more clean accuracy dominates.
@@ -131,10 +139,9 @@ def choices(entries):
     out = {"adr_point": chosen["point"], "criterion": "best validation robust accuracy"}
     brackets = {}
     for family in BASELINES:
-        points = [
-            e for e in entries if e["family"] == family and not e["ema"] and e["seed"] == first
-        ]
-        pair = bracket(points, chosen["val_clean_accuracy"], "val_clean_accuracy")
+        pair = bracket(
+            _runs(entries, family, first), chosen["val_clean_accuracy"], "val_clean_accuracy"
+        )
         brackets[family] = [p["point"] for p in pair] if pair else None
     out["brackets"] = brackets
     return out
@@ -143,11 +150,7 @@ def choices(entries):
 def pending(rows, entries):
     """`(family, seed)` of every expected row that has not finished."""
     finished = {e["row"] for e in entries}
-    return {
-        (row.defense if row.group != DEFAULT_GROUP else DEFAULT_GROUP, row.seed)
-        for row in rows
-        if row.name not in finished
-    }
+    return {(_family(row), row.seed) for row in rows if row.name not in finished}
 
 
 def curve_height(entries, family, seed, x):
@@ -158,8 +161,7 @@ def curve_height(entries, family, seed, x):
     loses robustness) crosses `x` more than once; the highest crossing is the
     strongest reading of the baseline.
     """
-    points = [e for e in entries if e["family"] == family and not e["ema"] and e["seed"] == seed]
-    points.sort(key=lambda e: e["overrides"][KNOBS[family]])
+    points = sorted(_runs(entries, family, seed), key=lambda e: e["overrides"][KNOBS[family]])
     heights = [
         interpolate(*sorted((a, b), key=lambda e: e["clean_accuracy"]), x)
         for a, b in zip(points, points[1:])
@@ -203,9 +205,7 @@ def verdict(entries, chosen, pending_=frozenset()):
         adr = next(e for e in entries if e["point"] == chosen["adr_point"] and e["seed"] == seed)
         gains = {}
         for family in BASELINES:
-            points = [
-                e for e in entries if e["family"] == family and not e["ema"] and e["seed"] == seed
-            ]
+            points = _runs(entries, family, seed)
             pair = bracket(points, adr["clean_accuracy"])
             if pair:
                 baseline = interpolate(*pair, adr["clean_accuracy"])
@@ -304,9 +304,7 @@ def _nearest_test(entries, adr_point):
     """Sign test of the ADR point against the baseline point nearest in clean accuracy."""
     adr = {e["seed"]: e for e in entries if e["point"] == adr_point}
     first = min(adr)
-    candidates = [
-        e for e in entries if e["family"] in BASELINES and not e["ema"] and e["seed"] == first
-    ]
+    candidates = [e for family in BASELINES for e in _runs(entries, family, first)]
     if not candidates:
         return None
     nearest = min(candidates, key=lambda e: abs(e["clean_accuracy"] - adr[first]["clean_accuracy"]))

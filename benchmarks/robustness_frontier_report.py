@@ -16,6 +16,7 @@ from benchmarks.robustness_frontier import (
     KNOBS,
     REFERENCE_PRESET,
     _entries,
+    _runs,
     choices,
     curve,
     curve_height,
@@ -31,7 +32,7 @@ from benchmarks.robustness_stats import sanity_line
 def adr_curve_lines(entries):
     """Each ADR point of the first seed against every baseline line's height there."""
     first = min(e["seed"] for e in entries)
-    adr = [e for e in entries if e["family"] == ADR and not e["ema"] and e["seed"] == first]
+    adr = _runs(entries, ADR, first)
     if not adr:
         return []
     lines = [
@@ -200,15 +201,15 @@ def headline(v):
         text = f"{_pct(np.mean(values), True)} points over the {FAMILIES[family]} curve"
         unreachable = v.get("unreachable_seeds", {}).get(family)
         why = (
-            f": at {_seed_list(unreachable)} that curve does not reach ADR's clean accuracy"
+            [f"at {_seed_list(unreachable)} that curve does not reach ADR's clean accuracy"]
             if unreachable
-            else ""
+            else []
         )
         if len(values) > 1:
             per_seed = ", ".join(_pct(g, True) for g in values)
-            text += f" ({_seed_list(family_seeds)}: {per_seed}{why.replace(':', ';', 1)})"
+            text += f" ({'; '.join([f'{_seed_list(family_seeds)}: {per_seed}', *why])})"
         elif len(seeds) > 1:
-            text += f" ({_seed_list(family_seeds)} only{why})"
+            text += f" ({': '.join([f'{_seed_list(family_seeds)} only', *why])})"
         gains.append(text)
     clean = np.mean([s["adr_clean"] for s in v["per_seed"]])
     robust = np.mean([s["adr_robust"] for s in v["per_seed"]])
